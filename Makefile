@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup system-deps lint stubs test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(VENV)/.installed node_modules/.installed
+
+system-deps:
+	scripts/install_system_deps.sh
+
+stubs: setup
+	$(PY) scripts/gen_protos.py
+
+lint: setup
+	npx buf lint
+	$(PY) scripts/gen_protos.py --check
+	$(VENV)/bin/ruff check .
+
+test: system-deps lint
+	$(PY) -m pytest -q -ra
+
+bench: setup system-deps
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) node_modules data

@@ -1,0 +1,1 @@
+"""The checkpoint service: owns every byte of workflow state, in three tiers."""

@@ -1,0 +1,3 @@
+from checkpoint_svc.server import main
+
+main()

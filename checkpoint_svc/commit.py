@@ -1,0 +1,223 @@
+"""Group commit: concurrent write operations share one SQL transaction.
+
+A single consumer drains the queue; whatever arrived while the previous batch
+was committing goes into the next one, so throughput is not bounded by one
+commit per request. A batch that fails on a data error is split and each
+operation retried alone, so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from checkpoint_svc.domain import ThreadKey
+from checkpoint_svc.errors import AlreadyExists, StoreError, TierUnavailable
+from checkpoint_svc.tiers.sql import Batch, SqlTier
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL serialization failure and deadlock: safe to retry as a whole.
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+class Operation(Protocol):
+    creates: bool
+    emits: bool
+
+    @property
+    def key(self) -> ThreadKey: ...
+
+    async def apply(self, batch: Batch) -> Any: ...
+
+
+def is_connectivity_error(exc: BaseException) -> bool:
+    """The database could not be reached (as opposed to rejecting the data)."""
+    if isinstance(exc, (OSError, PoolTimeout, asyncio.TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        if isinstance(orig, (OSError, ConnectionError, asyncio.TimeoutError)):
+            return True
+        name = type(orig).__name__.lower() if orig is not None else ""
+        return any(s in name for s in ("connection", "cannotconnect", "interfaceerror"))
+    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    if is_connectivity_error(exc):
+        return True
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if state in _RETRYABLE_SQLSTATES:
+        return True
+    msg = str(exc).lower()
+    return "database is locked" in msg or "deadlock" in msg
+
+
+def sql_retrying(budget_seconds: float = 2.0) -> AsyncRetrying:
+    """Transient SQL errors are retried, bounded in time (DESIGN section 3)."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_delay(budget_seconds) | stop_after_attempt(6),
+        wait=wait_exponential(multiplier=0.02, max=0.5),
+        reraise=True,
+    )
+
+
+def as_store_error(exc: BaseException) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, IntegrityError):
+        return AlreadyExists(f"conflicting write: {exc.orig}")
+    return TierUnavailable(f"SQL tier unavailable: {type(exc).__name__}: {exc}")
+
+
+@dataclass(slots=True)
+class _Item:
+    op: Operation
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class GroupCommitter:
+    def __init__(
+        self,
+        sql: SqlTier,
+        after_commit: Callable[[Batch], Awaitable[None]],
+        batch_max: int = 256,
+        queue_max: int = 10_000,
+    ) -> None:
+        self.sql = sql
+        self._after_commit = after_commit
+        self.batch_max = batch_max
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.batches = 0
+        self.operations = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, op: Operation, wait: bool = True) -> Any:
+        """Queue an operation; with wait=False, return once queued (write-behind)."""
+        if self._closing:
+            raise TierUnavailable("the service is shutting down")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(op, future))
+        if not wait:
+            future.add_done_callback(_log_lost_write)
+            return None
+        return await future
+
+    async def close(self, grace: float) -> None:
+        """Stop taking operations and commit everything queued (the write-behind flush)."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._queue.join(), grace)
+        except TimeoutError:
+            log.error("write-behind queue not flushed", extra={"lost": self._queue.qsize()})
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < self.batch_max:
+                try:
+                    items.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            try:
+                await self._commit(items)
+            except Exception:  # never let the consumer die
+                log.exception("group commit failed")
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(TierUnavailable("internal commit failure"))
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+
+    async def _commit(self, items: list[_Item]) -> None:
+        try:
+            batch, results = await self._attempt(items)
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+            if len(items) > 1 and not is_connectivity_error(exc):
+                for item in items:
+                    await self._commit([item])
+                return
+            if is_connectivity_error(exc):
+                self.sql.up = False
+                self.sql.detail = str(exc)
+            error = as_store_error(exc)
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        self.sql.up = True
+        self.batches += 1
+        self.operations += len(items)
+        try:
+            await self._after_commit(batch)
+        except Exception:  # caches are best effort; the data is committed
+            log.exception("after-commit hook failed")
+        for item, (ok, value) in zip(items, results, strict=True):
+            if item.future.done():
+                continue
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
+
+    async def _attempt(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
+        async for attempt in sql_retrying():
+            with attempt:
+                return await self._once(items)
+        raise AssertionError("unreachable")
+
+    async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
+        ops = [i.op for i in items]
+        results: list[tuple[bool, Any]] = []
+        async with self.sql.writer.begin() as conn:
+            batch = self.sql.batch(conn, time.time())
+            await batch.lock(
+                (op.key for op in ops),
+                create={op.key for op in ops if op.creates},
+                tenants={op.key.tenant for op in ops if op.emits},
+            )
+            for op in ops:
+                try:
+                    results.append((True, await op.apply(batch)))
+                except StoreError as exc:
+                    results.append((False, exc))
+            await batch.flush()
+        return batch, results
+
+
+def _log_lost_write(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("write-behind save failed", extra={"error": str(future.exception())})

@@ -1,0 +1,151 @@
+"""Translation between protobuf messages and domain objects, in one place."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from checkpoint_svc.domain import (
+    Checkpoint,
+    Event,
+    NewEvent,
+    PendingWrite,
+    Thread,
+    ThreadKey,
+    ThreadStatus,
+    Trigger,
+)
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
+
+
+def ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if not seconds:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def seconds(t: timestamp_pb2.Timestamp) -> float:
+    return t.seconds + t.nanos / 1e9
+
+
+def checkpoint_to_pb(cp: Checkpoint, include_state: bool = True) -> pb.Checkpoint:
+    msg = pb.Checkpoint(
+        namespace=cp.key.namespace,
+        thread_id=cp.key.thread_id,
+        checkpoint_id=cp.checkpoint_id,
+        parent_id=cp.parent_id,
+        step=cp.step,
+        state=cp.state if include_state else b"",
+        content_type=cp.content_type,
+        trigger=int(cp.trigger),
+        name=cp.name,
+        completed_nodes=cp.completed_nodes,
+        progress_percent=cp.progress_percent,
+        eta_seconds=cp.eta_seconds,
+        metadata=cp.metadata,
+        created_at=ts(cp.created_at),
+        expires_at=ts(cp.expires_at),
+    )
+    return msg
+
+
+def checkpoint_from_pb(msg: pb.Checkpoint, tenant: str) -> Checkpoint:
+    return Checkpoint(
+        key=ThreadKey(tenant, msg.namespace, msg.thread_id),
+        checkpoint_id=msg.checkpoint_id,
+        parent_id=msg.parent_id,
+        step=msg.step,
+        state=msg.state,
+        content_type=msg.content_type or "application/json",
+        trigger=Trigger(msg.trigger) if msg.trigger in Trigger._value2member_map_ else Trigger(0),
+        name=msg.name,
+        completed_nodes=list(msg.completed_nodes),
+        progress_percent=msg.progress_percent,
+        eta_seconds=msg.eta_seconds,
+        metadata=dict(msg.metadata),
+        created_at=seconds(msg.created_at) if msg.HasField("created_at") else 0.0,
+        expires_at=seconds(msg.expires_at) if msg.HasField("expires_at") else None,
+    )
+
+
+def write_to_pb(w: PendingWrite) -> pb.PendingWrite:
+    return pb.PendingWrite(
+        checkpoint_id=w.checkpoint_id,
+        task_id=w.task_id,
+        idx=w.idx,
+        channel=w.channel,
+        value=w.value,
+        content_type=w.content_type,
+        task_path=w.task_path,
+    )
+
+
+def write_from_pb(msg: pb.PendingWrite) -> PendingWrite:
+    return PendingWrite(
+        checkpoint_id=msg.checkpoint_id,
+        task_id=msg.task_id,
+        idx=msg.idx,
+        channel=msg.channel,
+        value=msg.value,
+        content_type=msg.content_type or "application/json",
+        task_path=msg.task_path,
+    )
+
+
+def thread_to_pb(t: Thread) -> pb.Thread:
+    return pb.Thread(
+        namespace=t.key.namespace,
+        thread_id=t.key.thread_id,
+        head_checkpoint_id=t.head_id,
+        status=int(t.status),
+        workflow_id=t.workflow_id,
+        workflow_version=t.workflow_version,
+        lease_owner=t.lease_owner,
+        lease_expires_at=ts(t.lease_expires_at),
+        fencing_token=t.fencing_token,
+        last_seq=t.last_seq,
+        created_at=ts(t.created_at),
+        updated_at=ts(t.updated_at),
+    )
+
+
+def struct_from_dict(data: dict) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(data)
+    return s
+
+
+def event_to_pb(e: Event) -> pb.Event:
+    return pb.Event(
+        seq=e.seq,
+        namespace=e.key.namespace,
+        thread_id=e.key.thread_id,
+        type=e.type,
+        time=ts(e.time),
+        payload=struct_from_dict(e.payload),
+        feed_seq=e.feed_seq,
+        terminal=e.terminal,
+    )
+
+
+def event_from_pb(msg: pb.Event, tenant: str) -> Event:
+    return Event(
+        key=ThreadKey(tenant, msg.namespace, msg.thread_id),
+        seq=msg.seq,
+        feed_seq=msg.feed_seq,
+        type=msg.type,
+        time=seconds(msg.time),
+        payload=json_format.MessageToDict(msg.payload),
+        terminal=msg.terminal,
+    )
+
+
+def new_event_from_pb(msg: pb.NewEvent) -> NewEvent:
+    return NewEvent(
+        type=msg.type, payload=json_format.MessageToDict(msg.payload), terminal=msg.terminal
+    )
+
+
+def status_from_pb(value: int) -> ThreadStatus:
+    return ThreadStatus(value) if value in ThreadStatus._value2member_map_ else ThreadStatus(0)

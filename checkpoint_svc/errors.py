@@ -1,0 +1,39 @@
+"""Domain errors; the servicer maps each to one gRPC status code (DESIGN section 5)."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of every error a client can cause or must retry."""
+
+
+class InvalidArgument(StoreError):
+    """A malformed request; `violations` are (field, description) pairs."""
+
+    def __init__(self, message: str, violations: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.violations = violations or []
+
+
+class NotFound(StoreError):
+    """No such thread or checkpoint (in this tenant)."""
+
+
+class HeadMoved(StoreError):
+    """The thread's head is not the parent the Save expected (ABORTED)."""
+
+
+class LeaseLost(StoreError):
+    """A stale fencing token, or a lease held by someone else (FAILED_PRECONDITION)."""
+
+
+class PayloadTooLarge(StoreError):
+    """A state or write over the configured limit (RESOURCE_EXHAUSTED)."""
+
+
+class TierUnavailable(StoreError):
+    """A tier the operation needs is down (UNAVAILABLE, retryable)."""
+
+
+class AlreadyExists(StoreError):
+    """A client-supplied id that is already taken (ALREADY_EXISTS)."""

@@ -1,0 +1,255 @@
+"""Write operations, each applied inside a shared batch transaction (commit.py).
+
+Every operation checks first and changes second: a domain error raised by one
+operation must leave the batch as it found it, so its neighbours still commit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from checkpoint_svc.domain import (
+    Checkpoint,
+    NewEvent,
+    PendingWrite,
+    SaveCommand,
+    Thread,
+    ThreadKey,
+    Trigger,
+)
+from checkpoint_svc.errors import AlreadyExists, HeadMoved, InvalidArgument, LeaseLost, NotFound
+from checkpoint_svc.tiers.sql import Batch
+
+
+@dataclass(slots=True)
+class SaveResult:
+    checkpoint: Checkpoint
+    seq: int
+    replayed: bool = False
+
+
+def check_fencing(thread: Thread, token: int, now: float) -> None:
+    """A writer must carry the current token while a lease is held (or at all, if it has one)."""
+    if token:
+        if token != thread.fencing_token:
+            raise LeaseLost(
+                f"fencing token {token} is stale: the thread's current token is "
+                f"{thread.fencing_token} (held by {thread.lease_owner or 'nobody'})"
+            )
+    elif thread.lease_held(now):
+        raise LeaseLost(
+            f"thread is leased by {thread.lease_owner!r}; writes must carry its fencing token"
+        )
+
+
+def _existing(batch: Batch, key: ThreadKey) -> Thread:
+    thread = batch.thread(key)
+    if thread is None:
+        raise NotFound(f"thread {key.namespace}/{key.thread_id} not found")
+    return thread
+
+
+async def _replay(batch: Batch, tenant: str, request_id: str, kind: str) -> dict | None:
+    if not request_id:
+        return None
+    found = await batch.find_request(tenant, request_id)
+    if found is None:
+        return None
+    if found[0] != kind:
+        raise InvalidArgument(
+            f"request_id {request_id!r} was already used by a {found[0]} request",
+            [("request_id", "already used by a different kind of request")],
+        )
+    return json.loads(found[1])
+
+
+@dataclass(slots=True)
+class SaveOp:
+    cmd: SaveCommand
+    client_supplied_id: bool = False
+    explicit_parent: str = ""  # as requested; empty means "the head at commit time"
+    creates: bool = True
+    emits: bool = True
+
+    @property
+    def key(self) -> ThreadKey:
+        return self.cmd.checkpoint.key
+
+    async def apply(self, batch: Batch) -> SaveResult:
+        cmd, cp, key = self.cmd, self.cmd.checkpoint, self.key
+        done = await _replay(batch, key.tenant, cmd.request_id, "save")
+        if done is not None:
+            stored = await batch.load_checkpoint(
+                ThreadKey(key.tenant, done["namespace"], done["thread_id"]), done["checkpoint_id"]
+            )
+            if stored is None:  # pruned since; the first result is all we have
+                raise NotFound(f"request {cmd.request_id!r} saved a checkpoint since pruned")
+            return SaveResult(stored, done["seq"], replayed=True)
+        thread = _existing(batch, key)
+        check_fencing(thread, cmd.fencing_token, batch.now)
+        if cmd.expected_parent_id and cmd.expected_parent_id != thread.head_id:
+            raise HeadMoved(
+                f"head moved: expected parent {cmd.expected_parent_id}, "
+                f"head is {thread.head_id or '(none)'}"
+            )
+        if self.client_supplied_id and await batch.checkpoint_exists(key, cp.checkpoint_id):
+            raise AlreadyExists(f"checkpoint {cp.checkpoint_id} already exists")
+        cp.parent_id = self.explicit_parent or thread.head_id
+        batch.checkpoints.append(cp)
+        thread.head_id = cp.checkpoint_id
+        if cmd.status:
+            thread.status = cmd.status
+        if cmd.workflow_id:
+            thread.workflow_id = cmd.workflow_id
+        if cmd.workflow_version:
+            thread.workflow_version = cmd.workflow_version
+        saved = batch.emit(
+            thread,
+            NewEvent(
+                "checkpoint.saved",
+                {
+                    "checkpoint_id": cp.checkpoint_id,
+                    "parent_id": cp.parent_id,
+                    "step": cp.step,
+                    "trigger": Trigger(cp.trigger).name,
+                    "name": cp.name,
+                    "status": thread.status.name,
+                    "progress_percent": cp.progress_percent,
+                    "eta_seconds": cp.eta_seconds,
+                    "completed_nodes": len(cp.completed_nodes),
+                },
+            ),
+        )
+        emitted = [saved] + [batch.emit(thread, e) for e in cmd.events]
+        if cmd.status.terminal:
+            emitted[-1].terminal = True
+        batch.heads[key] = (cp.checkpoint_id, saved.seq)
+        if cmd.request_id:
+            batch.record_request(
+                key.tenant,
+                cmd.request_id,
+                "save",
+                json.dumps(
+                    {
+                        "namespace": key.namespace,
+                        "thread_id": key.thread_id,
+                        "checkpoint_id": cp.checkpoint_id,
+                        "seq": saved.seq,
+                    }
+                ),
+            )
+        return SaveResult(cp, saved.seq)
+
+
+@dataclass(slots=True)
+class PutWritesOp:
+    key: ThreadKey
+    writes: list[PendingWrite]
+    fencing_token: int = 0
+    creates: bool = False
+    emits: bool = False
+
+    async def apply(self, batch: Batch) -> int:
+        thread = _existing(batch, self.key)
+        check_fencing(thread, self.fencing_token, batch.now)
+        batch.writes.extend((self.key, w) for w in self.writes)
+        return len(self.writes)
+
+
+@dataclass(slots=True)
+class PublishOp:
+    key: ThreadKey
+    events: list[NewEvent]
+    request_id: str = ""
+    fencing_token: int = 0
+    creates: bool = True
+    emits: bool = True
+
+    async def apply(self, batch: Batch) -> list[int]:
+        done = await _replay(batch, self.key.tenant, self.request_id, "publish")
+        if done is not None:
+            return list(done["seqs"])
+        thread = _existing(batch, self.key)
+        check_fencing(thread, self.fencing_token, batch.now)
+        seqs = [batch.emit(thread, e).seq for e in self.events]
+        if self.request_id:
+            batch.record_request(
+                self.key.tenant, self.request_id, "publish", json.dumps({"seqs": seqs})
+            )
+        return seqs
+
+
+@dataclass(slots=True)
+class AcquireLeaseOp:
+    key: ThreadKey
+    owner: str
+    ttl: float
+    creates: bool = True
+    emits: bool = False
+
+    async def apply(self, batch: Batch) -> Thread:
+        thread = _existing(batch, self.key)
+        if thread.lease_held(batch.now) and thread.lease_owner != self.owner:
+            raise LeaseLost(
+                f"thread is leased by {thread.lease_owner!r} for another "
+                f"{thread.lease_expires_at - batch.now:.1f}s"
+            )
+        thread.fencing_token += 1
+        thread.lease_owner = self.owner
+        thread.lease_expires_at = batch.now + self.ttl
+        batch.touch(thread)
+        return thread
+
+
+@dataclass(slots=True)
+class RenewLeaseOp:
+    key: ThreadKey
+    owner: str
+    fencing_token: int
+    ttl: float
+    creates: bool = False
+    emits: bool = False
+
+    async def apply(self, batch: Batch) -> Thread:
+        thread = _existing(batch, self.key)
+        if thread.lease_owner != self.owner or thread.fencing_token != self.fencing_token:
+            raise LeaseLost(
+                f"lease lost: held by {thread.lease_owner or 'nobody'} with token "
+                f"{thread.fencing_token}, not {self.owner!r} with {self.fencing_token}"
+            )
+        thread.lease_expires_at = batch.now + self.ttl
+        batch.touch(thread)
+        return thread
+
+
+@dataclass(slots=True)
+class ReleaseLeaseOp:
+    key: ThreadKey
+    owner: str
+    fencing_token: int
+    creates: bool = False
+    emits: bool = False
+
+    async def apply(self, batch: Batch) -> Thread:
+        thread = _existing(batch, self.key)
+        if thread.lease_owner != self.owner or thread.fencing_token != self.fencing_token:
+            raise LeaseLost(
+                f"lease not held: holder is {thread.lease_owner or 'nobody'} with token "
+                f"{thread.fencing_token}"
+            )
+        thread.lease_owner = ""
+        thread.lease_expires_at = 0.0
+        batch.touch(thread)
+        return thread
+
+
+@dataclass(slots=True)
+class DeleteThreadOp:
+    key: ThreadKey
+    creates: bool = False
+    emits: bool = False
+
+    async def apply(self, batch: Batch) -> int:
+        _existing(batch, self.key)
+        return await batch.delete_thread(self.key)

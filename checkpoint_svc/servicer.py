@@ -1,0 +1,433 @@
+"""gRPC servicer: validates requests, translates protobuf to domain objects and
+back, and maps domain errors to status codes (DESIGN section 5). No logic lives
+here beyond that; it is all in CheckpointStore.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from checkpoint_svc import convert
+from checkpoint_svc.domain import SaveCommand, ThreadKey, ThreadStatus, Tier, Trigger
+from checkpoint_svc.errors import (
+    AlreadyExists,
+    HeadMoved,
+    InvalidArgument,
+    LeaseLost,
+    NotFound,
+    PayloadTooLarge,
+    StoreError,
+    TierUnavailable,
+)
+from checkpoint_svc.feed import Heartbeat
+from checkpoint_svc.store import CheckpointStore, TierHealth
+from checkpoint_svc.tiers.sql import ThreadFilter
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TENANT_HEADER = "x-tenant-id"
+DEFAULT_TENANT = "default"
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_LEASE_SECONDS = 24 * 3600.0
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_CODES: list[tuple[type[StoreError], grpc.StatusCode, int]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
+    (HeadMoved, grpc.StatusCode.ABORTED, code_pb2.ABORTED),
+    (LeaseLost, grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
+    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
+    (TierUnavailable, grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+]
+
+
+def status_for(exc: StoreError) -> status_pb2.Status:
+    code = code_pb2.UNAVAILABLE
+    for cls, _, rpc_code in _CODES:
+        if isinstance(exc, cls):
+            code = rpc_code
+            break
+    status = status_pb2.Status(code=code, message=str(exc))
+    if isinstance(exc, InvalidArgument) and exc.violations:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in exc.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return status
+
+
+R = TypeVar("R")
+
+
+def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Turn domain errors into gRPC statuses; anything else is our bug (INTERNAL)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except StoreError as exc:
+            await context.abort_with_status(rpc_status.to_status(status_for(exc)))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == TENANT_HEADER:
+            value = v if isinstance(v, str) else v.decode()
+            if not _TENANT_RE.match(value):
+                raise InvalidArgument(
+                    f"bad {TENANT_HEADER} metadata {value[:64]!r}",
+                    [(TENANT_HEADER, "1-128 of A-Z a-z 0-9 . _ -, starting alphanumeric")],
+                )
+            return value
+    return DEFAULT_TENANT
+
+
+def _check_id(
+    violations: list[tuple[str, str]], field: str, value: str, required: bool, max_len: int = 256
+) -> None:
+    if required and not value:
+        violations.append((field, "required"))
+    elif len(value) > max_len:
+        violations.append((field, f"at most {max_len} characters"))
+    elif _CONTROL.search(value):
+        violations.append((field, "must not contain control characters"))
+
+
+def thread_key(
+    context: grpc.aio.ServicerContext, namespace: str, thread_id: str, prefix: str = ""
+) -> ThreadKey:
+    tenant = tenant_of(context)
+    violations: list[tuple[str, str]] = []
+    _check_id(violations, prefix + "namespace", namespace, required=False, max_len=128)
+    _check_id(violations, prefix + "thread_id", thread_id, required=True)
+    _raise_if(violations)
+    return ThreadKey(tenant, namespace, thread_id)
+
+
+def _raise_if(violations: list[tuple[str, str]]) -> None:
+    if violations:
+        summary = "; ".join(f"{f}: {d}" for f, d in violations)
+        raise InvalidArgument(f"invalid request: {summary}", violations)
+
+
+def _enum(violations: list[tuple[str, str]], field: str, value: int, enum: Any) -> None:
+    if value not in enum._value2member_map_:
+        violations.append((field, f"unknown value {value}"))
+
+
+def _page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument("page_size must not be negative", [("page_size", "negative")])
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_token(*parts: str) -> str:
+    raw = "\x1f".join(parts).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_token(token: str, parts: int) -> list[str]:
+    try:
+        values = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument(
+            "bad page_token", [("page_token", "not issued by this service")]
+        ) from exc
+    if len(values) != parts:
+        raise InvalidArgument("bad page_token", [("page_token", "not issued by this service")])
+    return values
+
+
+def _ttl(field: str, value: float) -> float:
+    if value < 0 or value > MAX_LEASE_SECONDS or value != value:
+        raise InvalidArgument(
+            f"{field} must be between 0 and {MAX_LEASE_SECONDS:.0f}",
+            [(field, "out of range")],
+        )
+    return value
+
+
+class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+
+    @translated
+    async def Save(
+        self, request: pb.SaveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SaveResponse:
+        msg = request.checkpoint
+        key = thread_key(context, msg.namespace, msg.thread_id, prefix="checkpoint.")
+        violations: list[tuple[str, str]] = []
+        _check_id(violations, "checkpoint.checkpoint_id", msg.checkpoint_id, False, 128)
+        _check_id(violations, "checkpoint.parent_id", msg.parent_id, False, 128)
+        _check_id(violations, "expected_parent_id", request.expected_parent_id, False, 128)
+        _check_id(violations, "request_id", request.request_id, False, 256)
+        _enum(violations, "checkpoint.trigger", msg.trigger, Trigger)
+        _enum(violations, "status", request.status, ThreadStatus)
+        if request.durability not in pb.Durability.values():
+            violations.append(("durability", f"unknown value {request.durability}"))
+        if not 0 <= msg.progress_percent <= 100:
+            violations.append(("checkpoint.progress_percent", "must be within 0..100"))
+        if msg.eta_seconds < 0:
+            violations.append(("checkpoint.eta_seconds", "must not be negative"))
+        for i, e in enumerate(request.events):
+            if not e.type:
+                violations.append((f"events[{i}].type", "required"))
+        _raise_if(violations)
+        cp = convert.checkpoint_from_pb(msg, key.tenant)
+        cmd = SaveCommand(
+            checkpoint=cp,
+            expected_parent_id=request.expected_parent_id,
+            request_id=request.request_id,
+            fencing_token=request.fencing_token,
+            status=ThreadStatus(request.status),
+            workflow_id=request.workflow_id,
+            workflow_version=request.workflow_version,
+            events=[convert.new_event_from_pb(e) for e in request.events],
+        )
+        durable = request.durability != pb.DURABILITY_ASYNC
+        result = await self.store.save(cmd, durable=durable)
+        return pb.SaveResponse(
+            checkpoint=convert.checkpoint_to_pb(result.checkpoint, include_state=False),
+            seq=result.seq,
+        )
+
+    @translated
+    async def Restore(
+        self, request: pb.RestoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RestoreResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        result = await self.store.restore(key, request.checkpoint_id, request.include_writes)
+        return pb.RestoreResponse(
+            checkpoint=convert.checkpoint_to_pb(result.checkpoint),
+            writes=[convert.write_to_pb(w) for w in result.writes],
+            served_from=int(result.served_from),
+        )
+
+    @translated
+    async def List(
+        self, request: pb.ListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        violations: list[tuple[str, str]] = []
+        _enum(violations, "trigger", request.trigger, Trigger)
+        _raise_if(violations)
+        before = decode_token(request.page_token, 1)[0] if request.page_token else ""
+        rows, last = await self.store.list(
+            key,
+            _page_size(request.page_size),
+            before_id=before,
+            include_state=request.include_state,
+            trigger=Trigger(request.trigger),
+            created_after=convert.seconds(request.created_after)
+            if request.HasField("created_after")
+            else None,
+            created_before=convert.seconds(request.created_before)
+            if request.HasField("created_before")
+            else None,
+        )
+        return pb.ListResponse(
+            checkpoints=[convert.checkpoint_to_pb(c, request.include_state) for c in rows],
+            next_page_token=encode_token(last) if last else "",
+        )
+
+    async def Stream(
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        try:
+            tenant = tenant_of(context)
+            key = None
+            if request.thread_id:
+                key = thread_key(context, request.namespace, request.thread_id)
+            if request.after_seq < 0:
+                raise InvalidArgument("after_seq must not be negative", [("after_seq", "negative")])
+            async for item in self.store.stream(tenant, key, request.after_seq, request.follow):
+                if isinstance(item, Heartbeat):
+                    yield pb.StreamResponse(
+                        heartbeat=pb.Heartbeat(time=convert.ts(item.time), last_seq=item.last_seq)
+                    )
+                else:
+                    yield pb.StreamResponse(event=convert.event_to_pb(item))
+        except StoreError as exc:
+            await context.abort_with_status(rpc_status.to_status(status_for(exc)))
+
+    @translated
+    async def PutWrites(
+        self, request: pb.PutWritesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutWritesResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        violations: list[tuple[str, str]] = []
+        if not request.writes:
+            violations.append(("writes", "at least one write"))
+        for i, w in enumerate(request.writes):
+            _check_id(violations, f"writes[{i}].checkpoint_id", w.checkpoint_id, True, 128)
+            _check_id(violations, f"writes[{i}].task_id", w.task_id, True, 256)
+        _raise_if(violations)
+        written = await self.store.put_writes(
+            key, [convert.write_from_pb(w) for w in request.writes], request.fencing_token
+        )
+        return pb.PutWritesResponse(written=written)
+
+    @translated
+    async def Publish(
+        self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PublishResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        violations: list[tuple[str, str]] = []
+        if not request.events:
+            violations.append(("events", "at least one event"))
+        for i, e in enumerate(request.events):
+            if not e.type:
+                violations.append((f"events[{i}].type", "required"))
+        _check_id(violations, "request_id", request.request_id, False, 256)
+        _raise_if(violations)
+        seqs = await self.store.publish(
+            key,
+            [convert.new_event_from_pb(e) for e in request.events],
+            request.request_id,
+            request.fencing_token,
+        )
+        return pb.PublishResponse(seqs=seqs)
+
+    @translated
+    async def DeleteThread(
+        self, request: pb.DeleteThreadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteThreadResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        return pb.DeleteThreadResponse(checkpoints_deleted=await self.store.delete_thread(key))
+
+    @translated
+    async def GetThread(
+        self, request: pb.GetThreadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetThreadResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        return pb.GetThreadResponse(thread=convert.thread_to_pb(await self.store.get_thread(key)))
+
+    @translated
+    async def ListThreads(
+        self, request: pb.ListThreadsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListThreadsResponse:
+        tenant = tenant_of(context)
+        violations: list[tuple[str, str]] = []
+        for i, s in enumerate(request.statuses):
+            _enum(violations, f"statuses[{i}]", s, ThreadStatus)
+        _raise_if(violations)
+        after = tuple(decode_token(request.page_token, 2)) if request.page_token else None
+        flt = ThreadFilter(
+            namespace=request.namespace,
+            statuses=tuple(ThreadStatus(s) for s in request.statuses),
+            lease_expired_before=time.time() if request.lease_expired_only else None,
+        )
+        rows, last = await self.store.list_threads(
+            tenant,
+            flt,
+            _page_size(request.page_size),
+            after,  # type: ignore[arg-type]
+        )
+        return pb.ListThreadsResponse(
+            threads=[convert.thread_to_pb(t) for t in rows],
+            next_page_token=encode_token(*last) if last else "",
+        )
+
+    @translated
+    async def AcquireLease(
+        self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AcquireLeaseResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        violations: list[tuple[str, str]] = []
+        _check_id(violations, "owner", request.owner, True)
+        _raise_if(violations)
+        thread = await self.store.acquire_lease(
+            key, request.owner, _ttl("ttl_seconds", request.ttl_seconds)
+        )
+        return pb.AcquireLeaseResponse(
+            fencing_token=thread.fencing_token,
+            expires_at=convert.ts(thread.lease_expires_at),
+            thread=convert.thread_to_pb(thread),
+        )
+
+    @translated
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewLeaseResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        thread = await self.store.renew_lease(
+            key, request.owner, request.fencing_token, _ttl("ttl_seconds", request.ttl_seconds)
+        )
+        return pb.RenewLeaseResponse(expires_at=convert.ts(thread.lease_expires_at))
+
+    @translated
+    async def ReleaseLease(
+        self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseLeaseResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        await self.store.release_lease(key, request.owner, request.fencing_token)
+        return pb.ReleaseLeaseResponse()
+
+    @translated
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
+        key = thread_key(context, request.namespace, request.thread_id)
+        s = await self.store.stats(key)
+        return pb.GetStatsResponse(
+            checkpoint_count=s.checkpoint_count,
+            triggers=[
+                pb.TriggerCount(trigger=int(t), count=c) for t, c in sorted(s.triggers.items())
+            ],
+            oldest=convert.ts(s.oldest),
+            newest=convert.ts(s.newest),
+            state_bytes=s.state_bytes,
+            event_count=s.event_count,
+        )
+
+    @translated
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        tiers = await self.store.health()
+        return pb.GetServerInfoResponse(
+            health=int(overall_health(tiers)),
+            tiers=[
+                pb.TierStatus(tier=int(t.tier), configured=t.configured, up=t.up, detail=t.detail)
+                for t in tiers
+            ],
+            single_writer=self.store.settings.memory_answers_heads,
+            max_state_bytes=self.store.settings.max_state_bytes,
+        )
+
+
+def overall_health(tiers: list[TierHealth]) -> int:
+    by_tier = {t.tier: t for t in tiers}
+    if not by_tier[Tier.SQL].up:
+        return pb.SERVING_HEALTH_UNAVAILABLE
+    if by_tier[Tier.REDIS].configured and not by_tier[Tier.REDIS].up:
+        return pb.SERVING_HEALTH_DEGRADED
+    return pb.SERVING_HEALTH_HEALTHY

@@ -1,0 +1,363 @@
+"""CheckpointStore: the store's logic, composed of the three tiers, the group
+committer, the event feed and the retention sweeper. The gRPC servicer only
+translates to and from it; tests may call it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import uuid6
+from sqlalchemy.exc import SQLAlchemyError
+
+from checkpoint_svc.commit import (
+    GroupCommitter,
+    as_store_error,
+    is_connectivity_error,
+    sql_retrying,
+)
+from checkpoint_svc.config import Settings
+from checkpoint_svc.domain import (
+    Checkpoint,
+    Event,
+    NewEvent,
+    PendingWrite,
+    SaveCommand,
+    Stats,
+    Thread,
+    ThreadKey,
+    Tier,
+    Trigger,
+)
+from checkpoint_svc.errors import NotFound, PayloadTooLarge, TierUnavailable
+from checkpoint_svc.feed import EventFeed, Heartbeat
+from checkpoint_svc.ops import (
+    AcquireLeaseOp,
+    DeleteThreadOp,
+    PublishOp,
+    PutWritesOp,
+    ReleaseLeaseOp,
+    RenewLeaseOp,
+    SaveOp,
+    SaveResult,
+)
+from checkpoint_svc.tiers.memory import MemoryTier
+from checkpoint_svc.tiers.redis import RedisTier
+from checkpoint_svc.tiers.sql import Batch, SqlTier, ThreadFilter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_LEASE_SECONDS = 30.0
+REQUEST_ID_TTL = 24 * 3600.0  # how long a request_id is remembered at least
+
+
+@dataclass(slots=True)
+class RestoreResult:
+    checkpoint: Checkpoint
+    writes: list[PendingWrite]
+    served_from: Tier
+
+
+@dataclass(slots=True)
+class TierHealth:
+    tier: Tier
+    configured: bool
+    up: bool
+    detail: str
+
+
+def new_checkpoint_id() -> str:
+    """UUIDv7: unique and sorted by creation time."""
+    return str(uuid6.uuid7())
+
+
+class CheckpointStore:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sql = SqlTier(settings.db_url)
+        self.memory = MemoryTier(
+            int(settings.memory_mib * 1024 * 1024), answers_heads=settings.memory_answers_heads
+        )
+        self.redis = (
+            RedisTier(settings.redis_url, settings.redis_ttl_seconds)
+            if settings.redis_url
+            else None
+        )
+        self.committer = GroupCommitter(
+            self.sql, self._after_commit, settings.batch_max, settings.async_queue_max
+        )
+        self.feed = EventFeed(
+            self.sql, settings.heartbeat_seconds, poll_sql=not settings.memory_answers_heads
+        )
+        self._sweeper: asyncio.Task | None = None
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        async for attempt in sql_retrying(budget_seconds=30.0):
+            with attempt:
+                await self.sql.migrate(time.time())
+        if self.redis is not None:
+            await self.redis.start()
+            self.redis.follow_feed(self.feed.deliver)
+        self.committer.start()
+        if self.settings.sweep_interval_seconds > 0:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="retention")
+
+    async def close(self) -> None:
+        """Flush the write-behind queue, then release every connection."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.committer.close(self.settings.shutdown_grace_seconds)
+        if self.redis is not None:
+            await self.redis.close()
+        await self.sql.close()
+
+    async def _after_commit(self, batch: Batch) -> None:
+        """Warm the caches and announce the events of a committed batch."""
+        for key in batch.deleted:
+            await self.memory.drop_thread(key)
+            if self.redis is not None:
+                await self.redis.drop_thread(key)
+        await self.memory.put_bodies(batch.flushed_checkpoints)
+        for cp in batch.flushed_checkpoints:
+            self.memory.start_writes(cp.key, cp.checkpoint_id)
+        for key, w in batch.flushed_writes:
+            self.memory.add_writes(key, [w])
+        await self.memory.set_heads(batch.heads)
+        if self.redis is not None:
+            await self.redis.apply(batch.flushed_checkpoints, batch.heads, batch.flushed_events)
+        for event in batch.flushed_events:
+            self.feed.deliver(event)
+
+    # ---- SQL reads, retried and mapped --------------------------------------
+
+    async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async for attempt in sql_retrying():
+                with attempt:
+                    result = await call()
+            self.sql.up = True
+            return result
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+            if is_connectivity_error(exc):
+                self.sql.up = False
+                self.sql.detail = str(exc)
+            raise as_store_error(exc) from exc
+
+    # ---- checkpoints -----------------------------------------------------------
+
+    def _check_size(self, what: str, size: int) -> None:
+        limit = self.settings.max_state_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{what} is {size} bytes; the limit is {limit} bytes (--max-state-bytes)"
+            )
+
+    async def save(self, cmd: SaveCommand, durable: bool = True) -> SaveResult:
+        cp = cmd.checkpoint
+        self._check_size("state", len(cp.state))
+        client_id = bool(cp.checkpoint_id)
+        if not client_id:
+            cp.checkpoint_id = new_checkpoint_id()
+        now = time.time()
+        cp.created_at = now
+        if cp.expires_at is None and self.settings.sql_ttl_seconds > 0:
+            cp.expires_at = now + self.settings.sql_ttl_seconds
+        op = SaveOp(cmd, client_supplied_id=client_id, explicit_parent=cp.parent_id)
+        if durable:
+            return await self.committer.submit(op)
+        # Write-behind: visible by id at once, durable shortly after.
+        await self.memory.put_bodies([cp])
+        if self.redis is not None:
+            await self.redis.put_bodies([cp])
+        await self.committer.submit(op, wait=False)
+        return SaveResult(cp, seq=0)
+
+    async def restore(
+        self, key: ThreadKey, checkpoint_id: str = "", include_writes: bool = False
+    ) -> RestoreResult:
+        cp: Checkpoint | None = None
+        tier = Tier.UNSPECIFIED
+        if not checkpoint_id:
+            head = await self.memory.get_head(key)
+            if head is None and self.redis is not None:
+                head = await self.redis.get_head(key)
+            if head is None:
+                found = await self._read(lambda: self.sql.get_head(key))
+                if found is None:
+                    raise NotFound(f"thread {key.namespace}/{key.thread_id} has no checkpoint")
+                cp, version = found
+                tier = Tier.SQL
+                await self._warm(cp, version)
+            else:
+                checkpoint_id = head
+        if cp is None:
+            cp, tier = await self._body(key, checkpoint_id)
+        writes: list[PendingWrite] = []
+        if include_writes:
+            known = self.memory.writes_known(key, cp.checkpoint_id)
+            if known is not None:
+                writes = sorted(known, key=lambda w: (w.task_id, w.idx))
+            else:
+                writes = await self._read(lambda: self.sql.get_writes(key, cp.checkpoint_id))
+        return RestoreResult(cp, writes, tier)
+
+    async def _body(self, key: ThreadKey, checkpoint_id: str) -> tuple[Checkpoint, Tier]:
+        cp = await self.memory.get_body(key, checkpoint_id)
+        if cp is not None:
+            return cp, Tier.MEMORY
+        if self.redis is not None:
+            cp = await self.redis.get_body(key, checkpoint_id)
+            if cp is not None:
+                await self.memory.put_bodies([cp])
+                return cp, Tier.REDIS
+        cp = await self._read(lambda: self.sql.get_checkpoint(key, checkpoint_id))
+        if cp is None:
+            raise NotFound(
+                f"checkpoint {checkpoint_id} not found in {key.namespace}/{key.thread_id}"
+            )
+        await self._warm(cp, None)
+        return cp, Tier.SQL
+
+    async def _warm(self, cp: Checkpoint, head_version: int | None) -> None:
+        await self.memory.put_bodies([cp])
+        heads = {cp.key: (cp.checkpoint_id, head_version)} if head_version is not None else {}
+        await self.memory.set_heads(heads)
+        if self.redis is not None:
+            await self.redis.apply([cp], heads, [])
+
+    async def list(
+        self,
+        key: ThreadKey,
+        page_size: int,
+        before_id: str = "",
+        include_state: bool = False,
+        trigger: Trigger = Trigger.UNSPECIFIED,
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> tuple[list[Checkpoint], str]:
+        """A page newest first, and the id to continue before ('' on the last page)."""
+        rows = await self._read(
+            lambda: self.sql.list_checkpoints(
+                key, page_size + 1, before_id, include_state, trigger, created_after, created_before
+            )
+        )
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        return rows, (rows[-1].checkpoint_id if more else "")
+
+    async def put_writes(self, key: ThreadKey, writes: list[PendingWrite], token: int) -> int:
+        for w in writes:
+            self._check_size(f"write {w.task_id}/{w.idx}", len(w.value))
+        return await self.committer.submit(PutWritesOp(key, writes, token))
+
+    # ---- threads and feed ------------------------------------------------------
+
+    async def publish(
+        self, key: ThreadKey, events: list[NewEvent], request_id: str, token: int
+    ) -> list[int]:
+        return await self.committer.submit(PublishOp(key, events, request_id, token))
+
+    async def delete_thread(self, key: ThreadKey) -> int:
+        return await self.committer.submit(DeleteThreadOp(key))
+
+    async def get_thread(self, key: ThreadKey) -> Thread:
+        thread = await self._read(lambda: self.sql.get_thread(key))
+        if thread is None:
+            raise NotFound(f"thread {key.namespace}/{key.thread_id} not found")
+        return thread
+
+    async def list_threads(
+        self, tenant: str, flt: ThreadFilter, page_size: int, after: tuple[str, str] | None
+    ) -> tuple[list[Thread], tuple[str, str] | None]:
+        rows = await self._read(lambda: self.sql.list_threads(tenant, flt, page_size + 1, after))
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        last = (rows[-1].key.namespace, rows[-1].key.thread_id) if more else None
+        return rows, last
+
+    async def stats(self, key: ThreadKey) -> Stats:
+        return await self._read(lambda: self.sql.stats(key))
+
+    async def acquire_lease(self, key: ThreadKey, owner: str, ttl: float) -> Thread:
+        return await self.committer.submit(AcquireLeaseOp(key, owner, ttl or DEFAULT_LEASE_SECONDS))
+
+    async def renew_lease(self, key: ThreadKey, owner: str, token: int, ttl: float) -> Thread:
+        return await self.committer.submit(
+            RenewLeaseOp(key, owner, token, ttl or DEFAULT_LEASE_SECONDS)
+        )
+
+    async def release_lease(self, key: ThreadKey, owner: str, token: int) -> None:
+        await self.committer.submit(ReleaseLeaseOp(key, owner, token))
+
+    def stream(
+        self, tenant: str, key: ThreadKey | None, after: int, follow: bool
+    ) -> AsyncIterator[Event | Heartbeat]:
+        return self.feed.stream(tenant, key, after, follow)
+
+    # ---- health and retention --------------------------------------------------
+
+    async def health(self) -> list[TierHealth]:
+        try:
+            await asyncio.wait_for(self.sql.ping(), timeout=1.0)
+            self.sql.up, self.sql.detail = True, ""
+        except Exception as exc:
+            self.sql.up, self.sql.detail = False, f"{type(exc).__name__}: {exc}"
+        tiers = [
+            TierHealth(
+                Tier.MEMORY,
+                self.memory.max_bytes > 0,
+                True,
+                f"{self.memory.used_bytes} of {self.memory.max_bytes} bytes",
+            ),
+            TierHealth(
+                Tier.REDIS,
+                self.redis is not None,
+                self.redis is not None and self.redis.up,
+                self.redis.detail if self.redis is not None else "not configured",
+            ),
+            TierHealth(Tier.SQL, True, self.sql.up, self.sql.detail),
+        ]
+        return tiers
+
+    async def sweep(self) -> int:
+        """One retention pass; returns the number of checkpoints pruned."""
+        pruned, gone = await self._read(
+            lambda: self.sql.sweep(
+                time.time(),
+                self.settings.keep_last,
+                max(REQUEST_ID_TTL, self.settings.sql_ttl_seconds),
+            )
+        )
+        self.memory.drop_bodies(pruned)
+        for key in gone:
+            await self.memory.drop_thread(key)
+        if self.redis is not None:
+            await self.redis.drop_bodies(pruned)
+            for key in gone:
+                await self.redis.drop_thread(key)
+        if pruned:
+            log.info(
+                "retention pruned checkpoints", extra={"pruned": len(pruned), "threads": len(gone)}
+            )
+        return len(pruned)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                await self.sweep()
+            except TierUnavailable as exc:
+                log.warning("retention sweep skipped", extra={"error": str(exc)})
+            except Exception:
+                log.exception("retention sweep failed")

@@ -1,0 +1,654 @@
+"""SQL tier: the durable record, on PostgreSQL (asyncpg) or SQLite (aiosqlite).
+
+Writes happen in batches (see commit.py): a `Batch` locks the thread rows it
+touches in key order, buffers inserts, and flushes them with executemany in
+one transaction, so that many concurrent Saves cost one commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from checkpoint_svc.domain import (
+    TERMINAL_STATUSES,
+    WORKFLOWS_NAMESPACE,
+    Checkpoint,
+    Event,
+    NewEvent,
+    PendingWrite,
+    Stats,
+    Thread,
+    ThreadKey,
+    ThreadStatus,
+    Trigger,
+)
+from checkpoint_svc.migrations import MIGRATIONS
+from checkpoint_svc.tiers import is_special_write
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_LOCK_ID = 7_270_001
+_KEY = "tenant = :tenant AND namespace = :namespace AND thread_id = :thread_id"
+
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at DOUBLE PRECISION NOT NULL
+)"""
+SELECT_SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+INSERT_SCHEMA_VERSION = "INSERT INTO schema_migrations (version, applied_at) VALUES (:v, :now)"
+
+THREAD_COLUMNS = (
+    "head_id, status, workflow_id, workflow_version, lease_owner, lease_expires_at, "
+    "fencing_token, last_seq, created_at, updated_at"
+)
+SELECT_THREAD = f"SELECT {THREAD_COLUMNS} FROM threads WHERE {_KEY}"
+INSERT_THREAD = """
+INSERT INTO threads (tenant, namespace, thread_id, created_at, updated_at)
+VALUES (:tenant, :namespace, :thread_id, :now, :now) ON CONFLICT DO NOTHING"""
+UPDATE_THREAD = f"""
+UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow_id,
+    workflow_version = :workflow_version, lease_owner = :lease_owner,
+    lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
+    last_seq = :last_seq, updated_at = :updated_at
+WHERE {_KEY}"""
+LIST_THREADS = f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads WHERE tenant = :tenant"
+
+SELECT_FEED = "SELECT last_seq FROM feeds WHERE tenant = :tenant"
+INSERT_FEED = "INSERT INTO feeds (tenant, last_seq) VALUES (:tenant, 0) ON CONFLICT DO NOTHING"
+UPDATE_FEED = "UPDATE feeds SET last_seq = :last_seq WHERE tenant = :tenant"
+
+META_COLUMNS = (
+    "checkpoint_id, parent_id, step, content_type, trigger, name, completed_nodes, "
+    "progress_percent, eta_seconds, metadata, created_at, expires_at"
+)
+INSERT_CHECKPOINT = """
+INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id, step, state,
+    content_type, trigger, name, completed_nodes, progress_percent, eta_seconds, metadata,
+    created_at, expires_at, state_size)
+VALUES (:tenant, :namespace, :thread_id, :checkpoint_id, :parent_id, :step, :state,
+    :content_type, :trigger, :name, :completed_nodes, :progress_percent, :eta_seconds,
+    :metadata, :created_at, :expires_at, :state_size)"""
+SELECT_CHECKPOINT = (
+    f"SELECT {META_COLUMNS}, state FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id"
+)
+CHECKPOINT_EXISTS = f"SELECT 1 FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id"
+SELECT_HEAD = """
+SELECT c.checkpoint_id, c.parent_id, c.step, c.content_type, c.trigger, c.name,
+    c.completed_nodes, c.progress_percent, c.eta_seconds, c.metadata, c.created_at,
+    c.expires_at, c.state, t.last_seq
+FROM threads t JOIN checkpoints c ON c.tenant = t.tenant AND c.namespace = t.namespace
+    AND c.thread_id = t.thread_id AND c.checkpoint_id = t.head_id
+WHERE t.tenant = :tenant AND t.namespace = :namespace AND t.thread_id = :thread_id"""
+LIST_CHECKPOINTS = f"SELECT {META_COLUMNS}{{state}} FROM checkpoints WHERE {_KEY}"
+
+_WRITE_INSERT = """
+INSERT INTO writes (tenant, namespace, thread_id, checkpoint_id, task_id, idx, channel, value,
+    content_type, task_path)
+VALUES (:tenant, :namespace, :thread_id, :checkpoint_id, :task_id, :idx, :channel, :value,
+    :content_type, :task_path)
+ON CONFLICT (tenant, namespace, thread_id, checkpoint_id, task_id, idx)"""
+INSERT_REGULAR_WRITE = _WRITE_INSERT + " DO NOTHING"
+UPSERT_SPECIAL_WRITE = (
+    _WRITE_INSERT
+    + """ DO UPDATE SET channel = excluded.channel,
+    value = excluded.value, content_type = excluded.content_type,
+    task_path = excluded.task_path"""
+)
+SELECT_WRITES = f"""
+SELECT checkpoint_id, task_id, idx, channel, value, content_type, task_path FROM writes
+WHERE {_KEY} AND checkpoint_id = :checkpoint_id ORDER BY task_id, idx"""
+
+EVENT_COLUMNS = "namespace, thread_id, seq, feed_seq, type, time, payload, terminal"
+INSERT_EVENT = """
+INSERT INTO events (tenant, namespace, thread_id, seq, feed_seq, type, time, payload, terminal)
+VALUES (:tenant, :namespace, :thread_id, :seq, :feed_seq, :type, :time, :payload, :terminal)"""
+SELECT_THREAD_EVENTS = f"""
+SELECT {EVENT_COLUMNS} FROM events WHERE {_KEY} AND seq > :after ORDER BY seq LIMIT :limit"""
+SELECT_TENANT_EVENTS = f"""
+SELECT {EVENT_COLUMNS} FROM events WHERE tenant = :tenant AND feed_seq > :after
+ORDER BY feed_seq LIMIT :limit"""
+
+SELECT_REQUEST = (
+    "SELECT kind, result FROM requests WHERE tenant = :tenant AND request_id = :request_id"
+)
+INSERT_REQUEST = """
+INSERT INTO requests (tenant, request_id, kind, result, created_at)
+VALUES (:tenant, :request_id, :kind, :result, :created_at)"""
+
+DELETE_THREAD_ROWS = [
+    f"DELETE FROM writes WHERE {_KEY}",
+    f"DELETE FROM events WHERE {_KEY}",
+    f"DELETE FROM threads WHERE {_KEY}",
+]
+DELETE_THREAD_CHECKPOINTS = f"DELETE FROM checkpoints WHERE {_KEY}"
+
+STATS_CHECKPOINTS = f"""
+SELECT trigger, COUNT(*), MIN(created_at), MAX(created_at), COALESCE(SUM(state_size), 0)
+FROM checkpoints WHERE {_KEY} GROUP BY trigger"""
+STATS_EVENTS = f"SELECT COUNT(*) FROM events WHERE {_KEY}"
+
+_TERMINAL = ", ".join(str(int(s)) for s in sorted(TERMINAL_STATUSES))
+# A checkpoint is protected while it is the head of a thread that is not terminal.
+_NOT_ACTIVE_HEAD = f"""
+NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = checkpoints.tenant
+    AND threads.namespace = checkpoints.namespace AND threads.thread_id = checkpoints.thread_id
+    AND threads.head_id = checkpoints.checkpoint_id AND threads.status NOT IN ({_TERMINAL}))"""
+SWEEP_EXPIRED = f"""
+DELETE FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at < :now
+    AND namespace <> '{WORKFLOWS_NAMESPACE}' AND {_NOT_ACTIVE_HEAD}
+RETURNING tenant, namespace, thread_id, checkpoint_id"""
+SWEEP_BEYOND_KEEP_LAST = f"""
+DELETE FROM checkpoints WHERE namespace <> '{WORKFLOWS_NAMESPACE}' AND {_NOT_ACTIVE_HEAD}
+    AND (tenant, namespace, thread_id, checkpoint_id) IN (
+        SELECT tenant, namespace, thread_id, checkpoint_id FROM (
+            SELECT tenant, namespace, thread_id, checkpoint_id, ROW_NUMBER() OVER (
+                PARTITION BY tenant, namespace, thread_id ORDER BY checkpoint_id DESC) AS rn
+            FROM checkpoints WHERE namespace <> '{WORKFLOWS_NAMESPACE}') ranked
+        WHERE rn > :keep_last)
+RETURNING tenant, namespace, thread_id, checkpoint_id"""
+SWEEP_ORPHAN_WRITES = """
+DELETE FROM writes WHERE NOT EXISTS (SELECT 1 FROM checkpoints
+    WHERE checkpoints.tenant = writes.tenant AND checkpoints.namespace = writes.namespace
+    AND checkpoints.thread_id = writes.thread_id
+    AND checkpoints.checkpoint_id = writes.checkpoint_id)"""
+# A terminal thread whose head was pruned is gone: its row and feed go too.
+SWEEP_HEADLESS_THREADS = f"""
+DELETE FROM threads WHERE status IN ({_TERMINAL}) AND head_id <> ''
+    AND NOT EXISTS (SELECT 1 FROM checkpoints WHERE checkpoints.tenant = threads.tenant
+        AND checkpoints.namespace = threads.namespace
+        AND checkpoints.thread_id = threads.thread_id)
+RETURNING tenant, namespace, thread_id"""
+SWEEP_ORPHAN_EVENTS = """
+DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = events.tenant
+    AND threads.namespace = events.namespace AND threads.thread_id = events.thread_id)"""
+SWEEP_OLD_REQUESTS = "DELETE FROM requests WHERE created_at < :before"
+
+
+def _key_params(key: ThreadKey) -> dict[str, str]:
+    return {"tenant": key.tenant, "namespace": key.namespace, "thread_id": key.thread_id}
+
+
+def _thread_from_row(key: ThreadKey, row: Row | tuple) -> Thread:
+    return Thread(
+        key=key,
+        head_id=row[0],
+        status=ThreadStatus(row[1]),
+        workflow_id=row[2],
+        workflow_version=row[3],
+        lease_owner=row[4],
+        lease_expires_at=row[5],
+        fencing_token=row[6],
+        last_seq=row[7],
+        created_at=row[8],
+        updated_at=row[9],
+    )
+
+
+def _checkpoint_from_row(key: ThreadKey, row: Row | tuple, with_state: bool) -> Checkpoint:
+    return Checkpoint(
+        key=key,
+        checkpoint_id=row[0],
+        parent_id=row[1],
+        step=row[2],
+        content_type=row[3],
+        trigger=Trigger(row[4]) if row[4] in Trigger._value2member_map_ else Trigger(0),
+        name=row[5],
+        completed_nodes=json.loads(row[6]),
+        progress_percent=row[7],
+        eta_seconds=row[8],
+        metadata=json.loads(row[9]),
+        created_at=row[10],
+        expires_at=row[11],
+        state=bytes(row[12]) if with_state else b"",
+    )
+
+
+def _event_from_row(tenant: str, row: Row | tuple) -> Event:
+    return Event(
+        key=ThreadKey(tenant, row[0], row[1]),
+        seq=row[2],
+        feed_seq=row[3],
+        type=row[4],
+        time=row[5],
+        payload=json.loads(row[6]),
+        terminal=bool(row[7]),
+    )
+
+
+@dataclass(slots=True)
+class ThreadFilter:
+    namespace: str = ""
+    statuses: tuple[ThreadStatus, ...] = ()
+    lease_expired_before: float | None = None
+
+
+class SqlTier:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.up = True
+        self.detail = ""
+        if self.is_sqlite:
+            # One writer connection taking the write lock at BEGIN; readers in WAL mode.
+            self.writer = create_async_engine(url, pool_size=1, max_overflow=0)
+            self.reader = create_async_engine(url, pool_size=4, max_overflow=4)
+            _configure_sqlite(self.writer, immediate=True)
+            _configure_sqlite(self.reader, immediate=False)
+        else:
+            self.writer = create_async_engine(
+                url,
+                pool_size=8,
+                max_overflow=8,
+                pool_timeout=5,
+                connect_args={"timeout": 2.0, "command_timeout": 15.0},
+            )
+            self.reader = self.writer
+        self.for_update = "" if self.is_sqlite else " FOR UPDATE"
+
+    async def close(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+    async def migrate(self, now: float) -> int:
+        """Apply the migrations not applied yet; safe with several replicas starting."""
+        blob = "BLOB" if self.is_sqlite else "BYTEA"
+        async with self.writer.begin() as conn:
+            if not self.is_sqlite:
+                await conn.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})"))
+            await conn.execute(text(CREATE_MIGRATIONS_TABLE))
+            current = (await conn.execute(text(SELECT_SCHEMA_VERSION))).scalar_one()
+            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in script.replace("{blob}", blob).split(";"):
+                    if statement.strip():
+                        await conn.exec_driver_sql(statement)
+                await conn.execute(text(INSERT_SCHEMA_VERSION), {"v": version, "now": now})
+                log.info("applied migration", extra={"version": version})
+            return len(MIGRATIONS)
+
+    # ---- reads -------------------------------------------------------------
+
+    async def get_thread(self, key: ThreadKey) -> Thread | None:
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(text(SELECT_THREAD), _key_params(key))).first()
+        return _thread_from_row(key, row) if row else None
+
+    async def get_head(self, key: ThreadKey) -> tuple[Checkpoint, int] | None:
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(text(SELECT_HEAD), _key_params(key))).first()
+        if row is None:
+            return None
+        return _checkpoint_from_row(key, row, with_state=True), row[13]
+
+    async def get_checkpoint(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
+        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+        async with self.reader.connect() as conn:
+            row = (await conn.execute(text(SELECT_CHECKPOINT), params)).first()
+        return _checkpoint_from_row(key, row, with_state=True) if row else None
+
+    async def get_writes(self, key: ThreadKey, checkpoint_id: str) -> list[PendingWrite]:
+        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+        async with self.reader.connect() as conn:
+            rows = (await conn.execute(text(SELECT_WRITES), params)).all()
+        return [PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+
+    async def list_checkpoints(
+        self,
+        key: ThreadKey,
+        limit: int,
+        before_id: str = "",
+        include_state: bool = False,
+        trigger: Trigger = Trigger.UNSPECIFIED,
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> list[Checkpoint]:
+        sql = LIST_CHECKPOINTS.format(state=", state" if include_state else "")
+        params: dict[str, Any] = {**_key_params(key), "limit": limit}
+        if before_id:
+            sql += " AND checkpoint_id < :before_id"
+            params["before_id"] = before_id
+        if trigger:
+            sql += " AND trigger = :trigger"
+            params["trigger"] = int(trigger)
+        if created_after is not None:
+            sql += " AND created_at >= :created_after"
+            params["created_after"] = created_after
+        if created_before is not None:
+            sql += " AND created_at < :created_before"
+            params["created_before"] = created_before
+        sql += " ORDER BY checkpoint_id DESC LIMIT :limit"
+        async with self.reader.connect() as conn:
+            rows = (await conn.execute(text(sql), params)).all()
+        return [_checkpoint_from_row(key, r, with_state=include_state) for r in rows]
+
+    async def list_threads(
+        self, tenant: str, flt: ThreadFilter, limit: int, after: tuple[str, str] | None
+    ) -> list[Thread]:
+        sql = LIST_THREADS
+        params: dict[str, Any] = {"tenant": tenant, "limit": limit}
+        if flt.namespace:
+            sql += " AND namespace = :namespace"
+            params["namespace"] = flt.namespace
+        if flt.statuses:
+            names = []
+            for i, status in enumerate(flt.statuses):
+                names.append(f":s{i}")
+                params[f"s{i}"] = int(status)
+            sql += f" AND status IN ({', '.join(names)})"
+        if flt.lease_expired_before is not None:
+            sql += " AND (lease_owner = '' OR lease_expires_at < :lease_before)"
+            params["lease_before"] = flt.lease_expired_before
+        if after is not None:
+            sql += (
+                " AND (namespace > :after_ns OR (namespace = :after_ns AND thread_id > :after_id))"
+            )
+            params["after_ns"], params["after_id"] = after
+        sql += " ORDER BY namespace, thread_id LIMIT :limit"
+        async with self.reader.connect() as conn:
+            rows = (await conn.execute(text(sql), params)).all()
+        return [_thread_from_row(ThreadKey(tenant, r[0], r[1]), r[2:]) for r in rows]
+
+    async def events_after(
+        self, tenant: str, key: ThreadKey | None, after: int, limit: int
+    ) -> list[Event]:
+        """Stored events after a cursor: a thread's seq, or the tenant's feed_seq."""
+        async with self.reader.connect() as conn:
+            if key is None:
+                params: dict[str, Any] = {"tenant": tenant, "after": after, "limit": limit}
+                rows = (await conn.execute(text(SELECT_TENANT_EVENTS), params)).all()
+            else:
+                params = {**_key_params(key), "after": after, "limit": limit}
+                rows = (await conn.execute(text(SELECT_THREAD_EVENTS), params)).all()
+        return [_event_from_row(tenant, r) for r in rows]
+
+    async def stats(self, key: ThreadKey) -> Stats:
+        async with self.reader.connect() as conn:
+            rows = (await conn.execute(text(STATS_CHECKPOINTS), _key_params(key))).all()
+            events = (await conn.execute(text(STATS_EVENTS), _key_params(key))).scalar_one()
+        triggers = {
+            Trigger(r[0]) if r[0] in Trigger._value2member_map_ else Trigger(0): r[1] for r in rows
+        }
+        return Stats(
+            checkpoint_count=sum(r[1] for r in rows),
+            triggers=triggers,
+            oldest=min((r[2] for r in rows), default=None),
+            newest=max((r[3] for r in rows), default=None),
+            state_bytes=sum(int(r[4]) for r in rows),
+            event_count=events,
+        )
+
+    async def ping(self) -> None:
+        async with self.reader.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    # ---- writes ------------------------------------------------------------
+
+    def batch(self, conn: AsyncConnection, now: float) -> Batch:
+        return Batch(self, conn, now)
+
+    async def sweep(
+        self, now: float, keep_last: int, request_ttl: float
+    ) -> tuple[list[tuple[ThreadKey, str]], list[ThreadKey]]:
+        """Retention: expired and beyond-keep-last checkpoints, never an active head."""
+        pruned: list[tuple[ThreadKey, str]] = []
+        async with self.writer.begin() as conn:
+            rows = (await conn.execute(text(SWEEP_EXPIRED), {"now": now})).all()
+            if keep_last > 0:
+                rows += (
+                    await conn.execute(text(SWEEP_BEYOND_KEEP_LAST), {"keep_last": keep_last})
+                ).all()
+            pruned = [(ThreadKey(r[0], r[1], r[2]), r[3]) for r in rows]
+            gone: list[ThreadKey] = []
+            if pruned:
+                await conn.execute(text(SWEEP_ORPHAN_WRITES))
+                gone = [
+                    ThreadKey(r[0], r[1], r[2])
+                    for r in (await conn.execute(text(SWEEP_HEADLESS_THREADS))).all()
+                ]
+                if gone:
+                    await conn.execute(text(SWEEP_ORPHAN_EVENTS))
+            await conn.execute(text(SWEEP_OLD_REQUESTS), {"before": now - request_ttl})
+        return pruned, gone
+
+
+def _configure_sqlite(engine: AsyncEngine, immediate: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Batch:
+    """One write transaction shared by a group of operations.
+
+    Operations read thread rows through `thread()` (locked, cached), change them
+    in place, and queue inserts; nothing is sent until `flush()`. An operation
+    that raises a domain error must do so before changing anything.
+    """
+
+    def __init__(self, sql: SqlTier, conn: AsyncConnection, now: float) -> None:
+        self.sql = sql
+        self.conn = conn
+        self.now = now
+        self.threads: dict[ThreadKey, Thread | None] = {}
+        self.dirty: set[ThreadKey] = set()
+        self.feeds: dict[str, int] = {}
+        self.checkpoints: list[Checkpoint] = []
+        self.writes: list[tuple[ThreadKey, PendingWrite]] = []
+        self.events: list[Event] = []
+        self.new_requests: dict[tuple[str, str], tuple[str, str]] = {}
+        self.heads: dict[ThreadKey, tuple[str, int]] = {}
+        self.deleted: list[ThreadKey] = []
+        # What flush() has sent, for the caches and the feed after commit.
+        self.flushed_checkpoints: list[Checkpoint] = []
+        self.flushed_writes: list[tuple[ThreadKey, PendingWrite]] = []
+        self.flushed_events: list[Event] = []
+
+    async def lock(
+        self, keys: Iterable[ThreadKey], create: set[ThreadKey], tenants: set[str]
+    ) -> None:
+        """Lock thread rows, then feed rows, in a fixed order (no deadlocks)."""
+        for key in sorted(set(keys), key=lambda k: (k.tenant, k.namespace, k.thread_id)):
+            if key in self.threads:
+                continue
+            params = _key_params(key)
+            row = (
+                await self.conn.execute(text(SELECT_THREAD + self.sql.for_update), params)
+            ).first()
+            if row is None and key in create:
+                await self.conn.execute(text(INSERT_THREAD), {**params, "now": self.now})
+                row = (
+                    await self.conn.execute(text(SELECT_THREAD + self.sql.for_update), params)
+                ).first()
+            self.threads[key] = _thread_from_row(key, row) if row else None
+        for tenant in sorted(tenants):
+            if tenant in self.feeds:
+                continue
+            row = (
+                await self.conn.execute(text(SELECT_FEED + self.sql.for_update), {"tenant": tenant})
+            ).first()
+            if row is None:
+                await self.conn.execute(text(INSERT_FEED), {"tenant": tenant})
+                row = (
+                    await self.conn.execute(
+                        text(SELECT_FEED + self.sql.for_update), {"tenant": tenant}
+                    )
+                ).first()
+            self.feeds[tenant] = row[0]
+
+    def thread(self, key: ThreadKey) -> Thread | None:
+        return self.threads.get(key)
+
+    def touch(self, thread: Thread) -> None:
+        thread.updated_at = self.now
+        self.dirty.add(thread.key)
+
+    def emit(self, thread: Thread, new: NewEvent) -> Event:
+        thread.last_seq += 1
+        self.feeds[thread.key.tenant] += 1
+        ev = Event(
+            key=thread.key,
+            seq=thread.last_seq,
+            feed_seq=self.feeds[thread.key.tenant],
+            type=new.type,
+            time=self.now,
+            payload=new.payload,
+            terminal=new.terminal,
+        )
+        self.events.append(ev)
+        self.touch(thread)
+        return ev
+
+    async def find_request(self, tenant: str, request_id: str) -> tuple[str, str] | None:
+        if (tenant, request_id) in self.new_requests:
+            return self.new_requests[(tenant, request_id)]
+        params = {"tenant": tenant, "request_id": request_id}
+        row = (await self.conn.execute(text(SELECT_REQUEST), params)).first()
+        return (row[0], row[1]) if row else None
+
+    def record_request(self, tenant: str, request_id: str, kind: str, result: str) -> None:
+        self.new_requests[(tenant, request_id)] = (kind, result)
+
+    async def checkpoint_exists(self, key: ThreadKey, checkpoint_id: str) -> bool:
+        if any(c.key == key and c.checkpoint_id == checkpoint_id for c in self.checkpoints):
+            return True
+        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+        return (await self.conn.execute(text(CHECKPOINT_EXISTS), params)).first() is not None
+
+    async def load_checkpoint(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
+        for cp in self.checkpoints:
+            if cp.key == key and cp.checkpoint_id == checkpoint_id:
+                return cp
+        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+        row = (await self.conn.execute(text(SELECT_CHECKPOINT), params)).first()
+        return _checkpoint_from_row(key, row, with_state=True) if row else None
+
+    async def delete_thread(self, key: ThreadKey) -> int:
+        await self.flush()
+        params = _key_params(key)
+        deleted = (await self.conn.execute(text(DELETE_THREAD_CHECKPOINTS), params)).rowcount
+        for sql in DELETE_THREAD_ROWS:
+            await self.conn.execute(text(sql), params)
+        self.threads[key] = None
+        self.dirty.discard(key)
+        self.heads.pop(key, None)
+        self.deleted.append(key)
+        return deleted
+
+    async def flush(self) -> None:
+        c = self.conn
+        if self.checkpoints:
+            await c.execute(
+                text(INSERT_CHECKPOINT), [_checkpoint_params(cp) for cp in self.checkpoints]
+            )
+        if self.writes:
+            regular = [_write_params(k, w) for k, w in self.writes if not is_special_write(w.idx)]
+            special = [_write_params(k, w) for k, w in self.writes if is_special_write(w.idx)]
+            if regular:
+                await c.execute(text(INSERT_REGULAR_WRITE), regular)
+            for params in special:  # one at a time: a batch may upsert one slot twice
+                await c.execute(text(UPSERT_SPECIAL_WRITE), params)
+        if self.events:
+            await c.execute(text(INSERT_EVENT), [_event_params(e) for e in self.events])
+        if self.new_requests:
+            await c.execute(
+                text(INSERT_REQUEST),
+                [
+                    {"tenant": t, "request_id": r, "kind": k, "result": res, "created_at": self.now}
+                    for (t, r), (k, res) in self.new_requests.items()
+                ],
+            )
+        if self.dirty:
+            rows = [
+                self.threads[k]
+                for k in sorted(self.dirty, key=lambda k: (k.tenant, k.namespace, k.thread_id))
+            ]
+            await c.execute(text(UPDATE_THREAD), [_thread_params(t) for t in rows if t is not None])
+        if self.events:
+            await c.execute(
+                text(UPDATE_FEED),
+                [{"tenant": t, "last_seq": s} for t, s in sorted(self.feeds.items())],
+            )
+        self.flushed_checkpoints += self.checkpoints
+        self.flushed_writes += self.writes
+        self.flushed_events += self.events
+        self.checkpoints, self.writes, self.events = [], [], []
+        self.new_requests = {}
+        self.dirty = set()
+
+
+def _checkpoint_params(cp: Checkpoint) -> dict[str, Any]:
+    return {
+        **_key_params(cp.key),
+        "checkpoint_id": cp.checkpoint_id,
+        "parent_id": cp.parent_id,
+        "step": cp.step,
+        "state": cp.state,
+        "content_type": cp.content_type,
+        "trigger": int(cp.trigger),
+        "name": cp.name,
+        "completed_nodes": json.dumps(cp.completed_nodes),
+        "progress_percent": cp.progress_percent,
+        "eta_seconds": cp.eta_seconds,
+        "metadata": json.dumps(cp.metadata),
+        "created_at": cp.created_at,
+        "expires_at": cp.expires_at,
+        "state_size": len(cp.state),
+    }
+
+
+def _write_params(key: ThreadKey, w: PendingWrite) -> dict[str, Any]:
+    return {
+        **_key_params(key),
+        "checkpoint_id": w.checkpoint_id,
+        "task_id": w.task_id,
+        "idx": w.idx,
+        "channel": w.channel,
+        "value": w.value,
+        "content_type": w.content_type,
+        "task_path": w.task_path,
+    }
+
+
+def _event_params(e: Event) -> dict[str, Any]:
+    return {
+        **_key_params(e.key),
+        "seq": e.seq,
+        "feed_seq": e.feed_seq,
+        "type": e.type,
+        "time": e.time,
+        "payload": json.dumps(e.payload),
+        "terminal": int(e.terminal),
+    }
+
+
+def _thread_params(t: Thread) -> dict[str, Any]:
+    return {
+        **_key_params(t.key),
+        "head_id": t.head_id,
+        "status": int(t.status),
+        "workflow_id": t.workflow_id,
+        "workflow_version": t.workflow_version,
+        "lease_owner": t.lease_owner,
+        "lease_expires_at": t.lease_expires_at,
+        "fencing_token": t.fencing_token,
+        "last_seq": t.last_seq,
+        "updated_at": t.updated_at,
+    }
