@@ -2,8 +2,8 @@
 fan-out of the event feed between replicas.
 
 Every call is best effort: a failure marks the tier down and the store goes on
-through memory and SQL; a background probe marks it up again and drops head
-pointers that may have gone stale while it was away (they re-warm from SQL).
+through memory and SQL; a background probe marks it up again and drops the head
+pointers this process could not update meanwhile (they re-warm from SQL).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SEP = "\x1f"  # ids may contain ':'; they may not contain control characters
 FEED_CHANNEL_PREFIX = f"cpfeed{SEP}"
+_MAX_MISSED = 100_000
 
 # Move a head only forward: version is the thread's event seq when it moved.
 SET_HEAD_LUA = """
@@ -63,6 +64,8 @@ class RedisTier:
         self.up = False
         self.detail = "not connected yet"
         self._on_up: list[Callable[[], Awaitable[None]]] = []
+        # Head keys this process failed to move; None after too many to track.
+        self._missed: set[str] | None = set()
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -94,7 +97,8 @@ class RedisTier:
             self._down(exc)
             return
         if not self.up:
-            await self._forget_heads()
+            if not await self._forget_missed_heads():
+                return
             self.up = True
             self.detail = ""
             log.info("redis up", extra={"url": self.url})
@@ -106,19 +110,28 @@ class RedisTier:
             await asyncio.sleep(0.5 if not self.up else 2.0)
             await self._probe()
 
-    async def _forget_heads(self) -> None:
-        """Heads may have moved while Redis was unreachable: drop them all."""
+    def _miss(self, keys: list[str]) -> None:
+        if self._missed is None:
+            return
+        self._missed.update(keys)
+        if len(self._missed) > _MAX_MISSED:
+            self._missed = None
+
+    async def _forget_missed_heads(self) -> bool:
+        """Heads moved in SQL while Redis was unreachable are stale there: drop them."""
         try:
-            batch: list[bytes] = []
-            async for k in self._client.scan_iter(match=f"head{SEP}*", count=1000):
-                batch.append(k)
-                if len(batch) >= 1000:
-                    await self._client.delete(*batch)
-                    batch = []
-            if batch:
-                await self._client.delete(*batch)
+            if self._missed is None:
+                async for k in self._client.scan_iter(match=f"head{SEP}*", count=1000):
+                    await self._client.delete(k)
+            elif self._missed:
+                missed = list(self._missed)
+                for i in range(0, len(missed), 1000):
+                    await self._client.delete(*missed[i : i + 1000])
         except (TimeoutError, RedisError, OSError) as exc:
             self._down(exc)
+            return False
+        self._missed = set()
+        return True
 
     async def get_body(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
         if not self.up:
@@ -155,7 +168,10 @@ class RedisTier:
         events: list[Event],
     ) -> None:
         """One round trip after a commit: bodies, heads and the feed fan-out."""
-        if not self.up or not (checkpoints or heads or events):
+        if not (checkpoints or heads or events):
+            return
+        if not self.up:
+            self._miss([head_key(k) for k in heads])
             return
         try:
             async with self._client.pipeline(transaction=False) as pipe:
@@ -173,14 +189,17 @@ class RedisTier:
                 await pipe.execute()
         except (TimeoutError, RedisError, OSError) as exc:
             self._down(exc)
+            self._miss([head_key(k) for k in heads])
 
     async def drop_thread(self, key: ThreadKey) -> None:
         if not self.up:
+            self._miss([head_key(key)])
             return
         try:
             await self._client.delete(head_key(key))
         except (TimeoutError, RedisError, OSError) as exc:
             self._down(exc)
+            self._miss([head_key(key)])
 
     async def drop_bodies(self, slots: list[tuple[ThreadKey, str]]) -> None:
         if not self.up or not slots:
@@ -189,9 +208,6 @@ class RedisTier:
             await self._client.delete(*(body_key(k, cid) for k, cid in slots))
         except (TimeoutError, RedisError, OSError) as exc:
             self._down(exc)
-
-    async def flush_heads(self) -> None:
-        await self._forget_heads()
 
     def follow_feed(self, deliver: Callable[[Event], None]) -> None:
         """Deliver every event published by any replica, reconnecting as needed."""

@@ -1,0 +1,145 @@
+"""Which tier serves what, across restarts; large threads; retention."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from tests.requests import NS, code_of, restore, save, state_of
+from tests.servers import checkpoint_stub
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
+async def test_restore_after_restart_from_redis_then_sql(service, backend, tenant) -> None:
+    channel, s, md = await checkpoint_stub(service.address, tenant)
+    ids = [(await save(s, md, "warm", {"i": i})).checkpoint.checkpoint_id for i in range(3)]
+    assert (await restore(s, md, "warm")).served_from == pb.TIER_MEMORY
+    await channel.close()
+
+    await service.arestart()  # the memory tier is gone; Redis still holds head and body
+    channel, s, md = await checkpoint_stub(service.address, tenant)
+    got = await restore(s, md, "warm", include_writes=True)
+    assert got.served_from == pb.TIER_REDIS
+    assert got.checkpoint.checkpoint_id == ids[-1] and state_of(got) == {"i": 2}
+    await channel.close()
+
+    await service.arestart()
+    client = aioredis.Redis.from_url(backend.redis_url)
+    await client.flushall()
+    await client.aclose()
+    channel, s, md = await checkpoint_stub(service.address, tenant)
+    got = await restore(s, md, "warm")
+    assert got.served_from == pb.TIER_SQL
+    assert got.checkpoint.checkpoint_id == ids[-1] and state_of(got) == {"i": 2}
+    older = await restore(s, md, "warm", checkpoint_id=ids[0])
+    assert older.served_from == pb.TIER_SQL and state_of(older) == {"i": 0}
+    # Read-through re-warms the tiers: the next read of the head is not from SQL.
+    assert (await restore(s, md, "warm")).served_from != pb.TIER_SQL
+    await channel.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_restore_after_restart_from_sql_on_sqlite(service, tenant) -> None:
+    channel, s, md = await checkpoint_stub(service.address, tenant)
+    cid = (await save(s, md, "embedded", {"ok": 1})).checkpoint.checkpoint_id
+    await channel.close()
+    await service.arestart()
+    channel, s, md = await checkpoint_stub(service.address, tenant)
+    got = await restore(s, md, "embedded")
+    assert got.served_from == pb.TIER_SQL and got.checkpoint.checkpoint_id == cid
+    assert (await restore(s, md, "embedded")).served_from == pb.TIER_MEMORY
+    await channel.close()
+
+
+async def test_ten_thousand_checkpoints_listed_page_by_page(stub) -> None:
+    s, md = stub
+    total = 10_000
+    gate = asyncio.Semaphore(64)
+
+    async def one(i: int) -> str:
+        async with gate:
+            r = await save(s, md, "big", {"i": i}, cp={"step": i})
+            return r.checkpoint.checkpoint_id
+
+    saved = set(await asyncio.gather(*(one(i) for i in range(total))))
+    assert len(saved) == total
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    started = time.monotonic()
+    while True:
+        page = await s.List(pb.ListRequest(namespace=NS, thread_id="big", page_size=500,
+                                           page_token=token), metadata=md)
+        pages += 1
+        seen += [c.checkpoint_id for c in page.checkpoints]
+        token = page.next_page_token
+        if not token:
+            break
+    elapsed = time.monotonic() - started
+    assert pages == 20
+    assert len(seen) == total and set(seen) == saved
+    assert seen == sorted(seen, reverse=True), "newest first, no overlap between pages"
+    print(f"listed {total} checkpoints in {pages} pages in {elapsed:.2f}s")
+
+
+async def test_list_filters_by_trigger_and_time(stub) -> None:
+    s, md = stub
+    await save(s, md, "flt", cp={"trigger": pb.TRIGGER_MANUAL})
+    await asyncio.sleep(0.05)
+    middle = (await save(s, md, "flt", cp={"trigger": pb.TRIGGER_STEP_COMPLETED})).checkpoint
+    await save(s, md, "flt", cp={"trigger": pb.TRIGGER_MANUAL})
+    manual = await s.List(pb.ListRequest(namespace=NS, thread_id="flt",
+                                         trigger=pb.TRIGGER_MANUAL), metadata=md)
+    assert len(manual.checkpoints) == 2
+    assert all(c.trigger == pb.TRIGGER_MANUAL for c in manual.checkpoints)
+    since = await s.List(pb.ListRequest(namespace=NS, thread_id="flt",
+                                        created_after=middle.created_at), metadata=md)
+    assert len(since.checkpoints) == 2
+    before = await s.List(pb.ListRequest(namespace=NS, thread_id="flt",
+                                         created_before=middle.created_at), metadata=md)
+    assert len(before.checkpoints) == 1
+
+
+async def test_retention_prunes_old_checkpoints_but_never_an_active_head(
+    service_factory, backend, tenant
+) -> None:
+    svc = service_factory(backend, "--sql-ttl", "1", "--sweep-interval", "0.3",
+                          "--keep-last", "3")
+    channel, s, md = await checkpoint_stub(svc.address, tenant)
+    active = [(await save(s, md, "active", {"i": i}, status=pb.THREAD_STATUS_RUNNING))
+              .checkpoint.checkpoint_id for i in range(5)]
+    done = [(await save(s, md, "done", {"i": i}, status=pb.THREAD_STATUS_COMPLETED))
+            .checkpoint.checkpoint_id for i in range(2)]
+    defs = [(await save(s, md, "wf-1", {"v": i}, ns="workflows")).checkpoint.checkpoint_id
+            for i in range(5)]
+    await asyncio.sleep(2.5)  # everything expired; several sweeps ran
+    head = await restore(s, md, "active")
+    assert head.checkpoint.checkpoint_id == active[-1], "an active head is never pruned"
+    remaining = await s.List(pb.ListRequest(namespace=NS, thread_id="active"), metadata=md)
+    assert [c.checkpoint_id for c in remaining.checkpoints] == [active[-1]]
+    for old in active[:-1]:
+        assert await code_of(restore(s, md, "active", checkpoint_id=old)) == \
+            grpc.StatusCode.NOT_FOUND
+    # A finished thread's head may expire: the thread is gone.
+    assert await code_of(restore(s, md, "done")) == grpc.StatusCode.NOT_FOUND
+    assert await code_of(restore(s, md, "done", checkpoint_id=done[0])) == \
+        grpc.StatusCode.NOT_FOUND
+    # The workflows namespace is never pruned, whatever its age or count.
+    kept = await s.List(pb.ListRequest(namespace="workflows", thread_id="wf-1"), metadata=md)
+    assert [c.checkpoint_id for c in kept.checkpoints] == defs[::-1]
+    await channel.close()
+
+
+async def test_keep_last_n(service_factory, backend, tenant) -> None:
+    svc = service_factory(backend, "--keep-last", "3", "--sweep-interval", "0.3")
+    channel, s, md = await checkpoint_stub(svc.address, tenant)
+    ids = [(await save(s, md, "k", {"i": i})).checkpoint.checkpoint_id for i in range(8)]
+    await asyncio.sleep(1.5)
+    listed = await s.List(pb.ListRequest(namespace=NS, thread_id="k"), metadata=md)
+    assert [c.checkpoint_id for c in listed.checkpoints] == ids[-3:][::-1]
+    await channel.close()
