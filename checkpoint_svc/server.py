@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from checkpoint_svc import logs
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
+from checkpoint_svc.interceptors import RejectMalformedRequests
 from checkpoint_svc.servicer import CheckpointServicer
 from checkpoint_svc.store import CheckpointStore
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2, checkpoint_pb2_grpc
@@ -46,13 +47,15 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
             if tiers[tier].configured:
                 await servicer.set(name, serving if tiers[tier].up else not_serving)
         await servicer.set(SERVICE_NAME, serving if tiers[Tier.SQL].up else not_serving)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
 
 
 async def serve(settings: Settings) -> None:
     store = CheckpointStore(settings)
     await store.start()
-    server = grpc.aio.server(options=grpc_options(settings))
+    server = grpc.aio.server(
+        options=grpc_options(settings), interceptors=[RejectMalformedRequests()]
+    )
     checkpoint_pb2_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -121,13 +121,19 @@ def _check_id(
 
 
 def thread_key(
-    context: grpc.aio.ServicerContext, namespace: str, thread_id: str, prefix: str = ""
+    context: grpc.aio.ServicerContext,
+    namespace: str,
+    thread_id: str,
+    prefix: str = "",
+    violations: list[tuple[str, str]] | None = None,
 ) -> ThreadKey:
+    """The thread key of a request; bad ids are added to `violations`, or raised at once."""
     tenant = tenant_of(context)
-    violations: list[tuple[str, str]] = []
-    _check_id(violations, prefix + "namespace", namespace, required=False, max_len=128)
-    _check_id(violations, prefix + "thread_id", thread_id, required=True)
-    _raise_if(violations)
+    found: list[tuple[str, str]] = [] if violations is None else violations
+    _check_id(found, prefix + "namespace", namespace, required=False, max_len=128)
+    _check_id(found, prefix + "thread_id", thread_id, required=True)
+    if violations is None:
+        _raise_if(found)
     return ThreadKey(tenant, namespace, thread_id)
 
 
@@ -148,21 +154,24 @@ def _page_size(value: int) -> int:
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+_TOKEN_MARK = "v1"
+
+
 def encode_token(*parts: str) -> str:
-    raw = "\x1f".join(parts).encode()
+    """An opaque page token (AIP-158): the position to continue after."""
+    raw = "\x1f".join((_TOKEN_MARK, *parts)).encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 
 def decode_token(token: str, parts: int) -> list[str]:
     try:
-        values = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidArgument(
-            "bad page_token", [("page_token", "not issued by this service")]
-        ) from exc
-    if len(values) != parts:
+        raw = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    values = raw.split("\x1f")
+    if len(values) != parts + 1 or values[0] != _TOKEN_MARK:
         raise InvalidArgument("bad page_token", [("page_token", "not issued by this service")])
-    return values
+    return values[1:]
 
 
 def _ttl(field: str, value: float) -> float:
@@ -183,8 +192,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         self, request: pb.SaveRequest, context: grpc.aio.ServicerContext
     ) -> pb.SaveResponse:
         msg = request.checkpoint
-        key = thread_key(context, msg.namespace, msg.thread_id, prefix="checkpoint.")
         violations: list[tuple[str, str]] = []
+        key = thread_key(context, msg.namespace, msg.thread_id, "checkpoint.", violations)
         _check_id(violations, "checkpoint.checkpoint_id", msg.checkpoint_id, False, 128)
         _check_id(violations, "checkpoint.parent_id", msg.parent_id, False, 128)
         _check_id(violations, "expected_parent_id", request.expected_parent_id, False, 128)

@@ -287,6 +287,7 @@ class CheckpointStore:
         return rows, last
 
     async def stats(self, key: ThreadKey) -> Stats:
+        await self.get_thread(key)  # NOT_FOUND for a thread that does not exist
         return await self._read(lambda: self.sql.stats(key))
 
     async def acquire_lease(self, key: ThreadKey, owner: str, ttl: float) -> Thread:

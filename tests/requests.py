@@ -19,8 +19,15 @@ def checkpoint(thread: str, state: Any = None, ns: str = NS, **fields: Any) -> p
     return pb.Checkpoint(namespace=ns, thread_id=thread, state=body, **fields)
 
 
-async def save(stub: Stub, md: Any, thread: str, state: Any = None, ns: str = NS,
-               cp: dict | None = None, **request: Any) -> pb.SaveResponse:
+async def save(
+    stub: Stub,
+    md: Any,
+    thread: str,
+    state: Any = None,
+    ns: str = NS,
+    cp: dict | None = None,
+    **request: Any,
+) -> pb.SaveResponse:
     return await stub.Save(
         pb.SaveRequest(checkpoint=checkpoint(thread, state, ns, **(cp or {})), **request),
         metadata=md,
@@ -42,3 +49,12 @@ async def code_of(call: Any) -> grpc.StatusCode:
     except grpc.aio.AioRpcError as exc:
         return exc.code()
     raise AssertionError("the call succeeded but was expected to fail")
+
+
+async def status_of(call: Any) -> grpc.StatusCode:
+    """The status code a call ends with, OK included."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

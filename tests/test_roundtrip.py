@@ -15,10 +15,18 @@ async def test_save_restore_list_round_trip(stub) -> None:
     ids = []
     for step in range(1, 6):
         r = await save(
-            s, md, "run-1", {"step": step},
-            cp={"step": step, "trigger": pb.TRIGGER_STEP_COMPLETED, "name": f"s{step}",
-                "completed_nodes": [f"n{step}"], "progress_percent": step * 20.0,
-                "metadata": {"k": str(step)}},
+            s,
+            md,
+            "run-1",
+            {"step": step},
+            cp={
+                "step": step,
+                "trigger": pb.TRIGGER_STEP_COMPLETED,
+                "name": f"s{step}",
+                "completed_nodes": [f"n{step}"],
+                "progress_percent": step * 20.0,
+                "metadata": {"k": str(step)},
+            },
         )
         assert r.checkpoint.checkpoint_id and r.checkpoint.created_at.seconds > 0
         assert r.checkpoint.parent_id == (ids[-1] if ids else "")
@@ -52,16 +60,23 @@ async def test_pending_writes_follow_langgraph_upsert_rule(stub) -> None:
     head = (await save(s, md, "w")).checkpoint.checkpoint_id
 
     def write(task: str, idx: int, value: bytes) -> pb.PendingWrite:
-        return pb.PendingWrite(checkpoint_id=head, task_id=task, idx=idx, channel="out",
-                               value=value, task_path="p")
+        return pb.PendingWrite(
+            checkpoint_id=head, task_id=task, idx=idx, channel="out", value=value, task_path="p"
+        )
 
-    await s.PutWrites(pb.PutWritesRequest(namespace=NS, thread_id="w",
-                                          writes=[write("a", 0, b"1"), write("b", -1, b"err1")]),
-                      metadata=md)
+    await s.PutWrites(
+        pb.PutWritesRequest(
+            namespace=NS, thread_id="w", writes=[write("a", 0, b"1"), write("b", -1, b"err1")]
+        ),
+        metadata=md,
+    )
     # A regular write is kept once; a special (negative) one is replaced.
-    await s.PutWrites(pb.PutWritesRequest(namespace=NS, thread_id="w",
-                                          writes=[write("a", 0, b"2"), write("b", -1, b"err2")]),
-                      metadata=md)
+    await s.PutWrites(
+        pb.PutWritesRequest(
+            namespace=NS, thread_id="w", writes=[write("a", 0, b"2"), write("b", -1, b"err2")]
+        ),
+        metadata=md,
+    )
     got = await restore(s, md, "w", include_writes=True)
     values = {(w.task_id, w.idx): w.value for w in got.writes}
     assert values == {("a", 0): b"1", ("b", -1): b"err2"}
@@ -85,36 +100,79 @@ async def test_head_moved_is_aborted_and_writes_nothing(stub) -> None:
 async def test_stale_fencing_token_is_refused(stub) -> None:
     s, md = stub
     await save(s, md, "f")
-    a = await s.AcquireLease(pb.AcquireLeaseRequest(namespace=NS, thread_id="f", owner="engine-a",
-                                                    ttl_seconds=0.5), metadata=md)
+    a = await s.AcquireLease(
+        pb.AcquireLeaseRequest(namespace=NS, thread_id="f", owner="engine-a", ttl_seconds=0.5),
+        metadata=md,
+    )
     # While engine-a holds it, engine-b can neither take it nor write without its token.
-    busy = await code_of(s.AcquireLease(pb.AcquireLeaseRequest(
-        namespace=NS, thread_id="f", owner="engine-b", ttl_seconds=5), metadata=md))
+    busy = await code_of(
+        s.AcquireLease(
+            pb.AcquireLeaseRequest(namespace=NS, thread_id="f", owner="engine-b", ttl_seconds=5),
+            metadata=md,
+        )
+    )
     assert busy == grpc.StatusCode.FAILED_PRECONDITION
     assert await code_of(save(s, md, "f")) == grpc.StatusCode.FAILED_PRECONDITION
     await save(s, md, "f", {"by": "a"}, fencing_token=a.fencing_token)
     await asyncio.sleep(0.7)  # engine-a's lease expires; engine-b takes over
-    b = await s.AcquireLease(pb.AcquireLeaseRequest(namespace=NS, thread_id="f", owner="engine-b",
-                                                    ttl_seconds=30), metadata=md)
+    b = await s.AcquireLease(
+        pb.AcquireLeaseRequest(namespace=NS, thread_id="f", owner="engine-b", ttl_seconds=30),
+        metadata=md,
+    )
     assert b.fencing_token > a.fencing_token
     # The zombie engine-a comes back: its token is stale for every kind of write.
     zombie = save(s, md, "f", {"by": "zombie"}, fencing_token=a.fencing_token)
     assert await code_of(zombie) == grpc.StatusCode.FAILED_PRECONDITION
-    assert await code_of(s.RenewLease(pb.RenewLeaseRequest(
-        namespace=NS, thread_id="f", owner="engine-a", fencing_token=a.fencing_token,
-        ttl_seconds=30), metadata=md)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert await code_of(s.Publish(pb.PublishRequest(
-        namespace=NS, thread_id="f", events=[pb.NewEvent(type="x")],
-        fencing_token=a.fencing_token), metadata=md)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        await code_of(
+            s.RenewLease(
+                pb.RenewLeaseRequest(
+                    namespace=NS,
+                    thread_id="f",
+                    owner="engine-a",
+                    fencing_token=a.fencing_token,
+                    ttl_seconds=30,
+                ),
+                metadata=md,
+            )
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert (
+        await code_of(
+            s.Publish(
+                pb.PublishRequest(
+                    namespace=NS,
+                    thread_id="f",
+                    events=[pb.NewEvent(type="x")],
+                    fencing_token=a.fencing_token,
+                ),
+                metadata=md,
+            )
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     assert state_of(await restore(s, md, "f")) == {"by": "a"}
-    await s.RenewLease(pb.RenewLeaseRequest(namespace=NS, thread_id="f", owner="engine-b",
-                                            fencing_token=b.fencing_token, ttl_seconds=30),
-                       metadata=md)
+    await s.RenewLease(
+        pb.RenewLeaseRequest(
+            namespace=NS,
+            thread_id="f",
+            owner="engine-b",
+            fencing_token=b.fencing_token,
+            ttl_seconds=30,
+        ),
+        metadata=md,
+    )
     await save(s, md, "f", {"by": "b"}, fencing_token=b.fencing_token)
-    await s.ReleaseLease(pb.ReleaseLeaseRequest(namespace=NS, thread_id="f", owner="engine-b",
-                                                fencing_token=b.fencing_token), metadata=md)
-    thread = (await s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="f"),
-                                metadata=md)).thread
+    await s.ReleaseLease(
+        pb.ReleaseLeaseRequest(
+            namespace=NS, thread_id="f", owner="engine-b", fencing_token=b.fencing_token
+        ),
+        metadata=md,
+    )
+    thread = (
+        await s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="f"), metadata=md)
+    ).thread
     assert thread.lease_owner == "" and thread.fencing_token == b.fencing_token
     await save(s, md, "f", {"free": True})  # released: anyone may write again
 
@@ -131,12 +189,24 @@ async def test_retried_request_id_writes_once(stub) -> None:
     assert len(listed.checkpoints) == 1
     stats = await s.GetStats(pb.GetStatsRequest(namespace=NS, thread_id="idem"), metadata=md)
     assert stats.checkpoint_count == 1 and stats.event_count == 1
-    p1 = await s.Publish(pb.PublishRequest(namespace=NS, thread_id="idem", request_id="pub-1",
-                                           events=[pb.NewEvent(type="a"), pb.NewEvent(type="b")]),
-                         metadata=md)
-    p2 = await s.Publish(pb.PublishRequest(namespace=NS, thread_id="idem", request_id="pub-1",
-                                           events=[pb.NewEvent(type="a"), pb.NewEvent(type="b")]),
-                         metadata=md)
+    p1 = await s.Publish(
+        pb.PublishRequest(
+            namespace=NS,
+            thread_id="idem",
+            request_id="pub-1",
+            events=[pb.NewEvent(type="a"), pb.NewEvent(type="b")],
+        ),
+        metadata=md,
+    )
+    p2 = await s.Publish(
+        pb.PublishRequest(
+            namespace=NS,
+            thread_id="idem",
+            request_id="pub-1",
+            events=[pb.NewEvent(type="a"), pb.NewEvent(type="b")],
+        ),
+        metadata=md,
+    )
     assert list(p1.seqs) == list(p2.seqs) == [2, 3]
 
 
@@ -161,15 +231,20 @@ async def test_list_threads_by_status_and_delete(stub) -> None:
     )
     assert [t.thread_id for t in running.threads] == ["a"]
     assert running.threads[0].workflow_id == "wf" and running.threads[0].workflow_version == 3
-    rest = await s.ListThreads(pb.ListThreadsRequest(
-        statuses=[pb.THREAD_STATUS_RUNNING], page_token=running.next_page_token), metadata=md)
+    rest = await s.ListThreads(
+        pb.ListThreadsRequest(
+            statuses=[pb.THREAD_STATUS_RUNNING], page_token=running.next_page_token
+        ),
+        metadata=md,
+    )
     assert [t.thread_id for t in rest.threads] == ["c"] and rest.next_page_token == ""
-    deleted = await s.DeleteThread(pb.DeleteThreadRequest(namespace=NS, thread_id="a"),
-                                   metadata=md)
+    deleted = await s.DeleteThread(pb.DeleteThreadRequest(namespace=NS, thread_id="a"), metadata=md)
     assert deleted.checkpoints_deleted == 1
     assert await code_of(restore(s, md, "a")) == grpc.StatusCode.NOT_FOUND
-    assert await code_of(s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="a"),
-                                     metadata=md)) == grpc.StatusCode.NOT_FOUND
+    assert (
+        await code_of(s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="a"), metadata=md))
+        == grpc.StatusCode.NOT_FOUND
+    )
 
 
 async def test_stats_count_triggers_and_bytes(stub) -> None:
@@ -179,6 +254,8 @@ async def test_stats_count_triggers_and_bytes(stub) -> None:
     st = await s.GetStats(pb.GetStatsRequest(namespace=NS, thread_id="st"), metadata=md)
     assert st.checkpoint_count == 3
     assert {t.trigger: t.count for t in st.triggers} == {
-        pb.TRIGGER_STEP_COMPLETED: 2, pb.TRIGGER_MANUAL: 1}
+        pb.TRIGGER_STEP_COMPLETED: 2,
+        pb.TRIGGER_MANUAL: 1,
+    }
     assert st.state_bytes == 3 * len(b'{"pad": "' + b"x" * 100 + b'"}')
     assert st.oldest.ToNanoseconds() <= st.newest.ToNanoseconds()

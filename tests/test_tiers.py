@@ -73,8 +73,10 @@ async def test_ten_thousand_checkpoints_listed_page_by_page(stub) -> None:
     pages = 0
     started = time.monotonic()
     while True:
-        page = await s.List(pb.ListRequest(namespace=NS, thread_id="big", page_size=500,
-                                           page_token=token), metadata=md)
+        page = await s.List(
+            pb.ListRequest(namespace=NS, thread_id="big", page_size=500, page_token=token),
+            metadata=md,
+        )
         pages += 1
         seen += [c.checkpoint_id for c in page.checkpoints]
         token = page.next_page_token
@@ -93,42 +95,54 @@ async def test_list_filters_by_trigger_and_time(stub) -> None:
     await asyncio.sleep(0.05)
     middle = (await save(s, md, "flt", cp={"trigger": pb.TRIGGER_STEP_COMPLETED})).checkpoint
     await save(s, md, "flt", cp={"trigger": pb.TRIGGER_MANUAL})
-    manual = await s.List(pb.ListRequest(namespace=NS, thread_id="flt",
-                                         trigger=pb.TRIGGER_MANUAL), metadata=md)
+    manual = await s.List(
+        pb.ListRequest(namespace=NS, thread_id="flt", trigger=pb.TRIGGER_MANUAL), metadata=md
+    )
     assert len(manual.checkpoints) == 2
     assert all(c.trigger == pb.TRIGGER_MANUAL for c in manual.checkpoints)
-    since = await s.List(pb.ListRequest(namespace=NS, thread_id="flt",
-                                        created_after=middle.created_at), metadata=md)
+    since = await s.List(
+        pb.ListRequest(namespace=NS, thread_id="flt", created_after=middle.created_at), metadata=md
+    )
     assert len(since.checkpoints) == 2
-    before = await s.List(pb.ListRequest(namespace=NS, thread_id="flt",
-                                         created_before=middle.created_at), metadata=md)
+    before = await s.List(
+        pb.ListRequest(namespace=NS, thread_id="flt", created_before=middle.created_at), metadata=md
+    )
     assert len(before.checkpoints) == 1
 
 
 async def test_retention_prunes_old_checkpoints_but_never_an_active_head(
     service_factory, backend, tenant
 ) -> None:
-    svc = service_factory(backend, "--sql-ttl", "1", "--sweep-interval", "0.3",
-                          "--keep-last", "3")
+    svc = service_factory(backend, "--sql-ttl", "1", "--sweep-interval", "0.3", "--keep-last", "3")
     channel, s, md = await checkpoint_stub(svc.address, tenant)
-    active = [(await save(s, md, "active", {"i": i}, status=pb.THREAD_STATUS_RUNNING))
-              .checkpoint.checkpoint_id for i in range(5)]
-    done = [(await save(s, md, "done", {"i": i}, status=pb.THREAD_STATUS_COMPLETED))
-            .checkpoint.checkpoint_id for i in range(2)]
-    defs = [(await save(s, md, "wf-1", {"v": i}, ns="workflows")).checkpoint.checkpoint_id
-            for i in range(5)]
+    active = [
+        (
+            await save(s, md, "active", {"i": i}, status=pb.THREAD_STATUS_RUNNING)
+        ).checkpoint.checkpoint_id
+        for i in range(5)
+    ]
+    done = [
+        (
+            await save(s, md, "done", {"i": i}, status=pb.THREAD_STATUS_COMPLETED)
+        ).checkpoint.checkpoint_id
+        for i in range(2)
+    ]
+    defs = [
+        (await save(s, md, "wf-1", {"v": i}, ns="workflows")).checkpoint.checkpoint_id
+        for i in range(5)
+    ]
     await asyncio.sleep(2.5)  # everything expired; several sweeps ran
     head = await restore(s, md, "active")
     assert head.checkpoint.checkpoint_id == active[-1], "an active head is never pruned"
     remaining = await s.List(pb.ListRequest(namespace=NS, thread_id="active"), metadata=md)
     assert [c.checkpoint_id for c in remaining.checkpoints] == [active[-1]]
     for old in active[:-1]:
-        assert await code_of(restore(s, md, "active", checkpoint_id=old)) == \
-            grpc.StatusCode.NOT_FOUND
+        assert (
+            await code_of(restore(s, md, "active", checkpoint_id=old)) == grpc.StatusCode.NOT_FOUND
+        )
     # A finished thread's head may expire: the thread is gone.
     assert await code_of(restore(s, md, "done")) == grpc.StatusCode.NOT_FOUND
-    assert await code_of(restore(s, md, "done", checkpoint_id=done[0])) == \
-        grpc.StatusCode.NOT_FOUND
+    assert await code_of(restore(s, md, "done", checkpoint_id=done[0])) == grpc.StatusCode.NOT_FOUND
     # The workflows namespace is never pruned, whatever its age or count.
     kept = await s.List(pb.ListRequest(namespace="workflows", thread_id="wf-1"), metadata=md)
     assert [c.checkpoint_id for c in kept.checkpoints] == defs[::-1]
