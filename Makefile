@@ -7,12 +7,12 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[dev]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 setup: $(VENV)/.installed node_modules/.installed
@@ -32,7 +32,7 @@ test: system-deps lint
 	$(PY) -m pytest -q -ra
 
 bench: setup system-deps
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -qq -e '.[bench]'
 	$(PY) -m bench
 
 clean:
