@@ -38,7 +38,6 @@ _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 class Operation(Protocol):
     creates: bool
-    emits: bool
 
     @property
     def key(self) -> ThreadKey: ...
@@ -204,11 +203,7 @@ class GroupCommitter:
         results: list[tuple[bool, Any]] = []
         async with self.sql.writer.begin() as conn:
             batch = self.sql.batch(conn, time.time())
-            await batch.lock(
-                (op.key for op in ops),
-                create={op.key for op in ops if op.creates},
-                tenants={op.key.tenant for op in ops if op.emits},
-            )
+            await batch.lock((op.key for op in ops), create={op.key for op in ops if op.creates})
             for op in ops:
                 try:
                     results.append((True, await op.apply(batch)))

@@ -70,7 +70,6 @@ class SaveOp:
     client_supplied_id: bool = False
     explicit_parent: str = ""  # as requested; empty means "the head at commit time"
     creates: bool = True
-    emits: bool = True
 
     @property
     def key(self) -> ThreadKey:
@@ -148,7 +147,6 @@ class PutWritesOp:
     writes: list[PendingWrite]
     fencing_token: int = 0
     creates: bool = False
-    emits: bool = False
 
     async def apply(self, batch: Batch) -> int:
         thread = _existing(batch, self.key)
@@ -164,7 +162,6 @@ class PublishOp:
     request_id: str = ""
     fencing_token: int = 0
     creates: bool = True
-    emits: bool = True
 
     async def apply(self, batch: Batch) -> list[int]:
         done = await _replay(batch, self.key.tenant, self.request_id, "publish")
@@ -186,7 +183,6 @@ class AcquireLeaseOp:
     owner: str
     ttl: float
     creates: bool = True
-    emits: bool = False
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -209,7 +205,6 @@ class RenewLeaseOp:
     fencing_token: int
     ttl: float
     creates: bool = False
-    emits: bool = False
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -229,7 +224,6 @@ class ReleaseLeaseOp:
     owner: str
     fencing_token: int
     creates: bool = False
-    emits: bool = False
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -248,7 +242,6 @@ class ReleaseLeaseOp:
 class DeleteThreadOp:
     key: ThreadKey
     creates: bool = False
-    emits: bool = False
 
     async def apply(self, batch: Batch) -> int:
         _existing(batch, self.key)

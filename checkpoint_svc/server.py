@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -105,7 +106,14 @@ def _redact(url: str) -> str:
     return url
 
 
+# grpc.aio polls its completion queue from its own threads; with the default 5 ms
+# GIL switch interval the event loop waits on them, which halved Save throughput
+# in bench/ (measured: 655 vs 1389 saves/s at 16 clients).
+GIL_SWITCH_INTERVAL = 0.0005
+
+
 def main(argv: list[str] | None = None) -> None:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     settings = parse_settings(argv)
     logs.configure("checkpoint_svc", settings.log_level)
     try:

@@ -135,7 +135,9 @@ class CheckpointStore:
             self.memory.add_writes(key, [w])
         await self.memory.set_heads(batch.heads)
         if self.redis is not None:
-            await self.redis.apply(batch.flushed_checkpoints, batch.heads, batch.flushed_events)
+            await self.redis.apply(
+                batch.flushed_checkpoints, batch.heads, batch.flushed_events, batch.flushed_writes
+            )
         for event in batch.flushed_events:
             self.feed.deliver(event)
 
@@ -186,55 +188,64 @@ class CheckpointStore:
     async def restore(
         self, key: ThreadKey, checkpoint_id: str = "", include_writes: bool = False
     ) -> RestoreResult:
-        cp: Checkpoint | None = None
-        tier = Tier.UNSPECIFIED
+        writes: list[PendingWrite] | None = None
         if not checkpoint_id:
             head = await self.memory.get_head(key)
             if head is None and self.redis is not None:
-                head = await self.redis.get_head(key)
+                if include_writes:
+                    head, writes = await self.redis.get_head_and_writes(key)
+                else:
+                    head = await self.redis.get_head(key)
             if head is None:
-                found = await self._read(lambda: self.sql.get_head(key))
+                found = await self._read(lambda: self.sql.get_head(key, include_writes))
                 if found is None:
                     raise NotFound(f"thread {key.namespace}/{key.thread_id} has no checkpoint")
-                cp, version = found
-                tier = Tier.SQL
+                cp, version, writes = found
                 await self._warm(cp, version)
-            else:
-                checkpoint_id = head
-        if cp is None:
-            cp, tier = await self._body(key, checkpoint_id)
-        writes: list[PendingWrite] = []
-        if include_writes:
-            known = self.memory.writes_known(key, cp.checkpoint_id)
-            if known is not None:
-                writes = sorted(known, key=lambda w: (w.task_id, w.idx))
-            else:
-                writes = await self._read(lambda: self.sql.get_writes(key, cp.checkpoint_id))
-        return RestoreResult(cp, writes, tier)
+                return RestoreResult(cp, writes or [], Tier.SQL)
+            checkpoint_id = head
+        cp, tier, sql_writes = await self._body(
+            key, checkpoint_id, include_writes and writes is None
+        )
+        if not include_writes:
+            return RestoreResult(cp, [], tier)
+        if writes is None:
+            writes = sql_writes
+        if writes is None:
+            writes = self.memory.writes_known(key, checkpoint_id)
+        if writes is None and self.redis is not None:
+            writes = await self.redis.get_writes(key, checkpoint_id)
+        if writes is None:
+            writes = await self._read(lambda: self.sql.get_writes(key, checkpoint_id))
+        return RestoreResult(cp, sorted(writes, key=lambda w: (w.task_id, w.idx)), tier)
 
-    async def _body(self, key: ThreadKey, checkpoint_id: str) -> tuple[Checkpoint, Tier]:
+    async def _body(
+        self, key: ThreadKey, checkpoint_id: str, with_writes: bool
+    ) -> tuple[Checkpoint, Tier, list[PendingWrite] | None]:
+        """A body by id from the fastest tier that has it (and its writes, if SQL serves it)."""
         cp = await self.memory.get_body(key, checkpoint_id)
         if cp is not None:
-            return cp, Tier.MEMORY
+            return cp, Tier.MEMORY, None
         if self.redis is not None:
             cp = await self.redis.get_body(key, checkpoint_id)
             if cp is not None:
                 await self.memory.put_bodies([cp])
-                return cp, Tier.REDIS
-        cp = await self._read(lambda: self.sql.get_checkpoint(key, checkpoint_id))
-        if cp is None:
+                return cp, Tier.REDIS, None
+        found = await self._read(lambda: self.sql.get_checkpoint(key, checkpoint_id, with_writes))
+        if found is None:
             raise NotFound(
                 f"checkpoint {checkpoint_id} not found in {key.namespace}/{key.thread_id}"
             )
-        await self._warm(cp, None)
-        return cp, Tier.SQL
+        await self._warm(found[0], None)
+        return found[0], Tier.SQL, found[1]
 
     async def _warm(self, cp: Checkpoint, head_version: int | None) -> None:
+        """Read-through: what SQL served goes to the faster tiers."""
         await self.memory.put_bodies([cp])
         heads = {cp.key: (cp.checkpoint_id, head_version)} if head_version is not None else {}
         await self.memory.set_heads(heads)
         if self.redis is not None:
-            await self.redis.apply([cp], heads, [])
+            await self.redis.apply([cp], heads, [], [], new=False)
 
     async def list(
         self,

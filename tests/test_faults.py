@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.requests import code_of, restore, save, state_of
+from tests.requests import NS, code_of, restore, save, state_of
 from tests.servers import checkpoint_stub
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
@@ -68,6 +68,10 @@ async def test_redis_stopped_mid_test_no_failed_save_then_recovery(
     await asyncio.sleep(0.3)
     await redis_server.astop()
     during = (await save(s, md, "r", {"phase": "during"})).checkpoint.checkpoint_id
+    # Writes against a checkpoint whose write set Redis held before it went away.
+    await s.PutWrites(pb.PutWritesRequest(namespace=NS, thread_id="r", writes=[
+        pb.PendingWrite(checkpoint_id=before, task_id="t", idx=0, channel="c", value=b"1")
+    ]), metadata=md)
     await _wait_for_health(s, md, pb.SERVING_HEALTH_DEGRADED)
     await _wait_for_grpc_health(health, redis_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     got = await restore(s, md, "r")
@@ -84,6 +88,8 @@ async def test_redis_stopped_mid_test_no_failed_save_then_recovery(
     # Redis held the old head while it was away; it must not be served now.
     got = await restore(s, md, "r")
     assert got.checkpoint.checkpoint_id == during != before
+    old = await restore(s, md, "r", checkpoint_id=before, include_writes=True)
+    assert [(w.task_id, w.value) for w in old.writes] == [("t", b"1")], "no stale write set"
     after = (await save(s, md, "r", {"phase": "after"})).checkpoint.checkpoint_id
     await channel.close()
     # A fresh process (empty memory) finds the new head through Redis again.

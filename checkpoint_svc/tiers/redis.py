@@ -1,9 +1,10 @@
-"""Redis tier: the shared hot copy (bodies with a TTL, head pointers) and the
-fan-out of the event feed between replicas.
+"""Redis tier: the shared hot copy (bodies and pending writes with a TTL, head
+pointers) and the fan-out of the event feed between replicas.
 
 Every call is best effort: a failure marks the tier down and the store goes on
-through memory and SQL; a background probe marks it up again and drops the head
-pointers this process could not update meanwhile (they re-warm from SQL).
+through memory and SQL; a background probe marks it up again and first drops
+the head pointers and write sets this process could not update meanwhile (they
+fall back to SQL), so Redis never serves what SQL has moved past.
 """
 
 from __future__ import annotations
@@ -11,20 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from checkpoint_svc.convert import checkpoint_from_pb, checkpoint_to_pb, event_from_pb, event_to_pb
-from checkpoint_svc.domain import Checkpoint, Event, ThreadKey
+from checkpoint_svc.convert import (
+    checkpoint_from_pb,
+    checkpoint_to_pb,
+    event_from_pb,
+    event_to_pb,
+    write_from_pb,
+    write_to_pb,
+)
+from checkpoint_svc.domain import Checkpoint, Event, PendingWrite, ThreadKey
+from checkpoint_svc.tiers import is_special_write
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SEP = "\x1f"  # ids may contain ':'; they may not contain control characters
 FEED_CHANNEL_PREFIX = f"cpfeed{SEP}"
+# Field that marks a write set as complete: it was created when its checkpoint was saved.
+COMPLETE = "_"
 _MAX_MISSED = 100_000
+_FAILURES = (TimeoutError, RedisError, OSError)
 
 # Move a head only forward: version is the thread's event seq when it moved.
 SET_HEAD_LUA = """
@@ -36,6 +48,25 @@ if (not cur) or tonumber(cur) <= tonumber(ARGV[2]) then
 end
 return 0
 """
+# Add writes to a complete write set (LangGraph's rule: regular writes are kept
+# once, special ones replaced); a set that expired or never existed stays absent.
+PUT_WRITES_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 3 do
+  if ARGV[i + 2] == '1' then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  else
+    redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+# The head id and its write set in one round trip.
+HEAD_AND_WRITES_LUA = """
+local id = redis.call('HGET', KEYS[1], 'id')
+if not id then return false end
+return {id, redis.call('HGETALL', ARGV[1] .. id)}
+"""
 
 
 def _thread_part(key: ThreadKey) -> str:
@@ -46,8 +77,31 @@ def body_key(key: ThreadKey, checkpoint_id: str) -> str:
     return f"cp{SEP}{_thread_part(key)}{SEP}{checkpoint_id}"
 
 
+def writes_prefix(key: ThreadKey) -> str:
+    return f"w{SEP}{_thread_part(key)}{SEP}"
+
+
+def writes_key(key: ThreadKey, checkpoint_id: str) -> str:
+    return writes_prefix(key) + checkpoint_id
+
+
 def head_key(key: ThreadKey) -> str:
     return f"head{SEP}{_thread_part(key)}"
+
+
+def _write_field(w: PendingWrite) -> str:
+    return f"{w.task_id}{SEP}{w.idx}"
+
+
+def _decode_writes(fields: dict[bytes, bytes], checkpoint_id: str) -> list[PendingWrite] | None:
+    """A write set as saved in Redis, or None if Redis does not know all of it."""
+    fields = dict(fields)
+    if fields.pop(COMPLETE.encode(), None) is None:
+        return None
+    writes = [write_from_pb(pb.PendingWrite.FromString(v)) for v in fields.values()]
+    for w in writes:
+        w.checkpoint_id = checkpoint_id
+    return sorted(writes, key=lambda w: (w.task_id, w.idx))
 
 
 class RedisTier:
@@ -61,10 +115,11 @@ class RedisTier:
             health_check_interval=0,
         )
         self._set_head = self._client.register_script(SET_HEAD_LUA)
+        self._put_writes = self._client.register_script(PUT_WRITES_LUA)
+        self._head_and_writes = self._client.register_script(HEAD_AND_WRITES_LUA)
         self.up = False
         self.detail = "not connected yet"
-        self._on_up: list[Callable[[], Awaitable[None]]] = []
-        # Head keys this process failed to move; None after too many to track.
+        # Keys this process failed to update; None after too many to track.
         self._missed: set[str] | None = set()
         self._tasks: list[asyncio.Task] = []
 
@@ -81,34 +136,11 @@ class RedisTier:
         with contextlib.suppress(Exception):
             await self._client.aclose()
 
-    def on_up(self, callback: Callable[[], Awaitable[None]]) -> None:
-        self._on_up.append(callback)
-
     def _down(self, exc: BaseException) -> None:
         if self.up:
             log.warning("redis down, serving from memory and SQL", extra={"error": str(exc)})
         self.up = False
         self.detail = f"{type(exc).__name__}: {exc}"
-
-    async def _probe(self) -> None:
-        try:
-            await self._client.ping()
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._down(exc)
-            return
-        if not self.up:
-            if not await self._forget_missed_heads():
-                return
-            self.up = True
-            self.detail = ""
-            log.info("redis up", extra={"url": self.url})
-            for callback in self._on_up:
-                await callback()
-
-    async def _probe_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5 if not self.up else 2.0)
-            await self._probe()
 
     def _miss(self, keys: list[str]) -> None:
         if self._missed is None:
@@ -117,17 +149,34 @@ class RedisTier:
         if len(self._missed) > _MAX_MISSED:
             self._missed = None
 
-    async def _forget_missed_heads(self) -> bool:
-        """Heads moved in SQL while Redis was unreachable are stale there: drop them."""
+    async def _probe(self) -> None:
+        try:
+            await self._client.ping()
+        except _FAILURES as exc:
+            self._down(exc)
+            return
+        if not self.up and await self._forget_missed():
+            self.up = True
+            self.detail = ""
+            log.info("redis up", extra={"url": self.url})
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5 if not self.up else 2.0)
+            await self._probe()
+
+    async def _forget_missed(self) -> bool:
+        """Heads and write sets moved in SQL while Redis was unreachable: drop them."""
         try:
             if self._missed is None:
-                async for k in self._client.scan_iter(match=f"head{SEP}*", count=1000):
-                    await self._client.delete(k)
+                for pattern in (f"head{SEP}*", f"w{SEP}*"):
+                    async for k in self._client.scan_iter(match=pattern, count=1000):
+                        await self._client.delete(k)
             elif self._missed:
                 missed = list(self._missed)
                 for i in range(0, len(missed), 1000):
                     await self._client.delete(*missed[i : i + 1000])
-        except (TimeoutError, RedisError, OSError) as exc:
+        except _FAILURES as exc:
             self._down(exc)
             return False
         self._missed = set()
@@ -138,7 +187,7 @@ class RedisTier:
             return None
         try:
             raw = await self._client.get(body_key(key, checkpoint_id))
-        except (TimeoutError, RedisError, OSError) as exc:
+        except _FAILURES as exc:
             self._down(exc)
             return None
         if raw is None:
@@ -146,67 +195,112 @@ class RedisTier:
         return checkpoint_from_pb(pb.Checkpoint.FromString(raw), key.tenant)
 
     async def put_bodies(self, checkpoints: list[Checkpoint]) -> None:
-        await self.apply(checkpoints, {}, [])
+        await self.apply(checkpoints, {}, [], [], new=False)
 
     async def get_head(self, key: ThreadKey) -> str | None:
         if not self.up:
             return None
         try:
             raw = await self._client.hget(head_key(key), "id")
-        except (TimeoutError, RedisError, OSError) as exc:
+        except _FAILURES as exc:
             self._down(exc)
             return None
         return raw.decode() if raw is not None else None
 
+    async def get_head_and_writes(
+        self, key: ThreadKey
+    ) -> tuple[str | None, list[PendingWrite] | None]:
+        """The head id and, if Redis knows all of them, its pending writes."""
+        if not self.up:
+            return None, None
+        try:
+            got = await self._head_and_writes(keys=[head_key(key)], args=[writes_prefix(key)])
+        except _FAILURES as exc:
+            self._down(exc)
+            return None, None
+        if not got:
+            return None, None
+        head, flat = got[0].decode(), got[1]
+        return head, _decode_writes(dict(zip(flat[::2], flat[1::2], strict=True)), head)
+
+    async def get_writes(self, key: ThreadKey, checkpoint_id: str) -> list[PendingWrite] | None:
+        if not self.up:
+            return None
+        try:
+            fields = await self._client.hgetall(writes_key(key, checkpoint_id))
+        except _FAILURES as exc:
+            self._down(exc)
+            return None
+        return _decode_writes(fields, checkpoint_id)
+
     async def set_heads(self, heads: dict[ThreadKey, tuple[str, int]]) -> None:
-        await self.apply([], heads, [])
+        await self.apply([], heads, [], [], new=False)
 
     async def apply(
         self,
         checkpoints: list[Checkpoint],
         heads: dict[ThreadKey, tuple[str, int]],
         events: list[Event],
+        writes: list[tuple[ThreadKey, PendingWrite]],
+        new: bool = True,
     ) -> None:
-        """One round trip after a commit: bodies, heads and the feed fan-out."""
-        if not (checkpoints or heads or events):
+        """One round trip after a commit: bodies, write sets, heads, feed fan-out.
+
+        `new` says the checkpoints were just saved, so their write sets start
+        complete (empty); bodies read back from SQL get no write set.
+        """
+        if not (checkpoints or heads or events or writes):
             return
+        touched = [head_key(k) for k in heads] + [writes_key(k, w.checkpoint_id) for k, w in writes]
         if not self.up:
-            self._miss([head_key(k) for k in heads])
+            self._miss(touched)
             return
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for cp in checkpoints:
                     body = checkpoint_to_pb(cp).SerializeToString()
                     pipe.set(body_key(cp.key, cp.checkpoint_id), body, ex=self.ttl)
+                    if new:
+                        wkey = writes_key(cp.key, cp.checkpoint_id)
+                        pipe.hset(wkey, COMPLETE, "1")
+                        pipe.expire(wkey, self.ttl)
+                for wkey, args in _group_writes(writes).items():
+                    await self._put_writes(keys=[wkey], args=args, client=pipe)
                 for key, (cid, version) in heads.items():
                     await self._set_head(
                         keys=[head_key(key)], args=[cid, version, self.ttl], client=pipe
                     )
                 for e in events:
-                    pipe.publish(
-                        FEED_CHANNEL_PREFIX + e.key.tenant, event_to_pb(e).SerializeToString()
-                    )
+                    channel = FEED_CHANNEL_PREFIX + e.key.tenant
+                    pipe.publish(channel, event_to_pb(e).SerializeToString())
                 await pipe.execute()
-        except (TimeoutError, RedisError, OSError) as exc:
+        except _FAILURES as exc:
             self._down(exc)
-            self._miss([head_key(k) for k in heads])
+            self._miss(touched)
 
     async def drop_thread(self, key: ThreadKey) -> None:
+        """Forget a deleted thread: its head, bodies and write sets."""
+        keys = [head_key(key)]
         if not self.up:
-            self._miss([head_key(key)])
+            self._miss(keys)
             return
         try:
-            await self._client.delete(head_key(key))
-        except (TimeoutError, RedisError, OSError) as exc:
+            for pattern in (body_key(key, "*"), writes_key(key, "*")):
+                async for k in self._client.scan_iter(match=_escape_glob(pattern), count=1000):
+                    keys.append(k)
+            await self._client.delete(*keys)
+        except _FAILURES as exc:
             self._down(exc)
-            self._miss([head_key(key)])
+            self._miss(keys[:1])
 
     async def drop_bodies(self, slots: list[tuple[ThreadKey, str]]) -> None:
         if not self.up or not slots:
             return
+        keys = [body_key(k, cid) for k, cid in slots] + [writes_key(k, cid) for k, cid in slots]
         try:
-            await self._client.delete(*(body_key(k, cid) for k, cid in slots))
-        except (TimeoutError, RedisError, OSError) as exc:
+            for i in range(0, len(keys), 1000):
+                await self._client.delete(*keys[i : i + 1000])
+        except _FAILURES as exc:
             self._down(exc)
 
     def follow_feed(self, deliver: Callable[[Event], None]) -> None:
@@ -236,3 +330,25 @@ class RedisTier:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()
+
+
+def _group_writes(writes: list[tuple[ThreadKey, PendingWrite]]) -> dict[str, list[str | bytes]]:
+    grouped: dict[str, list[str | bytes]] = {}
+    for key, w in writes:
+        args = grouped.setdefault(writes_key(key, w.checkpoint_id), [])
+        stored = write_to_pb(w)
+        stored.checkpoint_id = ""  # implied by the key
+        args += [
+            _write_field(w),
+            stored.SerializeToString(),
+            "1" if is_special_write(w.idx) else "0",
+        ]
+    return grouped
+
+
+def _escape_glob(pattern: str) -> str:
+    """Escape glob characters in ids, keeping the trailing '*' wildcard."""
+    body = pattern[:-1]
+    for ch in "\\*?[]":
+        body = body.replace(ch, "\\" + ch)
+    return body + "*"

@@ -7,6 +7,7 @@ one transaction, so that many concurrent Saves cost one commit.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import TextClause
 
 from checkpoint_svc.domain import (
     TERMINAL_STATUSES,
@@ -62,9 +64,15 @@ UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow
 WHERE {_KEY}"""
 LIST_THREADS = f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads WHERE tenant = :tenant"
 
-SELECT_FEED = "SELECT last_seq FROM feeds WHERE tenant = :tenant"
-INSERT_FEED = "INSERT INTO feeds (tenant, last_seq) VALUES (:tenant, 0) ON CONFLICT DO NOTHING"
-UPDATE_FEED = "UPDATE feeds SET last_seq = :last_seq WHERE tenant = :tenant"
+SELECT_THREADS = f"""
+SELECT tenant, namespace, thread_id, {THREAD_COLUMNS} FROM threads
+WHERE (tenant, namespace, thread_id) IN ({{keys}})
+ORDER BY tenant, namespace, thread_id"""
+# Locks the tenant's feed row until commit, so feed_seq is dense and in commit order.
+BUMP_FEED = """
+INSERT INTO feeds (tenant, last_seq) VALUES (:tenant, :n)
+ON CONFLICT (tenant) DO UPDATE SET last_seq = feeds.last_seq + excluded.last_seq
+RETURNING last_seq"""
 
 META_COLUMNS = (
     "checkpoint_id, parent_id, step, content_type, trigger, name, completed_nodes, "
@@ -173,6 +181,16 @@ DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant 
 SWEEP_OLD_REQUESTS = "DELETE FROM requests WHERE created_at < :before"
 
 
+@functools.lru_cache(maxsize=1024)
+def _sql(statement: str) -> TextClause:
+    """Parsed once: building a TextClause costs more than the round trip it describes."""
+    return text(statement)
+
+
+def _sort_key(key: ThreadKey) -> tuple[str, str, str]:
+    return (key.tenant, key.namespace, key.thread_id)
+
+
 def _key_params(key: ThreadKey) -> dict[str, str]:
     return {"tenant": key.tenant, "namespace": key.namespace, "thread_id": key.thread_id}
 
@@ -251,12 +269,13 @@ class SqlTier:
                 pool_timeout=5,
                 connect_args={"timeout": 2.0, "command_timeout": 15.0},
             )
-            self.reader = self.writer
+            # Reads need no transaction: skip BEGIN and ROLLBACK round trips.
+            self.reader = self.writer.execution_options(isolation_level="AUTOCOMMIT")
         self.for_update = "" if self.is_sqlite else " FOR UPDATE"
 
     async def close(self) -> None:
         await self.writer.dispose()
-        if self.reader is not self.writer:
+        if self.is_sqlite:
             await self.reader.dispose()
 
     async def migrate(self, now: float) -> int:
@@ -264,14 +283,14 @@ class SqlTier:
         blob = "BLOB" if self.is_sqlite else "BYTEA"
         async with self.writer.begin() as conn:
             if not self.is_sqlite:
-                await conn.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})"))
-            await conn.execute(text(CREATE_MIGRATIONS_TABLE))
-            current = (await conn.execute(text(SELECT_SCHEMA_VERSION))).scalar_one()
+                await conn.execute(_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})"))
+            await conn.execute(_sql(CREATE_MIGRATIONS_TABLE))
+            current = (await conn.execute(_sql(SELECT_SCHEMA_VERSION))).scalar_one()
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 for statement in script.replace("{blob}", blob).split(";"):
                     if statement.strip():
                         await conn.exec_driver_sql(statement)
-                await conn.execute(text(INSERT_SCHEMA_VERSION), {"v": version, "now": now})
+                await conn.execute(_sql(INSERT_SCHEMA_VERSION), {"v": version, "now": now})
                 log.info("applied migration", extra={"version": version})
             return len(MIGRATIONS)
 
@@ -279,27 +298,35 @@ class SqlTier:
 
     async def get_thread(self, key: ThreadKey) -> Thread | None:
         async with self.reader.connect() as conn:
-            row = (await conn.execute(text(SELECT_THREAD), _key_params(key))).first()
+            row = (await conn.execute(_sql(SELECT_THREAD), _key_params(key))).first()
         return _thread_from_row(key, row) if row else None
 
-    async def get_head(self, key: ThreadKey) -> tuple[Checkpoint, int] | None:
+    async def get_head(
+        self, key: ThreadKey, include_writes: bool = False
+    ) -> tuple[Checkpoint, int, list[PendingWrite] | None] | None:
+        """The head, the thread's event seq (its version), and its writes if asked."""
         async with self.reader.connect() as conn:
-            row = (await conn.execute(text(SELECT_HEAD), _key_params(key))).first()
-        if row is None:
-            return None
-        return _checkpoint_from_row(key, row, with_state=True), row[13]
+            row = (await conn.execute(_sql(SELECT_HEAD), _key_params(key))).first()
+            if row is None:
+                return None
+            cp = _checkpoint_from_row(key, row, with_state=True)
+            writes = await _writes(conn, key, cp.checkpoint_id) if include_writes else None
+        return cp, row[13], writes
 
-    async def get_checkpoint(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
+    async def get_checkpoint(
+        self, key: ThreadKey, checkpoint_id: str, include_writes: bool = False
+    ) -> tuple[Checkpoint, list[PendingWrite] | None] | None:
         params = {**_key_params(key), "checkpoint_id": checkpoint_id}
         async with self.reader.connect() as conn:
-            row = (await conn.execute(text(SELECT_CHECKPOINT), params)).first()
-        return _checkpoint_from_row(key, row, with_state=True) if row else None
+            row = (await conn.execute(_sql(SELECT_CHECKPOINT), params)).first()
+            if row is None:
+                return None
+            writes = await _writes(conn, key, checkpoint_id) if include_writes else None
+        return _checkpoint_from_row(key, row, with_state=True), writes
 
     async def get_writes(self, key: ThreadKey, checkpoint_id: str) -> list[PendingWrite]:
-        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(text(SELECT_WRITES), params)).all()
-        return [PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+            return await _writes(conn, key, checkpoint_id)
 
     async def list_checkpoints(
         self,
@@ -327,7 +354,7 @@ class SqlTier:
             params["created_before"] = created_before
         sql += " ORDER BY checkpoint_id DESC LIMIT :limit"
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(text(sql), params)).all()
+            rows = (await conn.execute(_sql(sql), params)).all()
         return [_checkpoint_from_row(key, r, with_state=include_state) for r in rows]
 
     async def list_threads(
@@ -354,7 +381,7 @@ class SqlTier:
             params["after_ns"], params["after_id"] = after
         sql += " ORDER BY namespace, thread_id LIMIT :limit"
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(text(sql), params)).all()
+            rows = (await conn.execute(_sql(sql), params)).all()
         return [_thread_from_row(ThreadKey(tenant, r[0], r[1]), r[2:]) for r in rows]
 
     async def events_after(
@@ -364,16 +391,16 @@ class SqlTier:
         async with self.reader.connect() as conn:
             if key is None:
                 params: dict[str, Any] = {"tenant": tenant, "after": after, "limit": limit}
-                rows = (await conn.execute(text(SELECT_TENANT_EVENTS), params)).all()
+                rows = (await conn.execute(_sql(SELECT_TENANT_EVENTS), params)).all()
             else:
                 params = {**_key_params(key), "after": after, "limit": limit}
-                rows = (await conn.execute(text(SELECT_THREAD_EVENTS), params)).all()
+                rows = (await conn.execute(_sql(SELECT_THREAD_EVENTS), params)).all()
         return [_event_from_row(tenant, r) for r in rows]
 
     async def stats(self, key: ThreadKey) -> Stats:
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(text(STATS_CHECKPOINTS), _key_params(key))).all()
-            events = (await conn.execute(text(STATS_EVENTS), _key_params(key))).scalar_one()
+            rows = (await conn.execute(_sql(STATS_CHECKPOINTS), _key_params(key))).all()
+            events = (await conn.execute(_sql(STATS_EVENTS), _key_params(key))).scalar_one()
         triggers = {
             Trigger(r[0]) if r[0] in Trigger._value2member_map_ else Trigger(0): r[1] for r in rows
         }
@@ -388,7 +415,7 @@ class SqlTier:
 
     async def ping(self) -> None:
         async with self.reader.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+            await conn.execute(_sql("SELECT 1"))
 
     # ---- writes ------------------------------------------------------------
 
@@ -401,23 +428,29 @@ class SqlTier:
         """Retention: expired and beyond-keep-last checkpoints, never an active head."""
         pruned: list[tuple[ThreadKey, str]] = []
         async with self.writer.begin() as conn:
-            rows = (await conn.execute(text(SWEEP_EXPIRED), {"now": now})).all()
+            rows = (await conn.execute(_sql(SWEEP_EXPIRED), {"now": now})).all()
             if keep_last > 0:
                 rows += (
-                    await conn.execute(text(SWEEP_BEYOND_KEEP_LAST), {"keep_last": keep_last})
+                    await conn.execute(_sql(SWEEP_BEYOND_KEEP_LAST), {"keep_last": keep_last})
                 ).all()
             pruned = [(ThreadKey(r[0], r[1], r[2]), r[3]) for r in rows]
             gone: list[ThreadKey] = []
             if pruned:
-                await conn.execute(text(SWEEP_ORPHAN_WRITES))
+                await conn.execute(_sql(SWEEP_ORPHAN_WRITES))
                 gone = [
                     ThreadKey(r[0], r[1], r[2])
-                    for r in (await conn.execute(text(SWEEP_HEADLESS_THREADS))).all()
+                    for r in (await conn.execute(_sql(SWEEP_HEADLESS_THREADS))).all()
                 ]
                 if gone:
-                    await conn.execute(text(SWEEP_ORPHAN_EVENTS))
-            await conn.execute(text(SWEEP_OLD_REQUESTS), {"before": now - request_ttl})
+                    await conn.execute(_sql(SWEEP_ORPHAN_EVENTS))
+            await conn.execute(_sql(SWEEP_OLD_REQUESTS), {"before": now - request_ttl})
         return pruned, gone
+
+
+async def _writes(conn: AsyncConnection, key: ThreadKey, checkpoint_id: str) -> list[PendingWrite]:
+    params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+    rows = (await conn.execute(_sql(SELECT_WRITES), params)).all()
+    return [PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
 
 
 def _configure_sqlite(engine: AsyncEngine, immediate: bool) -> None:
@@ -449,7 +482,6 @@ class Batch:
         self.now = now
         self.threads: dict[ThreadKey, Thread | None] = {}
         self.dirty: set[ThreadKey] = set()
-        self.feeds: dict[str, int] = {}
         self.checkpoints: list[Checkpoint] = []
         self.writes: list[tuple[ThreadKey, PendingWrite]] = []
         self.events: list[Event] = []
@@ -461,37 +493,34 @@ class Batch:
         self.flushed_writes: list[tuple[ThreadKey, PendingWrite]] = []
         self.flushed_events: list[Event] = []
 
-    async def lock(
-        self, keys: Iterable[ThreadKey], create: set[ThreadKey], tenants: set[str]
-    ) -> None:
-        """Lock thread rows, then feed rows, in a fixed order (no deadlocks)."""
-        for key in sorted(set(keys), key=lambda k: (k.tenant, k.namespace, k.thread_id)):
-            if key in self.threads:
-                continue
-            params = _key_params(key)
-            row = (
-                await self.conn.execute(text(SELECT_THREAD + self.sql.for_update), params)
-            ).first()
-            if row is None and key in create:
-                await self.conn.execute(text(INSERT_THREAD), {**params, "now": self.now})
-                row = (
-                    await self.conn.execute(text(SELECT_THREAD + self.sql.for_update), params)
-                ).first()
-            self.threads[key] = _thread_from_row(key, row) if row else None
-        for tenant in sorted(tenants):
-            if tenant in self.feeds:
-                continue
-            row = (
-                await self.conn.execute(text(SELECT_FEED + self.sql.for_update), {"tenant": tenant})
-            ).first()
-            if row is None:
-                await self.conn.execute(text(INSERT_FEED), {"tenant": tenant})
-                row = (
-                    await self.conn.execute(
-                        text(SELECT_FEED + self.sql.for_update), {"tenant": tenant}
-                    )
-                ).first()
-            self.feeds[tenant] = row[0]
+    async def lock(self, keys: Iterable[ThreadKey], create: set[ThreadKey]) -> None:
+        """Lock the thread rows of a batch in one statement, in key order (no deadlocks)."""
+        wanted = sorted(set(keys) - self.threads.keys(), key=_sort_key)
+        if not wanted:
+            return
+        rows = await self._select_threads(wanted)
+        missing = [k for k in wanted if k not in rows and k in create]
+        if missing:
+            await self.conn.execute(
+                _sql(INSERT_THREAD), [{**_key_params(k), "now": self.now} for k in missing]
+            )
+            rows.update(await self._select_threads(missing))
+        for key in wanted:
+            self.threads[key] = rows.get(key)
+
+    async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
+        params: dict[str, Any] = {}
+        tuples = []
+        for i, k in enumerate(keys):
+            tuples.append(f"(:t{i}, :n{i}, :h{i})")
+            params[f"t{i}"], params[f"n{i}"], params[f"h{i}"] = k.tenant, k.namespace, k.thread_id
+        sql = SELECT_THREADS.format(keys=", ".join(tuples)) + self.sql.for_update
+        result = await self.conn.execute(_sql(sql), params)
+        out = {}
+        for row in result.all():
+            key = ThreadKey(row[0], row[1], row[2])
+            out[key] = _thread_from_row(key, row[3:])
+        return out
 
     def thread(self, key: ThreadKey) -> Thread | None:
         return self.threads.get(key)
@@ -501,12 +530,12 @@ class Batch:
         self.dirty.add(thread.key)
 
     def emit(self, thread: Thread, new: NewEvent) -> Event:
+        """Append an event; its feed_seq is assigned at flush, when the feed row is locked."""
         thread.last_seq += 1
-        self.feeds[thread.key.tenant] += 1
         ev = Event(
             key=thread.key,
             seq=thread.last_seq,
-            feed_seq=self.feeds[thread.key.tenant],
+            feed_seq=0,
             type=new.type,
             time=self.now,
             payload=new.payload,
@@ -520,7 +549,7 @@ class Batch:
         if (tenant, request_id) in self.new_requests:
             return self.new_requests[(tenant, request_id)]
         params = {"tenant": tenant, "request_id": request_id}
-        row = (await self.conn.execute(text(SELECT_REQUEST), params)).first()
+        row = (await self.conn.execute(_sql(SELECT_REQUEST), params)).first()
         return (row[0], row[1]) if row else None
 
     def record_request(self, tenant: str, request_id: str, kind: str, result: str) -> None:
@@ -530,62 +559,67 @@ class Batch:
         if any(c.key == key and c.checkpoint_id == checkpoint_id for c in self.checkpoints):
             return True
         params = {**_key_params(key), "checkpoint_id": checkpoint_id}
-        return (await self.conn.execute(text(CHECKPOINT_EXISTS), params)).first() is not None
+        return (await self.conn.execute(_sql(CHECKPOINT_EXISTS), params)).first() is not None
 
     async def load_checkpoint(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
         for cp in self.checkpoints:
             if cp.key == key and cp.checkpoint_id == checkpoint_id:
                 return cp
         params = {**_key_params(key), "checkpoint_id": checkpoint_id}
-        row = (await self.conn.execute(text(SELECT_CHECKPOINT), params)).first()
+        row = (await self.conn.execute(_sql(SELECT_CHECKPOINT), params)).first()
         return _checkpoint_from_row(key, row, with_state=True) if row else None
 
     async def delete_thread(self, key: ThreadKey) -> int:
         await self.flush()
         params = _key_params(key)
-        deleted = (await self.conn.execute(text(DELETE_THREAD_CHECKPOINTS), params)).rowcount
+        deleted = (await self.conn.execute(_sql(DELETE_THREAD_CHECKPOINTS), params)).rowcount
         for sql in DELETE_THREAD_ROWS:
-            await self.conn.execute(text(sql), params)
+            await self.conn.execute(_sql(sql), params)
         self.threads[key] = None
         self.dirty.discard(key)
         self.heads.pop(key, None)
         self.deleted.append(key)
         return deleted
 
+    async def _assign_feed_seqs(self) -> None:
+        """Take the next feed_seqs of each tenant: one upsert that locks and bumps its row."""
+        by_tenant: dict[str, list[Event]] = {}
+        for e in self.events:
+            by_tenant.setdefault(e.key.tenant, []).append(e)
+        for tenant in sorted(by_tenant):
+            events = by_tenant[tenant]
+            params = {"tenant": tenant, "n": len(events)}
+            last = (await self.conn.execute(_sql(BUMP_FEED), params)).scalar_one()
+            for offset, e in enumerate(events):
+                e.feed_seq = last - len(events) + 1 + offset
+
     async def flush(self) -> None:
         c = self.conn
         if self.checkpoints:
             await c.execute(
-                text(INSERT_CHECKPOINT), [_checkpoint_params(cp) for cp in self.checkpoints]
+                _sql(INSERT_CHECKPOINT), [_checkpoint_params(cp) for cp in self.checkpoints]
             )
         if self.writes:
             regular = [_write_params(k, w) for k, w in self.writes if not is_special_write(w.idx)]
             special = [_write_params(k, w) for k, w in self.writes if is_special_write(w.idx)]
             if regular:
-                await c.execute(text(INSERT_REGULAR_WRITE), regular)
+                await c.execute(_sql(INSERT_REGULAR_WRITE), regular)
             for params in special:  # one at a time: a batch may upsert one slot twice
-                await c.execute(text(UPSERT_SPECIAL_WRITE), params)
+                await c.execute(_sql(UPSERT_SPECIAL_WRITE), params)
         if self.events:
-            await c.execute(text(INSERT_EVENT), [_event_params(e) for e in self.events])
+            await self._assign_feed_seqs()
+            await c.execute(_sql(INSERT_EVENT), [_event_params(e) for e in self.events])
         if self.new_requests:
             await c.execute(
-                text(INSERT_REQUEST),
+                _sql(INSERT_REQUEST),
                 [
                     {"tenant": t, "request_id": r, "kind": k, "result": res, "created_at": self.now}
                     for (t, r), (k, res) in self.new_requests.items()
                 ],
             )
         if self.dirty:
-            rows = [
-                self.threads[k]
-                for k in sorted(self.dirty, key=lambda k: (k.tenant, k.namespace, k.thread_id))
-            ]
-            await c.execute(text(UPDATE_THREAD), [_thread_params(t) for t in rows if t is not None])
-        if self.events:
-            await c.execute(
-                text(UPDATE_FEED),
-                [{"tenant": t, "last_seq": s} for t, s in sorted(self.feeds.items())],
-            )
+            rows = [self.threads[k] for k in sorted(self.dirty, key=_sort_key)]
+            await c.execute(_sql(UPDATE_THREAD), [_thread_params(t) for t in rows if t is not None])
         self.flushed_checkpoints += self.checkpoints
         self.flushed_writes += self.writes
         self.flushed_events += self.events
