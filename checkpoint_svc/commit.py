@@ -108,12 +108,19 @@ class GroupCommitter:
         self.batch_max = batch_max
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
         self._task: asyncio.Task | None = None
+        # Committed batches wait here, in commit order, for the caches and the feed; that
+        # work overlaps the next batch's commit instead of delaying it.
+        self._committed: asyncio.Queue[tuple[Batch, list[_Item], list[tuple[bool, Any]]]] = (
+            asyncio.Queue(maxsize=4)
+        )
+        self._announcer: asyncio.Task | None = None
         self._closing = False
         self.batches = 0
         self.operations = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
+        self._announcer = asyncio.create_task(self._announce(), name="after-commit")
 
     @property
     def backlog(self) -> int:
@@ -135,12 +142,14 @@ class GroupCommitter:
         self._closing = True
         try:
             await asyncio.wait_for(self._queue.join(), grace)
+            await asyncio.wait_for(self._committed.join(), grace)
         except TimeoutError:
             log.error("write-behind queue not flushed", extra={"lost": self._queue.qsize()})
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._announcer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self) -> None:
         while True:
@@ -180,17 +189,24 @@ class GroupCommitter:
         self.sql.up = True
         self.batches += 1
         self.operations += len(items)
-        try:
-            await self._after_commit(batch)
-        except Exception:  # caches are best effort; the data is committed
-            log.exception("after-commit hook failed")
-        for item, (ok, value) in zip(items, results, strict=True):
-            if item.future.done():
-                continue
-            if ok:
-                item.future.set_result(value)
-            else:
-                item.future.set_exception(value)
+        await self._committed.put((batch, items, results))
+
+    async def _announce(self) -> None:
+        """Warm the caches, publish the events, then answer the callers (read-your-writes)."""
+        while True:
+            batch, items, results = await self._committed.get()
+            try:
+                await self._after_commit(batch)
+            except Exception:  # caches are best effort; the data is committed
+                log.exception("after-commit hook failed")
+            for item, (ok, value) in zip(items, results, strict=True):
+                if item.future.done():
+                    continue
+                if ok:
+                    item.future.set_result(value)
+                else:
+                    item.future.set_exception(value)
+            self._committed.task_done()
 
     async def _attempt(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
         async for attempt in sql_retrying():
