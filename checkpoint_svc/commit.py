@@ -26,6 +26,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from checkpoint_svc import metrics
 from checkpoint_svc.domain import ThreadKey
 from checkpoint_svc.errors import AlreadyExists, StoreError, TierUnavailable
 from checkpoint_svc.tiers.sql import Batch, SqlTier
@@ -171,6 +172,7 @@ class GroupCommitter:
                     self._queue.task_done()
 
     async def _commit(self, items: list[_Item]) -> None:
+        started = time.monotonic()
         try:
             batch, results = await self._attempt(items)
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
@@ -189,6 +191,10 @@ class GroupCommitter:
         self.sql.up = True
         self.batches += 1
         self.operations += len(items)
+        metrics.COMMITS.inc()
+        metrics.COMMITTED_OPERATIONS.inc(len(items))
+        metrics.BATCH_SIZE.observe(len(items))
+        metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
         await self._committed.put((batch, items, results))
 
     async def _announce(self) -> None:

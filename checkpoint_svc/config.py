@@ -27,6 +27,7 @@ class Settings:
     async_queue_max: int = 10_000
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    metrics_port: int = 0
 
     @property
     def is_sqlite(self) -> bool:
@@ -133,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         "auto = yes on SQLite without Redis",
     )
     p.add_argument("--log-level", default=e("CHECKPOINT_LOG_LEVEL", d.log_level))
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(e("CHECKPOINT_METRICS_PORT", "0")),
+        help="serve Prometheus metrics on this port, on the --listen host (0 = off)",
+    )
     return p
 
 

@@ -10,6 +10,7 @@ import signal
 import sys
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -68,6 +69,9 @@ async def serve(settings: Settings) -> None:
         ],
         server,
     )
+    if settings.metrics_port:
+        host = settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        prometheus_client.start_http_server(settings.metrics_port, addr=host)
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")

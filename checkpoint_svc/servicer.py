@@ -430,6 +430,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             ],
             single_writer=self.store.settings.memory_answers_heads,
             max_state_bytes=self.store.settings.max_state_bytes,
+            commits=self.store.committer.batches,
+            committed_operations=self.store.committer.operations,
         )
 
 

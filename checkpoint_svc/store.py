@@ -16,6 +16,7 @@ from typing import TypeVar
 import uuid6
 from sqlalchemy.exc import SQLAlchemyError
 
+from checkpoint_svc import metrics
 from checkpoint_svc.commit import (
     GroupCommitter,
     as_store_error,
@@ -96,6 +97,7 @@ class CheckpointStore:
         self.feed = EventFeed(
             self.sql, settings.heartbeat_seconds, poll_sql=not settings.memory_answers_heads
         )
+        metrics.STREAM_WATCHERS.set_function(lambda: self.feed.watchers)
         self._sweeper: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------
@@ -202,11 +204,13 @@ class CheckpointStore:
                     raise NotFound(f"thread {key.namespace}/{key.thread_id} has no checkpoint")
                 cp, version, writes = found
                 await self._warm(cp, version)
+                metrics.RESTORES.labels(Tier.SQL.name).inc()
                 return RestoreResult(cp, writes or [], Tier.SQL)
             checkpoint_id = head
         cp, tier, sql_writes = await self._body(
             key, checkpoint_id, include_writes and writes is None
         )
+        metrics.RESTORES.labels(tier.name).inc()
         if not include_writes:
             return RestoreResult(cp, [], tier)
         if writes is None:
@@ -340,6 +344,9 @@ class CheckpointStore:
             ),
             TierHealth(Tier.SQL, True, self.sql.up, self.sql.detail),
         ]
+        for t in tiers:
+            if t.configured:
+                metrics.TIER_UP.labels(t.tier.name).set(1 if t.up else 0)
         return tiers
 
     async def sweep(self) -> int:

@@ -502,13 +502,17 @@ class TierStatus(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., configured: _Optional[bool] = ..., up: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("health", "tiers", "single_writer", "max_state_bytes")
+    __slots__ = ("health", "tiers", "single_writer", "max_state_bytes", "commits", "committed_operations")
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     SINGLE_WRITER_FIELD_NUMBER: _ClassVar[int]
     MAX_STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_OPERATIONS_FIELD_NUMBER: _ClassVar[int]
     health: ServingHealth
     tiers: _containers.RepeatedCompositeFieldContainer[TierStatus]
     single_writer: bool
     max_state_bytes: int
-    def __init__(self, health: _Optional[_Union[ServingHealth, str]] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., single_writer: _Optional[bool] = ..., max_state_bytes: _Optional[int] = ...) -> None: ...
+    commits: int
+    committed_operations: int
+    def __init__(self, health: _Optional[_Union[ServingHealth, str]] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., single_writer: _Optional[bool] = ..., max_state_bytes: _Optional[int] = ..., commits: _Optional[int] = ..., committed_operations: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,50 @@
+"""What operators see: group commit at work, Prometheus metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import pytest
+
+from tests.requests import save
+from tests.servers import checkpoint_stub, free_port
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
+
+
+async def test_concurrent_saves_share_commits(stub) -> None:
+    s, md = stub
+    before = await s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
+    await asyncio.gather(*(save(s, md, f"gc-{i}", {"i": i}) for i in range(64)))
+    after = await s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
+    operations = after.committed_operations - before.committed_operations
+    commits = after.commits - before.commits
+    assert operations == 64
+    assert commits < operations, f"{commits} commits for {operations} concurrent saves"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_prometheus_metrics(service_factory, backend, tenant) -> None:
+    port = free_port()
+    svc = service_factory(backend, "--metrics-port", str(port))
+    channel, s, md = await checkpoint_stub(svc.address, tenant)
+    await save(s, md, "m")
+    await s.Restore(pb.RestoreRequest(namespace="runs", thread_id="m"), metadata=md)
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    )
+    body = text.decode()
+    assert "checkpoint_commits_total" in body
+    assert 'checkpoint_restores_total{tier="MEMORY"} 1.0' in body
+    assert "checkpoint_batch_size_bucket" in body
+    await channel.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sigterm_exits_cleanly(service, tenant) -> None:
+    channel, s, md = await checkpoint_stub(service.address, tenant)
+    await save(s, md, "bye")
+    await channel.close()
+    code = await asyncio.to_thread(service.terminate)
+    assert code == 0
+    assert '"msg": "stopped"' in service.log_tail(20)
