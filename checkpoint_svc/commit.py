@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from tenacity import (
 
 from checkpoint_svc import metrics
 from checkpoint_svc.domain import ThreadKey
-from checkpoint_svc.errors import AlreadyExists, StoreError, TierUnavailable
+from checkpoint_svc.errors import AlreadyExists, InvalidArgument, StoreError, TierUnavailable
 from checkpoint_svc.tiers.sql import Batch, SqlTier
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,25 @@ def sql_retrying(budget_seconds: float = 2.0) -> AsyncRetrying:
 
 
 def as_store_error(exc: BaseException) -> StoreError:
+    """The status a client gets for a database error: its data, or our availability."""
     if isinstance(exc, StoreError):
         return exc
-    if isinstance(exc, IntegrityError):
-        return AlreadyExists(f"conflicting write: {exc.orig}")
+    state = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "")
+    text = str(exc).lower()
+    if state == "23505" or "unique constraint failed" in text:
+        return AlreadyExists(f"conflicting write: {getattr(exc, 'orig', exc)}")
+    if isinstance(exc, IntegrityError) or state.startswith("22"):
+        return InvalidArgument(f"the database refused a value: {getattr(exc, 'orig', exc)}")
     return TierUnavailable(f"SQL tier unavailable: {type(exc).__name__}: {exc}")
+
+
+class _AmbiguousCommit(Exception):
+    """COMMIT was sent but its answer was lost: the batch may or may not be durable."""
+
+    def __init__(self, batch_id: str, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.batch_id = batch_id
+        self.cause = cause
 
 
 @dataclass(slots=True)
@@ -215,23 +230,55 @@ class GroupCommitter:
             self._committed.task_done()
 
     async def _attempt(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
+        """Commit with bounded retries; never re-run a batch whose COMMIT may have landed."""
         async for attempt in sql_retrying():
             with attempt:
-                return await self._once(items)
+                try:
+                    return await self._once(items)
+                except _AmbiguousCommit as lost:
+                    if await self._landed(lost.batch_id):
+                        return lost.batch_and_results  # type: ignore[attr-defined]
+                    raise lost.cause from None
+        raise AssertionError("unreachable")
+
+    async def _landed(self, batch_id: str) -> bool:
+        """Whether an ambiguous commit is durable, by its marker row; UNAVAILABLE if unknowable."""
+        try:
+            async for attempt in sql_retrying():
+                with attempt:
+                    return await self.sql.batch_committed(batch_id)
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+            raise TierUnavailable(f"commit outcome unknown, SQL unreachable: {exc}") from exc
         raise AssertionError("unreachable")
 
     async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
         ops = [i.op for i in items]
         results: list[tuple[bool, Any]] = []
-        async with self.sql.writer.begin() as conn:
-            batch = self.sql.batch(conn, time.time())
-            await batch.lock((op.key for op in ops), create={op.key for op in ops if op.creates})
-            for op in ops:
-                try:
-                    results.append((True, await op.apply(batch)))
-                except StoreError as exc:
-                    results.append((False, exc))
-            await batch.flush()
+        batch_id = uuid.uuid4().hex
+        async with self.sql.writer.connect() as conn:
+            transaction = await conn.begin()
+            try:
+                batch = self.sql.batch(conn, time.time())
+                await batch.lock(
+                    (op.key for op in ops), create={op.key for op in ops if op.creates}
+                )
+                for op in ops:
+                    try:
+                        results.append((True, await op.apply(batch)))
+                    except StoreError as exc:
+                        results.append((False, exc))
+                batch.mark(batch_id)
+                await batch.flush()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            try:
+                await transaction.commit()
+            except (TimeoutError, SQLAlchemyError, OSError) as exc:
+                lost = _AmbiguousCommit(batch_id, exc)
+                lost.batch_and_results = (batch, results)  # type: ignore[attr-defined]
+                raise lost from exc
         return batch, results
 
 

@@ -103,6 +103,7 @@ class Thread:
     last_seq: int = 0
     created_at: float = 0.0
     updated_at: float = 0.0
+    deleted: bool = False  # a tombstone: keeps fencing token and seq after DeleteThread
 
     def lease_held(self, now: float) -> bool:
         return bool(self.lease_owner) and self.lease_expires_at > now

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from checkpoint_svc.domain import Event, ThreadKey
+from checkpoint_svc.errors import TierUnavailable
 from checkpoint_svc.tiers.sql import SqlTier
 
 _PAGE = 500
 _QUEUE_MAX = 10_000
+_CLOSING: Any = object()  # wakes a waiting stream at shutdown
 
 
 @dataclass(slots=True)
@@ -41,13 +44,29 @@ class _Subscriber:
 
 
 class EventFeed:
-    def __init__(self, sql: SqlTier, heartbeat_seconds: float, poll_sql: bool) -> None:
+    def __init__(
+        self,
+        sql: SqlTier,
+        heartbeat_seconds: float,
+        poll_sql: bool,
+        read: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]],
+    ) -> None:
         self.sql = sql
+        # SQL reads go through the store's retried, error-mapped path (UNAVAILABLE, not UNKNOWN).
+        self._read = read
+        self._closing = False
         self.heartbeat = heartbeat_seconds
         # With other replicas, a missed pub/sub message is caught by polling SQL
         # at each idle heartbeat; a single writer sees every event directly.
         self.poll_sql = poll_sql
         self._subs: dict[tuple[str, ...], set[_Subscriber]] = {}
+
+    def close(self) -> None:
+        """End every open stream (shutdown): watchers reconnect to another replica."""
+        self._closing = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.push(_CLOSING)
 
     @property
     def watchers(self) -> int:
@@ -75,7 +94,7 @@ class EventFeed:
         try:
             # Replay (the subscription is already buffering live events).
             while True:
-                page = await self.sql.events_after(tenant, key, cursor, _PAGE)
+                page = await self._events_after(tenant, key, cursor)
                 for e in page:
                     yield e
                     cursor = position(e)
@@ -84,11 +103,13 @@ class EventFeed:
                 if len(page) < _PAGE:
                     break
             if stop_at_terminal and key is not None:
-                thread = await self.sql.get_thread(key)
+                thread = await self._read(lambda: self.sql.get_thread(key))
                 if thread is not None and thread.status.terminal and thread.last_seq <= cursor:
                     return
             # Follow.
             while True:
+                if self._closing:
+                    raise TierUnavailable("the service is shutting down; reconnect with after_seq")
                 try:
                     e = await asyncio.wait_for(sub.queue.get(), timeout=self.heartbeat)
                 except TimeoutError:
@@ -100,10 +121,18 @@ class EventFeed:
                                 return
                     yield Heartbeat(time.time(), cursor)
                     continue
+                if e is _CLOSING:
+                    continue
+                if sub.overflowed:  # events were dropped: everything stored after the cursor
+                    async for filled in self._fill(tenant, key, cursor, None, sub):
+                        yield filled
+                        cursor = position(filled)
+                        if filled.terminal and stop_at_terminal:
+                            return
                 p = position(e)
                 if p <= cursor:
                     continue  # already sent (replay overlap or a second delivery path)
-                if p > cursor + 1 or sub.overflowed:
+                if p > cursor + 1:
                     async for filled in self._fill(tenant, key, cursor, p, sub):
                         yield filled
                         cursor = position(filled)
@@ -120,13 +149,17 @@ class EventFeed:
                 if not subs:
                     del self._subs[topic]
 
+    async def _events_after(self, tenant: str, key: ThreadKey | None, cursor: int) -> list[Event]:
+        return await self._read(lambda: self.sql.events_after(tenant, key, cursor, _PAGE))
+
     async def _fill(
         self, tenant: str, key: ThreadKey | None, cursor: int, upto: int | None, sub: _Subscriber
     ) -> AsyncIterator[Event]:
         """Stored events after cursor and before `upto` (all of them if None)."""
-        sub.overflowed = False
+        if upto is None:
+            sub.overflowed = False  # only a fill to the end catches up with what was dropped
         while True:
-            page = await self.sql.events_after(tenant, key, cursor, _PAGE)
+            page = await self._events_after(tenant, key, cursor)
             for e in page:
                 p = e.seq if key is not None else e.feed_seq
                 if upto is not None and p >= upto:

@@ -87,4 +87,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX requests_by_age ON requests (created_at);
     """,
+    # 2: tombstones for deleted threads; Redis keys to drop on every replica
+    """
+    ALTER TABLE threads ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE redis_stale (
+        key TEXT PRIMARY KEY,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]

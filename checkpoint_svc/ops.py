@@ -6,9 +6,11 @@ operation must leave the batch as it found it, so its neighbours still commit.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 
+from checkpoint_svc.convert import checkpoint_from_pb, checkpoint_to_pb
 from checkpoint_svc.domain import (
     Checkpoint,
     NewEvent,
@@ -20,6 +22,7 @@ from checkpoint_svc.domain import (
 )
 from checkpoint_svc.errors import AlreadyExists, HeadMoved, InvalidArgument, LeaseLost, NotFound
 from checkpoint_svc.tiers.sql import Batch
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 
 @dataclass(slots=True)
@@ -78,13 +81,9 @@ class SaveOp:
     async def apply(self, batch: Batch) -> SaveResult:
         cmd, cp, key = self.cmd, self.cmd.checkpoint, self.key
         done = await _replay(batch, key.tenant, cmd.request_id, "save")
-        if done is not None:
-            stored = await batch.load_checkpoint(
-                ThreadKey(key.tenant, done["namespace"], done["thread_id"]), done["checkpoint_id"]
-            )
-            if stored is None:  # pruned since; the first result is all we have
-                raise NotFound(f"request {cmd.request_id!r} saved a checkpoint since pruned")
-            return SaveResult(stored, done["seq"], replayed=True)
+        if done is not None:  # the first result, as it was answered (even if pruned since)
+            first = pb.Checkpoint.FromString(base64.b64decode(done["checkpoint"]))
+            return SaveResult(checkpoint_from_pb(first, key.tenant), done["seq"], replayed=True)
         thread = _existing(batch, key)
         check_fencing(thread, cmd.fencing_token, batch.now)
         if cmd.expected_parent_id and cmd.expected_parent_id != thread.head_id:
@@ -131,9 +130,9 @@ class SaveOp:
                 "save",
                 json.dumps(
                     {
-                        "namespace": key.namespace,
-                        "thread_id": key.thread_id,
-                        "checkpoint_id": cp.checkpoint_id,
+                        "checkpoint": base64.b64encode(
+                            checkpoint_to_pb(cp, include_state=False).SerializeToString()
+                        ).decode(),
                         "seq": saved.seq,
                     }
                 ),

@@ -48,7 +48,9 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
         for tier, name in TIER_HEALTH_NAMES.items():
             if tiers[tier].configured:
                 await servicer.set(name, serving if tiers[tier].up else not_serving)
-        await servicer.set(SERVICE_NAME, serving if tiers[Tier.SQL].up else not_serving)
+        overall = serving if tiers[Tier.SQL].up else not_serving
+        await servicer.set(SERVICE_NAME, overall)
+        await servicer.set("", overall)  # what probes ask by default
         await asyncio.sleep(0.5)
 
 
@@ -96,6 +98,7 @@ async def serve(settings: Settings) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await reporter
     await health_servicer.enter_graceful_shutdown()
+    store.feed.close()  # open Streams end now (UNAVAILABLE) instead of holding up the stop
     await server.stop(grace=settings.shutdown_grace_seconds)
     await store.close()
     log.info("stopped")

@@ -9,13 +9,14 @@ import base64
 import binascii
 import functools
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -137,10 +138,48 @@ def thread_key(
     return ThreadKey(tenant, namespace, thread_id)
 
 
+_MIN_TS, _MAX_TS = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31, as protobuf allows
+
+
+def _text(violations: list[tuple[str, str]], field: str, value: str, max_len: int = 4096) -> None:
+    """Free text: any characters but NUL (PostgreSQL cannot store it), bounded in length."""
+    if "\x00" in value:
+        violations.append((field, "must not contain NUL characters"))
+    elif len(value) > max_len:
+        violations.append((field, f"at most {max_len} characters"))
+
+
+def _finite(violations: list[tuple[str, str]], field: str, value: float) -> None:
+    if not math.isfinite(value):
+        violations.append((field, "must be a finite number"))
+
+
+def _timestamp(violations: list[tuple[str, str]], field: str, msg: Any, name: str) -> None:
+    if msg.HasField(name):
+        t = getattr(msg, name)
+        if not _MIN_TS <= t.seconds <= _MAX_TS or not 0 <= t.nanos < 1_000_000_000:
+            violations.append((field, "out of the Timestamp range"))
+
+
+def _payload(violations: list[tuple[str, str]], field: str, struct: Any) -> None:
+    try:
+        json_format.MessageToDict(struct)
+    except (ValueError, json_format.Error):
+        violations.append((field, "must hold only finite numbers"))
+
+
 def _raise_if(violations: list[tuple[str, str]]) -> None:
     if violations:
         summary = "; ".join(f"{f}: {d}" for f, d in violations)
         raise InvalidArgument(f"invalid request: {summary}", violations)
+
+
+def _events(violations: list[tuple[str, str]], events: Any) -> None:
+    for i, e in enumerate(events):
+        if not e.type:
+            violations.append((f"events[{i}].type", "required"))
+        _text(violations, f"events[{i}].type", e.type, 256)
+        _payload(violations, f"events[{i}].payload", e.payload)
 
 
 def _enum(violations: list[tuple[str, str]], field: str, value: int, enum: Any) -> None:
@@ -200,15 +239,23 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _check_id(violations, "request_id", request.request_id, False, 256)
         _enum(violations, "checkpoint.trigger", msg.trigger, Trigger)
         _enum(violations, "status", request.status, ThreadStatus)
+        _text(violations, "checkpoint.name", msg.name)
+        _text(violations, "checkpoint.content_type", msg.content_type, 256)
+        _text(violations, "workflow_id", request.workflow_id, 256)
+        for i, node in enumerate(msg.completed_nodes):
+            _text(violations, f"checkpoint.completed_nodes[{i}]", node, 256)
+        for k, v in msg.metadata.items():
+            _text(violations, f"checkpoint.metadata[{k[:40]!r}]", k + v, 65536)
+        _finite(violations, "checkpoint.progress_percent", msg.progress_percent)
+        _finite(violations, "checkpoint.eta_seconds", msg.eta_seconds)
+        _timestamp(violations, "checkpoint.expires_at", msg, "expires_at")
         if request.durability not in pb.Durability.values():
             violations.append(("durability", f"unknown value {request.durability}"))
         if not 0 <= msg.progress_percent <= 100:
             violations.append(("checkpoint.progress_percent", "must be within 0..100"))
         if msg.eta_seconds < 0:
             violations.append(("checkpoint.eta_seconds", "must not be negative"))
-        for i, e in enumerate(request.events):
-            if not e.type:
-                violations.append((f"events[{i}].type", "required"))
+        _events(violations, request.events)
         _raise_if(violations)
         cp = convert.checkpoint_from_pb(msg, key.tenant)
         cmd = SaveCommand(
@@ -298,6 +345,9 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         for i, w in enumerate(request.writes):
             _check_id(violations, f"writes[{i}].checkpoint_id", w.checkpoint_id, True, 128)
             _check_id(violations, f"writes[{i}].task_id", w.task_id, True, 256)
+            _text(violations, f"writes[{i}].channel", w.channel, 1024)
+            _text(violations, f"writes[{i}].task_path", w.task_path, 4096)
+            _text(violations, f"writes[{i}].content_type", w.content_type, 256)
         _raise_if(violations)
         written = await self.store.put_writes(
             key, [convert.write_from_pb(w) for w in request.writes], request.fencing_token
@@ -312,9 +362,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         violations: list[tuple[str, str]] = []
         if not request.events:
             violations.append(("events", "at least one event"))
-        for i, e in enumerate(request.events):
-            if not e.type:
-                violations.append((f"events[{i}].type", "required"))
+        _events(violations, request.events)
         _check_id(violations, "request_id", request.request_id, False, 256)
         _raise_if(violations)
         seqs = await self.store.publish(

@@ -50,7 +50,7 @@ from checkpoint_svc.ops import (
 )
 from checkpoint_svc.tiers.memory import MemoryTier
 from checkpoint_svc.tiers.redis import RedisTier
-from checkpoint_svc.tiers.sql import Batch, SqlTier, ThreadFilter
+from checkpoint_svc.tiers.sql import Batch, SqlStaleLog, SqlTier, ThreadFilter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,11 +91,16 @@ class CheckpointStore:
             if settings.redis_url
             else None
         )
+        if self.redis is not None:
+            self.redis.stale_log = SqlStaleLog(self.sql)
         self.committer = GroupCommitter(
             self.sql, self._after_commit, settings.batch_max, settings.async_queue_max
         )
         self.feed = EventFeed(
-            self.sql, settings.heartbeat_seconds, poll_sql=not settings.memory_answers_heads
+            self.sql,
+            settings.heartbeat_seconds,
+            poll_sql=not settings.memory_answers_heads,
+            read=self._read,
         )
         metrics.STREAM_WATCHERS.set_function(lambda: self.feed.watchers)
         self._sweeper: asyncio.Task | None = None
@@ -115,6 +120,7 @@ class CheckpointStore:
 
     async def close(self) -> None:
         """Flush the write-behind queue, then release every connection."""
+        self.feed.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -125,23 +131,38 @@ class CheckpointStore:
         await self.sql.close()
 
     async def _after_commit(self, batch: Batch) -> None:
-        """Warm the caches and announce the events of a committed batch."""
-        for key in batch.deleted:
-            await self.memory.drop_thread(key)
+        """Warm the caches and announce the events of a committed batch.
+
+        Each step is guarded on its own: a failure in one must neither leave a stale
+        head behind (the Redis tier records what it could not update) nor silence the
+        live feed.
+        """
+        try:
+            for key in batch.deleted:
+                await self.memory.drop_thread(key)
+                if self.redis is not None:
+                    await self.redis.drop_thread(key)
+            await self.memory.put_bodies(batch.flushed_checkpoints)
+            for cp in batch.flushed_checkpoints:
+                self.memory.start_writes(cp.key, cp.checkpoint_id)
+            for key, w in batch.flushed_writes:
+                self.memory.add_writes(key, [w])
+            await self.memory.set_heads(batch.heads)
+        except Exception:
+            log.exception("memory tier update failed; dropping its heads")
+            for key in batch.heads:
+                await self.memory.drop_thread(key)
+        try:
             if self.redis is not None:
-                await self.redis.drop_thread(key)
-        await self.memory.put_bodies(batch.flushed_checkpoints)
-        for cp in batch.flushed_checkpoints:
-            self.memory.start_writes(cp.key, cp.checkpoint_id)
-        for key, w in batch.flushed_writes:
-            self.memory.add_writes(key, [w])
-        await self.memory.set_heads(batch.heads)
-        if self.redis is not None:
-            await self.redis.apply(
-                batch.flushed_checkpoints, batch.heads, batch.flushed_events, batch.flushed_writes
-            )
-        for event in batch.flushed_events:
-            self.feed.deliver(event)
+                await self.redis.apply(
+                    batch.flushed_checkpoints,
+                    batch.heads,
+                    batch.flushed_events,
+                    batch.flushed_writes,
+                )
+        finally:
+            for event in batch.flushed_events:
+                self.feed.deliver(event)
 
     # ---- SQL reads, retried and mapped --------------------------------------
 
@@ -180,10 +201,10 @@ class CheckpointStore:
         op = SaveOp(cmd, client_supplied_id=client_id, explicit_parent=cp.parent_id)
         if durable:
             return await self.committer.submit(op)
-        # Write-behind: visible by id at once, durable shortly after.
-        await self.memory.put_bodies([cp])
-        if self.redis is not None:
-            await self.redis.put_bodies([cp])
+        # Write-behind: acknowledged once queued; readable once committed (milliseconds),
+        # so that a save the commit then rejects is never served from a cache.
+        if not self.sql.up:
+            raise TierUnavailable("SQL tier unavailable: not taking write-behind saves")
         await self.committer.submit(op, wait=False)
         return SaveResult(cp, seq=0)
 
@@ -355,7 +376,10 @@ class CheckpointStore:
             lambda: self.sql.sweep(
                 time.time(),
                 self.settings.keep_last,
-                max(REQUEST_ID_TTL, self.settings.sql_ttl_seconds),
+                # Request ids live as long as what they saved (forever with --sql-ttl 0).
+                max(REQUEST_ID_TTL, self.settings.sql_ttl_seconds)
+                if self.settings.sql_ttl_seconds > 0
+                else None,
             )
         )
         self.memory.drop_bodies(pruned)

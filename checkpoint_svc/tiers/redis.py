@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -48,10 +49,22 @@ if (not cur) or tonumber(cur) <= tonumber(ARGV[2]) then
 end
 return 0
 """
-# Add writes to a complete write set (LangGraph's rule: regular writes are kept
-# once, special ones replaced); a set that expired or never existed stays absent.
+# Start the write set of a checkpoint just saved: complete, since it has no writes
+# yet; unless writes got there first (another replica), then it stays incomplete.
+NEW_WRITE_SET_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], '_', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+# Add writes (LangGraph's rule: regular writes are kept once, special ones
+# replaced). A set that does not exist is created incomplete, so that a later
+# NEW_WRITE_SET cannot mark it complete while writes are missing from it.
 PUT_WRITES_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], '~', '1')
+  redis.call('EXPIRE', KEYS[1], 3600)
+end
 for i = 1, #ARGV, 3 do
   if ARGV[i + 2] == '1' then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -96,12 +109,22 @@ def _write_field(w: PendingWrite) -> str:
 def _decode_writes(fields: dict[bytes, bytes], checkpoint_id: str) -> list[PendingWrite] | None:
     """A write set as saved in Redis, or None if Redis does not know all of it."""
     fields = dict(fields)
-    if fields.pop(COMPLETE.encode(), None) is None:
+    if fields.pop(COMPLETE.encode(), None) is None or b"~" in fields:
         return None
     writes = [write_from_pb(pb.PendingWrite.FromString(v)) for v in fields.values()]
     for w in writes:
         w.checkpoint_id = checkpoint_id
     return sorted(writes, key=lambda w: (w.task_id, w.idx))
+
+
+class StaleLog(Protocol):
+    """Keys that some replica could not update in Redis, kept in SQL for every replica."""
+
+    async def record(self, keys: list[str]) -> None: ...
+
+    async def pending(self, limit: int) -> list[tuple[str, float]]: ...
+
+    async def clear(self, entries: list[tuple[str, float]]) -> None: ...
 
 
 class RedisTier:
@@ -116,12 +139,15 @@ class RedisTier:
         )
         self._set_head = self._client.register_script(SET_HEAD_LUA)
         self._put_writes = self._client.register_script(PUT_WRITES_LUA)
+        self._new_write_set = self._client.register_script(NEW_WRITE_SET_LUA)
+        self.stale_log: StaleLog | None = None
         self._head_and_writes = self._client.register_script(HEAD_AND_WRITES_LUA)
         self.up = False
         self.detail = "not connected yet"
         # Keys this process failed to update; None after too many to track.
         self._missed: set[str] | None = set()
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self._probe()
@@ -143,20 +169,27 @@ class RedisTier:
         self.detail = f"{type(exc).__name__}: {exc}"
 
     def _miss(self, keys: list[str]) -> None:
-        if self._missed is None:
+        """Keys Redis may now hold stale values for: dropped before it is trusted again."""
+        if not keys:
             return
-        self._missed.update(keys)
-        if len(self._missed) > _MAX_MISSED:
-            self._missed = None
+        if self._missed is not None:
+            self._missed.update(keys)
+            if len(self._missed) > _MAX_MISSED:
+                self._missed = None
+        if self.stale_log is not None:
+            task = asyncio.create_task(self.stale_log.record(keys))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _probe(self) -> None:
         try:
             await self._client.ping()
+            await self._drain_stale_log()
         except _FAILURES as exc:
             self._down(exc)
             return
         if not self.up and await self._forget_missed():
-            self.up = True
+            self.up = True  # no await since the last check: nothing can slip in between
             self.detail = ""
             log.info("redis up", extra={"url": self.url})
 
@@ -165,21 +198,42 @@ class RedisTier:
             await asyncio.sleep(0.5 if not self.up else 2.0)
             await self._probe()
 
+    async def _drain_stale_log(self) -> None:
+        """Drop what any replica could not update in Redis (it recorded the keys in SQL)."""
+        if self.stale_log is None:
+            return
+        for _ in range(100):
+            try:
+                entries = await self.stale_log.pending(1000)
+            except Exception as exc:  # SQL down: the log waits; Redis itself may be fine
+                log.debug("stale-key log unreadable", extra={"error": str(exc)})
+                return
+            if not entries:
+                return
+            await self._client.delete(*(k for k, _ in entries))
+            try:
+                await self.stale_log.clear(entries)
+            except Exception as exc:
+                log.debug("stale-key log not cleared", extra={"error": str(exc)})
+                return
+
     async def _forget_missed(self) -> bool:
         """Heads and write sets moved in SQL while Redis was unreachable: drop them."""
         try:
-            if self._missed is None:
-                for pattern in (f"head{SEP}*", f"w{SEP}*"):
-                    async for k in self._client.scan_iter(match=pattern, count=1000):
-                        await self._client.delete(k)
-            elif self._missed:
-                missed = list(self._missed)
+            while self._missed is None or self._missed:
+                if self._missed is None:
+                    self._missed = set()
+                    for pattern in (f"head{SEP}*", f"w{SEP}*"):
+                        async for k in self._client.scan_iter(match=pattern, count=1000):
+                            await self._client.delete(k)
+                    continue
+                missed, self._missed = list(self._missed), set()
                 for i in range(0, len(missed), 1000):
                     await self._client.delete(*missed[i : i + 1000])
         except _FAILURES as exc:
             self._down(exc)
+            self._missed = None  # unknown what was dropped: drop everything next time
             return False
-        self._missed = set()
         return True
 
     async def get_body(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
@@ -262,8 +316,7 @@ class RedisTier:
                     pipe.set(body_key(cp.key, cp.checkpoint_id), body, ex=self.ttl)
                     if new:
                         wkey = writes_key(cp.key, cp.checkpoint_id)
-                        pipe.hset(wkey, COMPLETE, "1")
-                        pipe.expire(wkey, self.ttl)
+                        await self._new_write_set(keys=[wkey], args=[self.ttl], client=pipe)
                 for wkey, args in _group_writes(writes).items():
                     await self._put_writes(keys=[wkey], args=args, client=pipe)
                 for key, (cid, version) in heads.items():
@@ -277,21 +330,36 @@ class RedisTier:
         except _FAILURES as exc:
             self._down(exc)
             self._miss(touched)
+        except Exception:  # a bug or a value Redis cannot take: never a stale head
+            log.exception("redis update failed")
+            self._miss(touched)
 
     async def drop_thread(self, key: ThreadKey) -> None:
-        """Forget a deleted thread: its head, bodies and write sets."""
-        keys = [head_key(key)]
+        """Forget a deleted thread: its head now, its bodies and write sets in the background
+        (finding them is a scan of the keyspace, which no acknowledgement should wait for)."""
         if not self.up:
-            self._miss(keys)
+            self._miss([head_key(key)])
             return
         try:
-            for pattern in (body_key(key, "*"), writes_key(key, "*")):
-                async for k in self._client.scan_iter(match=_escape_glob(pattern), count=1000):
-                    keys.append(k)
-            await self._client.delete(*keys)
+            await self._client.delete(head_key(key))
         except _FAILURES as exc:
             self._down(exc)
-            self._miss(keys[:1])
+            self._miss([head_key(key)])
+            return
+        task = asyncio.create_task(self._drop_thread_keys(key))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drop_thread_keys(self, key: ThreadKey) -> None:
+        try:
+            for pattern in (body_key(key, "*"), writes_key(key, "*")):
+                batch: list[bytes] = []
+                async for k in self._client.scan_iter(match=_escape_glob(pattern), count=1000):
+                    batch.append(k)
+                if batch:
+                    await self._client.delete(*batch)
+        except _FAILURES as exc:
+            self._down(exc)
 
     async def drop_bodies(self, slots: list[tuple[ThreadKey, str]]) -> None:
         if not self.up or not slots:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,7 @@ INSERT_SCHEMA_VERSION = "INSERT INTO schema_migrations (version, applied_at) VAL
 
 THREAD_COLUMNS = (
     "head_id, status, workflow_id, workflow_version, lease_owner, lease_expires_at, "
-    "fencing_token, last_seq, created_at, updated_at"
+    "fencing_token, last_seq, created_at, updated_at, deleted"
 )
 SELECT_THREAD = f"SELECT {THREAD_COLUMNS} FROM threads WHERE {_KEY}"
 INSERT_THREAD = """
@@ -60,9 +61,12 @@ UPDATE_THREAD = f"""
 UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow_id,
     workflow_version = :workflow_version, lease_owner = :lease_owner,
     lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
-    last_seq = :last_seq, updated_at = :updated_at
+    last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted
 WHERE {_KEY}"""
-LIST_THREADS = f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads WHERE tenant = :tenant"
+LIST_THREADS = (
+    f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads "
+    "WHERE tenant = :tenant AND deleted = 0"
+)
 
 SELECT_THREADS = f"""
 SELECT tenant, namespace, thread_id, {THREAD_COLUMNS} FROM threads
@@ -125,6 +129,8 @@ SELECT_TENANT_EVENTS = f"""
 SELECT {EVENT_COLUMNS} FROM events WHERE tenant = :tenant AND feed_seq > :after
 ORDER BY feed_seq LIMIT :limit"""
 
+# Not a valid tenant id (tenants start with a letter or digit), so never a client's.
+BATCH_MARKER_TENANT = "~batch"
 SELECT_REQUEST = (
     "SELECT kind, result FROM requests WHERE tenant = :tenant AND request_id = :request_id"
 )
@@ -135,8 +141,13 @@ VALUES (:tenant, :request_id, :kind, :result, :created_at)"""
 DELETE_THREAD_ROWS = [
     f"DELETE FROM writes WHERE {_KEY}",
     f"DELETE FROM events WHERE {_KEY}",
-    f"DELETE FROM threads WHERE {_KEY}",
 ]
+# The row stays as a tombstone so that fencing tokens and event seqs never go back:
+# a zombie holding an old token, or a watcher holding an old cursor, stays behind.
+TOMBSTONE_THREAD = f"""
+UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', workflow_version = 0,
+    lease_owner = '', lease_expires_at = 0, updated_at = :now
+WHERE {_KEY}"""
 DELETE_THREAD_CHECKPOINTS = f"DELETE FROM checkpoints WHERE {_KEY}"
 
 STATS_CHECKPOINTS = f"""
@@ -179,6 +190,13 @@ SWEEP_ORPHAN_EVENTS = """
 DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = events.tenant
     AND threads.namespace = events.namespace AND threads.thread_id = events.thread_id)"""
 SWEEP_OLD_REQUESTS = "DELETE FROM requests WHERE created_at < :before"
+SWEEP_OLD_BATCH_MARKERS = "DELETE FROM requests WHERE tenant = :marker AND created_at < :before"
+
+RECORD_STALE = """
+INSERT INTO redis_stale (key, created_at) VALUES (:key, :now)
+ON CONFLICT (key) DO UPDATE SET created_at = excluded.created_at"""
+PENDING_STALE = "SELECT key, created_at FROM redis_stale ORDER BY created_at LIMIT :limit"
+CLEAR_STALE = "DELETE FROM redis_stale WHERE key = :key AND created_at <= :at"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -208,6 +226,7 @@ def _thread_from_row(key: ThreadKey, row: Row | tuple) -> Thread:
         last_seq=row[7],
         created_at=row[8],
         updated_at=row[9],
+        deleted=bool(row[10]),
     )
 
 
@@ -299,7 +318,8 @@ class SqlTier:
     async def get_thread(self, key: ThreadKey) -> Thread | None:
         async with self.reader.connect() as conn:
             row = (await conn.execute(_sql(SELECT_THREAD), _key_params(key))).first()
-        return _thread_from_row(key, row) if row else None
+        thread = _thread_from_row(key, row) if row else None
+        return thread if thread is not None and not thread.deleted else None
 
     async def get_head(
         self, key: ThreadKey, include_writes: bool = False
@@ -413,6 +433,11 @@ class SqlTier:
             event_count=events,
         )
 
+    async def batch_committed(self, batch_id: str) -> bool:
+        params = {"tenant": BATCH_MARKER_TENANT, "request_id": batch_id}
+        async with self.writer.connect() as conn:
+            return (await conn.execute(_sql(SELECT_REQUEST), params)).first() is not None
+
     async def ping(self) -> None:
         async with self.reader.connect() as conn:
             await conn.execute(_sql("SELECT 1"))
@@ -423,7 +448,7 @@ class SqlTier:
         return Batch(self, conn, now)
 
     async def sweep(
-        self, now: float, keep_last: int, request_ttl: float
+        self, now: float, keep_last: int, request_ttl: float | None
     ) -> tuple[list[tuple[ThreadKey, str]], list[ThreadKey]]:
         """Retention: expired and beyond-keep-last checkpoints, never an active head."""
         pruned: list[tuple[ThreadKey, str]] = []
@@ -443,7 +468,12 @@ class SqlTier:
                 ]
                 if gone:
                     await conn.execute(_sql(SWEEP_ORPHAN_EVENTS))
-            await conn.execute(_sql(SWEEP_OLD_REQUESTS), {"before": now - request_ttl})
+            if request_ttl is not None:
+                await conn.execute(_sql(SWEEP_OLD_REQUESTS), {"before": now - request_ttl})
+            await conn.execute(
+                _sql(SWEEP_OLD_BATCH_MARKERS),
+                {"marker": BATCH_MARKER_TENANT, "before": now - 3600},
+            )
         return pruned, gone
 
 
@@ -451,6 +481,28 @@ async def _writes(conn: AsyncConnection, key: ThreadKey, checkpoint_id: str) -> 
     params = {**_key_params(key), "checkpoint_id": checkpoint_id}
     rows = (await conn.execute(_sql(SELECT_WRITES), params)).all()
     return [PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+
+
+class SqlStaleLog:
+    """Redis keys some replica could not update, so that every replica drops them."""
+
+    def __init__(self, sql: SqlTier) -> None:
+        self.sql = sql
+
+    async def record(self, keys: list[str]) -> None:
+        now = time.time()
+        async with self.sql.writer.begin() as conn:
+            await conn.execute(_sql(RECORD_STALE), [{"key": k, "now": now} for k in keys])
+
+    async def pending(self, limit: int) -> list[tuple[str, float]]:
+        async with self.sql.reader.connect() as conn:
+            rows = (await conn.execute(_sql(PENDING_STALE), {"limit": limit})).all()
+        return [(r[0], r[1]) for r in rows]
+
+    async def clear(self, entries: list[tuple[str, float]]) -> None:
+        """Forget entries once dropped, unless recorded again since they were read."""
+        async with self.sql.writer.begin() as conn:
+            await conn.execute(_sql(CLEAR_STALE), [{"key": k, "at": t} for k, t in entries])
 
 
 def _configure_sqlite(engine: AsyncEngine, immediate: bool) -> None:
@@ -506,7 +558,15 @@ class Batch:
             )
             rows.update(await self._select_threads(missing))
         for key in wanted:
-            self.threads[key] = rows.get(key)
+            thread = rows.get(key)
+            if thread is not None and thread.deleted:
+                if key not in create:
+                    thread = None
+                else:  # written again after a delete: the tombstone comes back to life
+                    thread.deleted = False
+                    thread.created_at = self.now
+                    self.touch(thread)
+            self.threads[key] = thread
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
         params: dict[str, Any] = {}
@@ -555,6 +615,10 @@ class Batch:
     def record_request(self, tenant: str, request_id: str, kind: str, result: str) -> None:
         self.new_requests[(tenant, request_id)] = (kind, result)
 
+    def mark(self, batch_id: str) -> None:
+        """A marker row: after a lost COMMIT answer, its presence says the batch landed."""
+        self.record_request(BATCH_MARKER_TENANT, batch_id, "batch", "")
+
     async def checkpoint_exists(self, key: ThreadKey, checkpoint_id: str) -> bool:
         if any(c.key == key and c.checkpoint_id == checkpoint_id for c in self.checkpoints):
             return True
@@ -575,6 +639,7 @@ class Batch:
         deleted = (await self.conn.execute(_sql(DELETE_THREAD_CHECKPOINTS), params)).rowcount
         for sql in DELETE_THREAD_ROWS:
             await self.conn.execute(_sql(sql), params)
+        await self.conn.execute(_sql(TOMBSTONE_THREAD), {**params, "now": self.now})
         self.threads[key] = None
         self.dirty.discard(key)
         self.heads.pop(key, None)
@@ -685,4 +750,5 @@ def _thread_params(t: Thread) -> dict[str, Any]:
         "fencing_token": t.fencing_token,
         "last_seq": t.last_seq,
         "updated_at": t.updated_at,
+        "deleted": int(t.deleted),
     }
