@@ -281,21 +281,25 @@ class SqlTier:
             _configure_sqlite(self.writer, immediate=True)
             _configure_sqlite(self.reader, immediate=False)
         else:
+            connect_args = {"timeout": 2.0, "command_timeout": 15.0}
+            # Separate pools: a burst of reads must never starve the group committer.
             self.writer = create_async_engine(
-                url,
-                pool_size=8,
-                max_overflow=8,
-                pool_timeout=5,
-                connect_args={"timeout": 2.0, "command_timeout": 15.0},
+                url, pool_size=4, max_overflow=4, pool_timeout=5, connect_args=connect_args
             )
             # Reads need no transaction: skip BEGIN and ROLLBACK round trips.
-            self.reader = self.writer.execution_options(isolation_level="AUTOCOMMIT")
+            self.reader = create_async_engine(
+                url,
+                pool_size=16,
+                max_overflow=16,
+                pool_timeout=5,
+                connect_args=connect_args,
+                isolation_level="AUTOCOMMIT",
+            )
         self.for_update = "" if self.is_sqlite else " FOR UPDATE"
 
     async def close(self) -> None:
         await self.writer.dispose()
-        if self.is_sqlite:
-            await self.reader.dispose()
+        await self.reader.dispose()
 
     async def migrate(self, now: float) -> int:
         """Apply the migrations not applied yet; safe with several replicas starting."""
