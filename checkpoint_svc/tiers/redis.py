@@ -137,9 +137,8 @@ class RedisTier:
             socket_connect_timeout=op_timeout,
             health_check_interval=0,
         )
-        self._set_head = self._client.register_script(SET_HEAD_LUA)
-        self._put_writes = self._client.register_script(PUT_WRITES_LUA)
-        self._new_write_set = self._client.register_script(NEW_WRITE_SET_LUA)
+        # In pipelines scripts go as EVAL: a registered Script would make every
+        # pipeline ask SCRIPT EXISTS first, one more round trip per commit.
         self.stale_log: StaleLog | None = None
         self._head_and_writes = self._client.register_script(HEAD_AND_WRITES_LUA)
         self.up = False
@@ -316,13 +315,11 @@ class RedisTier:
                     pipe.set(body_key(cp.key, cp.checkpoint_id), body, ex=self.ttl)
                     if new:
                         wkey = writes_key(cp.key, cp.checkpoint_id)
-                        await self._new_write_set(keys=[wkey], args=[self.ttl], client=pipe)
+                        pipe.eval(NEW_WRITE_SET_LUA, 1, wkey, self.ttl)
                 for wkey, args in _group_writes(writes).items():
-                    await self._put_writes(keys=[wkey], args=args, client=pipe)
+                    pipe.eval(PUT_WRITES_LUA, 1, wkey, *args)
                 for key, (cid, version) in heads.items():
-                    await self._set_head(
-                        keys=[head_key(key)], args=[cid, version, self.ttl], client=pipe
-                    )
+                    pipe.eval(SET_HEAD_LUA, 1, head_key(key), cid, version, self.ttl)
                 for e in events:
                     channel = FEED_CHANNEL_PREFIX + e.key.tenant
                     pipe.publish(channel, event_to_pb(e).SerializeToString())
