@@ -267,6 +267,7 @@ class GroupCommitter:
                         results.append((True, await op.apply(batch)))
                     except StoreError as exc:
                         results.append((False, exc))
+                await batch.drop_unwritten_threads()
                 batch.mark(batch_id)
                 await batch.flush()
             except BaseException:

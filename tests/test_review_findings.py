@@ -121,3 +121,17 @@ async def test_a_replica_killed_during_a_redis_outage_leaves_no_stale_head(
         await asyncio.sleep(0.3)
     assert state_of(got) == {"v": "new"}
     await ch_b.close()
+
+
+async def test_a_refused_write_leaves_no_thread_behind(stub) -> None:
+    s, md = stub
+    refused = save(s, md, "ghost", expected_parent_id="not-the-head")
+    assert await code_of(refused) == grpc.StatusCode.ABORTED
+    assert (
+        await code_of(
+            s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="ghost"), metadata=md)
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
+    listed = await s.ListThreads(pb.ListThreadsRequest(), metadata=md)
+    assert listed.threads == []

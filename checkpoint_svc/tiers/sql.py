@@ -148,6 +148,7 @@ TOMBSTONE_THREAD = f"""
 UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', workflow_version = 0,
     lease_owner = '', lease_expires_at = 0, updated_at = :now
 WHERE {_KEY}"""
+DELETE_NEW_THREAD = f"DELETE FROM threads WHERE {_KEY}"
 DELETE_THREAD_CHECKPOINTS = f"DELETE FROM checkpoints WHERE {_KEY}"
 
 STATS_CHECKPOINTS = f"""
@@ -544,6 +545,8 @@ class Batch:
         self.new_requests: dict[tuple[str, str], tuple[str, str]] = {}
         self.heads: dict[ThreadKey, tuple[str, int]] = {}
         self.deleted: list[ThreadKey] = []
+        self.created: set[ThreadKey] = set()  # rows inserted by this batch
+        self.written: set[ThreadKey] = set()  # rows some operation changed
         # What flush() has sent, for the caches and the feed after commit.
         self.flushed_checkpoints: list[Checkpoint] = []
         self.flushed_writes: list[tuple[ThreadKey, PendingWrite]] = []
@@ -561,15 +564,15 @@ class Batch:
                 _sql(INSERT_THREAD), [{**_key_params(k), "now": self.now} for k in missing]
             )
             rows.update(await self._select_threads(missing))
+            self.created.update(missing)
         for key in wanted:
             thread = rows.get(key)
             if thread is not None and thread.deleted:
                 if key not in create:
                     thread = None
-                else:  # written again after a delete: the tombstone comes back to life
+                else:  # written again after a delete: back to life once an operation writes it
                     thread.deleted = False
                     thread.created_at = self.now
-                    self.touch(thread)
             self.threads[key] = thread
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
@@ -592,6 +595,14 @@ class Batch:
     def touch(self, thread: Thread) -> None:
         thread.updated_at = self.now
         self.dirty.add(thread.key)
+        self.written.add(thread.key)
+
+    async def drop_unwritten_threads(self) -> None:
+        """Rows this batch created for operations that all failed their checks: not a thread."""
+        for key in sorted(self.created - self.written, key=_sort_key):
+            await self.conn.execute(_sql(DELETE_NEW_THREAD), _key_params(key))
+            self.threads[key] = None
+        self.created.clear()
 
     def emit(self, thread: Thread, new: NewEvent) -> Event:
         """Append an event; its feed_seq is assigned at flush, when the feed row is locked."""
