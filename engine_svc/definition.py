@@ -1,0 +1,304 @@
+"""Workflow definitions: parsed from protobuf and validated once, at registration.
+
+Every problem is reported with the field it is in (`nodes[2].depends_on[0]`), all of them
+at once, so that a client can fix a definition in one round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from google.protobuf import json_format
+
+from engine_svc import expressions
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"}
+DEFAULT_TRIGGERS = frozenset(
+    {
+        pb.CHECKPOINT_TRIGGER_STEP_COMPLETED,
+        pb.CHECKPOINT_TRIGGER_BEFORE_CRITICAL,
+        pb.CHECKPOINT_TRIGGER_INTERRUPT,
+        pb.CHECKPOINT_TRIGGER_PAUSE,
+        pb.CHECKPOINT_TRIGGER_ERROR,
+    }
+)
+
+Violations = list[tuple[str, str]]
+
+
+class DefinitionInvalid(ValueError):
+    """A definition that cannot run; `violations` are (field, description) pairs."""
+
+    def __init__(self, violations: Violations) -> None:
+        super().__init__("; ".join(f"{f}: {d}" for f, d in violations))
+        self.violations = violations
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    max_attempts: int = 1
+    initial_backoff: float = 1.0
+    max_backoff: float = 60.0
+    multiplier: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    id: str
+    type: str
+    depends_on: tuple[str, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    retry: Retry = Retry()
+    timeout: float | None = None
+    when: str = ""
+    critical: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    workflow_id: str
+    nodes: tuple[NodeSpec, ...]
+    description: str = ""
+    triggers: frozenset[int] = DEFAULT_TRIGGERS
+    interval: float | None = None
+    keep_last: int = 0
+    max_parallel: int = 0
+
+    def node(self, node_id: str) -> NodeSpec:
+        return next(n for n in self.nodes if n.id == node_id)
+
+    def levels(self) -> list[list[str]]:
+        """Nodes grouped by depth: a node's level is one more than its deepest dependency."""
+        return topological_levels({n.id: n.depends_on for n in self.nodes})
+
+
+def topological_levels(deps: dict[str, tuple[str, ...]]) -> list[list[str]]:
+    """Kahn's algorithm by levels: a node's level is one more than its deepest dependency."""
+    waiting = {n: len(set(d)) for n, d in deps.items()}
+    dependents: dict[str, list[str]] = {n: [] for n in deps}
+    for node, ds in deps.items():
+        for d in set(ds):
+            dependents[d].append(node)
+    order = {n: i for i, n in enumerate(deps)}  # definition order within a level
+    level = [n for n, count in waiting.items() if count == 0]
+    levels: list[list[str]] = []
+    while level:
+        levels.append(level)
+        following = []
+        for node in level:
+            for dependent in dependents[node]:
+                waiting[dependent] -= 1
+                if waiting[dependent] == 0:
+                    following.append(dependent)
+        level = sorted(following, key=order.__getitem__)
+    return levels
+
+
+def find_cycle(deps: dict[str, tuple[str, ...]]) -> list[str] | None:
+    """One cycle as a path (its first node repeated at the end), or None."""
+    placed = {n for level in topological_levels(deps) for n in level}
+    stuck = [n for n in deps if n not in placed]
+    if not stuck:
+        return None
+    # Every stuck node has a stuck dependency: walk them until a node repeats.
+    path: list[str] = []
+    index: dict[str, int] = {}
+    node = stuck[0]
+    while node not in index:
+        index[node] = len(path)
+        path.append(node)
+        node = next(d for d in deps[node] if d not in placed)
+    return [*path[index[node] :], node]
+
+
+# ---- node type configs ----------------------------------------------------------------
+
+ConfigCheck = Callable[[dict[str, Any], str, Violations], None]
+
+
+def _number(
+    cfg: dict[str, Any], key: str, where: str, out: Violations, required: bool, minimum: float = 0.0
+) -> None:
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            out.append((f"{where}.{key}", "required"))
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        out.append((f"{where}.{key}", f"must be a number >= {minimum:g}"))
+
+
+def _string(cfg: dict[str, Any], key: str, where: str, out: Violations, required: bool) -> None:
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            out.append((f"{where}.{key}", "required"))
+    elif not isinstance(value, str) or not value:
+        out.append((f"{where}.{key}", "must be a non-empty string"))
+
+
+def _check_sleep(cfg: dict[str, Any], where: str, out: Violations) -> None:
+    _number(cfg, "seconds", where, out, required=True)
+
+
+def _check_transform(cfg: dict[str, Any], where: str, out: Violations) -> None:
+    expr = cfg.get("expression")
+    if not isinstance(expr, str):
+        out.append((f"{where}.expression", "required: an expression over the run's state"))
+    elif problem := expressions.check(expr):
+        out.append((f"{where}.expression", problem))
+
+
+def _check_python(cfg: dict[str, Any], where: str, out: Violations) -> None:
+    handler = cfg.get("handler")
+    if not isinstance(handler, str) or not _HANDLER.match(handler):
+        out.append((f"{where}.handler", 'required: "module:function"'))
+
+
+def _check_http(cfg: dict[str, Any], where: str, out: Violations) -> None:
+    url = cfg.get("url")
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        out.append((f"{where}.url", "required: an http:// or https:// URL"))
+    method = cfg.get("method", "GET")
+    if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
+        out.append((f"{where}.method", f"one of {', '.join(sorted(HTTP_METHODS))}"))
+    status = cfg.get("expect_status")
+    statuses = status if isinstance(status, list) else [status] if status is not None else []
+    if any(
+        isinstance(s, bool) or not isinstance(s, int | float) or not 100 <= s <= 599
+        for s in statuses
+    ):
+        out.append((f"{where}.expect_status", "an HTTP status (100-599) or a list of them"))
+
+
+def _check_approval(cfg: dict[str, Any], where: str, out: Violations) -> None:
+    _string(cfg, "prompt", where, out, required=True)
+
+
+def _check_subworkflow(cfg: dict[str, Any], where: str, out: Violations) -> None:
+    _string(cfg, "workflow_id", where, out, required=True)
+    _number(cfg, "version", where, out, required=False)
+
+
+CONFIG_CHECKS: dict[str, ConfigCheck] = {
+    "noop": lambda cfg, where, out: None,
+    "sleep": _check_sleep,
+    "transform": _check_transform,
+    "python": _check_python,
+    "http": _check_http,
+    "approval": _check_approval,
+    "subworkflow": _check_subworkflow,
+}
+
+
+# ---- parsing ----------------------------------------------------------------------------
+
+
+def _seconds(d: Any) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def parse(msg: pb.WorkflowDefinition) -> Workflow:
+    """The workflow a definition describes; DefinitionInvalid lists everything wrong."""
+    out: Violations = []
+    if not _ID.match(msg.workflow_id):
+        out.append(("workflow_id", "1-128 of A-Z a-z 0-9 _ -"))
+    if not msg.nodes:
+        out.append(("nodes", "at least one node"))
+    seen: dict[str, int] = {}
+    nodes: list[NodeSpec] = []
+    for i, n in enumerate(msg.nodes):
+        where = f"nodes[{i}]"
+        if not _ID.match(n.id):
+            out.append((f"{where}.id", "1-128 of A-Z a-z 0-9 _ -"))
+        elif n.id in seen:
+            out.append((f"{where}.id", f"duplicate of nodes[{seen[n.id]}]"))
+        else:
+            seen[n.id] = i
+        if n.type not in CONFIG_CHECKS:
+            out.append(
+                (
+                    f"{where}.type",
+                    f"unknown node type {n.type!r}; one of " + ", ".join(sorted(CONFIG_CHECKS)),
+                )
+            )
+        config = json_format.MessageToDict(n.config)
+        if n.type in CONFIG_CHECKS:
+            CONFIG_CHECKS[n.type](config, f"{where}.config", out)
+        if n.when and (problem := expressions.check(n.when)):
+            out.append((f"{where}.when", problem))
+        retry = _retry(n, where, out)
+        timeout = _seconds(n.timeout) if n.HasField("timeout") else None
+        if timeout is not None and timeout <= 0:
+            out.append((f"{where}.timeout", "must be positive"))
+        nodes.append(
+            NodeSpec(n.id, n.type, tuple(n.depends_on), config, retry, timeout, n.when, n.critical)
+        )
+    for i, n in enumerate(msg.nodes):
+        for j, dep in enumerate(n.depends_on):
+            if dep not in seen:
+                out.append((f"nodes[{i}].depends_on[{j}]", f"unknown node {dep!r}"))
+            elif dep == n.id:
+                out.append((f"nodes[{i}].depends_on[{j}]", "a node cannot depend on itself"))
+    deps: dict[str, tuple[str, ...]] = {}
+    for n in nodes:  # the first node of a duplicated id stands for it
+        if n.id in seen and n.id not in deps:
+            deps[n.id] = tuple(d for d in n.depends_on if d in seen and d != n.id)
+    cycle = find_cycle(deps)
+    if cycle:
+        out.append(("nodes", "cycle: " + " -> ".join(cycle)))
+    policy = msg.checkpoint
+    triggers = frozenset(policy.triggers) or DEFAULT_TRIGGERS
+    for i, t in enumerate(policy.triggers):
+        if t not in pb.CheckpointTrigger.values() or t == pb.CHECKPOINT_TRIGGER_UNSPECIFIED:
+            out.append((f"checkpoint.triggers[{i}]", f"unknown trigger {t}"))
+    interval = _seconds(policy.interval) if policy.HasField("interval") else None
+    if pb.CHECKPOINT_TRIGGER_TIME_BASED in triggers and not interval:
+        out.append(("checkpoint.interval", "required with CHECKPOINT_TRIGGER_TIME_BASED"))
+    if interval is not None and interval <= 0:
+        out.append(("checkpoint.interval", "must be positive"))
+    if policy.keep_last < 0:
+        out.append(("checkpoint.keep_last", "must not be negative"))
+    if msg.max_parallel < 0:
+        out.append(("max_parallel", "must not be negative"))
+    if out:
+        raise DefinitionInvalid(out)
+    return Workflow(
+        msg.workflow_id,
+        tuple(nodes),
+        msg.description,
+        triggers,
+        interval,
+        policy.keep_last,
+        msg.max_parallel,
+    )
+
+
+def _retry(n: pb.Node, where: str, out: Violations) -> Retry:
+    r = n.retry
+    if r.max_attempts < 0:
+        out.append((f"{where}.retry.max_attempts", "must not be negative"))
+    initial = _seconds(r.initial_backoff) if r.HasField("initial_backoff") else 1.0
+    maximum = _seconds(r.max_backoff) if r.HasField("max_backoff") else max(60.0, initial)
+    multiplier = r.backoff_multiplier or 2.0
+    if initial < 0 or maximum < initial:
+        out.append((f"{where}.retry", "need 0 <= initial_backoff <= max_backoff"))
+    if multiplier < 1:
+        out.append((f"{where}.retry.backoff_multiplier", "must be at least 1"))
+    return Retry(max(1, r.max_attempts), initial, maximum, multiplier)
+
+
+def fingerprint(msg: pb.WorkflowDefinition) -> str:
+    """Equal for equal definitions: registering an unchanged one makes no new version."""
+    canonical = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
