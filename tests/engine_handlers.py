@@ -1,0 +1,26 @@
+"""`python` node handlers for the engine tests: they record every execution."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+EXECUTIONS: list[str] = []
+FAILURES_LEFT: dict[str, int] = {}
+
+
+async def step(state: dict[str, Any]) -> dict[str, Any]:
+    """Counts itself; a short pause so that a run can be interrupted between nodes."""
+    name = f"step-{len(EXECUTIONS)}"
+    EXECUTIONS.append(name)
+    await asyncio.sleep(0.05)
+    return {"seen": sorted(k for k in state if k != "input")}
+
+
+def flaky(state: dict[str, Any]) -> str:
+    """Fails while FAILURES_LEFT['flaky'] > 0 (synchronous on purpose: runs in a thread)."""
+    EXECUTIONS.append("flaky")
+    if FAILURES_LEFT.get("flaky", 0) > 0:
+        FAILURES_LEFT["flaky"] -= 1
+        raise RuntimeError("transient")
+    return "ok"
