@@ -36,6 +36,17 @@ SKIPPED_CHANNEL = "skipped"
 RUNNABLE_TYPES = {"noop", "sleep", "transform", "python"}
 
 
+def status_event(status: str) -> cpb.NewEvent:
+    event = cpb.NewEvent(type="run.status")
+    event.payload.update({"status": status})
+    return event
+
+
+def start_checkpoint_id(run_id: str) -> str:
+    """A run's first checkpoint has a fixed id: starting the same run id twice is refused."""
+    return f"0-start-{run_id}"
+
+
 class LeaseLostError(RuntimeError):
     """Another engine owns the run now; this one must stop touching it."""
 
@@ -58,6 +69,7 @@ class RunState:
     status: str = "PENDING"
     error: str = ""
     step: int = 0
+    total: int = 0
 
     def state(self) -> dict[str, Any]:
         """The run's state as nodes and clients see it: the input and each node's output."""
@@ -102,9 +114,11 @@ class NodeRunner:
                 raise NodeFailed(str(exc)) from exc
         if node.type == "python":
             handler = self.resolve(node.config["handler"])
+            # A handler takes the run's state, and the node's id if it has a second parameter.
+            args = (state, node.id) if len(inspect.signature(handler).parameters) > 1 else (state,)
             if inspect.iscoroutinefunction(handler):
-                return await handler(state)
-            return await asyncio.to_thread(handler, state)
+                return await handler(*args)
+            return await asyncio.to_thread(handler, *args)
         raise NodeFailed(f"node type {node.type!r} is not runnable yet")
 
 
@@ -126,11 +140,20 @@ class RunExecutor:
         self.max_parallel = max_parallel
 
     async def start(
-        self, workflow: Workflow, version: int, run_id: str, run_input: dict[str, Any]
+        self,
+        workflow: Workflow,
+        version: int,
+        run_id: str,
+        run_input: dict[str, Any],
+        request_id: str = "",
     ) -> RunState:
-        """Record a new run (its first checkpoint); `execute` then runs it."""
-        run = RunState(run_id, workflow.workflow_id, version, run_input)
-        await self.store.Save(
+        """Record a new run (its first checkpoint); `execute` then runs it.
+
+        A used `request_id` returns the run it started first; a used run id is refused
+        (ALREADY_EXISTS), since a run's first checkpoint has a fixed id.
+        """
+        run = RunState(run_id, workflow.workflow_id, version, run_input, total=len(workflow.nodes))
+        response = await self.store.Save(
             cpb.SaveRequest(
                 checkpoint=cpb.Checkpoint(
                     namespace=RUNS_NAMESPACE,
@@ -138,16 +161,24 @@ class RunExecutor:
                     state=run.to_json(),
                     trigger=cpb.TRIGGER_MANUAL,
                     name="start",
+                    checkpoint_id=start_checkpoint_id(run_id),
                 ),
                 expected_parent_id="",
                 status=cpb.THREAD_STATUS_PENDING,
                 workflow_id=workflow.workflow_id,
                 workflow_version=version,
-                request_id=f"start:{run_id}",
-                events=[cpb.NewEvent(type="run.status")],
+                request_id=f"start:{request_id}" if request_id else "",
+                events=[status_event("PENDING")],
             ),
             metadata=self.md,
         )
+        if response.checkpoint.thread_id != run_id:  # the request was used: its run
+            return await self.load(response.checkpoint.thread_id)
+        return run
+
+    async def load(self, run_id: str) -> RunState:
+        """A run as of its head checkpoint and pending writes."""
+        run, _ = await self._restore(run_id)
         return run
 
     async def execute(self, workflow: Workflow, run_id: str) -> RunState:
@@ -346,7 +377,7 @@ class RunExecutor:
     async def _checkpoint(self, run: RunState, head_id: str, token: int) -> str:
         status = getattr(cpb, f"THREAD_STATUS_{run.status}")
         terminal = run.status in ("COMPLETED", "FAILED")
-        events = [cpb.NewEvent(type="run.status")] if terminal else []
+        events = [status_event(run.status)] if terminal else []
         response = await self._call(
             self.store.Save(
                 cpb.SaveRequest(

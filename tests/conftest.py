@@ -26,6 +26,7 @@ import pytest
 
 from tests.servers import (
     CheckpointServiceProcess,
+    EngineServiceProcess,
     Metadata,
     PostgresServer,
     RedisServer,
@@ -128,6 +129,28 @@ def service_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         request.node.stash[_SERVICES].append(proc)
         if start:
             proc.start(timeout)
+        return proc
+
+    try:
+        yield factory
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+
+
+@pytest.fixture
+def engine_factory(tmp_path: Path) -> Iterator[Callable[..., EngineServiceProcess]]:
+    """Start engines against a checkpoint service; all are terminated at teardown."""
+    started: list[EngineServiceProcess] = []
+
+    def factory(
+        checkpoint: CheckpointServiceProcess, *extra_args: str,
+        env: Mapping[str, str] | None = None,
+    ) -> EngineServiceProcess:
+        proc = EngineServiceProcess(checkpoint.address, log_dir=tmp_path, extra_args=extra_args,
+                                    env=env)
+        started.append(proc)
+        proc.start()
         return proc
 
     try:

@@ -24,3 +24,14 @@ def flaky(state: dict[str, Any]) -> str:
         FAILURES_LEFT["flaky"] -= 1
         raise RuntimeError("transient")
     return "ok"
+
+
+def record(state: dict[str, Any], node_id: str) -> str:
+    """Appends its node id to $ENGINE_TEST_LOG, slowly, so an engine can be killed mid-run."""
+    import os
+    import time
+
+    with open(os.environ["ENGINE_TEST_LOG"], "a") as log:
+        log.write(node_id + "\n")
+    time.sleep(0.15)
+    return node_id

@@ -830,3 +830,29 @@ async def checkpoint_stub(
     stub = checkpoint_pb2_grpc.CheckpointServiceStub(channel)
     metadata: Metadata = (("x-tenant-id", tenant),)
     return channel, stub, metadata
+
+
+class EngineServiceProcess(CheckpointServiceProcess):
+    """``python -m engine_svc`` as a subprocess, pointed at a checkpoint service."""
+
+    def __init__(
+        self,
+        checkpoint_address: str,
+        *,
+        log_dir: Path,
+        extra_args: Sequence[str] = (),
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__("", None, log_dir=log_dir, extra_args=extra_args, port=port, env=env,
+                         module="engine_svc")
+        self.checkpoint_address = checkpoint_address
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "engine_svc",
+            "--listen", self.address,
+            "--checkpoint", self.checkpoint_address,
+            *self.extra_args,
+        ]  # fmt: skip

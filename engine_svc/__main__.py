@@ -1,0 +1,3 @@
+from engine_svc.server import main
+
+main()

@@ -1,0 +1,195 @@
+"""gRPC servicer of engine.v1: validation, translation and status codes; logic in Engine."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2, json_format
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from checkpoint_svc.servicer import tenant_of
+from engine_svc.definition import DefinitionInvalid
+from engine_svc.engine import Engine, RunExists
+from engine_svc.executor import RunState
+from engine_svc.registry import WorkflowNotFound
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+def _invalid(violations: list[tuple[str, str]], message: str) -> grpc.Status:
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                for f, d in violations
+            ]
+        )
+    )
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, DefinitionInvalid):
+        await context.abort_with_status(_invalid(exc.violations, f"invalid definition: {exc}"))
+    if isinstance(exc, WorkflowNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, RunExists):
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+    if isinstance(exc, grpc.aio.AioRpcError):  # the store's answer, passed on
+        await context.abort(exc.code(), exc.details() or "")
+    raise exc
+
+
+def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except (DefinitionInvalid, WorkflowNotFound, RunExists, grpc.aio.AioRpcError) as exc:
+            await _abort(context, exc)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
+    done = len(run.done())
+    msg = pb.Run(
+        run_id=run.run_id,
+        workflow_id=run.workflow_id,
+        version=run.version,
+        status=thread.status,  # ThreadStatus and RunStatus share their numbers
+        error=run.error,
+        completed_nodes=done,
+        total_nodes=run.total,
+        progress_percent=100.0 * done / run.total if run.total else 0.0,
+        head_checkpoint_id=thread.head_checkpoint_id,
+        created_at=thread.created_at,
+        updated_at=thread.updated_at,
+        completed_node_ids=run.completed,
+    )
+    msg.state.update(run.state())
+    return msg
+
+
+def event_to_pb(item: cpb.StreamResponse) -> pb.WatchRunResponse:
+    if item.HasField("heartbeat"):
+        return pb.WatchRunResponse(
+            heartbeat=pb.Heartbeat(time=item.heartbeat.time, last_seq=item.heartbeat.last_seq)
+        )
+    ev = item.event
+    payload = json_format.MessageToDict(ev.payload)
+    status = payload.get("status")
+    event = pb.RunEvent(
+        seq=ev.seq,
+        type=ev.type,
+        time=ev.time,
+        status=pb.RunStatus.Value(f"RUN_STATUS_{status}") if status else 0,
+        node_id=payload.get("node_id", ""),
+        attempt=int(payload.get("attempt", 0)),
+        error=payload.get("error", ""),
+        completed_nodes=int(payload.get("completed_nodes", 0)),
+        total_nodes=int(payload.get("total_nodes", 0)),
+        terminal=ev.terminal,
+    )
+    if "duration_seconds" in payload:
+        event.duration.CopyFrom(
+            duration_pb2.Duration(
+                nanos=int(payload["duration_seconds"] % 1 * 1e9),
+                seconds=int(payload["duration_seconds"]),
+            )
+        )
+    if event.total_nodes:
+        event.progress_percent = 100.0 * event.completed_nodes / event.total_nodes
+    return pb.WatchRunResponse(event=event)
+
+
+class EngineServicer(pb_grpc.EngineServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @translated
+    async def RegisterWorkflow(
+        self, request: pb.RegisterWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterWorkflowResponse:
+        done = await self.engine.register(tenant_of(context), request.definition)
+        return pb.RegisterWorkflowResponse(
+            workflow_id=done.workflow_id, version=done.version, created=done.created
+        )
+
+    @translated
+    async def GetWorkflow(
+        self, request: pb.GetWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetWorkflowResponse:
+        got = await self.engine.get_workflow(
+            tenant_of(context), request.workflow_id, request.version
+        )
+        return pb.GetWorkflowResponse(
+            definition=got.definition, version=got.version, active_version=got.active_version
+        )
+
+    @translated
+    async def StartRun(
+        self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartRunResponse:
+        tenant = tenant_of(context)
+        run = await self.engine.start_run(
+            tenant,
+            request.workflow_id,
+            request.version,
+            json_format.MessageToDict(request.input),
+            request.run_id,
+            request.request_id,
+        )
+        _, thread = await self.engine.get_run(tenant, run.run_id)
+        return pb.StartRunResponse(run=run_to_pb(run, thread))
+
+    @translated
+    async def GetRun(
+        self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRunResponse:
+        run, thread = await self.engine.get_run(tenant_of(context), request.run_id)
+        return pb.GetRunResponse(run=run_to_pb(run, thread))
+
+    @translated
+    async def ListRuns(
+        self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRunsResponse:
+        threads, token = await self.engine.list_runs(
+            tenant_of(context), list(request.statuses), request.page_size, request.page_token
+        )
+        runs = [
+            pb.Run(
+                run_id=t.thread_id,
+                workflow_id=t.workflow_id,
+                version=t.workflow_version,
+                status=t.status,
+                head_checkpoint_id=t.head_checkpoint_id,
+                created_at=t.created_at,
+                updated_at=t.updated_at,
+            )
+            for t in threads
+            if not request.workflow_id or t.workflow_id == request.workflow_id
+        ]
+        return pb.ListRunsResponse(runs=runs, next_page_token=token)
+
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchRunResponse]:
+        try:
+            async for item in self.engine.watch_run(
+                tenant_of(context), request.run_id, request.after_seq
+            ):
+                yield event_to_pb(item)
+        except grpc.aio.AioRpcError as exc:
+            await _abort(context, exc)

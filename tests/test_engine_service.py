@@ -1,0 +1,152 @@
+"""engine_svc end to end: real processes for both services, a kill -9 of the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from tests.servers import checkpoint_stub
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+def definition(nodes: list[dict], workflow_id: str = "wf") -> pb.WorkflowDefinition:
+    return json_format.ParseDict({"workflow_id": workflow_id, "nodes": nodes},
+                                 pb.WorkflowDefinition())
+
+
+async def engine_stub(engine, tenant):
+    channel = grpc.aio.insecure_channel(engine.address)
+    return channel, pb_grpc.EngineServiceStub(channel), (("x-tenant-id", tenant),)
+
+
+async def watch(stub, md, run_id: str, after: int = 0) -> list[pb.RunEvent]:
+    events = []
+    async for item in stub.WatchRun(pb.WatchRunRequest(run_id=run_id, after_seq=after),
+                                    metadata=md):
+        if item.HasField("event"):
+            events.append(item.event)
+    return events
+
+
+async def test_register_start_watch_get(service, engine_factory, tenant) -> None:
+    engine = engine_factory(service)
+    channel, s, md = await engine_stub(engine, tenant)
+    nodes = [
+        {"id": "a", "type": "transform", "config": {"expression": "input['x'] + 1"}},
+        {"id": "b", "type": "transform", "depends_on": ["a"], "config": {"expression": "a * 2"}},
+        {"id": "c", "type": "noop", "depends_on": ["a"], "when": "a > 100"},
+    ]
+    reg = await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)),
+                                   metadata=md)
+    assert (reg.version, reg.created) == (1, True)
+    got = await s.GetWorkflow(pb.GetWorkflowRequest(workflow_id="wf"), metadata=md)
+    assert got.version == got.active_version == 1 and len(got.definition.nodes) == 3
+    started = await s.StartRun(pb.StartRunRequest(
+        workflow_id="wf", input=json_format.ParseDict({"x": 4}, pb.StartRunRequest().input)),
+        metadata=md)
+    run_id = started.run.run_id
+    events = await asyncio.wait_for(watch(s, md, run_id), 30)
+    assert events[-1].terminal and events[-1].status == pb.RUN_STATUS_COMPLETED
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    done = [e for e in events if e.type == "node.completed"]
+    assert {e.node_id for e in done} == {"a", "b"} and done[-1].total_nodes == 3
+    run = (await s.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+    assert run.status == pb.RUN_STATUS_COMPLETED
+    assert json_format.MessageToDict(run.state) == {"input": {"x": 4}, "a": 5, "b": 10}
+    assert run.completed_nodes == 3 and run.progress_percent == 100.0
+    listed = await s.ListRuns(pb.ListRunsRequest(), metadata=md)
+    assert [r.run_id for r in listed.runs] == [run_id]
+    await channel.close()
+
+
+async def test_invalid_definitions_and_replayed_starts(service, engine_factory, tenant) -> None:
+    engine = engine_factory(service)
+    channel, s, md = await engine_stub(engine, tenant)
+    bad = definition([{"id": "a", "type": "noop", "depends_on": ["b"]},
+                      {"id": "b", "type": "noop", "depends_on": ["a"]},
+                      {"id": "c", "type": "warp"}])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=bad), metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details_pb2.BadRequest()
+    rpc_status.from_call(err.value).details[0].Unpack(details)
+    fields = {v.field for v in details.field_violations}
+    assert {"nodes", "nodes[2].type"} <= fields
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.StartRun(pb.StartRunRequest(workflow_id="missing"), metadata=md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(
+        definition=definition([{"id": "a", "type": "noop"}])), metadata=md)
+    first = await s.StartRun(pb.StartRunRequest(workflow_id="wf", request_id="once"),
+                             metadata=md)
+    again = await s.StartRun(pb.StartRunRequest(workflow_id="wf", request_id="once"),
+                             metadata=md)
+    assert first.run.run_id == again.run.run_id
+    listed = await s.ListRuns(pb.ListRunsRequest(), metadata=md)
+    assert len(listed.runs) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.StartRun(pb.StartRunRequest(workflow_id="wf", run_id=first.run.run_id),
+                         metadata=md)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await channel.close()
+
+
+async def test_kill_9_of_the_engine_mid_run_and_another_finishes(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    log_file = tmp_path / "executions.log"
+    log_file.write_text("")
+    args = ("--handlers", "tests.engine_handlers", "--lease-ttl", "1.5",
+            "--recovery-interval", "0.3", "--tenants", tenant)
+    env = {"ENGINE_TEST_LOG": str(log_file)}
+    first = engine_factory(service, *args, env=env)
+    channel, s, md = await engine_stub(first, tenant)
+    nodes = []
+    for level in range(8):
+        for k in range(2):
+            deps = [f"n{level - 1}_{j}" for j in range(2)] if level else []
+            nodes.append({"id": f"n{level}_{k}", "type": "python", "depends_on": deps,
+                          "config": {"handler": "tests.engine_handlers:record"}})
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)),
+                             metadata=md)
+    started = await s.StartRun(pb.StartRunRequest(workflow_id="wf"), metadata=md)
+    run_id = started.run.run_id
+    deadline = time.monotonic() + 20
+    while len(log_file.read_text().split()) < 6:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await first.akill()
+    await channel.close()
+    # What the store holds as done when the engine died: checkpointed or a pending write.
+    cp_channel, store, cp_md = await checkpoint_stub(service.address, tenant)
+    head = await store.Restore(cpb.RestoreRequest(namespace="runs", thread_id=run_id,
+                                                  include_writes=True), metadata=cp_md)
+    saved = set(json.loads(head.checkpoint.state)["completed"])
+    saved |= {w.task_id for w in head.writes if w.channel == "output"}
+    await cp_channel.close()
+    assert 0 < len(saved) < 16
+
+    second = engine_factory(service, *args, env=env)
+    channel, s, md = await engine_stub(second, tenant)
+    events = await asyncio.wait_for(watch(s, md, run_id), 60)
+    assert events[-1].terminal and events[-1].status == pb.RUN_STATUS_COMPLETED
+    run = (await s.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+    assert run.completed_nodes == 16
+    executions = log_file.read_text().split()
+    assert set(executions) == {n["id"] for n in nodes}
+    # No node whose output was saved before the kill ran again.
+    twice = [n for n in saved if executions.count(n) != 1]
+    assert twice == [], f"completed nodes ran again: {twice}"
+    await channel.close()
