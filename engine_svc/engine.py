@@ -15,7 +15,7 @@ import uuid6
 from engine_svc.config import Settings
 from engine_svc.definition import Workflow, parse
 from engine_svc.executor import RUNS_NAMESPACE, NodeRunner, RunExecutor, RunState
-from engine_svc.registry import Registered, StoredWorkflow, WorkflowRegistry
+from engine_svc.registry import Registered, StoredWorkflow, WorkflowNotFound, WorkflowRegistry
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -181,6 +181,8 @@ class Engine:
                     await self.recover(tenant)
                 except grpc.aio.AioRpcError as exc:
                     log.warning("recovery scan failed", extra={"error": exc.details()})
+                except Exception:  # the scan must outlive any one bad run
+                    log.exception("recovery scan failed")
             await asyncio.sleep(self.settings.recovery_interval_seconds)
 
     async def recover(self, tenant: str) -> int:
@@ -199,7 +201,13 @@ class Engine:
         for thread in listed.threads:
             if (tenant, thread.thread_id) in self._running:
                 continue
-            stored = await self.registry.get(tenant, thread.workflow_id, thread.workflow_version)
+            try:
+                stored = await self.registry.get(
+                    tenant, thread.workflow_id, thread.workflow_version
+                )
+            except WorkflowNotFound:
+                log.error("run of an unknown workflow", extra={"run_id": thread.thread_id})
+                continue
             self._launch(tenant, parse(stored.definition), thread.thread_id)
             taken += 1
         if taken:
