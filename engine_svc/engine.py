@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -198,8 +199,12 @@ class Engine:
             metadata=md,
         )
         taken = 0
+        now = time.time()
         for thread in listed.threads:
             if (tenant, thread.thread_id) in self._running:
+                continue
+            # A run started a moment ago has no lease yet: its engine is about to take it.
+            if now - thread.updated_at.ToNanoseconds() / 1e9 < self.settings.lease_ttl_seconds:
                 continue
             try:
                 stored = await self.registry.get(

@@ -35,3 +35,13 @@ def record(state: dict[str, Any], node_id: str) -> str:
         log.write(node_id + "\n")
     time.sleep(0.15)
     return node_id
+
+
+def tagged(state: dict[str, Any], node_id: str) -> str:
+    """Appends "<input tag>:<node id>" to $ENGINE_TEST_LOG: which run ran which node."""
+    import os
+
+    line = f"{state['input']['tag']}:{node_id}"
+    with open(os.environ["ENGINE_TEST_LOG"], "a") as log:
+        log.write(line + "\n")
+    return line

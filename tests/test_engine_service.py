@@ -21,8 +21,9 @@ pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 
 def definition(nodes: list[dict], workflow_id: str = "wf") -> pb.WorkflowDefinition:
-    return json_format.ParseDict({"workflow_id": workflow_id, "nodes": nodes},
-                                 pb.WorkflowDefinition())
+    return json_format.ParseDict(
+        {"workflow_id": workflow_id, "nodes": nodes}, pb.WorkflowDefinition()
+    )
 
 
 async def engine_stub(engine, tenant):
@@ -32,8 +33,9 @@ async def engine_stub(engine, tenant):
 
 async def watch(stub, md, run_id: str, after: int = 0) -> list[pb.RunEvent]:
     events = []
-    async for item in stub.WatchRun(pb.WatchRunRequest(run_id=run_id, after_seq=after),
-                                    metadata=md):
+    async for item in stub.WatchRun(
+        pb.WatchRunRequest(run_id=run_id, after_seq=after), metadata=md
+    ):
         if item.HasField("event"):
             events.append(item.event)
     return events
@@ -47,14 +49,18 @@ async def test_register_start_watch_get(service, engine_factory, tenant) -> None
         {"id": "b", "type": "transform", "depends_on": ["a"], "config": {"expression": "a * 2"}},
         {"id": "c", "type": "noop", "depends_on": ["a"], "when": "a > 100"},
     ]
-    reg = await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)),
-                                   metadata=md)
+    reg = await s.RegisterWorkflow(
+        pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md
+    )
     assert (reg.version, reg.created) == (1, True)
     got = await s.GetWorkflow(pb.GetWorkflowRequest(workflow_id="wf"), metadata=md)
     assert got.version == got.active_version == 1 and len(got.definition.nodes) == 3
-    started = await s.StartRun(pb.StartRunRequest(
-        workflow_id="wf", input=json_format.ParseDict({"x": 4}, pb.StartRunRequest().input)),
-        metadata=md)
+    started = await s.StartRun(
+        pb.StartRunRequest(
+            workflow_id="wf", input=json_format.ParseDict({"x": 4}, pb.StartRunRequest().input)
+        ),
+        metadata=md,
+    )
     run_id = started.run.run_id
     events = await asyncio.wait_for(watch(s, md, run_id), 30)
     assert events[-1].terminal and events[-1].status == pb.RUN_STATUS_COMPLETED
@@ -73,9 +79,13 @@ async def test_register_start_watch_get(service, engine_factory, tenant) -> None
 async def test_invalid_definitions_and_replayed_starts(service, engine_factory, tenant) -> None:
     engine = engine_factory(service)
     channel, s, md = await engine_stub(engine, tenant)
-    bad = definition([{"id": "a", "type": "noop", "depends_on": ["b"]},
-                      {"id": "b", "type": "noop", "depends_on": ["a"]},
-                      {"id": "c", "type": "warp"}])
+    bad = definition(
+        [
+            {"id": "a", "type": "noop", "depends_on": ["b"]},
+            {"id": "b", "type": "noop", "depends_on": ["a"]},
+            {"id": "c", "type": "warp"},
+        ]
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=bad), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -87,18 +97,17 @@ async def test_invalid_definitions_and_replayed_starts(service, engine_factory, 
         await s.StartRun(pb.StartRunRequest(workflow_id="missing"), metadata=md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
-    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(
-        definition=definition([{"id": "a", "type": "noop"}])), metadata=md)
-    first = await s.StartRun(pb.StartRunRequest(workflow_id="wf", request_id="once"),
-                             metadata=md)
-    again = await s.StartRun(pb.StartRunRequest(workflow_id="wf", request_id="once"),
-                             metadata=md)
+    await s.RegisterWorkflow(
+        pb.RegisterWorkflowRequest(definition=definition([{"id": "a", "type": "noop"}])),
+        metadata=md,
+    )
+    first = await s.StartRun(pb.StartRunRequest(workflow_id="wf", request_id="once"), metadata=md)
+    again = await s.StartRun(pb.StartRunRequest(workflow_id="wf", request_id="once"), metadata=md)
     assert first.run.run_id == again.run.run_id
     listed = await s.ListRuns(pb.ListRunsRequest(), metadata=md)
     assert len(listed.runs) == 1
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await s.StartRun(pb.StartRunRequest(workflow_id="wf", run_id=first.run.run_id),
-                         metadata=md)
+        await s.StartRun(pb.StartRunRequest(workflow_id="wf", run_id=first.run.run_id), metadata=md)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     await channel.close()
 
@@ -108,8 +117,16 @@ async def test_kill_9_of_the_engine_mid_run_and_another_finishes(
 ) -> None:
     log_file = tmp_path / "executions.log"
     log_file.write_text("")
-    args = ("--handlers", "tests.engine_handlers", "--lease-ttl", "1.5",
-            "--recovery-interval", "0.3", "--tenants", tenant)
+    args = (
+        "--handlers",
+        "tests.engine_handlers",
+        "--lease-ttl",
+        "1.5",
+        "--recovery-interval",
+        "0.3",
+        "--tenants",
+        tenant,
+    )
     env = {"ENGINE_TEST_LOG": str(log_file)}
     first = engine_factory(service, *args, env=env)
     channel, s, md = await engine_stub(first, tenant)
@@ -117,10 +134,15 @@ async def test_kill_9_of_the_engine_mid_run_and_another_finishes(
     for level in range(8):
         for k in range(2):
             deps = [f"n{level - 1}_{j}" for j in range(2)] if level else []
-            nodes.append({"id": f"n{level}_{k}", "type": "python", "depends_on": deps,
-                          "config": {"handler": "tests.engine_handlers:record"}})
-    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)),
-                             metadata=md)
+            nodes.append(
+                {
+                    "id": f"n{level}_{k}",
+                    "type": "python",
+                    "depends_on": deps,
+                    "config": {"handler": "tests.engine_handlers:record"},
+                }
+            )
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md)
     started = await s.StartRun(pb.StartRunRequest(workflow_id="wf"), metadata=md)
     run_id = started.run.run_id
     deadline = time.monotonic() + 20
@@ -131,8 +153,9 @@ async def test_kill_9_of_the_engine_mid_run_and_another_finishes(
     await channel.close()
     # What the store holds as done when the engine died: checkpointed or a pending write.
     cp_channel, store, cp_md = await checkpoint_stub(service.address, tenant)
-    head = await store.Restore(cpb.RestoreRequest(namespace="runs", thread_id=run_id,
-                                                  include_writes=True), metadata=cp_md)
+    head = await store.Restore(
+        cpb.RestoreRequest(namespace="runs", thread_id=run_id, include_writes=True), metadata=cp_md
+    )
     saved = set(json.loads(head.checkpoint.state)["completed"])
     saved |= {w.task_id for w in head.writes if w.channel == "output"}
     await cp_channel.close()
@@ -150,3 +173,63 @@ async def test_kill_9_of_the_engine_mid_run_and_another_finishes(
     twice = [n for n in saved if executions.count(n) != 1]
     assert twice == [], f"completed nodes ran again: {twice}"
     await channel.close()
+
+
+async def test_two_engines_fifty_runs_each_run_once(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    log_file = tmp_path / "executions.log"
+    log_file.write_text("")
+    args = (
+        "--handlers",
+        "tests.engine_handlers",
+        "--lease-ttl",
+        "2",
+        "--recovery-interval",
+        "0.2",
+        "--tenants",
+        tenant,
+    )
+    env = {"ENGINE_TEST_LOG": str(log_file)}
+    engines = [engine_factory(service, *args, env=env) for _ in range(2)]
+    stubs = [await engine_stub(e, tenant) for e in engines]
+    _, s0, md = stubs[0]
+    nodes = [
+        {"id": "a", "type": "python", "config": {"handler": "tests.engine_handlers:tagged"}},
+        {
+            "id": "b",
+            "type": "python",
+            "depends_on": ["a"],
+            "config": {"handler": "tests.engine_handlers:tagged"},
+        },
+        {
+            "id": "c",
+            "type": "python",
+            "depends_on": ["a"],
+            "config": {"handler": "tests.engine_handlers:tagged"},
+        },
+    ]
+    await s0.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md)
+
+    async def start(i: int) -> str:
+        stub = stubs[i % 2][1]
+        request = pb.StartRunRequest(workflow_id="wf", run_id=f"r{i:02d}")
+        request.input.update({"tag": f"r{i:02d}"})
+        return (await stub.StartRun(request, metadata=md)).run.run_id
+
+    run_ids = await asyncio.gather(*(start(i) for i in range(50)))
+    deadline = time.monotonic() + 90
+    while True:
+        listed = await s0.ListRuns(
+            pb.ListRunsRequest(statuses=[pb.RUN_STATUS_COMPLETED], page_size=100), metadata=md
+        )
+        if len(listed.runs) == 50:
+            break
+        assert time.monotonic() < deadline, f"{len(listed.runs)} of 50 runs completed"
+        await asyncio.sleep(0.3)
+    lines = log_file.read_text().split()
+    expected = {f"{r}:{n}" for r in run_ids for n in ("a", "b", "c")}
+    assert set(lines) == expected
+    assert len(lines) == len(expected), "some node ran twice"
+    for channel, _, _ in stubs:
+        await channel.close()
