@@ -31,6 +31,10 @@ _STORE_SERVICE_CONFIG = """{"methodConfig": [{
                   "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
 
 
+class NotResumable(Exception):
+    """ResumeRun on a run that is not waiting (FAILED_PRECONDITION)."""
+
+
 class RunExists(Exception):
     """StartRun with the id of an existing run (and no matching request_id)."""
 
@@ -120,23 +124,39 @@ class Engine:
             raise
         return True
 
-    def _launch(self, tenant: str, workflow: Workflow, run_id: str) -> None:
+    def _launch(
+        self, tenant: str, workflow: Workflow, run_id: str, answers: dict[str, Any] | None = None
+    ) -> None:
         key = (tenant, run_id)
         if key in self._running:
             return
-        task = asyncio.create_task(self._execute(tenant, workflow, run_id), name=f"run-{run_id}")
+        task = asyncio.create_task(
+            self._execute(tenant, workflow, run_id, answers), name=f"run-{run_id}"
+        )
         self._running[key] = task
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
-    async def _execute(self, tenant: str, workflow: Workflow, run_id: str) -> None:
+    async def _execute(
+        self, tenant: str, workflow: Workflow, run_id: str, answers: dict[str, Any] | None = None
+    ) -> None:
         try:
-            run = await self.executor(tenant).execute(workflow, run_id)
+            run = await self.executor(tenant).execute(workflow, run_id, answers)
             log.info("run ended", extra={"run_id": run_id, "status": run.status})
         except grpc.aio.AioRpcError as exc:
             # Another engine holds it, or the store is away: the lease decides who goes on.
             log.warning("run not executed here", extra={"run_id": run_id, "error": exc.details()})
         except Exception:
             log.exception("run crashed", extra={"run_id": run_id})
+
+    async def resume_run(self, tenant: str, run_id: str, value: Any) -> RunState:
+        """Answer a WAITING approval; any engine may do it, hours or days later."""
+        run, _ = await self.get_run(tenant, run_id)
+        if run.status != "WAITING":
+            raise NotResumable(f"run {run_id!r} is {run.status}, not waiting for an answer")
+        stored = await self.registry.get(tenant, run.workflow_id, run.version)
+        self.tenants.add(tenant)
+        self._launch(tenant, parse(stored.definition), run_id, {run.waiting_node: value})
+        return run
 
     async def get_run(self, tenant: str, run_id: str) -> tuple[RunState, cpb.Thread]:
         md = (("x-tenant-id", tenant),)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 RUNS_NAMESPACE = "runs"
 OUTPUT_CHANNEL = "output"
 SKIPPED_CHANNEL = "skipped"
-RUNNABLE_TYPES = {"noop", "sleep", "transform", "python"}
+RUNNABLE_TYPES = {"noop", "sleep", "transform", "python", "approval"}
 
 
 def status_event(status: str) -> cpb.NewEvent:
@@ -70,6 +70,8 @@ class RunState:
     error: str = ""
     step: int = 0
     total: int = 0
+    waiting_node: str = ""  # the approval node the run waits on
+    waiting_for: str = ""  # its prompt
 
     def state(self) -> dict[str, Any]:
         """The run's state as nodes and clients see it: the input and each node's output."""
@@ -181,7 +183,9 @@ class RunExecutor:
         run, _ = await self._restore(run_id)
         return run
 
-    async def execute(self, workflow: Workflow, run_id: str) -> RunState:
+    async def execute(
+        self, workflow: Workflow, run_id: str, answers: dict[str, Any] | None = None
+    ) -> RunState:
         """Run to the end (or failure) under a lease; resumes from the head checkpoint."""
         lease = await self.store.AcquireLease(
             cpb.AcquireLeaseRequest(
@@ -197,7 +201,7 @@ class RunExecutor:
         assert work is not None
         renewer = asyncio.create_task(self._renew(run_id, token, work))
         try:
-            return await self._steps(workflow, run_id, token)
+            return await self._steps(workflow, run_id, token, answers or {})
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -249,10 +253,30 @@ class RunExecutor:
                 run.skipped.append(w.task_id)
         return run, head.checkpoint.checkpoint_id
 
-    async def _steps(self, workflow: Workflow, run_id: str, token: int) -> RunState:
+    async def _steps(
+        self, workflow: Workflow, run_id: str, token: int, answers: dict[str, Any]
+    ) -> RunState:
         run, head_id = await self._restore(run_id)
         if run.status in ("COMPLETED", "FAILED", "CANCELLED"):
             return run
+        if run.status == "WAITING":
+            if run.waiting_node not in answers:
+                return run  # still waiting: nothing holds a task or a lease meanwhile
+            node_id, value = run.waiting_node, answers[run.waiting_node]
+            await self._write(run_id, head_id, token, node_id, OUTPUT_CHANNEL, value)
+            run.outputs[node_id] = value
+            run.completed.append(node_id)
+            run.waiting_node = run.waiting_for = ""
+            await self._publish(
+                run_id,
+                token,
+                "node.completed",
+                {
+                    "node_id": node_id,
+                    "completed_nodes": len(run.done()),
+                    "total_nodes": len(workflow.nodes),
+                },
+            )
         run.status, run.error = "RUNNING", ""
         gate = asyncio.Semaphore(workflow.max_parallel or self.max_parallel)
         while True:
@@ -264,8 +288,19 @@ class RunExecutor:
             ]
             if not ready:
                 break
+            runnable = [n for n in ready if n.type != "approval"]
+            if not runnable:  # only approvals are left to start: wait for an answer
+                node = ready[0]
+                if node.when and not expressions.evaluate(node.when, run.state()):
+                    await self._write(run_id, head_id, token, node.id, SKIPPED_CHANNEL, True)
+                    run.skipped.append(node.id)
+                    continue
+                run.status = "WAITING"
+                run.waiting_node, run.waiting_for = node.id, str(node.config.get("prompt", ""))
+                await self._checkpoint(run, head_id, token)
+                return run
             results = await asyncio.gather(
-                *(self._node(workflow, n, run, head_id, token, gate) for n in ready)
+                *(self._node(workflow, n, run, head_id, token, gate) for n in runnable)
             )
             failures = {nid: err for nid, err in results if err}
             run.step += 1
@@ -377,7 +412,7 @@ class RunExecutor:
     async def _checkpoint(self, run: RunState, head_id: str, token: int) -> str:
         status = getattr(cpb, f"THREAD_STATUS_{run.status}")
         terminal = run.status in ("COMPLETED", "FAILED")
-        events = [status_event(run.status)] if terminal else []
+        events = [status_event(run.status)] if terminal or run.status == "WAITING" else []
         response = await self._call(
             self.store.Save(
                 cpb.SaveRequest(

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from checkpoint_svc.servicer import tenant_of
 from engine_svc.definition import DefinitionInvalid
-from engine_svc.engine import Engine, RunExists
+from engine_svc.engine import Engine, NotResumable, RunExists
 from engine_svc.executor import RunState
 from engine_svc.registry import WorkflowNotFound
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
@@ -45,6 +45,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, RunExists):
         await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+    if isinstance(exc, NotResumable):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, grpc.aio.AioRpcError):  # the store's answer, passed on
         await context.abort(exc.code(), exc.details() or "")
     raise exc
@@ -55,7 +57,13 @@ def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except (DefinitionInvalid, WorkflowNotFound, RunExists, grpc.aio.AioRpcError) as exc:
+        except (
+            DefinitionInvalid,
+            WorkflowNotFound,
+            RunExists,
+            NotResumable,
+            grpc.aio.AioRpcError,
+        ) as exc:
             await _abort(context, exc)
         raise AssertionError("unreachable")
 
@@ -77,6 +85,7 @@ def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
         created_at=thread.created_at,
         updated_at=thread.updated_at,
         completed_node_ids=run.completed,
+        waiting_for=run.waiting_for,
     )
     msg.state.update(run.state())
     return msg
@@ -182,6 +191,16 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             if not request.workflow_id or t.workflow_id == request.workflow_id
         ]
         return pb.ListRunsResponse(runs=runs, next_page_token=token)
+
+    @translated
+    async def ResumeRun(
+        self, request: pb.ResumeRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeRunResponse:
+        tenant = tenant_of(context)
+        value = json_format.MessageToDict(request.value) if request.HasField("value") else None
+        run = await self.engine.resume_run(tenant, request.run_id, value)
+        _, thread = await self.engine.get_run(tenant, run.run_id)
+        return pb.ResumeRunResponse(run=run_to_pb(run, thread))
 
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext

@@ -233,3 +233,58 @@ async def test_two_engines_fifty_runs_each_run_once(
     assert len(lines) == len(expected), "some node ran twice"
     for channel, _, _ in stubs:
         await channel.close()
+
+
+async def test_an_approval_answered_after_the_engine_restarted(
+    service, engine_factory, tenant
+) -> None:
+    args = ("--recovery-interval", "0.3", "--tenants", tenant)
+    first = engine_factory(service, *args)
+    channel, s, md = await engine_stub(first, tenant)
+    nodes = [
+        {"id": "build", "type": "transform", "config": {"expression": "'artifact-1'"}},
+        {
+            "id": "approve",
+            "type": "approval",
+            "depends_on": ["build"],
+            "config": {"prompt": "Deploy artifact-1?"},
+        },
+        {
+            "id": "deploy",
+            "type": "transform",
+            "depends_on": ["approve"],
+            "when": "approve['ok']",
+            "config": {"expression": "build + ' deployed'"},
+        },
+    ]
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md)
+    run_id = (await s.StartRun(pb.StartRunRequest(workflow_id="wf"), metadata=md)).run.run_id
+    deadline = time.monotonic() + 20
+    while True:
+        run = (await s.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+        if run.status == pb.RUN_STATUS_WAITING:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert run.waiting_for == "Deploy artifact-1?"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.StartRun(pb.StartRunRequest(workflow_id="wf", run_id=run_id), metadata=md)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await channel.close()
+    await first.arestart()  # hours later, on a restarted engine
+
+    channel, s, md = await engine_stub(first, tenant)
+    answer = pb.ResumeRunRequest(run_id=run_id)
+    answer.value.struct_value.update({"ok": True, "by": "alice"})
+    await s.ResumeRun(answer, metadata=md)
+    events = await asyncio.wait_for(watch(s, md, run_id), 30)
+    assert events[-1].terminal and events[-1].status == pb.RUN_STATUS_COMPLETED
+    assert pb.RUN_STATUS_WAITING in [e.status for e in events]
+    run = (await s.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+    state = json_format.MessageToDict(run.state)
+    assert state["approve"] == {"ok": True, "by": "alice"}
+    assert state["deploy"] == "artifact-1 deployed"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.ResumeRun(answer, metadata=md)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await channel.close()
