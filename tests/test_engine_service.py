@@ -288,3 +288,31 @@ async def test_an_approval_answered_after_the_engine_restarted(
         await s.ResumeRun(answer, metadata=md)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await channel.close()
+
+
+async def test_a_watcher_that_reconnects_misses_no_event(service, engine_factory, tenant) -> None:
+    engine = engine_factory(service)
+    channel, s, md = await engine_stub(engine, tenant)
+    nodes = [
+        {
+            "id": f"s{i}",
+            "type": "sleep",
+            "config": {"seconds": 0.1},
+            "depends_on": [f"s{i - 1}"] if i else [],
+        }
+        for i in range(8)
+    ]
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md)
+    run_id = (await s.StartRun(pb.StartRunRequest(workflow_id="wf"), metadata=md)).run.run_id
+    seen: list[pb.RunEvent] = []
+    async for item in s.WatchRun(pb.WatchRunRequest(run_id=run_id), metadata=md):
+        if item.HasField("event"):
+            seen.append(item.event)
+            if len(seen) == 4:
+                break  # the watcher drops off mid-run
+    await asyncio.sleep(0.4)
+    seen += await asyncio.wait_for(watch(s, md, run_id, after=seen[-1].seq), 30)
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1].terminal and seen[-1].status == pb.RUN_STATUS_COMPLETED
+    assert len([e for e in seen if e.type == "node.completed"]) == 8
+    await channel.close()
