@@ -441,7 +441,10 @@ class PostgresServer:
         self._server_version = 0
         _reaper.add_dir(self.dir)
         _register(self)
-        self._user_kwargs: dict[str, Any] = {}
+        # Commands run through setpriv rather than Popen(user=...): Popen then has to fork()
+        # a process whose gRPC threads are running, and gRPC's fork handlers can kill the
+        # child before it execs (seen in CI). setpriv lets Popen use vfork and exec at once.
+        self._as_postgres: list[str] = []
         if self._as_root:
             try:
                 pw = pwd.getpwnam("postgres")
@@ -450,7 +453,9 @@ class PostgresServer:
                     "running as root but there is no 'postgres' user to run PostgreSQL as"
                 ) from None
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self._user_kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            self._as_postgres = [
+                "setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"
+            ]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -471,8 +476,9 @@ class PostgresServer:
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             result = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.dir, env=_clean_env(), timeout=120, check=False, **self._user_kwargs,
+                [*self._as_postgres, *cmd], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=self.dir, env=_clean_env(), timeout=120,
+                check=False,
             )  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{_tail(self.log_path, 30)}")
@@ -504,8 +510,8 @@ class PostgresServer:
             cmd += ["-c", f"{key}={value}"]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.dir, env=_clean_env(), start_new_session=True, **self._user_kwargs,
+                [*self._as_postgres, *cmd], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=self.dir, env=_clean_env(), start_new_session=True,
             )  # fmt: skip
         # If we die, SIGQUIT (immediate shutdown: postgres cleans up its shared memory).
         _reaper.watch(self._proc.pid, signal.SIGQUIT)
