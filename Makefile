@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps lint stubs test bench clean
+.PHONY: setup system-deps lint stubs test bench demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: system-deps lint
 bench: setup system-deps
 	$(PY) -m pip install -qq -e '.[bench]'
 	$(PY) -m bench
+
+demo:
+	@echo "make demo is not built yet (issue 4: the CLI, the sample workflow and the kill-and-resume run)." >&2
+	@exit 1
 
 clean:
 	rm -rf $(VENV) node_modules data

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -108,7 +108,6 @@ class _AmbiguousCommit(Exception):
 class _Item:
     op: Operation
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 class GroupCommitter:
@@ -137,10 +136,6 @@ class GroupCommitter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
         self._announcer = asyncio.create_task(self._announce(), name="after-commit")
-
-    @property
-    def backlog(self) -> int:
-        return self._queue.qsize()
 
     async def submit(self, op: Operation, wait: bool = True) -> Any:
         """Queue an operation; with wait=False, return once queued (write-behind)."""

@@ -11,7 +11,6 @@ from checkpoint_svc.domain import (
     PendingWrite,
     Thread,
     ThreadKey,
-    ThreadStatus,
     Trigger,
 )
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
@@ -145,7 +144,3 @@ def new_event_from_pb(msg: pb.NewEvent) -> NewEvent:
     return NewEvent(
         type=msg.type, payload=json_format.MessageToDict(msg.payload), terminal=msg.terminal
     )
-
-
-def status_from_pb(value: int) -> ThreadStatus:
-    return ThreadStatus(value) if value in ThreadStatus._value2member_map_ else ThreadStatus(0)

@@ -159,13 +159,17 @@ class Engine:
         return run
 
     async def get_run(self, tenant: str, run_id: str) -> tuple[RunState, cpb.Thread]:
+        thread = await self.thread(tenant, run_id)
+        return await self.executor(tenant).load(run_id), thread
+
+    async def thread(self, tenant: str, run_id: str) -> cpb.Thread:
+        """The run's thread row (status, head, times) without its state."""
         md = (("x-tenant-id", tenant),)
-        thread = (
+        return (
             await self.store.GetThread(
                 cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id), metadata=md
             )
         ).thread
-        return await self.executor(tenant).load(run_id), thread
 
     async def list_runs(
         self, tenant: str, statuses: list[int], page_size: int, page_token: str

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 RUNS_NAMESPACE = "runs"
 OUTPUT_CHANNEL = "output"
 SKIPPED_CHANNEL = "skipped"
-RUNNABLE_TYPES = {"noop", "sleep", "transform", "python", "approval"}
 
 
 def status_event(status: str) -> cpb.NewEvent:

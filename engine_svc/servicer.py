@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2, json_format
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import duration_pb2, json_format
 from grpc_status import rpc_status
 
-from checkpoint_svc.servicer import tenant_of
+from checkpoint_svc.errors import InvalidArgument
+from checkpoint_svc.servicer import status_for, tenant_of
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import Engine, NotResumable, RunExists
 from engine_svc.executor import RunState
@@ -23,24 +23,10 @@ from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
 R = TypeVar("R")
 
 
-def _invalid(violations: list[tuple[str, str]], message: str) -> grpc.Status:
-    detail = any_pb2.Any()
-    detail.Pack(
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in violations
-            ]
-        )
-    )
-    return rpc_status.to_status(
-        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
-    )
-
-
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, DefinitionInvalid):
-        await context.abort_with_status(_invalid(exc.violations, f"invalid definition: {exc}"))
+        invalid = InvalidArgument(f"invalid definition: {exc}", exc.violations)
+        await context.abort_with_status(rpc_status.to_status(status_for(invalid)))
     if isinstance(exc, WorkflowNotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, RunExists):
@@ -160,7 +146,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             request.run_id,
             request.request_id,
         )
-        _, thread = await self.engine.get_run(tenant, run.run_id)
+        thread = await self.engine.thread(tenant, run.run_id)
         return pb.StartRunResponse(run=run_to_pb(run, thread))
 
     @translated
@@ -199,7 +185,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         tenant = tenant_of(context)
         value = json_format.MessageToDict(request.value) if request.HasField("value") else None
         run = await self.engine.resume_run(tenant, request.run_id, value)
-        _, thread = await self.engine.get_run(tenant, run.run_id)
+        thread = await self.engine.thread(tenant, run.run_id)
         return pb.ResumeRunResponse(run=run_to_pb(run, thread))
 
     async def WatchRun(

@@ -640,14 +640,6 @@ class Batch:
         params = {**_key_params(key), "checkpoint_id": checkpoint_id}
         return (await self.conn.execute(_sql(CHECKPOINT_EXISTS), params)).first() is not None
 
-    async def load_checkpoint(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
-        for cp in self.checkpoints:
-            if cp.key == key and cp.checkpoint_id == checkpoint_id:
-                return cp
-        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
-        row = (await self.conn.execute(_sql(SELECT_CHECKPOINT), params)).first()
-        return _checkpoint_from_row(key, row, with_state=True) if row else None
-
     async def delete_thread(self, key: ThreadKey) -> int:
         await self.flush()
         params = _key_params(key)
