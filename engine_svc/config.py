@@ -16,6 +16,9 @@ class Settings:
     max_parallel: int = 16
     lease_ttl_seconds: float = 15.0
     recovery_interval_seconds: float = 5.0
+    store_retry_seconds: float = 30.0
+    shutdown_grace_seconds: float = 10.0
+    control_wait_seconds: float = 30.0
     tenants: list[str] = field(default_factory=lambda: ["default"])
     owner: str = ""
     log_level: str = "INFO"
@@ -68,6 +71,30 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         type=float,
         default=float(_env("ENGINE_RECOVERY_INTERVAL", str(d.recovery_interval_seconds))),
         help="seconds between scans for runs whose engine died (0 = never)",
+    )
+    p.add_argument(
+        "--store-retry",
+        dest="store_retry_seconds",
+        type=float,
+        default=float(_env("ENGINE_STORE_RETRY", str(d.store_retry_seconds))),
+        help="seconds a run retries an unreachable checkpoint service before it stops "
+        "(it is continued from its last checkpoint when the service is back)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        dest="shutdown_grace_seconds",
+        type=float,
+        default=float(_env("ENGINE_SHUTDOWN_GRACE", str(d.shutdown_grace_seconds))),
+        help="on SIGTERM, seconds running nodes get to finish before their runs are "
+        "checkpointed and handed over",
+    )
+    p.add_argument(
+        "--control-wait",
+        dest="control_wait_seconds",
+        type=float,
+        default=float(_env("ENGINE_CONTROL_WAIT", str(d.control_wait_seconds))),
+        help="seconds PauseRun, CancelRun and CheckpointRun wait for the engine running "
+        "the run to act",
     )
     p.add_argument(
         "--tenants",

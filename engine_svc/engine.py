@@ -12,10 +12,23 @@ from typing import Any
 
 import grpc
 import uuid6
+from google.protobuf import json_format
 
 from engine_svc.config import Settings
-from engine_svc.definition import Workflow, parse
-from engine_svc.executor import RUNS_NAMESPACE, NodeRunner, RunExecutor, RunState
+from engine_svc.definition import NodeSpec, Workflow, parse
+from engine_svc.executor import (
+    CONTROL_NAMESPACE,
+    RUNS_NAMESPACE,
+    TERMINAL,
+    LeaseHeld,
+    LeaseLostError,
+    NotResumable,
+    RunExecutor,
+    RunState,
+    StoreUnavailable,
+    check_control,
+)
+from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner, render
 from engine_svc.registry import Registered, StoredWorkflow, WorkflowNotFound, WorkflowRegistry
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -30,13 +43,20 @@ _STORE_SERVICE_CONFIG = """{"methodConfig": [{
   "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
                   "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
 
+# The engines' own records live under a reserved tenant: which tenants have runs, so that a
+# fresh replica knows where to look for runs to take over.
+SYSTEM_TENANT = "engine.system"
+TENANTS_NAMESPACE = "tenants"
 
-class NotResumable(Exception):
-    """ResumeRun on a run that is not waiting (FAILED_PRECONDITION)."""
+__all__ = ["ControlTimeout", "Engine", "NotResumable", "RunExists"]
 
 
 class RunExists(Exception):
     """StartRun with the id of an existing run (and no matching request_id)."""
+
+
+class ControlTimeout(Exception):
+    """The engine running a run did not act on a pause, cancel or checkpoint in time."""
 
 
 class Engine:
@@ -52,28 +72,51 @@ class Engine:
         )
         self.store = cpb_grpc.CheckpointServiceStub(self.channel)
         self.registry = WorkflowRegistry(self.store)
-        self.runner = NodeRunner(set(settings.handlers))
+        self.runner = NodeRunner(set(settings.handlers), self._child_run)
         self.tenants: set[str] = set(settings.tenants)
+        self._noted: set[str] = set()  # tenants recorded under SYSTEM_TENANT by this process
+        self._executors: dict[str, RunExecutor] = {}
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._recovery: asyncio.Task | None = None
 
     def executor(self, tenant: str) -> RunExecutor:
-        s = self.settings
-        return RunExecutor(
-            self.store, tenant, s.owner, self.runner, s.lease_ttl_seconds, s.max_parallel
-        )
+        if tenant not in self._executors:
+            s = self.settings
+            self._executors[tenant] = RunExecutor(
+                self.store,
+                tenant,
+                s.owner,
+                self.runner,
+                s.lease_ttl_seconds,
+                s.max_parallel,
+                s.store_retry_seconds,
+            )
+        return self._executors[tenant]
 
     async def start(self) -> None:
         if self.settings.recovery_interval_seconds > 0:
             self._recovery = asyncio.create_task(self._recover_loop(), name="recovery")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._recovery, *self._running.values()) if t is not None]
-        for task in tasks:
-            task.cancel()  # executors release their leases on the way out
-        for task in tasks:
+        """Graceful: running nodes get the grace period to finish, no new ones start, each
+        run is checkpointed (still RUNNING, so another engine continues it at once) and its
+        lease released. What is still running after the grace period is cut off; its
+        unsaved nodes run again wherever the run continues."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+        for executor in self._executors.values():
+            for ex in executor.live.values():
+                if ex.pause is None:
+                    ex.pause, ex.shutdown = ("engine shutdown", ""), True
+        tasks = list(self._running.values())
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+            for task in late:
+                task.cancel()  # executors release their leases on the way out
+        for task in [*tasks, *([self._recovery] if self._recovery else [])]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.runner.close()
         await self.channel.close()
 
     # ---- workflows ---------------------------------------------------------
@@ -83,6 +126,10 @@ class Engine:
 
     async def get_workflow(self, tenant: str, workflow_id: str, version: int) -> StoredWorkflow:
         return await self.registry.get(tenant, workflow_id, version)
+
+    async def _workflow_of(self, tenant: str, run: RunState) -> Workflow:
+        stored = await self.registry.get(tenant, run.workflow_id, run.version)
+        return parse(stored.definition)
 
     # ---- runs ----------------------------------------------------------------
 
@@ -103,60 +150,237 @@ class Engine:
             run = await self.executor(tenant).start(
                 workflow, stored.version, run_id or str(uuid6.uuid7()), run_input, request_id
             )
+        except LeaseLostError as exc:  # the start checkpoint's parent check: the run exists
+            raise RunExists(f"run {run_id!r} already exists") from exc
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
                 raise RunExists(f"run {run_id!r} already exists") from exc
             raise
-        self.tenants.add(tenant)
+        await self._note_tenant(tenant)
         if run.status == "PENDING":
             self._launch(tenant, workflow, run.run_id)
         return run
 
+    async def _note_tenant(self, tenant: str) -> None:
+        """Record once that `tenant` has runs (idempotent across engines by request id)."""
+        if tenant in self._noted:
+            return
+        await self.store.Publish(
+            cpb.PublishRequest(
+                namespace=TENANTS_NAMESPACE,
+                thread_id=tenant,
+                events=[cpb.NewEvent(type="tenant.seen")],
+                request_id=f"tenant-seen:{tenant}",
+            ),
+            metadata=(("x-tenant-id", SYSTEM_TENANT),),
+        )
+        self._noted.add(tenant)
+        self.tenants.add(tenant)
+
+    async def _discover_tenants(self) -> None:
+        token = ""
+        while True:
+            listed = await self.store.ListThreads(
+                cpb.ListThreadsRequest(
+                    namespace=TENANTS_NAMESPACE, page_size=1000, page_token=token
+                ),
+                metadata=(("x-tenant-id", SYSTEM_TENANT),),
+            )
+            self.tenants.update(t.thread_id for t in listed.threads)
+            token = listed.next_page_token
+            if not token:
+                return
+
     async def _run_exists(self, tenant: str, run_id: str) -> bool:
         try:
-            await self.store.GetThread(
-                cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id),
-                metadata=(("x-tenant-id", tenant),),
-            )
+            await self.thread(tenant, run_id)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return False
             raise
         return True
 
-    def _launch(
-        self, tenant: str, workflow: Workflow, run_id: str, answers: dict[str, Any] | None = None
-    ) -> None:
+    def _launch(self, tenant: str, workflow: Workflow, run_id: str) -> None:
         key = (tenant, run_id)
         if key in self._running:
             return
-        task = asyncio.create_task(
-            self._execute(tenant, workflow, run_id, answers), name=f"run-{run_id}"
-        )
+        task = asyncio.create_task(self._execute(tenant, workflow, run_id), name=f"run-{run_id}")
         self._running[key] = task
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
-    async def _execute(
-        self, tenant: str, workflow: Workflow, run_id: str, answers: dict[str, Any] | None = None
-    ) -> None:
+    async def _execute(self, tenant: str, workflow: Workflow, run_id: str) -> None:
         try:
-            run = await self.executor(tenant).execute(workflow, run_id, answers)
-            log.info("run ended", extra={"run_id": run_id, "status": run.status})
+            run = await self.executor(tenant).execute(workflow, run_id)
+            log.info("run stopped", extra={"run_id": run_id, "status": run.status})
+        except LeaseLostError as exc:
+            log.warning("run not executed here", extra={"run_id": run_id, "error": str(exc)})
+        except StoreUnavailable as exc:
+            # Nothing more runs without saving; recovery continues it when the store is back.
+            log.error("checkpoint service unreachable; run stopped", extra={"run_id": run_id})
+            log.debug("store error", extra={"error": str(exc)})
         except grpc.aio.AioRpcError as exc:
-            # Another engine holds it, or the store is away: the lease decides who goes on.
             log.warning("run not executed here", extra={"run_id": run_id, "error": exc.details()})
         except Exception:
             log.exception("run crashed", extra={"run_id": run_id})
 
     async def resume_run(self, tenant: str, run_id: str, value: Any) -> RunState:
-        """Answer a WAITING approval; any engine may do it, hours or days later."""
-        run, _ = await self.get_run(tenant, run_id)
-        if run.status != "WAITING":
-            raise NotResumable(f"run {run_id!r} is {run.status}, not waiting for an answer")
-        stored = await self.registry.get(tenant, run.workflow_id, run.version)
-        self.tenants.add(tenant)
-        self._launch(tenant, parse(stored.definition), run_id, {run.waiting_node: value})
+        """Continue a PAUSED run, answer a WAITING approval or re-run what a FAILED run did
+        not finish; any engine may do it, hours or days later."""
+        executor = self.executor(tenant)
+        run = await executor.load(run_id)
+        if run.status not in ("PAUSED", "WAITING", "FAILED"):
+            raise NotResumable(
+                f"run {run_id!r} is {run.status}: only PAUSED, WAITING and FAILED runs resume"
+            )
+        workflow = await self._workflow_of(tenant, run)
+        give_up = time.monotonic() + 5.0
+        while True:
+            try:
+                run = await executor.resume(workflow, run_id, value)
+                break
+            except LeaseHeld:  # the engine that paused or failed it is just letting go
+                if time.monotonic() > give_up:
+                    raise NotResumable(f"run {run_id!r} is held by an engine") from None
+                await asyncio.sleep(0.1)
+        await self._note_tenant(tenant)
+        self._launch(tenant, workflow, run_id)
         return run
+
+    async def control(
+        self, tenant: str, run_id: str, action: str, payload: dict[str, Any]
+    ) -> tuple[RunState, str]:
+        """Pause, cancel or checkpoint a run, wherever it runs. (run, checkpoint id).
+
+        A run no engine holds is changed here; otherwise the request goes on the run's
+        control feed, and this waits until the holder acknowledges it (or lets go of the run,
+        then it is changed here). The request carries a deadline: once this has given up,
+        the holder ignores it."""
+        executor = self.executor(tenant)
+        run = await executor.load(run_id)
+        check_control(run, action)
+        workflow = await self._workflow_of(tenant, run)
+        thread = await self.thread(tenant, run_id)
+        control_id = str(uuid6.uuid7())
+        deadline = time.monotonic() + self.settings.control_wait_seconds
+        feed: asyncio.Queue[cpb.Event] = asyncio.Queue()
+        follower = asyncio.create_task(self._follow(tenant, run_id, thread.last_seq, feed))
+        published = 0
+        last_saved = ""
+        try:
+            while True:
+                try:
+                    return await executor.change_directly(
+                        workflow,
+                        run_id,
+                        action,
+                        {**payload, "control_id": control_id, "control_seq": published},
+                    )
+                except LeaseHeld:
+                    pass
+                if not published:
+                    published = await self._publish_control(
+                        tenant, run_id, action, payload, control_id
+                    )
+                while True:  # events until ours, a status change, or a second gone
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ControlTimeout(
+                            f"the engine running {run_id!r} did not act on the {action} "
+                            f"within {self.settings.control_wait_seconds:g}s; nothing changed"
+                        )
+                    try:
+                        ev = await asyncio.wait_for(feed.get(), min(1.0, left))
+                    except TimeoutError:
+                        break
+                    got = json_format.MessageToDict(ev.payload)
+                    if ev.type == "checkpoint.saved":
+                        last_saved = got.get("checkpoint_id", "")
+                    if got.get("control_id") == control_id:
+                        return await executor.load(run_id), last_saved
+                    if ev.type == "run.status":
+                        check_control(await executor.load(run_id), action)
+                        break
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await follower
+
+    async def _publish_control(
+        self, tenant: str, run_id: str, action: str, payload: dict[str, Any], control_id: str
+    ) -> int:
+        event = cpb.NewEvent(type=f"control.{action}")
+        event.payload.update(
+            {
+                **payload,
+                "control_id": control_id,
+                "deadline": time.time() + self.settings.control_wait_seconds,
+            }
+        )
+        published = await self.store.Publish(
+            cpb.PublishRequest(
+                namespace=CONTROL_NAMESPACE,
+                thread_id=run_id,
+                events=[event],
+                request_id=f"control:{control_id}",
+            ),
+            metadata=(("x-tenant-id", tenant),),
+        )
+        return published.seqs[-1]
+
+    async def _follow(
+        self, tenant: str, run_id: str, after_seq: int, into: asyncio.Queue[cpb.Event]
+    ) -> None:
+        async for item in self.store.Stream(
+            cpb.StreamRequest(
+                namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=after_seq, follow=True
+            ),
+            metadata=(("x-tenant-id", tenant),),
+        ):
+            if item.HasField("event"):
+                into.put_nowait(item.event)
+
+    async def _child_run(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
+        """A `subworkflow` node: a child run with an id derived from the parent's, so the
+        node run again (a retry, or after a crash) finds the same child instead of a second."""
+        cfg = node.config
+        child_id = f"{call.run_id}.{node.id}"
+        child_input = render(cfg["input"], state) if "input" in cfg else state
+        try:
+            child = await self.start_run(
+                call.tenant,
+                cfg["workflow_id"],
+                int(cfg.get("version", 0)),
+                child_input if isinstance(child_input, dict) else {"value": child_input},
+                child_id,
+                f"child:{child_id}",
+            )
+            if child.status == "FAILED":  # a retry of the node re-runs what the child did not
+                child = await self.resume_run(call.tenant, child_id, None)
+            if child.status in ("PAUSED", "WAITING"):
+                pass  # the child waits for its own pause or approval to be lifted
+            ended = await self._ended(call.tenant, child_id)
+        except WorkflowNotFound as exc:
+            raise NodeFailed(str(exc)) from exc
+        except asyncio.CancelledError:
+            parent = self.executor(call.tenant).live.get(call.run_id)
+            if parent is not None and parent.cancel is not None:
+                asyncio.get_running_loop().create_task(
+                    self._cancel_quietly(call.tenant, child_id, "parent run cancelled")
+                )
+            raise
+        if ended.status != "COMPLETED":
+            raise NodeFailed(f"child run {child_id} ended {ended.status}: {ended.error}")
+        return ended.outputs
+
+    async def _cancel_quietly(self, tenant: str, run_id: str, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.control(tenant, run_id, "cancel", {"reason": reason})
+
+    async def _ended(self, tenant: str, run_id: str) -> RunState:
+        """Wait for a run to reach a terminal status."""
+        async for item in self.watch_run(tenant, run_id, 0):
+            del item
+        return await self.executor(tenant).load(run_id)
 
     async def get_run(self, tenant: str, run_id: str) -> tuple[RunState, cpb.Thread]:
         thread = await self.thread(tenant, run_id)
@@ -189,18 +413,36 @@ class Engine:
     async def watch_run(
         self, tenant: str, run_id: str, after_seq: int
     ) -> AsyncIterator[cpb.StreamResponse]:
+        """The run's feed from `after_seq`, until the run is over. A FAILED run that is
+        resumed goes on, so the feed's own end-at-terminal is not enough: the thread says
+        whether a terminal event is the last one."""
         md = (("x-tenant-id", tenant),)
-        await self.get_run(tenant, run_id)  # NOT_FOUND for an unknown run
+        await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
+        end_at: int | None = None
         async for item in self.store.Stream(
-            cpb.StreamRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=after_seq),
+            cpb.StreamRequest(
+                namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=after_seq, follow=True
+            ),
             metadata=md,
         ):
             yield item
+            if not item.HasField("event"):
+                continue
+            if item.event.terminal and end_at is None:
+                thread = await self.thread(tenant, run_id)
+                if cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_") in TERMINAL:
+                    end_at = thread.last_seq
+            if end_at is not None and item.event.seq >= end_at:
+                return
 
     # ---- recovery ------------------------------------------------------------
 
     async def _recover_loop(self) -> None:
         while True:
+            try:
+                await self._discover_tenants()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("tenant discovery failed", extra={"error": exc.details()})
             for tenant in sorted(self.tenants):
                 try:
                     await self.recover(tenant)

@@ -5,39 +5,58 @@ write the moment it finishes, and one checkpoint closes the step. A run picked u
 this engine after a crash, or by another) starts from the head checkpoint plus its pending
 writes, so no node whose output was saved runs again. Every write carries the run's lease
 token: an engine that lost the lease can no longer write.
+
+Pause, cancel and manual checkpoints reach the engine that holds a run's lease through the
+run's control feed (a thread of its own in the store, which anyone may append to); a run that
+no engine holds is changed directly by whoever asks, under a short lease of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
+import dataclasses
 import json
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
+from google.protobuf import json_format
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from engine_svc import expressions
 from engine_svc.definition import NodeSpec, Workflow
+from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
+from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 RUNS_NAMESPACE = "runs"
+CONTROL_NAMESPACE = "run-control"
 OUTPUT_CHANNEL = "output"
 SKIPPED_CHANNEL = "skipped"
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_CALL_TIMEOUT = 10.0  # seconds per store call; the retry budget covers longer outages
+
+__all__ = ["NodeFailed", "NodeRunner", "RunExecutor", "RunState"]
 
 
-def status_event(status: str) -> cpb.NewEvent:
+def status_event(status: str, **extra: Any) -> cpb.NewEvent:
     event = cpb.NewEvent(type="run.status")
-    event.payload.update({"status": status})
+    event.payload.update({"status": status, **extra})
     return event
 
 
@@ -50,8 +69,18 @@ class LeaseLostError(RuntimeError):
     """Another engine owns the run now; this one must stop touching it."""
 
 
-class NodeFailed(RuntimeError):
-    pass
+class LeaseHeld(RuntimeError):
+    """Someone else holds the run's lease: ask them through the control feed."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The checkpoint service stayed away past the retry budget. The run stops where its last
+    save left it (it never runs on without saving); recovery continues it when the store is
+    back."""
+
+
+class NotResumable(Exception):
+    """ResumeRun, PauseRun or CancelRun on a run in a status that does not allow it."""
 
 
 @dataclass
@@ -71,6 +100,9 @@ class RunState:
     total: int = 0
     waiting_node: str = ""  # the approval node the run waits on
     waiting_for: str = ""  # its prompt
+    durations: dict[str, float] = field(default_factory=dict)  # seconds per finished node
+    eta_seconds: float = 0.0
+    control_seq: int = 0  # the last control request handled (seq in the control feed)
 
     def state(self) -> dict[str, Any]:
         """The run's state as nodes and clients see it: the input and each node's output."""
@@ -80,50 +112,101 @@ class RunState:
         return set(self.completed) | set(self.skipped)
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+        return json.dumps(dataclasses.asdict(self)).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> RunState:
-        return cls(**json.loads(raw))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
 
 
-Handler = Callable[[dict[str, Any]], Any]
+class WriteGate:
+    """Node writes go on in parallel; a checkpoint waits for them and holds new ones back, so
+    each write lands on the checkpoint whose state does not yet include it."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._writers = 0
+        self._exclusive = False
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive)
+            self._writers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writers -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive and self._writers == 0)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
-class NodeRunner:
-    """Runs one node of a known type; `python` handlers only from allowed modules."""
+@dataclass
+class Execution:
+    """One engine's hold on one run: what the step loop, the control watcher and the ticker
+    share."""
 
-    def __init__(self, allowed_modules: set[str]) -> None:
-        self.allowed_modules = allowed_modules
+    workflow: Workflow
+    run: RunState
+    head_id: str
+    token: int
+    parallel: int
+    levels: list[list[str]]
+    gate: WriteGate = field(default_factory=WriteGate)
+    pause: tuple[str, str] | None = None  # (why, control id) once a pause is asked for
+    shutdown: bool = False  # the pause is the engine's own: leave the run RUNNING
+    cancel: tuple[str, str] | None = None  # (reason, control id)
 
-    def resolve(self, spec: str) -> Handler:
-        module_name, _, function = spec.partition(":")
-        if module_name not in self.allowed_modules:
-            raise NodeFailed(f"module {module_name!r} is not allowed (--handlers)")
-        return getattr(importlib.import_module(module_name), function)
+    def eta(self) -> float:
+        """Seconds left: the mean observed node duration per remaining (bounded) step."""
+        run = self.run
+        if not run.durations:
+            return 0.0
+        mean = sum(run.durations.values()) / len(run.durations)
+        done = run.done()
+        steps = sum(
+            math.ceil(sum(1 for n in level if n not in done) / self.parallel)
+            for level in self.levels
+        )
+        return round(steps * mean, 3)
 
-    async def run(self, node: NodeSpec, state: dict[str, Any]) -> Any:
-        if node.type == "noop":
-            return None
-        if node.type == "sleep":
-            await asyncio.sleep(float(node.config["seconds"]))
-            return None
-        if node.type == "transform":
-            try:
-                return expressions.evaluate(node.config["expression"], state)
-            except expressions.ExpressionError as exc:
-                raise NodeFailed(str(exc)) from exc
-        if node.type == "python":
-            handler = self.resolve(node.config["handler"])
-            # A handler takes the run's state, and the node's id if it has a second parameter.
-            args = (state, node.id) if len(inspect.signature(handler).parameters) > 1 else (state,)
-            if inspect.iscoroutinefunction(handler):
-                return await handler(*args)
-            return await asyncio.to_thread(handler, *args)
-        raise NodeFailed(f"node type {node.type!r} is not runnable yet")
+    def progress(self) -> dict[str, Any]:
+        done, total = len(self.run.done()), self.run.total
+        return {
+            "completed_nodes": done,
+            "total_nodes": total,
+            "progress_percent": round(100.0 * done / total, 2) if total else 0.0,
+            "eta_seconds": self.eta(),
+        }
+
+
+def _reraise_cancel(exc: grpc.aio.AioRpcError) -> None:
+    """grpc.aio reports a call cut off by task cancellation as CANCELLED: that is our own
+    cancellation, and a loop that swallowed it would run on after its run ended."""
+    if exc.code() == grpc.StatusCode.CANCELLED:
+        raise asyncio.CancelledError from exc
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT
 
 
 class RunExecutor:
+    """Starts, runs and steers the runs of one tenant."""
+
     def __init__(
         self,
         store: cpb_grpc.CheckpointServiceStub,
@@ -132,13 +215,189 @@ class RunExecutor:
         runner: NodeRunner,
         lease_ttl: float = 10.0,
         max_parallel: int = 16,
+        store_retry_seconds: float = 30.0,
     ) -> None:
         self.store = store
+        self.tenant = tenant
         self.md = (("x-tenant-id", tenant),)
         self.owner = owner
         self.runner = runner
         self.lease_ttl = lease_ttl
         self.max_parallel = max_parallel
+        self.store_retry_seconds = store_retry_seconds
+        self.live: dict[str, Execution] = {}  # run id -> this engine's execution of it
+
+    # ---- store calls ----------------------------------------------------------------
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        """One store call, retried while the store is away (within the budget). Retried
+        Saves and Publishes carry request ids and PutWrites are upserts, so a retry after a
+        lost answer applies nothing twice."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_transient),
+                stop=stop_after_delay(self.store_retry_seconds),
+                wait=wait_exponential(multiplier=0.2, max=3.0),
+                reraise=True,
+            ):
+                with attempt:
+                    return await method(request, metadata=self.md, timeout=_CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise LeaseLostError(exc.details()) from exc
+            if exc.code() in _TRANSIENT:
+                raise StoreUnavailable(exc.details()) from exc
+            raise
+        raise AssertionError("unreachable")
+
+    async def _save(
+        self,
+        ex: Execution,
+        trigger: int,
+        *,
+        name: str = "",
+        metadata: dict[str, str] | None = None,
+        events: list[cpb.NewEvent] | None = None,
+        status: bool = True,
+    ) -> str:
+        """A checkpoint of the run as it is now; the new head. Holds node writes back meanwhile."""
+        run = ex.run
+        async with ex.gate.exclusive():
+            run.eta_seconds = ex.eta()
+            progress = ex.progress()
+            saved = await self._call(
+                self.store.Save,
+                cpb.SaveRequest(
+                    checkpoint=cpb.Checkpoint(
+                        namespace=RUNS_NAMESPACE,
+                        thread_id=run.run_id,
+                        state=run.to_json(),
+                        content_type="application/json",
+                        step=run.step,
+                        trigger=trigger,
+                        name=name,
+                        completed_nodes=run.completed,
+                        progress_percent=progress["progress_percent"],
+                        eta_seconds=run.eta_seconds,
+                        metadata=metadata or {},
+                    ),
+                    expected_parent_id=ex.head_id,
+                    fencing_token=ex.token,
+                    status=getattr(cpb, f"THREAD_STATUS_{run.status}") if status else 0,
+                    events=events or [],
+                    # Unique per (head, token): a retry after a lost answer gets the first result.
+                    request_id=f"save:{run.run_id}:{ex.token}:{ex.head_id}",
+                ),
+            )
+            ex.head_id = saved.checkpoint.checkpoint_id
+            return ex.head_id
+
+    async def _write(self, ex: Execution, node_id: str, channel: str, value: Any) -> None:
+        """A node's result, saved at once (and only then counted as done)."""
+        run = ex.run
+        async with ex.gate.shared():
+            await self._call(
+                self.store.PutWrites,
+                cpb.PutWritesRequest(
+                    namespace=RUNS_NAMESPACE,
+                    thread_id=run.run_id,
+                    fencing_token=ex.token,
+                    writes=[
+                        cpb.PendingWrite(
+                            checkpoint_id=ex.head_id,
+                            task_id=node_id,
+                            idx=0,
+                            channel=channel,
+                            value=json.dumps(value).encode(),
+                        )
+                    ],
+                ),
+            )
+            if channel == OUTPUT_CHANNEL:
+                run.outputs[node_id] = value
+                run.completed.append(node_id)
+            else:
+                run.skipped.append(node_id)
+
+    async def _publish(self, ex: Execution, kind: str, payload: dict[str, Any]) -> None:
+        event = cpb.NewEvent(type=kind)
+        event.payload.update(payload)
+        await self._call(
+            self.store.Publish,
+            cpb.PublishRequest(
+                namespace=RUNS_NAMESPACE,
+                thread_id=ex.run.run_id,
+                events=[event],
+                fencing_token=ex.token,
+                request_id=f"publish:{ex.run.run_id}:{ex.token}:{time.time_ns()}",
+            ),
+        )
+
+    async def _restore(self, run_id: str) -> tuple[RunState, str]:
+        head = await self._call(
+            self.store.Restore,
+            cpb.RestoreRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, include_writes=True),
+        )
+        run = RunState.from_json(head.checkpoint.state)
+        for w in head.writes:  # nodes that finished after the last checkpoint
+            if w.task_id in run.done():
+                continue
+            if w.channel == OUTPUT_CHANNEL:
+                run.outputs[w.task_id] = json.loads(w.value)
+                run.completed.append(w.task_id)
+            elif w.channel == SKIPPED_CHANNEL:
+                run.skipped.append(w.task_id)
+        return run, head.checkpoint.checkpoint_id
+
+    async def load(self, run_id: str) -> RunState:
+        """A run as of its head checkpoint and pending writes."""
+        run, _ = await self._restore(run_id)
+        return run
+
+    # ---- leases ---------------------------------------------------------------------
+
+    async def _acquire(self, run_id: str, owner: str) -> int:
+        try:
+            lease = await self._call(
+                self.store.AcquireLease,
+                cpb.AcquireLeaseRequest(
+                    namespace=RUNS_NAMESPACE,
+                    thread_id=run_id,
+                    owner=owner,
+                    ttl_seconds=self.lease_ttl,
+                ),
+            )
+        except LeaseLostError as exc:
+            raise LeaseHeld(str(exc)) from exc
+        return lease.fencing_token
+
+    async def _release(self, run_id: str, owner: str, token: int) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.store.ReleaseLease(
+                cpb.ReleaseLeaseRequest(
+                    namespace=RUNS_NAMESPACE, thread_id=run_id, owner=owner, fencing_token=token
+                ),
+                metadata=self.md,
+                timeout=_CALL_TIMEOUT,
+            )
+
+    @contextlib.asynccontextmanager
+    async def _held(self, workflow: Workflow, run_id: str) -> AsyncIterator[Execution]:
+        """The run under a short lease of the caller's own, for a change made from outside
+        (no engine is running it)."""
+        owner = f"{self.owner}/control"
+        token = await self._acquire(run_id, owner)
+        try:
+            run, head_id = await self._restore(run_id)
+            yield self._execution(workflow, run, head_id, token)
+        finally:
+            await self._release(run_id, owner, token)
+
+    def _execution(self, workflow: Workflow, run: RunState, head_id: str, token: int) -> Execution:
+        parallel = workflow.max_parallel or self.max_parallel
+        return Execution(workflow, run, head_id, token, parallel, workflow.levels())
+
+    # ---- starting, resuming and steering -----------------------------------------------
 
     async def start(
         self,
@@ -154,12 +413,14 @@ class RunExecutor:
         (ALREADY_EXISTS), since a run's first checkpoint has a fixed id.
         """
         run = RunState(run_id, workflow.workflow_id, version, run_input, total=len(workflow.nodes))
-        response = await self.store.Save(
+        response = await self._call(
+            self.store.Save,
             cpb.SaveRequest(
                 checkpoint=cpb.Checkpoint(
                     namespace=RUNS_NAMESPACE,
                     thread_id=run_id,
                     state=run.to_json(),
+                    content_type="application/json",
                     trigger=cpb.TRIGGER_MANUAL,
                     name="start",
                     checkpoint_id=start_checkpoint_id(run_id),
@@ -169,116 +430,212 @@ class RunExecutor:
                 workflow_id=workflow.workflow_id,
                 workflow_version=version,
                 request_id=f"start:{request_id}" if request_id else "",
-                events=[status_event("PENDING")],
+                events=[status_event("PENDING", total_nodes=len(workflow.nodes))],
             ),
-            metadata=self.md,
         )
         if response.checkpoint.thread_id != run_id:  # the request was used: its run
             return await self.load(response.checkpoint.thread_id)
         return run
 
-    async def load(self, run_id: str) -> RunState:
-        """A run as of its head checkpoint and pending writes."""
-        run, _ = await self._restore(run_id)
-        return run
-
-    async def execute(
-        self, workflow: Workflow, run_id: str, answers: dict[str, Any] | None = None
-    ) -> RunState:
-        """Run to the end (or failure) under a lease; resumes from the head checkpoint."""
-        lease = await self.store.AcquireLease(
-            cpb.AcquireLeaseRequest(
-                namespace=RUNS_NAMESPACE,
-                thread_id=run_id,
-                owner=self.owner,
-                ttl_seconds=self.lease_ttl,
-            ),
-            metadata=self.md,
-        )
-        token = lease.fencing_token
-        work = asyncio.current_task()
-        assert work is not None
-        renewer = asyncio.create_task(self._renew(run_id, token, work))
-        try:
-            return await self._steps(workflow, run_id, token, answers or {})
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.store.ReleaseLease(
-                    cpb.ReleaseLeaseRequest(
-                        namespace=RUNS_NAMESPACE,
-                        thread_id=run_id,
-                        owner=self.owner,
-                        fencing_token=token,
-                    ),
-                    metadata=self.md,
+    async def resume(self, workflow: Workflow, run_id: str, value: Any) -> RunState:
+        """Make a PAUSED, FAILED or WAITING run RUNNING again (answering the approval with
+        `value`) in one checkpoint; `execute` then continues it. NotResumable otherwise."""
+        async with self._held(workflow, run_id) as ex:
+            run = ex.run
+            events: list[cpb.NewEvent] = []
+            if run.status == "WAITING":
+                node_id = run.waiting_node
+                run.outputs[node_id] = value
+                run.completed.append(node_id)
+                run.waiting_node = run.waiting_for = ""
+                completed = cpb.NewEvent(type="node.completed")
+                completed.payload.update({"node_id": node_id, **ex.progress()})
+                events.append(completed)
+            elif run.status not in ("PAUSED", "FAILED"):
+                raise NotResumable(
+                    f"run {run_id!r} is {run.status}: only PAUSED, WAITING and FAILED runs resume"
                 )
+            run.status, run.error = "RUNNING", ""
+            events.append(status_event("RUNNING", **ex.progress()))
+            await self._save(ex, cpb.TRIGGER_MANUAL, name="resume", events=events)
+            return run
 
-    async def _renew(self, run_id: str, token: int, work: asyncio.Task) -> None:
+    async def change_directly(
+        self, workflow: Workflow, run_id: str, action: str, payload: dict[str, Any]
+    ) -> tuple[RunState, str]:
+        """Pause, cancel or checkpoint a run that no engine holds. (run, checkpoint id);
+        LeaseHeld if an engine holds it, NotResumable if its status does not allow it."""
+        async with self._held(workflow, run_id) as ex:
+            run = ex.run
+            run.control_seq = max(run.control_seq, int(payload.get("control_seq", 0)))
+            check_control(run, action)
+            control_id = payload.get("control_id", "")
+            if action == "checkpoint":
+                head = await self._save(
+                    ex,
+                    cpb.TRIGGER_MANUAL,
+                    name=payload.get("name", ""),
+                    metadata=payload.get("metadata", {}),
+                    status=False,
+                )
+                return run, head
+            if action == "pause" and run.status == "PAUSED":
+                return run, ex.head_id
+            run.status = "PAUSED" if action == "pause" else "CANCELLED"
+            if action == "cancel":
+                run.error = f"cancelled: {payload.get('reason') or 'no reason given'}"
+            run.waiting_node = run.waiting_for = ""
+            trigger = cpb.TRIGGER_PAUSE if action == "pause" else cpb.TRIGGER_INTERRUPT
+            event = status_event(run.status, control_id=control_id, **ex.progress())
+            head = await self._save(ex, trigger, name=action, events=[event])
+            return run, head
+
+    # ---- executing --------------------------------------------------------------------
+
+    async def execute(self, workflow: Workflow, run_id: str) -> RunState:
+        """Run to the end, a pause, an approval or a failure, under a lease; continues from
+        the head checkpoint. Returns at once if the run is not RUNNING or PENDING."""
+        try:
+            token = await self._acquire(run_id, self.owner)
+        except LeaseHeld as exc:
+            raise LeaseLostError(str(exc)) from exc
+        try:
+            run, head_id = await self._restore(run_id)
+            ex = self._execution(workflow, run, head_id, token)
+            if run.status not in ("PENDING", "RUNNING"):
+                return run
+            self.live[run_id] = ex
+            steps = asyncio.create_task(self._steps(ex), name=f"steps-{run_id}")
+            helpers = [
+                asyncio.create_task(self._renew(ex, asyncio.current_task())),
+                asyncio.create_task(self._control(ex, steps)),
+            ]
+            if pb.CHECKPOINT_TRIGGER_TIME_BASED in workflow.triggers and workflow.interval:
+                helpers.append(asyncio.create_task(self._tick(ex, workflow.interval)))
+            try:
+                try:
+                    return await steps
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if ex.cancel is None or (current is not None and current.cancelling()):
+                        raise  # the engine is stopping or lost the lease: not a CancelRun
+                return await self._cancelled(ex)
+            finally:
+                for task in (*helpers, steps):
+                    task.cancel()
+                for task in (*helpers, steps):
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                self.live.pop(run_id, None)
+        finally:
+            await self._release(run_id, self.owner, token)
+
+    async def _renew(self, ex: Execution, work: asyncio.Task | None) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
             try:
                 await self.store.RenewLease(
                     cpb.RenewLeaseRequest(
                         namespace=RUNS_NAMESPACE,
-                        thread_id=run_id,
+                        thread_id=ex.run.run_id,
                         owner=self.owner,
-                        fencing_token=token,
+                        fencing_token=ex.token,
                         ttl_seconds=self.lease_ttl,
                     ),
                     metadata=self.md,
+                    timeout=_CALL_TIMEOUT,
                 )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.warning("lease lost; stopping run", extra={"run_id": run_id})
+                _reraise_cancel(exc)
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and work is not None:
+                    log.warning("lease lost; stopping run", extra={"run_id": ex.run.run_id})
                     work.cancel()
                     return
+                # The store is away: keep trying; writes are fenced if someone took over.
 
-    async def _restore(self, run_id: str) -> tuple[RunState, str]:
-        head = await self.store.Restore(
-            cpb.RestoreRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, include_writes=True),
-            metadata=self.md,
-        )
-        run = RunState.from_json(head.checkpoint.state)
-        for w in head.writes:  # nodes that finished after the last checkpoint
-            if w.task_id in run.done():
-                continue
-            if w.channel == OUTPUT_CHANNEL:
-                run.outputs[w.task_id] = json.loads(w.value)
-                run.completed.append(w.task_id)
-            elif w.channel == SKIPPED_CHANNEL:
-                run.skipped.append(w.task_id)
-        return run, head.checkpoint.checkpoint_id
-
-    async def _steps(
-        self, workflow: Workflow, run_id: str, token: int, answers: dict[str, Any]
-    ) -> RunState:
-        run, head_id = await self._restore(run_id)
-        if run.status in ("COMPLETED", "FAILED", "CANCELLED"):
-            return run
-        if run.status == "WAITING":
-            if run.waiting_node not in answers:
-                return run  # still waiting: nothing holds a task or a lease meanwhile
-            node_id, value = run.waiting_node, answers[run.waiting_node]
-            await self._write(run_id, head_id, token, node_id, OUTPUT_CHANNEL, value)
-            run.outputs[node_id] = value
-            run.completed.append(node_id)
-            run.waiting_node = run.waiting_for = ""
-            await self._publish(
-                run_id,
-                token,
-                "node.completed",
-                {
-                    "node_id": node_id,
-                    "completed_nodes": len(run.done()),
-                    "total_nodes": len(workflow.nodes),
-                },
-            )
-        run.status, run.error = "RUNNING", ""
-        gate = asyncio.Semaphore(workflow.max_parallel or self.max_parallel)
+    async def _control(self, ex: Execution, steps: asyncio.Task) -> None:
+        """Follow the run's control feed from the last request handled, and act on each."""
+        run = ex.run
         while True:
+            try:
+                async for item in self.store.Stream(
+                    cpb.StreamRequest(
+                        namespace=CONTROL_NAMESPACE,
+                        thread_id=run.run_id,
+                        after_seq=run.control_seq,
+                        follow=True,
+                    ),
+                    metadata=self.md,
+                ):
+                    if not item.HasField("event"):
+                        continue
+                    ev = item.event
+                    run.control_seq = ev.seq
+                    request = json_format.MessageToDict(ev.payload)
+                    if float(request.get("deadline", math.inf)) < time.time():
+                        continue  # the asker gave up on it and said so
+                    await self._on_control(ex, steps, ev.type, request)
+            except grpc.aio.AioRpcError as exc:
+                _reraise_cancel(exc)
+                await asyncio.sleep(1.0)  # the store is away; resume from the last seq
+
+    async def _on_control(
+        self, ex: Execution, steps: asyncio.Task, kind: str, request: dict[str, Any]
+    ) -> None:
+        control_id = str(request.get("control_id", ""))
+        if kind == "control.cancel":
+            ex.cancel = (str(request.get("reason", "")), control_id)
+            async with ex.gate.exclusive():  # no save or write is cut off half-way
+                steps.cancel()
+        elif kind == "control.pause" and ex.pause is None:
+            ex.pause = ("requested", control_id)
+            await self._publish(ex, "run.pausing", {"control_id": control_id})
+        elif kind == "control.checkpoint":
+            ack = cpb.NewEvent(type="control.applied")
+            ack.payload.update({"control_id": control_id})
+            await self._save(
+                ex,
+                cpb.TRIGGER_MANUAL,
+                name=str(request.get("name", "")),
+                metadata={str(k): str(v) for k, v in request.get("metadata", {}).items()},
+                events=[ack],
+                status=False,
+            )
+
+    async def _tick(self, ex: Execution, interval: float) -> None:
+        """The time-based trigger: a checkpoint every interval, long nodes included."""
+        while True:
+            await asyncio.sleep(interval)
+            await self._save(ex, cpb.TRIGGER_TIME_BASED, name="interval", status=False)
+
+    async def _cancelled(self, ex: Execution) -> RunState:
+        reason, control_id = ex.cancel or ("", "")
+        run = ex.run
+        run.status = "CANCELLED"
+        run.error = f"cancelled: {reason or 'no reason given'}"
+        event = status_event("CANCELLED", control_id=control_id, **ex.progress())
+        await self._save(ex, cpb.TRIGGER_INTERRUPT, name="cancel", events=[event])
+        return run
+
+    async def _paused(self, ex: Execution) -> RunState:
+        why, control_id = ex.pause or ("", "")
+        run = ex.run
+        if ex.shutdown:  # another engine (or this one, restarted) goes on from here at once
+            await self._save(ex, cpb.TRIGGER_PAUSE, name="engine-shutdown")
+            return run
+        run.status = "PAUSED"
+        event = status_event("PAUSED", control_id=control_id, reason=why, **ex.progress())
+        await self._save(ex, cpb.TRIGGER_PAUSE, name="pause", events=[event])
+        return run
+
+    async def _steps(self, ex: Execution) -> RunState:
+        run, workflow = ex.run, ex.workflow
+        if run.status == "PENDING":
+            run.status = "RUNNING"
+        gate = asyncio.Semaphore(ex.parallel)
+        while True:
+            if ex.pause is not None:
+                return await self._paused(ex)
             done = run.done()
             ready = [
                 n
@@ -291,50 +648,82 @@ class RunExecutor:
             if not runnable:  # only approvals are left to start: wait for an answer
                 node = ready[0]
                 if node.when and not expressions.evaluate(node.when, run.state()):
-                    await self._write(run_id, head_id, token, node.id, SKIPPED_CHANNEL, True)
-                    run.skipped.append(node.id)
+                    await self._write(ex, node.id, SKIPPED_CHANNEL, True)
                     continue
                 run.status = "WAITING"
                 run.waiting_node, run.waiting_for = node.id, str(node.config.get("prompt", ""))
-                await self._checkpoint(run, head_id, token)
-                return run
+                event = status_event("WAITING", node_id=node.id, **ex.progress())
+                await self._save(ex, cpb.TRIGGER_INTERRUPT, name=node.id, events=[event])
+                return run  # nothing holds a task or a lease while it waits
+            critical = [n.id for n in runnable if n.critical]
+            if critical and pb.CHECKPOINT_TRIGGER_BEFORE_CRITICAL in workflow.triggers:
+                name = "before:" + ",".join(critical)
+                await self._save(ex, cpb.TRIGGER_BEFORE_CRITICAL, name=name)
+            state = run.state()
+            started = [n.id for n in runnable[: ex.parallel] if not n.when]
+            if started:
+                await self._publish_many(ex, "node.started", started)
             results = await asyncio.gather(
-                *(self._node(workflow, n, run, head_id, token, gate) for n in runnable)
+                *(self._node(ex, n, state, gate, n.id in started) for n in runnable)
             )
             failures = {nid: err for nid, err in results if err}
             run.step += 1
             if failures:
                 run.status = "FAILED"
                 run.error = "; ".join(f"{k}: {v}" for k, v in failures.items())
-            elif len(run.done()) == len(workflow.nodes):
-                run.status = "COMPLETED"
-            head_id = await self._checkpoint(run, head_id, token)
-            if run.status != "RUNNING":
+                event = status_event("FAILED", error=run.error, **ex.progress())
+                await self._save(ex, cpb.TRIGGER_ERROR, name="error", events=[event])
                 return run
+            if len(run.done()) == len(workflow.nodes):
+                break
+            if pb.CHECKPOINT_TRIGGER_STEP_COMPLETED in workflow.triggers:
+                await self._save(ex, cpb.TRIGGER_STEP_COMPLETED)
         run.status = "COMPLETED"
-        await self._checkpoint(run, head_id, token)
+        event = status_event("COMPLETED", **ex.progress())
+        await self._save(ex, cpb.TRIGGER_STEP_COMPLETED, events=[event])
         return run
+
+    async def _publish_many(self, ex: Execution, kind: str, node_ids: list[str]) -> None:
+        events = []
+        for node_id in node_ids:
+            event = cpb.NewEvent(type=kind)
+            event.payload.update({"node_id": node_id, "attempt": 1, **ex.progress()})
+            events.append(event)
+        await self._call(
+            self.store.Publish,
+            cpb.PublishRequest(
+                namespace=RUNS_NAMESPACE,
+                thread_id=ex.run.run_id,
+                events=events,
+                fencing_token=ex.token,
+                request_id=f"publish:{ex.run.run_id}:{ex.token}:{time.time_ns()}",
+            ),
+        )
 
     async def _node(
         self,
-        workflow: Workflow,
+        ex: Execution,
         node: NodeSpec,
-        run: RunState,
-        head_id: str,
-        token: int,
+        state: dict[str, Any],
         gate: asyncio.Semaphore,
+        announced: bool,
     ) -> tuple[str, str]:
-        """Run one node with its retry policy; record its output at once. (node id, error)."""
-        state = run.state()
+        """Run one node with its retry policy; record its output at once. (node id, error);
+        a node held back by a pause is neither done nor failed."""
         if node.when and not expressions.evaluate(node.when, state):
-            await self._write(run.run_id, head_id, token, node.id, SKIPPED_CHANNEL, True)
-            run.skipped.append(node.id)
+            await self._write(ex, node.id, SKIPPED_CHANNEL, True)
+            await self._publish(ex, "node.skipped", {"node_id": node.id, **ex.progress()})
             return node.id, ""
         policy = node.retry
         attempt = 0
-        started = time.monotonic()
-        try:
-            async with gate:
+        call = NodeCall(self.tenant, ex.run.run_id)
+        async with gate:
+            if ex.pause is not None:
+                return node.id, ""  # not started: it runs when the run is resumed
+            if not announced:
+                await self._publish(ex, "node.started", {"node_id": node.id, "attempt": 1})
+            started = time.monotonic()
+            try:
                 async for trying in AsyncRetrying(
                     stop=stop_after_attempt(policy.max_attempts),
                     wait=wait_exponential(
@@ -346,98 +735,42 @@ class RunExecutor:
                 ):
                     with trying:
                         attempt += 1
-                        output = await asyncio.wait_for(self.runner.run(node, state), node.timeout)
-        except Exception as exc:  # the node's failure, not the engine's
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self._publish(
-                run.run_id,
-                token,
-                "node.failed",
-                {"node_id": node.id, "attempt": attempt, "error": error},
-            )
-            return node.id, error
-        await self._write(run.run_id, head_id, token, node.id, OUTPUT_CHANNEL, output)
-        run.outputs[node.id] = output
-        run.completed.append(node.id)
+                        output = await asyncio.wait_for(
+                            self.runner.run(call, node, state), node.timeout
+                        )
+            except Exception as exc:  # the node's failure, not the engine's
+                if isinstance(exc, TimeoutError):
+                    error = f"timed out after {node.timeout:g}s"
+                else:
+                    error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                await self._publish(
+                    ex,
+                    "node.failed",
+                    {"node_id": node.id, "attempt": attempt, "error": error, **ex.progress()},
+                )
+                return node.id, error
+        duration = time.monotonic() - started
+        ex.run.durations[node.id] = round(duration, 6)
+        await self._write(ex, node.id, OUTPUT_CHANNEL, output)
         await self._publish(
-            run.run_id,
-            token,
+            ex,
             "node.completed",
             {
                 "node_id": node.id,
                 "attempt": attempt,
-                "duration_seconds": time.monotonic() - started,
-                "completed_nodes": len(run.completed),
-                "total_nodes": len(workflow.nodes),
+                "duration_seconds": duration,
+                "output": output,
+                **ex.progress(),
             },
         )
         return node.id, ""
 
-    async def _write(
-        self, run_id: str, head_id: str, token: int, node_id: str, channel: str, value: Any
-    ) -> None:
-        await self._call(
-            self.store.PutWrites(
-                cpb.PutWritesRequest(
-                    namespace=RUNS_NAMESPACE,
-                    thread_id=run_id,
-                    fencing_token=token,
-                    writes=[
-                        cpb.PendingWrite(
-                            checkpoint_id=head_id,
-                            task_id=node_id,
-                            idx=0,
-                            channel=channel,
-                            value=json.dumps(value).encode(),
-                        )
-                    ],
-                ),
-                metadata=self.md,
-            )
-        )
 
-    async def _publish(self, run_id: str, token: int, kind: str, payload: dict) -> None:
-        event = cpb.NewEvent(type=kind)
-        event.payload.update(payload)
-        await self._call(
-            self.store.Publish(
-                cpb.PublishRequest(
-                    namespace=RUNS_NAMESPACE, thread_id=run_id, events=[event], fencing_token=token
-                ),
-                metadata=self.md,
-            )
-        )
-
-    async def _checkpoint(self, run: RunState, head_id: str, token: int) -> str:
-        status = getattr(cpb, f"THREAD_STATUS_{run.status}")
-        terminal = run.status in ("COMPLETED", "FAILED")
-        events = [status_event(run.status)] if terminal or run.status == "WAITING" else []
-        response = await self._call(
-            self.store.Save(
-                cpb.SaveRequest(
-                    checkpoint=cpb.Checkpoint(
-                        namespace=RUNS_NAMESPACE,
-                        thread_id=run.run_id,
-                        state=run.to_json(),
-                        step=run.step,
-                        trigger=cpb.TRIGGER_STEP_COMPLETED,
-                        completed_nodes=run.completed,
-                    ),
-                    expected_parent_id=head_id,
-                    fencing_token=token,
-                    status=status,
-                    events=events,
-                ),
-                metadata=self.md,
-            )
-        )
-        return response.checkpoint.checkpoint_id
-
-    @staticmethod
-    async def _call(call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise LeaseLostError(exc.details()) from exc
-            raise
+def check_control(run: RunState, action: str) -> None:
+    """NotResumable unless `action` applies to a run in this status."""
+    if action == "checkpoint":
+        return
+    if run.status in TERMINAL:
+        raise NotResumable(f"run {run.run_id!r} is already {run.status}")
+    if action == "pause" and run.status == "WAITING":
+        raise NotResumable(f"run {run.run_id!r} is WAITING for an answer: resume or cancel it")

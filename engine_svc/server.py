@@ -57,8 +57,8 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5)
-    await engine.close()
+    # Runs are checkpointed and handed over while the last calls finish.
+    await asyncio.gather(server.stop(grace=5), engine.close())
     log.info("stopped")
 
 

@@ -11,10 +11,11 @@ from google.protobuf import duration_pb2, json_format
 from grpc_status import rpc_status
 
 from checkpoint_svc.errors import InvalidArgument
-from checkpoint_svc.servicer import status_for, tenant_of
+from checkpoint_svc.servicer import status_for
+from checkpoint_svc.servicer import tenant_of as store_tenant_of
 from engine_svc.definition import DefinitionInvalid
-from engine_svc.engine import Engine, NotResumable, RunExists
-from engine_svc.executor import RunState
+from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
+from engine_svc.executor import LeaseLostError, RunState, StoreUnavailable
 from engine_svc.registry import WorkflowNotFound
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -23,19 +24,25 @@ from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
 R = TypeVar("R")
 
 
+_CODES: dict[type[Exception], grpc.StatusCode] = {
+    WorkflowNotFound: grpc.StatusCode.NOT_FOUND,
+    RunExists: grpc.StatusCode.ALREADY_EXISTS,
+    NotResumable: grpc.StatusCode.FAILED_PRECONDITION,
+    ControlTimeout: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    LeaseLostError: grpc.StatusCode.ABORTED,  # the run changed under us: try again
+}
+_TRANSLATED = (DefinitionInvalid, InvalidArgument, grpc.aio.AioRpcError, *_CODES)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, DefinitionInvalid):
-        invalid = InvalidArgument(f"invalid definition: {exc}", exc.violations)
-        await context.abort_with_status(rpc_status.to_status(status_for(invalid)))
-    if isinstance(exc, WorkflowNotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-    if isinstance(exc, RunExists):
-        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-    if isinstance(exc, NotResumable):
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        exc = InvalidArgument(f"invalid definition: {exc}", exc.violations)
+    if isinstance(exc, InvalidArgument):
+        await context.abort_with_status(rpc_status.to_status(status_for(exc)))
     if isinstance(exc, grpc.aio.AioRpcError):  # the store's answer, passed on
         await context.abort(exc.code(), exc.details() or "")
-    raise exc
+    await context.abort(_CODES[type(exc)], str(exc))
 
 
 def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -43,17 +50,32 @@ def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except (
-            DefinitionInvalid,
-            WorkflowNotFound,
-            RunExists,
-            NotResumable,
-            grpc.aio.AioRpcError,
-        ) as exc:
+        except _TRANSLATED as exc:
             await _abort(context, exc)
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    tenant = store_tenant_of(context)
+    if tenant == SYSTEM_TENANT:
+        raise InvalidArgument(
+            f"tenant {SYSTEM_TENANT!r} is reserved", [("x-tenant-id", "reserved for the engine")]
+        )
+    return tenant
+
+
+def from_struct(value: Any) -> Any:
+    """A Struct's value as JSON would give it: protobuf keeps every number as a double, so
+    whole numbers come back as ints (an input of 20 formats as "20", not "20.0")."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [from_struct(v) for v in value]
+    if isinstance(value, dict):
+        return {k: from_struct(v) for k, v in value.items()}
+    return value
 
 
 def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
@@ -72,6 +94,7 @@ def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
         updated_at=thread.updated_at,
         completed_node_ids=run.completed,
         waiting_for=run.waiting_for,
+        eta_seconds=run.eta_seconds if run.status == "RUNNING" else 0.0,
     )
     msg.state.update(run.state())
     return msg
@@ -96,7 +119,10 @@ def event_to_pb(item: cpb.StreamResponse) -> pb.WatchRunResponse:
         completed_nodes=int(payload.get("completed_nodes", 0)),
         total_nodes=int(payload.get("total_nodes", 0)),
         terminal=ev.terminal,
+        eta_seconds=float(payload.get("eta_seconds", 0.0)),
     )
+    if "output" in payload:
+        event.output.CopyFrom(ev.payload.fields["output"])
     if "duration_seconds" in payload:
         event.duration.CopyFrom(
             duration_pb2.Duration(
@@ -104,7 +130,9 @@ def event_to_pb(item: cpb.StreamResponse) -> pb.WatchRunResponse:
                 seconds=int(payload["duration_seconds"]),
             )
         )
-    if event.total_nodes:
+    if "progress_percent" in payload:
+        event.progress_percent = float(payload["progress_percent"])
+    elif event.total_nodes:
         event.progress_percent = 100.0 * event.completed_nodes / event.total_nodes
     return pb.WatchRunResponse(event=event)
 
@@ -142,7 +170,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             tenant,
             request.workflow_id,
             request.version,
-            json_format.MessageToDict(request.input),
+            from_struct(json_format.MessageToDict(request.input)),
             request.run_id,
             request.request_id,
         )
@@ -183,10 +211,46 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self, request: pb.ResumeRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResumeRunResponse:
         tenant = tenant_of(context)
-        value = json_format.MessageToDict(request.value) if request.HasField("value") else None
+        value = (
+            from_struct(json_format.MessageToDict(request.value))
+            if request.HasField("value")
+            else None
+        )
         run = await self.engine.resume_run(tenant, request.run_id, value)
         thread = await self.engine.thread(tenant, run.run_id)
         return pb.ResumeRunResponse(run=run_to_pb(run, thread))
+
+    @translated
+    async def PauseRun(
+        self, request: pb.PauseRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PauseRunResponse:
+        tenant = tenant_of(context)
+        await self.engine.control(tenant, request.run_id, "pause", {})
+        run, thread = await self.engine.get_run(tenant, request.run_id)
+        return pb.PauseRunResponse(run=run_to_pb(run, thread))
+
+    @translated
+    async def CancelRun(
+        self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelRunResponse:
+        tenant = tenant_of(context)
+        await self.engine.control(tenant, request.run_id, "cancel", {"reason": request.reason})
+        run, thread = await self.engine.get_run(tenant, request.run_id)
+        return pb.CancelRunResponse(run=run_to_pb(run, thread))
+
+    @translated
+    async def CheckpointRun(
+        self, request: pb.CheckpointRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckpointRunResponse:
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: required")
+        _, checkpoint_id = await self.engine.control(
+            tenant_of(context),
+            request.run_id,
+            "checkpoint",
+            {"name": request.name, "metadata": dict(request.metadata)},
+        )
+        return pb.CheckpointRunResponse(checkpoint_id=checkpoint_id)
 
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
@@ -196,5 +260,5 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                 tenant_of(context), request.run_id, request.after_seq
             ):
                 yield event_to_pb(item)
-        except grpc.aio.AioRpcError as exc:
+        except _TRANSLATED as exc:
             await _abort(context, exc)

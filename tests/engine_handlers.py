@@ -45,3 +45,14 @@ def tagged(state: dict[str, Any], node_id: str) -> str:
     with open(os.environ["ENGINE_TEST_LOG"], "a") as log:
         log.write(line + "\n")
     return line
+
+
+def gated(state: dict[str, Any], node_id: str) -> str:
+    """Logs itself to $ENGINE_TEST_LOG; fails until the file $ENGINE_TEST_GATE exists."""
+    import os
+
+    with open(os.environ["ENGINE_TEST_LOG"], "a") as log:
+        log.write(node_id + "\n")
+    if not os.path.exists(os.environ["ENGINE_TEST_GATE"]):
+        raise RuntimeError(f"gate {os.environ['ENGINE_TEST_GATE']} is closed")
+    return node_id

@@ -12,33 +12,12 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tests.engine_client import definition, engine_stub, watch
 from tests.servers import checkpoint_stub
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
-from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-
-
-def definition(nodes: list[dict], workflow_id: str = "wf") -> pb.WorkflowDefinition:
-    return json_format.ParseDict(
-        {"workflow_id": workflow_id, "nodes": nodes}, pb.WorkflowDefinition()
-    )
-
-
-async def engine_stub(engine, tenant):
-    channel = grpc.aio.insecure_channel(engine.address)
-    return channel, pb_grpc.EngineServiceStub(channel), (("x-tenant-id", tenant),)
-
-
-async def watch(stub, md, run_id: str, after: int = 0) -> list[pb.RunEvent]:
-    events = []
-    async for item in stub.WatchRun(
-        pb.WatchRunRequest(run_id=run_id, after_seq=after), metadata=md
-    ):
-        if item.HasField("event"):
-            events.append(item.event)
-    return events
 
 
 async def test_register_start_watch_get(service, engine_factory, tenant) -> None:

@@ -1,0 +1,152 @@
+"""What each node type does. The executor decides when a node runs; this decides how.
+
+`python` handlers come only from the modules the operator allowed (`--handlers`); `http`
+requests go through one shared httpx client; `subworkflow` nodes start a child run through
+the engine (a callback, so this module knows nothing of leases or the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from engine_svc import expressions
+from engine_svc.definition import NodeSpec
+
+
+class NodeFailed(RuntimeError):
+    """The node did not produce an output (retried per its policy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCall:
+    """Where a node runs: the run it belongs to, for nodes that start child runs."""
+
+    tenant: str
+    run_id: str
+
+
+# (tenant, parent run id, node, the run's state) -> the child run's outputs
+ChildRunner = Callable[[NodeCall, NodeSpec, dict[str, Any]], Awaitable[Any]]
+
+_PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
+
+
+def render(template: Any, state: dict[str, Any]) -> Any:
+    """Fill `${expression}` placeholders from the run's state, in strings, lists and maps.
+
+    A string that is one placeholder becomes the expression's value (a number stays a
+    number); placeholders inside longer strings are formatted into them (JSON for non-strings).
+    """
+    if isinstance(template, str):
+        whole = _PLACEHOLDER.fullmatch(template.strip())
+        if whole:
+            return expressions.evaluate(whole.group(1), state)
+
+        def one(m: re.Match[str]) -> str:
+            value = expressions.evaluate(m.group(1), state)
+            return value if isinstance(value, str) else json.dumps(value)
+
+        return _PLACEHOLDER.sub(one, template)
+    if isinstance(template, list):
+        return [render(v, state) for v in template]
+    if isinstance(template, dict):
+        return {k: render(v, state) for k, v in template.items()}
+    return template
+
+
+def expected_statuses(config: dict[str, Any]) -> set[int] | None:
+    """The statuses an `http` node accepts; None means any 2xx."""
+    status = config.get("expect_status")
+    if status is None:
+        return None
+    return {int(s) for s in (status if isinstance(status, list) else [status])}
+
+
+class NodeRunner:
+    """Runs one attempt of one node and returns its JSON output."""
+
+    def __init__(self, allowed_modules: set[str], children: ChildRunner | None = None) -> None:
+        self.allowed_modules = allowed_modules
+        self.children = children
+        self._http: httpx.AsyncClient | None = None
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    def resolve(self, spec: str) -> Callable[..., Any]:
+        module_name, _, function = spec.partition(":")
+        if module_name not in self.allowed_modules:
+            raise NodeFailed(f"module {module_name!r} is not allowed (--handlers)")
+        try:
+            return getattr(importlib.import_module(module_name), function)
+        except (ImportError, AttributeError) as exc:
+            raise NodeFailed(f"handler {spec!r} not found: {exc}") from exc
+
+    async def run(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
+        try:
+            return await self._run(call, node, state)
+        except expressions.ExpressionError as exc:
+            raise NodeFailed(str(exc)) from exc
+
+    async def _run(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
+        cfg = node.config
+        if node.type == "noop":
+            return None
+        if node.type == "sleep":
+            await asyncio.sleep(float(cfg["seconds"]))
+            return None
+        if node.type == "transform":
+            return expressions.evaluate(cfg["expression"], state)
+        if node.type == "python":
+            handler = self.resolve(cfg["handler"])
+            # A handler takes the run's state, and the node's id if it has a second parameter.
+            args = (state, node.id) if len(inspect.signature(handler).parameters) > 1 else (state,)
+            if inspect.iscoroutinefunction(handler):
+                return await handler(*args)
+            return await asyncio.to_thread(handler, *args)
+        if node.type == "http":
+            return await self._request(cfg, state)
+        if node.type == "subworkflow":
+            if self.children is None:
+                raise NodeFailed("subworkflow nodes need an engine to start child runs")
+            return await self.children(call, node, state)
+        raise NodeFailed(f"node type {node.type!r} is not runnable here")
+
+    async def _request(self, cfg: dict[str, Any], state: dict[str, Any]) -> Any:
+        if self._http is None:
+            self._http = httpx.AsyncClient(follow_redirects=True)
+        method = str(cfg.get("method", "GET")).upper()
+        body = render(cfg["body"], state) if "body" in cfg else None
+        try:
+            response = await self._http.request(
+                method,
+                str(render(cfg["url"], state)),
+                headers={k: str(v) for k, v in render(cfg.get("headers", {}), state).items()},
+                content=body if isinstance(body, str) else None,
+                json=body if body is not None and not isinstance(body, str) else None,
+                timeout=float(cfg.get("timeout_seconds", 30.0)),
+            )
+        except httpx.HTTPError as exc:
+            raise NodeFailed(f"{method} {cfg['url']}: {type(exc).__name__}: {exc}") from exc
+        wanted = expected_statuses(cfg)
+        if (wanted is None and not response.is_success) or (
+            wanted is not None and response.status_code not in wanted
+        ):
+            raise NodeFailed(
+                f"{method} {response.url} answered {response.status_code}: {response.text[:200]}"
+            )
+        try:
+            payload: Any = response.json()
+        except ValueError:
+            payload = response.text
+        return {"status": response.status_code, "body": payload}
