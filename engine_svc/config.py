@@ -100,7 +100,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         "--tenants",
         type=_csv,
         default=_csv(_env("ENGINE_TENANTS", "default")),
-        help="tenants whose orphaned runs this engine takes over",
+        help="tenants to scan for orphaned runs, besides those recorded in the store",
     )
     p.add_argument(
         "--owner", default=_env("ENGINE_OWNER", ""), help="lease owner name (default: host-pid)"

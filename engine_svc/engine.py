@@ -68,6 +68,11 @@ class Engine:
                 ("grpc.service_config", _STORE_SERVICE_CONFIG),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                # After a store restart, reconnect within a second or two, not gRPC's
+                # default backoff of up to two minutes.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
         self.store = cpb_grpc.CheckpointServiceStub(self.channel)

@@ -50,7 +50,13 @@ async def wait_status(
 ) -> pb.Run:
     deadline = time.monotonic() + timeout
     while True:
-        run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+        try:
+            run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md)).run
+        except grpc.aio.AioRpcError as exc:  # a poller rides out a store restart
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+            continue
         if run.status == status:
             return run
         assert time.monotonic() < deadline, (

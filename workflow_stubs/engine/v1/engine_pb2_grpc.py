@@ -137,7 +137,9 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PauseRun(self, request, context):
-        """PauseRun lets running nodes finish, starts no new ones, and checkpoints.
+        """PauseRun lets running nodes finish, starts no new ones, and checkpoints
+        (PAUSED). Any engine may take it; it returns once the engine running the
+        run has acknowledged it. FAILED_PRECONDITION unless PENDING or RUNNING.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,14 +155,16 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """CancelRun stops a run at once and records CANCELLED.
+        """CancelRun stops a run at once and records CANCELLED, with the reason in
+        Run.error. FAILED_PRECONDITION once the run has ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CheckpointRun(self, request, context):
-        """CheckpointRun takes a manual checkpoint with a name and metadata.
+        """CheckpointRun takes a manual checkpoint with a name and metadata, in any
+        status; it returns the checkpoint's id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
