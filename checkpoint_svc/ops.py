@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from checkpoint_svc.convert import checkpoint_from_pb, checkpoint_to_pb
 from checkpoint_svc.domain import (
@@ -145,13 +145,26 @@ class PutWritesOp:
     key: ThreadKey
     writes: list[PendingWrite]
     fencing_token: int = 0
+    events: list[NewEvent] = field(default_factory=list)
+    request_id: str = ""
     creates: bool = False
 
-    async def apply(self, batch: Batch) -> int:
+    async def apply(self, batch: Batch) -> tuple[int, list[int]]:
+        done = await _replay(batch, self.key.tenant, self.request_id, "put_writes")
+        if done is not None:
+            return done["written"], list(done["seqs"])
         thread = _existing(batch, self.key)
         check_fencing(thread, self.fencing_token, batch.now)
         batch.writes.extend((self.key, w) for w in self.writes)
-        return len(self.writes)
+        seqs = [batch.emit(thread, e).seq for e in self.events]
+        if self.request_id:
+            batch.record_request(
+                self.key.tenant,
+                self.request_id,
+                "put_writes",
+                json.dumps({"written": len(self.writes), "seqs": seqs}),
+            )
+        return len(self.writes), seqs
 
 
 @dataclass(slots=True)

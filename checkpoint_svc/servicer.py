@@ -348,11 +348,17 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             _text(violations, f"writes[{i}].channel", w.channel, 1024)
             _text(violations, f"writes[{i}].task_path", w.task_path, 4096)
             _text(violations, f"writes[{i}].content_type", w.content_type, 256)
+        _events(violations, request.events)
+        _check_id(violations, "request_id", request.request_id, False, 256)
         _raise_if(violations)
-        written = await self.store.put_writes(
-            key, [convert.write_from_pb(w) for w in request.writes], request.fencing_token
+        written, seqs = await self.store.put_writes(
+            key,
+            [convert.write_from_pb(w) for w in request.writes],
+            request.fencing_token,
+            [convert.new_event_from_pb(e) for e in request.events],
+            request.request_id,
         )
-        return pb.PutWritesResponse(written=written)
+        return pb.PutWritesResponse(written=written, seqs=seqs)
 
     @translated
     async def Publish(

@@ -292,10 +292,20 @@ class CheckpointStore:
         rows = rows[:page_size]
         return rows, (rows[-1].checkpoint_id if more else "")
 
-    async def put_writes(self, key: ThreadKey, writes: list[PendingWrite], token: int) -> int:
+    async def put_writes(
+        self,
+        key: ThreadKey,
+        writes: list[PendingWrite],
+        token: int,
+        events: list[NewEvent] | None = None,
+        request_id: str = "",
+    ) -> tuple[int, list[int]]:
+        """Store writes (and append events with them); (writes stored, event seqs)."""
         for w in writes:
             self._check_size(f"write {w.task_id}/{w.idx}", len(w.value))
-        return await self.committer.submit(PutWritesOp(key, writes, token))
+        return await self.committer.submit(
+            PutWritesOp(key, writes, token, events or [], request_id)
+        )
 
     # ---- threads and feed ------------------------------------------------------
 

@@ -169,27 +169,33 @@ class Execution:
     pause: tuple[str, str] | None = None  # (why, control id) once a pause is asked for
     shutdown: bool = False  # the pause is the engine's own: leave the run RUNNING
     cancel: tuple[str, str] | None = None  # (reason, control id)
+    # The step's last node to finish is saved by the step's checkpoint, not a write of its
+    # own; its events wait here for that checkpoint (or any earlier one).
+    carry: list[cpb.NewEvent] = field(default_factory=list)
+    running: int = 0  # nodes of the current step that have not finished
+    announced: set[str] = field(default_factory=set)  # node.started sent ahead of their step
 
-    def eta(self) -> float:
+    def eta(self, also_done: str = "") -> float:
         """Seconds left: the mean observed node duration per remaining (bounded) step."""
         run = self.run
         if not run.durations:
             return 0.0
         mean = sum(run.durations.values()) / len(run.durations)
-        done = run.done()
+        done = run.done() | ({also_done} if also_done else set())
         steps = sum(
             math.ceil(sum(1 for n in level if n not in done) / self.parallel)
             for level in self.levels
         )
         return round(steps * mean, 3)
 
-    def progress(self) -> dict[str, Any]:
-        done, total = len(self.run.done()), self.run.total
+    def progress(self, also_done: str = "") -> dict[str, Any]:
+        """Progress fields of events; `also_done` counts a node whose result is on its way."""
+        done, total = len(self.run.done()) + bool(also_done), self.run.total
         return {
             "completed_nodes": done,
             "total_nodes": total,
             "progress_percent": round(100.0 * done / total, 2) if total else 0.0,
-            "eta_seconds": self.eta(),
+            "eta_seconds": self.eta(also_done),
         }
 
 
@@ -265,6 +271,7 @@ class RunExecutor:
         async with ex.gate.exclusive():
             run.eta_seconds = ex.eta()
             progress = ex.progress()
+            events = [*ex.carry, *(events or [])]
             saved = await self._call(
                 self.store.Save,
                 cpb.SaveRequest(
@@ -284,54 +291,56 @@ class RunExecutor:
                     expected_parent_id=ex.head_id,
                     fencing_token=ex.token,
                     status=getattr(cpb, f"THREAD_STATUS_{run.status}") if status else 0,
-                    events=events or [],
+                    events=events,
                     # Unique per (head, token): a retry after a lost answer gets the first result.
                     request_id=f"save:{run.run_id}:{ex.token}:{ex.head_id}",
                 ),
             )
+            ex.carry.clear()
             ex.head_id = saved.checkpoint.checkpoint_id
             return ex.head_id
 
-    async def _write(self, ex: Execution, node_id: str, channel: str, value: Any) -> None:
-        """A node's result, saved at once (and only then counted as done)."""
+    async def _write(
+        self,
+        ex: Execution,
+        node_id: str,
+        channel: str,
+        value: Any,
+        event: cpb.NewEvent | None = None,
+        *,
+        deferred: bool = False,
+    ) -> None:
+        """A node's result, saved at once with its event (and only then counted as done).
+        `deferred`: the step's checkpoint, which comes next, saves it instead."""
         run = ex.run
         async with ex.gate.shared():
-            await self._call(
-                self.store.PutWrites,
-                cpb.PutWritesRequest(
-                    namespace=RUNS_NAMESPACE,
-                    thread_id=run.run_id,
-                    fencing_token=ex.token,
-                    writes=[
-                        cpb.PendingWrite(
-                            checkpoint_id=ex.head_id,
-                            task_id=node_id,
-                            idx=0,
-                            channel=channel,
-                            value=json.dumps(value).encode(),
-                        )
-                    ],
-                ),
-            )
+            if deferred:
+                ex.carry.extend([event] if event else [])
+            else:
+                await self._call(
+                    self.store.PutWrites,
+                    cpb.PutWritesRequest(
+                        namespace=RUNS_NAMESPACE,
+                        thread_id=run.run_id,
+                        fencing_token=ex.token,
+                        writes=[
+                            cpb.PendingWrite(
+                                checkpoint_id=ex.head_id,
+                                task_id=node_id,
+                                idx=0,
+                                channel=channel,
+                                value=json.dumps(value).encode(),
+                            )
+                        ],
+                        events=[event] if event else [],
+                        request_id=f"writes:{run.run_id}:{ex.token}:{ex.head_id}:{node_id}",
+                    ),
+                )
             if channel == OUTPUT_CHANNEL:
                 run.outputs[node_id] = value
                 run.completed.append(node_id)
             else:
                 run.skipped.append(node_id)
-
-    async def _publish(self, ex: Execution, kind: str, payload: dict[str, Any]) -> None:
-        event = cpb.NewEvent(type=kind)
-        event.payload.update(payload)
-        await self._call(
-            self.store.Publish,
-            cpb.PublishRequest(
-                namespace=RUNS_NAMESPACE,
-                thread_id=ex.run.run_id,
-                events=[event],
-                fencing_token=ex.token,
-                request_id=f"publish:{ex.run.run_id}:{ex.token}:{time.time_ns()}",
-            ),
-        )
 
     async def _restore(self, run_id: str) -> tuple[RunState, str]:
         head = await self._call(
@@ -589,7 +598,7 @@ class RunExecutor:
                 steps.cancel()
         elif kind == "control.pause" and ex.pause is None:
             ex.pause = ("requested", control_id)
-            await self._publish(ex, "run.pausing", {"control_id": control_id})
+            await self._publish_events(ex, [_event("run.pausing", control_id=control_id)])
         elif kind == "control.checkpoint":
             ack = cpb.NewEvent(type="control.applied")
             ack.payload.update({"control_id": control_id})
@@ -628,27 +637,36 @@ class RunExecutor:
         await self._save(ex, cpb.TRIGGER_PAUSE, name="pause", events=[event])
         return run
 
+    @staticmethod
+    def _ready(ex: Execution) -> list[NodeSpec]:
+        done = ex.run.done()
+        return [
+            n
+            for n in ex.workflow.nodes
+            if n.id not in done and all(d in done for d in n.depends_on)
+        ]
+
     async def _steps(self, ex: Execution) -> RunState:
         run, workflow = ex.run, ex.workflow
         if run.status == "PENDING":
             run.status = "RUNNING"
         gate = asyncio.Semaphore(ex.parallel)
+        # With a checkpoint after every step, the step's last node rides on it (one call less
+        # per step), and so do the node.started events of the next step.
+        step_checkpoints = pb.CHECKPOINT_TRIGGER_STEP_COMPLETED in workflow.triggers
+        before_critical = pb.CHECKPOINT_TRIGGER_BEFORE_CRITICAL in workflow.triggers
         while True:
             if ex.pause is not None:
                 return await self._paused(ex)
-            done = run.done()
-            ready = [
-                n
-                for n in workflow.nodes
-                if n.id not in done and all(d in done for d in n.depends_on)
-            ]
+            ready = self._ready(ex)
             if not ready:
                 break
             runnable = [n for n in ready if n.type != "approval"]
             if not runnable:  # only approvals are left to start: wait for an answer
                 node = ready[0]
                 if node.when and not expressions.evaluate(node.when, run.state()):
-                    await self._write(ex, node.id, SKIPPED_CHANNEL, True)
+                    skipped = _event("node.skipped", node_id=node.id, **ex.progress(node.id))
+                    await self._write(ex, node.id, SKIPPED_CHANNEL, True, skipped)
                     continue
                 run.status = "WAITING"
                 run.waiting_node, run.waiting_for = node.id, str(node.config.get("prompt", ""))
@@ -656,15 +674,22 @@ class RunExecutor:
                 await self._save(ex, cpb.TRIGGER_INTERRUPT, name=node.id, events=[event])
                 return run  # nothing holds a task or a lease while it waits
             critical = [n.id for n in runnable if n.critical]
-            if critical and pb.CHECKPOINT_TRIGGER_BEFORE_CRITICAL in workflow.triggers:
+            if critical and before_critical:
                 name = "before:" + ",".join(critical)
                 await self._save(ex, cpb.TRIGGER_BEFORE_CRITICAL, name=name)
             state = run.state()
-            started = [n.id for n in runnable[: ex.parallel] if not n.when]
-            if started:
-                await self._publish_many(ex, "node.started", started)
+            first = [
+                n.id for n in runnable[: ex.parallel] if not n.when and n.id not in ex.announced
+            ]
+            if first:
+                await self._publish_events(ex, self._started(ex, first))
+            announced, ex.announced = ex.announced | set(first), set()
+            ex.running = len(runnable)
             results = await asyncio.gather(
-                *(self._node(ex, n, state, gate, n.id in started) for n in runnable)
+                *(
+                    self._node(ex, n, state, gate, n.id in announced, step_checkpoints)
+                    for n in runnable
+                )
             )
             failures = {nid: err for nid, err in results if err}
             run.step += 1
@@ -676,19 +701,31 @@ class RunExecutor:
                 return run
             if len(run.done()) == len(workflow.nodes):
                 break
-            if pb.CHECKPOINT_TRIGGER_STEP_COMPLETED in workflow.triggers:
-                await self._save(ex, cpb.TRIGGER_STEP_COMPLETED)
+            if step_checkpoints:
+                following: list[str] = []
+                if ex.pause is None:
+                    following = [
+                        n.id
+                        for n in self._ready(ex)
+                        if n.type != "approval"
+                        and not n.when
+                        and not (n.critical and before_critical)
+                    ][: ex.parallel]
+                ex.announced = set(following)
+                await self._save(
+                    ex, cpb.TRIGGER_STEP_COMPLETED, events=self._started(ex, following)
+                )
         run.status = "COMPLETED"
         event = status_event("COMPLETED", **ex.progress())
         await self._save(ex, cpb.TRIGGER_STEP_COMPLETED, events=[event])
         return run
 
-    async def _publish_many(self, ex: Execution, kind: str, node_ids: list[str]) -> None:
-        events = []
-        for node_id in node_ids:
-            event = cpb.NewEvent(type=kind)
-            event.payload.update({"node_id": node_id, "attempt": 1, **ex.progress()})
-            events.append(event)
+    @staticmethod
+    def _started(ex: Execution, node_ids: list[str]) -> list[cpb.NewEvent]:
+        progress = ex.progress()
+        return [_event("node.started", node_id=n, attempt=1, **progress) for n in node_ids]
+
+    async def _publish_events(self, ex: Execution, events: list[cpb.NewEvent]) -> None:
         await self._call(
             self.store.Publish,
             cpb.PublishRequest(
@@ -707,21 +744,24 @@ class RunExecutor:
         state: dict[str, Any],
         gate: asyncio.Semaphore,
         announced: bool,
+        may_defer: bool,
     ) -> tuple[str, str]:
         """Run one node with its retry policy; record its output at once. (node id, error);
         a node held back by a pause is neither done nor failed."""
         if node.when and not expressions.evaluate(node.when, state):
-            await self._write(ex, node.id, SKIPPED_CHANNEL, True)
-            await self._publish(ex, "node.skipped", {"node_id": node.id, **ex.progress()})
+            ex.running -= 1
+            skipped = _event("node.skipped", node_id=node.id, **ex.progress(node.id))
+            await self._write(ex, node.id, SKIPPED_CHANNEL, True, skipped)
             return node.id, ""
         policy = node.retry
         attempt = 0
         call = NodeCall(self.tenant, ex.run.run_id)
         async with gate:
             if ex.pause is not None:
+                ex.running -= 1
                 return node.id, ""  # not started: it runs when the run is resumed
             if not announced:
-                await self._publish(ex, "node.started", {"node_id": node.id, "attempt": 1})
+                await self._publish_events(ex, self._started(ex, [node.id]))
             started = time.monotonic()
             try:
                 async for trying in AsyncRetrying(
@@ -739,31 +779,36 @@ class RunExecutor:
                             self.runner.run(call, node, state), node.timeout
                         )
             except Exception as exc:  # the node's failure, not the engine's
+                ex.running -= 1
                 if isinstance(exc, TimeoutError):
                     error = f"timed out after {node.timeout:g}s"
                 else:
                     error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                await self._publish(
-                    ex,
-                    "node.failed",
-                    {"node_id": node.id, "attempt": attempt, "error": error, **ex.progress()},
+                failed = _event(
+                    "node.failed", node_id=node.id, attempt=attempt, error=error, **ex.progress()
                 )
+                await self._publish_events(ex, [failed])
                 return node.id, error
         duration = time.monotonic() - started
         ex.run.durations[node.id] = round(duration, 6)
-        await self._write(ex, node.id, OUTPUT_CHANNEL, output)
-        await self._publish(
-            ex,
+        ex.running -= 1
+        completed = _event(
             "node.completed",
-            {
-                "node_id": node.id,
-                "attempt": attempt,
-                "duration_seconds": duration,
-                "output": output,
-                **ex.progress(),
-            },
+            node_id=node.id,
+            attempt=attempt,
+            duration_seconds=duration,
+            output=output,
+            **ex.progress(node.id),
         )
+        deferred = may_defer and ex.running == 0  # the step's checkpoint comes next
+        await self._write(ex, node.id, OUTPUT_CHANNEL, output, completed, deferred=deferred)
         return node.id, ""
+
+
+def _event(kind: str, **payload: Any) -> cpb.NewEvent:
+    event = cpb.NewEvent(type=kind)
+    event.payload.update(payload)
+    return event
 
 
 def check_control(run: RunState, action: str) -> None:

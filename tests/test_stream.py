@@ -145,3 +145,36 @@ async def test_stream_rejects_bad_cursor(stub) -> None:
         ):
             pass
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_writes_carry_events_once_even_when_retried(stub) -> None:
+    """PutWrites appends its events in the same commit; a retry with its request_id adds none."""
+    s, md = stub
+    head = (await save(s, md, "w")).checkpoint.checkpoint_id
+    done = pb.NewEvent(type="node.completed")
+    done.payload.update({"node_id": "a"})
+    request = pb.PutWritesRequest(
+        namespace=NS,
+        thread_id="w",
+        writes=[pb.PendingWrite(checkpoint_id=head, task_id="a", channel="out", value=b"1")],
+        events=[done],
+        request_id="writes-a-1",
+    )
+    first = await s.PutWrites(request, metadata=md)
+    again = await s.PutWrites(request, metadata=md)
+    assert (first.written, list(first.seqs)) == (again.written, list(again.seqs)) == (1, [2])
+    events = []
+    async for item in s.Stream(pb.StreamRequest(namespace=NS, thread_id="w"), metadata=md):
+        if item.HasField("heartbeat"):
+            break
+        events.append(item.event)
+        if item.event.seq == 2:
+            break
+    assert [(e.seq, e.type) for e in events] == [(1, "checkpoint.saved"), (2, "node.completed")]
+    thread = await s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="w"), metadata=md)
+    assert thread.thread.last_seq == 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        bad = pb.PutWritesRequest(namespace=NS, thread_id="w", writes=request.writes)
+        bad.events.add(type="")
+        await s.PutWrites(bad, metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -298,22 +298,28 @@ class StreamResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class PutWritesRequest(_message.Message):
-    __slots__ = ("namespace", "thread_id", "writes", "fencing_token")
+    __slots__ = ("namespace", "thread_id", "writes", "fencing_token", "events", "request_id")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     WRITES_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     thread_id: str
     writes: _containers.RepeatedCompositeFieldContainer[PendingWrite]
     fencing_token: int
-    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., writes: _Optional[_Iterable[_Union[PendingWrite, _Mapping]]] = ..., fencing_token: _Optional[int] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[NewEvent]
+    request_id: str
+    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., writes: _Optional[_Iterable[_Union[PendingWrite, _Mapping]]] = ..., fencing_token: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PutWritesResponse(_message.Message):
-    __slots__ = ("written",)
+    __slots__ = ("written", "seqs")
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
     written: int
-    def __init__(self, written: _Optional[int] = ...) -> None: ...
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, written: _Optional[int] = ..., seqs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NewEvent(_message.Message):
     __slots__ = ("type", "payload", "terminal")
