@@ -34,6 +34,7 @@ test: system-deps lint
 bench: setup system-deps
 	$(PY) -m pip install -qq -e '.[bench]'
 	$(PY) -m bench
+	$(PY) -m bench engine
 
 demo:
 	@echo "make demo is not built yet (issue 4: the CLI, the sample workflow and the kill-and-resume run)." >&2

@@ -1,4 +1,4 @@
-"""Throwaway servers for the benchmark: PostgreSQL, Redis and checkpoint_svc.
+"""Throwaway servers for the benchmarks: PostgreSQL, Redis, checkpoint_svc and engine_svc.
 
 Each one runs on a free loopback port with its files in a temp dir, so a bench run never
 touches a developer's own servers, and every one is stopped by the ExitStack that started it.
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -93,8 +94,14 @@ class Postgres:
             _as_postgres(
                 [
                     str(self.bin_dir / "initdb"),
-                    "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "-E", "UTF8", "--locale=C",
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
                 ]
             ),
             check=False,
@@ -103,13 +110,22 @@ class Postgres:
         )
         if init.returncode != 0:
             raise ServerError(f"initdb failed:\n{init.stderr.decode(errors='replace')}")
-        opts = (
-            f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        )
+        opts = f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200"
         proc = subprocess.run(
             _as_postgres(
-                [str(self.bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log),
-                 "-o", opts, "-w", "-t", "60", "start"]
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
             ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -124,8 +140,17 @@ class Postgres:
             return
         subprocess.run(
             _as_postgres(
-                [str(self.bin_dir / "pg_ctl"), "-D", str(self.workdir / "data"),
-                 "-m", "fast", "-w", "-t", "60", "stop"]
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "-D",
+                    str(self.workdir / "data"),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "60",
+                    "stop",
+                ]
             ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -166,8 +191,19 @@ class Redis:
         log = self.workdir / "redis.log"
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                ["/usr/bin/redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                [
+                    "/usr/bin/redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -176,9 +212,10 @@ class Redis:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServerError(f"redis-server exited:\n{log_tail(log)}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=1
-            ) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return
@@ -220,8 +257,15 @@ def drop_database(admin_url: str, dbname: str) -> None:
 
 def pg_settings(url: str) -> dict[str, str]:
     """The settings that decide whether the comparison is fair, printed with the figures."""
-    names = ["server_version", "fsync", "synchronous_commit", "wal_sync_method",
-             "full_page_writes", "shared_buffers", "max_connections"]
+    names = [
+        "server_version",
+        "fsync",
+        "synchronous_commit",
+        "wal_sync_method",
+        "full_page_writes",
+        "shared_buffers",
+        "max_connections",
+    ]
     out: dict[str, str] = {}
     with psycopg.connect(url, autocommit=True) as conn:
         for name in names:
@@ -237,7 +281,7 @@ class CheckpointService:
     name: str
     db_url: str
     redis_url: str | None
-    single_writer: bool
+    single_writer: bool | None  # None: leave it to the service's default (auto)
     workdir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -254,9 +298,17 @@ class CheckpointService:
 
     def command(self) -> list[str]:
         """The documented CLI."""
-        cmd = [sys.executable, "-m", "checkpoint_svc", "--listen", self.target,
-               "--db", asyncpg_url(self.db_url),
-               "--single-writer", "yes" if self.single_writer else "no"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "checkpoint_svc",
+            "--listen",
+            self.target,
+            "--db",
+            asyncpg_url(self.db_url),
+        ]
+        if self.single_writer is not None:
+            cmd += ["--single-writer", "yes" if self.single_writer else "no"]
         if self.redis_url:
             cmd += ["--redis", self.redis_url]
         return cmd
@@ -265,33 +317,9 @@ class CheckpointService:
         """Start and wait for grpc.health.v1 SERVING."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                self.command(), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise ServerError(
-                        f"checkpoint_svc[{self.name}] exited with {self.proc.returncode}:\n"
-                        f"{log_tail(self.log)}"
-                    )
-                try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError as exc:
-                    last = f"{exc.code().name}: {exc.details()}"
-                time.sleep(0.1)
-        self.stop()
-        raise ServerError(
-            f"checkpoint_svc[{self.name}] not SERVING after {timeout:.0f}s ({last}):\n"
-            f"{log_tail(self.log)}"
+        self.proc = _spawn(self.command(), self.log)
+        _wait_serving(
+            self.proc, self.target, f"checkpoint_svc[{self.name}]", self.log, timeout, self.stop
         )
 
     def stop(self) -> None:
@@ -299,3 +327,84 @@ class CheckpointService:
         if self.proc is not None:
             _stop_process(self.proc)
             self.proc = None
+
+
+@dataclass
+class EngineService:
+    """One `python -m engine_svc` subprocess, with its defaults except the two addresses."""
+
+    checkpoint_target: str
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        """gRPC target."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        """Where its stdout and stderr go."""
+        return self.workdir / "engine_svc.log"
+
+    def command(self) -> list[str]:
+        """The documented CLI."""
+        return [
+            sys.executable,
+            "-m",
+            "engine_svc",
+            "--listen",
+            self.target,
+            "--checkpoint",
+            self.checkpoint_target,
+        ]
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start and wait for grpc.health.v1 SERVING."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = _spawn(self.command(), self.log)
+        _wait_serving(self.proc, self.target, "engine_svc", self.log, timeout, self.stop)
+
+    def stop(self) -> None:
+        """Graceful stop of the process we started."""
+        if self.proc is not None:
+            _stop_process(self.proc)
+            self.proc = None
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a service from the repo root, its output in `log`, in its own session."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_serving(
+    proc: subprocess.Popen[bytes],
+    target: str,
+    what: str,
+    log: Path,
+    timeout: float,
+    stop: Callable[[], None],
+) -> None:
+    """Poll grpc.health.v1 until SERVING; on death or timeout stop it and raise with its log."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServerError(f"{what} exited with {proc.returncode}:\n{log_tail(log)}")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(0.1)
+    stop()
+    raise ServerError(f"{what} not SERVING after {timeout:.0f}s ({last}):\n{log_tail(log)}")

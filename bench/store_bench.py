@@ -182,8 +182,11 @@ class GrpcStore:
         while True:
             resp = await self.stub.List(
                 checkpoint_pb2.ListRequest(
-                    namespace=NAMESPACE, thread_id=thread_id, page_size=LIST_SIZE,
-                    page_token=token, include_state=False,
+                    namespace=NAMESPACE,
+                    thread_id=thread_id,
+                    page_size=LIST_SIZE,
+                    page_token=token,
+                    include_state=False,
                 ),
                 metadata=TENANT_MD,
             )
@@ -423,9 +426,11 @@ async def measure(
                     )
                     results.saves.setdefault(name, {})[c] = fig
                     save_threads[name] = threads
-                    print(f"   {name:17s} {fig.per_second:9.1f} saves/s "
-                          f"(n={fig.saves}, p50 {percentile(fig.latencies_ms, 50):.2f} ms)",
-                          flush=True)
+                    print(
+                        f"   {name:17s} {fig.per_second:9.1f} saves/s "
+                        f"(n={fig.saves}, p50 {percentile(fig.latencies_ms, 50):.2f} ms)",
+                        flush=True,
+                    )
 
                 if not await _guard(results, name, f"Save x{clients}", one()):
                     del live[name]
@@ -437,8 +442,11 @@ async def measure(
             async def restore(store: Store = store, name: str = name) -> None:
                 fig = await run_restores(store, save_threads[name], args.restores)
                 results.restores[name] = fig
-                print(f"   {name:17s} p50 {fig.p50:.3f} ms  p99 {fig.p99:.3f} ms  "
-                      f"served_from {fig.served_from}", flush=True)
+                print(
+                    f"   {name:17s} p50 {fig.p50:.3f} ms  p99 {fig.p99:.3f} ms  "
+                    f"served_from {fig.served_from}",
+                    flush=True,
+                )
 
             if not await _guard(results, name, "Restore", restore()):
                 del live[name]
@@ -448,8 +456,11 @@ async def measure(
                 async def floor(gs: GrpcStore = gs) -> None:
                     fig = await run_floor(gs, args.restores)
                     results.floors[gs.name] = fig
-                    print(f"   {gs.name:17s} gRPC floor (health Check) p50 {fig.p50:.3f} ms "
-                          f"p99 {fig.p99:.3f} ms", flush=True)
+                    print(
+                        f"   {gs.name:17s} gRPC floor (health Check) p50 {fig.p50:.3f} ms "
+                        f"p99 {fig.p99:.3f} ms",
+                        flush=True,
+                    )
 
                 await _guard(results, gs.name, "health Check", floor())
 
@@ -463,9 +474,12 @@ async def measure(
                 build = time.perf_counter() - t0
                 fig = await run_listing(store, thread, args.list_reps)
                 results.listings[name] = fig
-                print(f"   {name:17s} p50 {fig.p50:.2f} ms, min {min(fig.latencies_ms):.2f} ms, "
-                      f"{fig.state_bytes / 1e6:.1f} MB of state returned "
-                      f"(thread built in {build:.1f} s)", flush=True)
+                print(
+                    f"   {name:17s} p50 {fig.p50:.2f} ms, min {min(fig.latencies_ms):.2f} ms, "
+                    f"{fig.state_bytes / 1e6:.1f} MB of state returned "
+                    f"(thread built in {build:.1f} s)",
+                    flush=True,
+                )
 
             await _guard(results, name, "List", listing())
     finally:
@@ -518,17 +532,38 @@ def render(results: Results, args: argparse.Namespace) -> str:
                 if ours_v is not None and lg is not None:
                     verdicts["save"].append((name, ok))
                 target = (">=2x: " + ("met" if ok else "MISSED")) if r is not None else ">=2x: n/a"
-            rows.append((f"Save {clients} client(s) [{name} svc]", _fmt(ours_v, "/s"),
-                         _fmt(lg, "/s"), ratio_s(r), target))
+            rows.append(
+                (
+                    f"Save {clients} client(s) [{name} svc]",
+                    _fmt(ours_v, "/s"),
+                    _fmt(lg, "/s"),
+                    ratio_s(r),
+                    target,
+                )
+            )
         shared = results.saves.get("langgraph-shared", {}).get(clients)
         if shared is not None and lg_name != "langgraph-shared":
-            rows.append((f"  LangGraph, one shared saver, {clients} clients", "",
-                         _fmt(shared.per_second, "/s"), "", "(info)"))
+            rows.append(
+                (
+                    f"  LangGraph, one shared saver, {clients} clients",
+                    "",
+                    _fmt(shared.per_second, "/s"),
+                    "",
+                    "(info)",
+                )
+            )
         elif shared is not None:
             per_client = results.saves.get("langgraph", {}).get(clients)
             if per_client is not None:
-                rows.append((f"  LangGraph, saver per client, {clients} clients", "",
-                             _fmt(per_client.per_second, "/s"), "", "(info)"))
+                rows.append(
+                    (
+                        f"  LangGraph, saver per client, {clients} clients",
+                        "",
+                        _fmt(per_client.per_second, "/s"),
+                        "",
+                        "(info)",
+                    )
+                )
 
     lg_r = results.restores.get("langgraph")
     for stat in ("p50", "p99"):
@@ -550,11 +585,19 @@ def render(results: Results, args: argparse.Namespace) -> str:
                 served = " served_from=" + ",".join(
                     f"{k.removeprefix('TIER_').lower()}:{v}" for k, v in fig.served_from.items()
                 )
-            rows.append((f"Restore head {stat} [{TIER_OF[name]} tier]{served}",
-                         _fmt(ours_v, "ms"), _fmt(lg_v, "ms"), ratio_s(r), target))
+            rows.append(
+                (
+                    f"Restore head {stat} [{TIER_OF[name]} tier]{served}",
+                    _fmt(ours_v, "ms"),
+                    _fmt(lg_v, "ms"),
+                    ratio_s(r),
+                    target,
+                )
+            )
     for name, fig in results.floors.items():
-        rows.append((f"  gRPC floor: health Check p50 [{name} svc]", _fmt(fig.p50, "ms"),
-                     "", "", "(info)"))
+        rows.append(
+            (f"  gRPC floor: health Check p50 [{name} svc]", _fmt(fig.p50, "ms"), "", "", "(info)")
+        )
 
     lg_l = results.listings.get("langgraph")
     for name, _redis, _sw in OUR_CONFIGS:
@@ -565,9 +608,15 @@ def render(results: Results, args: argparse.Namespace) -> str:
         ok = r is not None and r >= 5.0
         if r is not None:
             verdicts["list"].append((name, ok))
-        rows.append((f"List {LIST_SIZE} checkpoints, p50 [{name} svc]", _fmt(ours_v, "ms"),
-                     _fmt(lg_v, "ms"), ratio_s(r),
-                     (">=5x: " + ("met" if ok else "MISSED")) if r is not None else ">=5x: n/a"))
+        rows.append(
+            (
+                f"List {LIST_SIZE} checkpoints, p50 [{name} svc]",
+                _fmt(ours_v, "ms"),
+                _fmt(lg_v, "ms"),
+                ratio_s(r),
+                (">=5x: " + ("met" if ok else "MISSED")) if r is not None else ">=5x: n/a",
+            )
+        )
 
     head = ("Operation", "checkpoint_svc", "LangGraph", "ratio", "target")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
@@ -580,17 +629,25 @@ def render(results: Results, args: argparse.Namespace) -> str:
         )
 
     out = [line(head), sep, *(line(r) for r in rows), ""]
-    out.append("ratio: how many times better checkpoint_svc is (>1 = ours better); "
-               "throughput ours/LG, latency LG/ours.")
-    out.append("LangGraph Save figure = the better of 'saver per client' and 'one shared "
-               "saver' (both on one 16-connection pool).")
-    out.append("LangGraph runs in-process (no RPC hop); ours pays a gRPC round trip, whose "
-               "floor is the health Check row.")
+    out.append(
+        "ratio: how many times better checkpoint_svc is (>1 = ours better); "
+        "throughput ours/LG, latency LG/ours."
+    )
+    out.append(
+        "LangGraph Save figure = the better of 'saver per client' and 'one shared "
+        "saver' (both on one 16-connection pool)."
+    )
+    out.append(
+        "LangGraph runs in-process (no RPC hop); ours pays a gRPC round trip, whose "
+        "floor is the health Check row."
+    )
     if results.listings:
-        shipped = ", ".join(f"{n} {f.state_bytes / 1e6:.2f} MB"
-                            for n, f in results.listings.items())
-        out.append(f"State returned by one full listing: {shipped} (alist has no "
-                   "metadata-only mode).")
+        shipped = ", ".join(
+            f"{n} {f.state_bytes / 1e6:.2f} MB" for n, f in results.listings.items()
+        )
+        out.append(
+            f"State returned by one full listing: {shipped} (alist has no metadata-only mode)."
+        )
     out.append("")
     out.append("Targets (evaluated on every one of our service configurations):")
     labels = {
@@ -605,9 +662,15 @@ def render(results: Results, args: argparse.Namespace) -> str:
         elif all(ok for _, ok in v):
             status = "MET (" + ", ".join(n for n, _ in v) + ")"
         else:
-            status = ("MISSED on " + ", ".join(n for n, ok in v if not ok)
-                      + (f"; met on {', '.join(n for n, ok in v if ok)}"
-                         if any(ok for _, ok in v) else ""))
+            status = (
+                "MISSED on "
+                + ", ".join(n for n, ok in v if not ok)
+                + (
+                    f"; met on {', '.join(n for n, ok in v if ok)}"
+                    if any(ok for _, ok in v)
+                    else ""
+                )
+            )
         out.append(f"  - {label}: {status}")
     if results.errors:
         out.append("")
@@ -623,22 +686,17 @@ def to_json(results: Results, args: argparse.Namespace) -> dict[str, Any]:
         "params": {k: v for k, v in vars(args).items() if k != "json"},
         "state_bytes": len(OUR_STATE),
         "saves": {
-            name: {
-                str(c): {**asdict(f), "per_second": f.per_second} for c, f in by_c.items()
-            }
+            name: {str(c): {**asdict(f), "per_second": f.per_second} for c, f in by_c.items()}
             for name, by_c in results.saves.items()
         },
         "restores": {
-            n: {**asdict(f), "p50_ms": f.p50, "p99_ms": f.p99}
-            for n, f in results.restores.items()
+            n: {**asdict(f), "p50_ms": f.p50, "p99_ms": f.p99} for n, f in results.restores.items()
         },
         "listings": {
-            n: {**asdict(f), "p50_ms": f.p50, "p99_ms": f.p99}
-            for n, f in results.listings.items()
+            n: {**asdict(f), "p50_ms": f.p50, "p99_ms": f.p99} for n, f in results.listings.items()
         },
         "grpc_floor": {
-            n: {**asdict(f), "p50_ms": f.p50, "p99_ms": f.p99}
-            for n, f in results.floors.items()
+            n: {**asdict(f), "p50_ms": f.p50, "p99_ms": f.p99} for n, f in results.floors.items()
         },
         "errors": results.errors,
     }
@@ -651,13 +709,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="checkpoint_svc vs LangGraph AsyncPostgresSaver on one PostgreSQL.",
     )
     p.add_argument("--only", choices=["all", "ours", "langgraph"], default="all")
-    p.add_argument("--pg-url", help="use this PostgreSQL (libpq URL, may CREATE DATABASE) "
-                   "instead of starting one")
+    p.add_argument(
+        "--pg-url",
+        help="use this PostgreSQL (libpq URL, may CREATE DATABASE) instead of starting one",
+    )
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
-    p.add_argument("--saves", type=int, default=2000,
-                   help="Saves per throughput configuration, split over the clients")
-    p.add_argument("--duration", type=float, default=0.0,
-                   help="if > 0, run each throughput configuration this many seconds instead")
+    p.add_argument(
+        "--saves",
+        type=int,
+        default=2000,
+        help="Saves per throughput configuration, split over the clients",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="if > 0, run each throughput configuration this many seconds instead",
+    )
     p.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     p.add_argument("--restores", type=int, default=1000, help="timed head reads per store")
     p.add_argument("--list-reps", type=int, default=20, help="timed full listings per store")
@@ -696,9 +764,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     servers.drop_database(admin_url, d)
 
             stack.callback(drop_ours)
-        results.env = {"postgres": servers.pg_settings(admin_url), "cpus": os.cpu_count(),
-                       "python": sys.version.split()[0], "grpc": grpc.__version__,
-                       "loadavg_before": os.getloadavg()}
+        results.env = {
+            "postgres": servers.pg_settings(admin_url),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "grpc": grpc.__version__,
+            "loadavg_before": os.getloadavg(),
+        }
 
         def new_db(name: str) -> str:
             created_dbs.append(name)
@@ -715,8 +787,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 redis_url = redis.url
             for name, with_redis, single_writer in OUR_CONFIGS:
                 svc = servers.CheckpointService(
-                    name, new_db(f"bench_svc_{name}"), redis_url if with_redis else None,
-                    single_writer, workdir / "logs",
+                    name,
+                    new_db(f"bench_svc_{name}"),
+                    redis_url if with_redis else None,
+                    single_writer,
+                    workdir / "logs",
                 )
                 stack.callback(svc.stop)
                 print(f"starting checkpoint_svc [{name}] ...", flush=True)
@@ -729,14 +804,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         lg_url = new_db("bench_langgraph") if args.only in ("all", "langgraph") else None
 
         pgs = results.env["postgres"]
-        print(f"PostgreSQL {pgs['server_version']}: fsync={pgs['fsync']} "
-              f"synchronous_commit={pgs['synchronous_commit']} "
-              f"wal_sync_method={pgs['wal_sync_method']}; {os.cpu_count()} CPUs; "
-              f"state {len(OUR_STATE)} bytes", flush=True)
+        print(
+            f"PostgreSQL {pgs['server_version']}: fsync={pgs['fsync']} "
+            f"synchronous_commit={pgs['synchronous_commit']} "
+            f"wal_sync_method={pgs['wal_sync_method']}; {os.cpu_count()} CPUs; "
+            f"state {len(OUR_STATE)} bytes",
+            flush=True,
+        )
         load = os.getloadavg()[0]
         if load > 0.5:
-            print(f"WARNING: 1-minute load average is {load:.2f} before measuring; other work "
-                  "on this machine will skew the figures", flush=True)
+            print(
+                f"WARNING: 1-minute load average is {load:.2f} before measuring; other work "
+                "on this machine will skew the figures",
+                flush=True,
+            )
         asyncio.run(measure(args, ours, lg_url, results))
         results.env["loadavg_after"] = os.getloadavg()
 
