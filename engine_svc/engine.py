@@ -81,6 +81,7 @@ class Engine:
         self.tenants: set[str] = set(settings.tenants)
         self._noted: set[str] = set()  # tenants recorded under SYSTEM_TENANT by this process
         self._executors: dict[str, RunExecutor] = {}
+        self._workflows: dict[tuple[str, str, int], Workflow] = {}
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._recovery: asyncio.Task | None = None
 
@@ -133,8 +134,14 @@ class Engine:
         return await self.registry.get(tenant, workflow_id, version)
 
     async def _workflow_of(self, tenant: str, run: RunState) -> Workflow:
-        stored = await self.registry.get(tenant, run.workflow_id, run.version)
-        return parse(stored.definition)
+        return self._parsed(tenant, await self.registry.get(tenant, run.workflow_id, run.version))
+
+    def _parsed(self, tenant: str, stored: StoredWorkflow) -> Workflow:
+        """Versions never change once stored: each is parsed once per process."""
+        key = (tenant, stored.definition.workflow_id, stored.version)
+        if key not in self._workflows:
+            self._workflows[key] = parse(stored.definition)
+        return self._workflows[key]
 
     # ---- runs ----------------------------------------------------------------
 
@@ -148,7 +155,7 @@ class Engine:
         request_id: str,
     ) -> RunState:
         stored = await self.registry.get(tenant, workflow_id, version)
-        workflow = parse(stored.definition)
+        workflow = self._parsed(tenant, stored)
         if run_id and not request_id and await self._run_exists(tenant, run_id):
             raise RunExists(f"run {run_id!r} already exists")
         try:
@@ -163,7 +170,8 @@ class Engine:
             raise
         await self._note_tenant(tenant)
         if run.status == "PENDING":
-            self._launch(tenant, workflow, run.run_id)
+            # A copy: the reply to StartRun shows the run as it started.
+            self._launch(tenant, workflow, run.run_id, RunState.from_json(run.to_json()))
         return run
 
     async def _note_tenant(self, tenant: str) -> None:
@@ -205,17 +213,23 @@ class Engine:
             raise
         return True
 
-    def _launch(self, tenant: str, workflow: Workflow, run_id: str) -> None:
+    def _launch(
+        self, tenant: str, workflow: Workflow, run_id: str, started: RunState | None = None
+    ) -> None:
         key = (tenant, run_id)
         if key in self._running:
             return
-        task = asyncio.create_task(self._execute(tenant, workflow, run_id), name=f"run-{run_id}")
+        task = asyncio.create_task(
+            self._execute(tenant, workflow, run_id, started), name=f"run-{run_id}"
+        )
         self._running[key] = task
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
-    async def _execute(self, tenant: str, workflow: Workflow, run_id: str) -> None:
+    async def _execute(
+        self, tenant: str, workflow: Workflow, run_id: str, started: RunState | None
+    ) -> None:
         try:
-            run = await self.executor(tenant).execute(workflow, run_id)
+            run = await self.executor(tenant).execute(workflow, run_id, started)
             log.info("run stopped", extra={"run_id": run_id, "status": run.status})
         except LeaseLostError as exc:
             log.warning("run not executed here", extra={"run_id": run_id, "error": str(exc)})
@@ -460,18 +474,26 @@ class Engine:
     async def recover(self, tenant: str) -> int:
         """Take over this tenant's unfinished runs whose lease is free or expired."""
         md = (("x-tenant-id", tenant),)
-        listed = await self.store.ListThreads(
-            cpb.ListThreadsRequest(
-                namespace=RUNS_NAMESPACE,
-                statuses=_RESUMABLE,
-                lease_expired_only=True,
-                page_size=100,
-            ),
-            metadata=md,
-        )
+        orphans: list[cpb.Thread] = []
+        token = ""
+        while True:  # every page: runs skipped below must not hide the ones after them
+            listed = await self.store.ListThreads(
+                cpb.ListThreadsRequest(
+                    namespace=RUNS_NAMESPACE,
+                    statuses=_RESUMABLE,
+                    lease_expired_only=True,
+                    page_size=500,
+                    page_token=token,
+                ),
+                metadata=md,
+            )
+            orphans += listed.threads
+            token = listed.next_page_token
+            if not token:
+                break
         taken = 0
         now = time.time()
-        for thread in listed.threads:
+        for thread in orphans:
             if (tenant, thread.thread_id) in self._running:
                 continue
             # A run started a moment ago has no lease yet: its engine is about to take it.
@@ -484,7 +506,7 @@ class Engine:
             except WorkflowNotFound:
                 log.error("run of an unknown workflow", extra={"run_id": thread.thread_id})
                 continue
-            self._launch(tenant, parse(stored.definition), thread.thread_id)
+            self._launch(tenant, self._parsed(tenant, stored), thread.thread_id)
             taken += 1
         if taken:
             log.info("taking over runs", extra={"tenant": tenant, "runs": taken})

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +112,7 @@ class RunState:
         return set(self.completed) | set(self.skipped)
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self)).encode()
+        return json.dumps(self.__dict__).encode()  # asdict would deep-copy every output
 
     @classmethod
     def from_json(cls, raw: bytes) -> RunState:
@@ -174,28 +174,40 @@ class Execution:
     carry: list[cpb.NewEvent] = field(default_factory=list)
     running: int = 0  # nodes of the current step that have not finished
     announced: set[str] = field(default_factory=set)  # node.started sent ahead of their step
+    _steps_key: tuple[int, int] = (-1, -1)
+    _steps_value: int = 0
 
-    def eta(self, also_done: str = "") -> float:
+    def eta(self) -> float:
         """Seconds left: the mean observed node duration per remaining (bounded) step."""
         run = self.run
         if not run.durations:
             return 0.0
         mean = sum(run.durations.values()) / len(run.durations)
-        done = run.done() | ({also_done} if also_done else set())
-        steps = sum(
-            math.ceil(sum(1 for n in level if n not in done) / self.parallel)
-            for level in self.levels
-        )
-        return round(steps * mean, 3)
+        return round(self._steps_left() * mean, 3)
 
-    def progress(self, also_done: str = "") -> dict[str, Any]:
-        """Progress fields of events; `also_done` counts a node whose result is on its way."""
-        done, total = len(self.run.done()) + bool(also_done), self.run.total
+    def _steps_left(self) -> int:
+        # Memoized on what is done so far: events ask for it many times per step.
+        key = (len(self.run.completed), len(self.run.skipped))
+        if key != self._steps_key:
+            done = self.run.done()
+            self._steps_key, self._steps_value = (
+                key,
+                sum(
+                    math.ceil(sum(1 for n in level if n not in done) / self.parallel)
+                    for level in self.levels
+                ),
+            )
+        return self._steps_value
+
+    def progress(self) -> dict[str, Any]:
+        """The progress fields of events and checkpoints."""
+        run = self.run
+        done, total = len(run.completed) + len(run.skipped), run.total
         return {
             "completed_nodes": done,
             "total_nodes": total,
             "progress_percent": round(100.0 * done / total, 2) if total else 0.0,
-            "eta_seconds": self.eta(also_done),
+            "eta_seconds": self.eta(),
         }
 
 
@@ -306,14 +318,24 @@ class RunExecutor:
         node_id: str,
         channel: str,
         value: Any,
-        event: cpb.NewEvent | None = None,
+        event_of: Callable[[], cpb.NewEvent] | None = None,
         *,
         deferred: bool = False,
     ) -> None:
-        """A node's result, saved at once with its event (and only then counted as done).
-        `deferred`: the step's checkpoint, which comes next, saves it instead."""
+        """A node's result, saved at once with its event. `deferred`: the step's checkpoint,
+        which comes next, saves it instead.
+
+        The node counts as done from here on (so events of nodes finishing together count
+        each other); no checkpoint can be taken before the write is through, and if the
+        write fails the run stops."""
         run = ex.run
         async with ex.gate.shared():
+            if channel == OUTPUT_CHANNEL:
+                run.outputs[node_id] = value
+                run.completed.append(node_id)
+            else:
+                run.skipped.append(node_id)
+            event = event_of() if event_of else None
             if deferred:
                 ex.carry.extend([event] if event else [])
             else:
@@ -336,11 +358,6 @@ class RunExecutor:
                         request_id=f"writes:{run.run_id}:{ex.token}:{ex.head_id}:{node_id}",
                     ),
                 )
-            if channel == OUTPUT_CHANNEL:
-                run.outputs[node_id] = value
-                run.completed.append(node_id)
-            else:
-                run.skipped.append(node_id)
 
     async def _restore(self, run_id: str) -> tuple[RunState, str]:
         head = await self._call(
@@ -501,15 +518,24 @@ class RunExecutor:
 
     # ---- executing --------------------------------------------------------------------
 
-    async def execute(self, workflow: Workflow, run_id: str) -> RunState:
+    async def execute(
+        self, workflow: Workflow, run_id: str, started: RunState | None = None
+    ) -> RunState:
         """Run to the end, a pause, an approval or a failure, under a lease; continues from
-        the head checkpoint. Returns at once if the run is not RUNNING or PENDING."""
+        the head checkpoint. Returns at once if the run is not RUNNING or PENDING.
+
+        `started`: the run as `start` recorded it. It stands for the head only under the
+        run's first lease (token 1): any change from outside would have taken a lease first.
+        """
         try:
             token = await self._acquire(run_id, self.owner)
         except LeaseHeld as exc:
             raise LeaseLostError(str(exc)) from exc
         try:
-            run, head_id = await self._restore(run_id)
+            if started is not None and token == 1:
+                run, head_id = started, start_checkpoint_id(run_id)
+            else:
+                run, head_id = await self._restore(run_id)
             ex = self._execution(workflow, run, head_id, token)
             if run.status not in ("PENDING", "RUNNING"):
                 return run
@@ -665,8 +691,7 @@ class RunExecutor:
             if not runnable:  # only approvals are left to start: wait for an answer
                 node = ready[0]
                 if node.when and not expressions.evaluate(node.when, run.state()):
-                    skipped = _event("node.skipped", node_id=node.id, **ex.progress(node.id))
-                    await self._write(ex, node.id, SKIPPED_CHANNEL, True, skipped)
+                    await self._write(ex, node.id, SKIPPED_CHANNEL, True, _done_event(ex, node))
                     continue
                 run.status = "WAITING"
                 run.waiting_node, run.waiting_for = node.id, str(node.config.get("prompt", ""))
@@ -750,8 +775,7 @@ class RunExecutor:
         a node held back by a pause is neither done nor failed."""
         if node.when and not expressions.evaluate(node.when, state):
             ex.running -= 1
-            skipped = _event("node.skipped", node_id=node.id, **ex.progress(node.id))
-            await self._write(ex, node.id, SKIPPED_CHANNEL, True, skipped)
+            await self._write(ex, node.id, SKIPPED_CHANNEL, True, _done_event(ex, node))
             return node.id, ""
         policy = node.retry
         attempt = 0
@@ -792,17 +816,17 @@ class RunExecutor:
         duration = time.monotonic() - started
         ex.run.durations[node.id] = round(duration, 6)
         ex.running -= 1
-        completed = _event(
-            "node.completed",
-            node_id=node.id,
-            attempt=attempt,
-            duration_seconds=duration,
-            output=output,
-            **ex.progress(node.id),
-        )
+        completed = _done_event(ex, node, attempt=attempt, duration_seconds=duration, output=output)
         deferred = may_defer and ex.running == 0  # the step's checkpoint comes next
         await self._write(ex, node.id, OUTPUT_CHANNEL, output, completed, deferred=deferred)
         return node.id, ""
+
+
+def _done_event(ex: Execution, node: NodeSpec, **payload: Any) -> Callable[[], cpb.NewEvent]:
+    """node.completed (or node.skipped, without a payload), built once the node counts as
+    done, so that its progress includes it."""
+    kind = "node.completed" if payload else "node.skipped"
+    return lambda: _event(kind, node_id=node.id, **payload, **ex.progress())
 
 
 def _event(kind: str, **payload: Any) -> cpb.NewEvent:

@@ -23,6 +23,10 @@ _CONFLICTS = (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED)
 _ATTEMPTS = 10
 
 
+class RegistrationContended(RuntimeError):
+    """Other engines kept registering the same workflow meanwhile: try again (ABORTED)."""
+
+
 class WorkflowNotFound(LookupError):
     """No such workflow, or no such version of it."""
 
@@ -85,7 +89,9 @@ class WorkflowRegistry:
                     continue  # another engine registered meanwhile: look again
                 raise
             return Registered(definition.workflow_id, version, created=True)
-        raise RuntimeError(f"could not register {definition.workflow_id}: too much contention")
+        raise RegistrationContended(
+            f"could not register {definition.workflow_id}: too many concurrent registrations"
+        )
 
     async def get(self, tenant: str, workflow_id: str, version: int = 0) -> StoredWorkflow:
         """A version of a workflow (0: the active one)."""

@@ -16,7 +16,7 @@ from checkpoint_svc.servicer import tenant_of as store_tenant_of
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
 from engine_svc.executor import LeaseLostError, RunState, StoreUnavailable
-from engine_svc.registry import WorkflowNotFound
+from engine_svc.registry import RegistrationContended, WorkflowNotFound
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -31,6 +31,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     ControlTimeout: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     LeaseLostError: grpc.StatusCode.ABORTED,  # the run changed under us: try again
+    RegistrationContended: grpc.StatusCode.ABORTED,
 }
 _TRANSLATED = (DefinitionInvalid, InvalidArgument, grpc.aio.AioRpcError, *_CODES)
 

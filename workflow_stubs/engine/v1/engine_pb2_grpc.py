@@ -139,7 +139,8 @@ class EngineServiceServicer:
     def PauseRun(self, request, context):
         """PauseRun lets running nodes finish, starts no new ones, and checkpoints
         (PAUSED). Any engine may take it; it returns once the engine running the
-        run has acknowledged it. FAILED_PRECONDITION unless PENDING or RUNNING.
+        run has acknowledged it. A PAUSED run is returned as it is.
+        FAILED_PRECONDITION for WAITING runs (answer or cancel them) and ended runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

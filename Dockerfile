@@ -1,0 +1,27 @@
+# One image for both services: `python -m checkpoint_svc` and `python -m engine_svc`
+# (docker-compose.yml picks the command), and the `wf` client. Dependencies come from
+# pyproject.toml, which pins every version; each package it lists is copied at its own path.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml ./
+COPY checkpoint_svc ./checkpoint_svc
+COPY engine_svc ./engine_svc
+COPY workflow_stubs ./workflow_stubs
+COPY clients/python/workflow_client ./clients/python/workflow_client
+RUN pip install . && rm -rf /src
+
+# Run from an empty directory as an unprivileged user, so the installed packages are the ones
+# imported (not a source tree) and an embedded SQLite store (./data/) would land here.
+RUN useradd --system --uid 10001 --home-dir /app --create-home app
+WORKDIR /app
+USER app
+
+# gRPC ports: checkpoint_svc 50051, engine_svc 50052 (both configurable). No default command:
+# docker-compose.yml names the service to run, and the listen address (0.0.0.0 in a container).
+EXPOSE 50051 50052

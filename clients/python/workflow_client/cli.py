@@ -1,0 +1,439 @@
+"""`wf`: the command line for the workflow services.
+
+Output is for people on a terminal (tables, a live progress bar) and for scripts otherwise
+(plain lines, or JSON with --json); exit codes say what happened (see `wf --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from workflow_client.calls import state_of
+from workflow_client.errors import WorkflowError
+from workflow_client.sync import CheckpointClient, EngineClient
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+
+EXIT_CODES = """exit codes:
+  0  done (watch: the run COMPLETED)
+  1  any other error
+  2  bad input (usage, an invalid definition or value: INVALID_ARGUMENT)
+  3  not found            4  already exists
+  5  not allowed in the run's status (FAILED_PRECONDITION)
+  6  a service is unreachable (UNAVAILABLE, deadline exceeded)
+  10 the run FAILED      11 the run was CANCELLED
+  12 the run is WAITING for an answer (wf resume RUN --value JSON)
+  13 the run is PAUSED
+
+environment: WF_ENGINE, WF_CHECKPOINT, WF_TENANT (defaults of the flags)"""
+
+RUN_EXIT = {
+    pb.RUN_STATUS_COMPLETED: 0,
+    pb.RUN_STATUS_FAILED: 10,
+    pb.RUN_STATUS_CANCELLED: 11,
+    pb.RUN_STATUS_WAITING: 12,
+    pb.RUN_STATUS_PAUSED: 13,
+}
+
+
+def status_name(status: int) -> str:
+    return pb.RunStatus.Name(status).removeprefix("RUN_STATUS_")
+
+
+def parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"wf: {what} is not JSON: {exc}") from None
+
+
+class Output:
+    """Where results go: rich on a terminal, plain lines or JSON otherwise."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.console = Console()
+        self.rich = self.console.is_terminal and not as_json
+
+    def json(self, value: Any) -> None:
+        print(json.dumps(value, default=str), flush=True)
+
+    def message(self, value: Any) -> None:
+        """A protobuf message as JSON (field names as in the proto)."""
+        self.json(json_format.MessageToDict(value, preserving_proto_field_name=True))
+
+
+def _run_row(run: pb.Run) -> list[str]:
+    return [
+        run.run_id,
+        run.workflow_id,
+        str(run.version),
+        status_name(run.status),
+        run.updated_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+    ]
+
+
+def cmd_register(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    from workflow_client.calls import load_definition
+
+    try:
+        definition = load_definition(args.file)
+    except OSError as exc:
+        raise SystemExit(f"wf: cannot read {args.file}: {exc}") from None
+    except (ValueError, json_format.ParseError) as exc:
+        raise SystemExit(f"wf: {args.file} is not a workflow definition: {exc}") from None
+    done = engine.register(definition)
+    if out.as_json:
+        out.message(done)
+    else:
+        what = "new version" if done.created else "unchanged"
+        print(f"{done.workflow_id} version {done.version} ({what})")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    run_input = parse_json(args.input, "--input") if args.input else {}
+    if not isinstance(run_input, dict):
+        raise SystemExit("wf: --input must be a JSON object")
+    run = engine.start_run(
+        args.workflow,
+        run_input,
+        version=args.version,
+        run_id=args.run_id,
+        request_id=args.request_id,
+    )
+    if out.as_json:
+        out.message(run)
+    else:
+        print(run.run_id, flush=True)  # alone on its line: RUN=$(wf start ...)
+    if args.watch:
+        return watch(engine, run.run_id, out, follow=False)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    return watch(engine, args.run, out, follow=args.follow, after_seq=args.after_seq)
+
+
+def watch(engine: EngineClient, run_id: str, out: Output, follow: bool, after_seq: int = 0) -> int:
+    """Follow a run until it ends (or waits for an answer or is paused, unless `follow`)."""
+    run = engine.get_run(run_id)
+    events = engine.watch(run_id, after_seq)
+    stops = _stopper(engine, run_id, follow)
+    if out.rich:
+        status = _watch_bar(run, events, out.console, stops)
+    else:
+        status = _watch_lines(events, out, stops)
+    final = engine.get_run(run_id)
+    if status is None:  # the stream ended: the run is over
+        status = final.status
+    if not out.as_json:
+        line = f"run {run_id}: {status_name(status)}"
+        if final.error:
+            line += f" ({final.error})"
+        if status == pb.RUN_STATUS_WAITING:
+            line += f": {final.waiting_for!r}; answer with: wf resume {run_id} --value JSON"
+        print(line, file=sys.stderr if not out.rich else sys.stdout, flush=True)
+    return RUN_EXIT.get(status, 0)
+
+
+def _stopper(engine: EngineClient, run_id: str, follow: bool) -> Callable[[pb.RunEvent], bool]:
+    """Whether to stop watching at this event: the run now waits for an answer or is paused.
+    A replayed WAITING or PAUSED that the run has since left does not stop the watch."""
+
+    def stops(event: pb.RunEvent) -> bool:
+        if follow or event.type != "run.status":
+            return False
+        if event.status not in (pb.RUN_STATUS_WAITING, pb.RUN_STATUS_PAUSED):
+            return False
+        return engine.get_run(run_id).status == event.status
+
+    return stops
+
+
+def _describe(event: pb.RunEvent) -> str:
+    parts = [event.type]
+    if event.node_id:
+        parts.append(event.node_id)
+    if event.type == "run.status" and event.status:
+        parts.append(status_name(event.status))
+    if event.attempt > 1:
+        parts.append(f"attempt {event.attempt}")
+    if event.HasField("duration"):
+        parts.append(f"{event.duration.ToTimedelta().total_seconds():.2f}s")
+    if event.error:
+        parts.append(event.error)
+    return " ".join(parts)
+
+
+def _watch_lines(
+    events: Iterator[pb.RunEvent], out: Output, stops: Callable[[pb.RunEvent], bool]
+) -> int | None:
+    for event in events:
+        if out.as_json:
+            out.message(event)
+        else:
+            if event.type == "checkpoint.saved":
+                continue  # progress is in the node events; `wf checkpoints` lists these
+            eta = f" eta {event.eta_seconds:.1f}s" if event.eta_seconds else ""
+            print(
+                f"{event.seq:>5} [{event.progress_percent:5.1f}%] "
+                f"{event.completed_nodes}/{event.total_nodes}{eta} {_describe(event)}",
+                flush=True,
+            )
+        if stops(event):
+            return event.status
+    return None
+
+
+def _watch_bar(
+    run: pb.Run,
+    events: Iterator[pb.RunEvent],
+    console: Console,
+    stops: Callable[[pb.RunEvent], bool],
+) -> int | None:
+    running: list[str] = []
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[eta]}"),
+        TextColumn("[cyan]{task.fields[now]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(
+            run.workflow_id or run.run_id,
+            total=run.total_nodes or None,
+            completed=run.completed_nodes,
+            eta="",
+            now="",
+        )
+        for event in events:
+            if event.type == "node.started" and event.node_id not in running:
+                running.append(event.node_id)
+            elif event.type in ("node.completed", "node.failed", "node.skipped"):
+                if event.node_id in running and event.type != "node.failed":
+                    running.remove(event.node_id)
+            if event.type != "checkpoint.saved":
+                progress.console.print(f"[dim]{event.seq:>5}[/dim] {_describe(event)}")
+            update: dict[str, Any] = {"now": ", ".join(running[:4])}
+            if event.total_nodes:
+                update |= {"total": event.total_nodes, "completed": event.completed_nodes}
+            update["eta"] = f"eta {event.eta_seconds:.1f}s" if event.eta_seconds else ""
+            progress.update(task, **update)
+            if stops(event):
+                return event.status
+    return None
+
+
+def cmd_runs(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    statuses = [pb.RunStatus.Value(f"RUN_STATUS_{s.upper()}") for s in args.status or []]
+    runs = list(engine.list_runs(args.workflow, statuses, page_size=args.limit))[: args.limit]
+    if out.as_json:
+        out.json([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in runs])
+        return 0
+    table = Table("run", "workflow", "version", "status", "updated")
+    for run in runs:
+        table.add_row(*_run_row(run))
+    _print_table(out, table, [_run_row(r) for r in runs])
+    return 0
+
+
+def _print_table(out: Output, table: Table, rows: list[list[str]]) -> None:
+    if out.rich:
+        out.console.print(table)
+    else:
+        for row in rows:
+            print("\t".join(row))
+
+
+def cmd_show(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    run = engine.get_run(args.run)
+    if out.as_json:
+        out.message(run)
+        return 0
+    rows = [
+        ("run", run.run_id),
+        ("workflow", f"{run.workflow_id} v{run.version}"),
+        ("status", status_name(run.status)),
+        ("progress", f"{run.completed_nodes}/{run.total_nodes} ({run.progress_percent:.1f}%)"),
+        ("head checkpoint", run.head_checkpoint_id),
+        ("updated", run.updated_at.ToDatetime().isoformat(sep=" ", timespec="seconds")),
+    ]
+    if run.error:
+        rows.append(("error", run.error))
+    if run.waiting_for:
+        rows.append(("waiting for", run.waiting_for))
+    for key, value in rows:
+        print(f"{key:>16}: {value}")
+    print(json.dumps(state_of(run), indent=2))
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    return _report(engine.pause_run(args.run), out)
+
+
+def cmd_resume(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    value = parse_json(args.value, "--value") if args.value is not None else None
+    return _report(engine.resume_run(args.run, value), out)
+
+
+def cmd_cancel(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    return _report(engine.cancel_run(args.run, args.reason), out)
+
+
+def _report(run: pb.Run, out: Output) -> int:
+    if out.as_json:
+        out.message(run)
+    else:
+        print(f"run {run.run_id}: {status_name(run.status)}")
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    metadata = dict(kv.split("=", 1) for kv in args.meta or [])
+    checkpoint_id = engine.checkpoint_run(args.run, args.name, metadata)
+    if out.as_json:
+        out.json({"checkpoint_id": checkpoint_id})
+    else:
+        print(checkpoint_id)
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    store = CheckpointClient(args.checkpoint, **_connection_options(args))
+    try:
+        found = list(store.checkpoints(args.run))
+    finally:
+        store.close()
+    if out.as_json:
+        out.json([json_format.MessageToDict(c, preserving_proto_field_name=True) for c in found])
+        return 0
+    table = Table("checkpoint", "step", "trigger", "name", "done", "progress", "created")
+    rows = []
+    for c in found:
+        row = [
+            c.checkpoint_id,
+            str(c.step),
+            cpb.Trigger.Name(c.trigger).removeprefix("TRIGGER_"),
+            c.name,
+            str(len(c.completed_nodes)),
+            f"{c.progress_percent:.0f}%",
+            c.created_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3],
+        ]
+        rows.append(row)
+        table.add_row(*row)
+    _print_table(out, table, rows)
+    return 0
+
+
+Command = Callable[[argparse.Namespace, EngineClient, Output], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wf",
+        description="Register workflows, start, watch and steer runs.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--engine", default=os.environ.get("WF_ENGINE", "127.0.0.1:50052"))
+    parser.add_argument(
+        "--checkpoint",
+        default=os.environ.get("WF_CHECKPOINT", "127.0.0.1:50051"),
+        help="checkpoint service, for `checkpoints`",
+    )
+    parser.add_argument("--tenant", default=os.environ.get("WF_TENANT", "default"))
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--ca-file", help="PEM root certificates for TLS")
+    parser.add_argument("--json", action="store_true", help="JSON output, one value per line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("register", cmd_register, "register a workflow definition (JSON or YAML)")
+    sub.add_argument("file")
+    sub = command("start", cmd_start, "start a run; prints its id")
+    sub.add_argument("workflow")
+    sub.add_argument("--input", help="the run's input, a JSON object")
+    sub.add_argument("--version", type=int, default=0, help="0: the active version")
+    sub.add_argument("--run-id", default="")
+    sub.add_argument("--request-id", default="", help="a retried start returns the same run")
+    sub.add_argument("--watch", action="store_true", help="then watch it")
+    sub = command("watch", cmd_watch, "follow a run live until it ends, waits or pauses")
+    sub.add_argument("run")
+    sub.add_argument("--after-seq", type=int, default=0)
+    sub.add_argument("--follow", action="store_true", help="keep going through waits and pauses")
+    sub = command("runs", cmd_runs, "list runs, newest first")
+    sub.add_argument("--workflow", default="")
+    sub.add_argument("--status", action="append", choices=[
+        "pending", "running", "paused", "waiting", "completed", "failed", "cancelled"
+    ])  # fmt: skip
+    sub.add_argument("--limit", type=int, default=50)
+    sub = command("show", cmd_show, "a run's status, progress and state")
+    sub.add_argument("run")
+    sub = command("pause", cmd_pause, "pause a run: running nodes finish, no new ones start")
+    sub.add_argument("run")
+    sub = command("resume", cmd_resume, "continue a paused or failed run, or answer a waiting one")
+    sub.add_argument("run")
+    sub.add_argument("--value", help="the answer to an approval, JSON")
+    sub = command("cancel", cmd_cancel, "cancel a run at once")
+    sub.add_argument("run")
+    sub.add_argument("--reason", default="")
+    sub = command("checkpoints", cmd_checkpoints, "a run's checkpoint history, newest first")
+    sub.add_argument("run")
+    sub = command("checkpoint", cmd_checkpoint, "take a named manual checkpoint of a run")
+    sub.add_argument("run")
+    sub.add_argument("--name", required=True)
+    sub.add_argument("--meta", action="append", metavar="KEY=VALUE")
+    return parser
+
+
+def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "tenant": args.tenant,
+        "timeout": args.timeout,
+        "tls": args.tls,
+        "ca_file": args.ca_file,
+    }
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Output(args.json)
+    engine = EngineClient(args.engine, **_connection_options(args))
+    try:
+        return args.handler(args, engine, out)
+    except WorkflowError as exc:
+        print(f"wf: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    try:
+        sys.exit(run())
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # our own "wf: ..." messages: bad input
+            print(exc.code, file=sys.stderr)
+            sys.exit(2)
+        raise

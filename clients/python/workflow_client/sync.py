@@ -1,0 +1,153 @@
+"""Blocking clients of both services, for scripts and the CLI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+
+from workflow_client import calls
+from workflow_client.aio import RECONNECT_FOR
+from workflow_client.connection import Connection
+from workflow_client.errors import from_rpc_error
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class _Client:
+    def __init__(self, connection: Connection, stub_class: type) -> None:
+        self.connection = connection
+        self.channel = connection.channel()
+        self.stub = stub_class(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> _Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _do(self, call: calls.Call[T]) -> T:
+        try:
+            reply = getattr(self.stub, call.rpc)(
+                call.request, metadata=self.connection.metadata, timeout=self.connection.timeout
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return call.result(reply)
+
+
+class EngineClient(_Client):
+    """engine.v1.EngineService: workflows and runs (blocking)."""
+
+    def __init__(self, address: str = "127.0.0.1:50052", **options: Any) -> None:
+        super().__init__(Connection(address, **options), pb_grpc.EngineServiceStub)
+
+    def register(
+        self, definition: pb.WorkflowDefinition | Mapping[str, Any]
+    ) -> pb.RegisterWorkflowResponse:
+        return self._do(calls.register(definition))
+
+    def get_workflow(self, workflow_id: str, version: int = 0) -> pb.GetWorkflowResponse:
+        return self._do(calls.get_workflow(workflow_id, version))
+
+    def start_run(
+        self,
+        workflow_id: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        version: int = 0,
+        run_id: str = "",
+        request_id: str = "",
+    ) -> pb.Run:
+        return self._do(calls.start_run(workflow_id, input, version, run_id, request_id))
+
+    def get_run(self, run_id: str) -> pb.Run:
+        return self._do(calls.get_run(run_id))
+
+    def list_runs(
+        self, workflow_id: str = "", statuses: list[int] | None = None, page_size: int = 100
+    ) -> Iterator[pb.Run]:
+        token = ""
+        while True:
+            page = self._do(calls.list_runs(workflow_id, statuses or [], page_size, token))
+            yield from page.runs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def pause_run(self, run_id: str) -> pb.Run:
+        return self._do(calls.pause_run(run_id))
+
+    def resume_run(self, run_id: str, value: Any = None) -> pb.Run:
+        return self._do(calls.resume_run(run_id, value))
+
+    def cancel_run(self, run_id: str, reason: str = "") -> pb.Run:
+        return self._do(calls.cancel_run(run_id, reason))
+
+    def checkpoint_run(
+        self, run_id: str, name: str, metadata: Mapping[str, str] | None = None
+    ) -> str:
+        return self._do(calls.checkpoint_run(run_id, name, metadata))
+
+    def watch(self, run_id: str, after_seq: int = 0) -> Iterator[pb.RunEvent]:
+        """As AsyncEngineClient.watch: reconnects from the last seq seen."""
+        last, failing_since = after_seq, None
+        while True:
+            try:
+                for item in self.stub.WatchRun(
+                    pb.WatchRunRequest(run_id=run_id, after_seq=last),
+                    metadata=self.connection.metadata,
+                ):
+                    failing_since = None
+                    if item.HasField("event"):
+                        last = item.event.seq
+                        yield item.event
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise from_rpc_error(exc) from exc
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > RECONNECT_FOR:
+                    raise from_rpc_error(exc) from exc
+                time.sleep(0.5)
+
+
+class CheckpointClient(_Client):
+    """checkpoint.v1.CheckpointService (blocking); `stub` offers every RPC."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", **options: Any) -> None:
+        super().__init__(Connection(address, **options), cpb_grpc.CheckpointServiceStub)
+
+    def checkpoints(
+        self, thread_id: str, namespace: str = "runs", page_size: int = 500
+    ) -> Iterator[cpb.Checkpoint]:
+        """A thread's checkpoints, newest first, without their state."""
+        token = ""
+        while True:
+            page = self._do(calls.list_checkpoints(namespace, thread_id, page_size, token))
+            yield from page.checkpoints
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_thread(self, thread_id: str, namespace: str = "runs") -> cpb.Thread:
+        return self._do(calls.get_thread(namespace, thread_id))
+
+    def restore(
+        self,
+        thread_id: str,
+        namespace: str = "runs",
+        checkpoint_id: str = "",
+        include_writes: bool = False,
+    ) -> cpb.RestoreResponse:
+        """A checkpoint (the head by default), with the pending writes on it if asked."""
+        return self._do(calls.restore(namespace, thread_id, checkpoint_id, include_writes))

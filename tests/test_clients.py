@@ -1,0 +1,183 @@
+"""The Python client library, the `wf` command and `make demo`'s script, against real
+services."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from workflow_client import (
+    AsyncEngineClient,
+    CheckpointClient,
+    EngineClient,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    state_of,
+)
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+
+SQLITE = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+ROOT = Path(__file__).resolve().parent.parent
+WF = str(Path(sys.executable).with_name("wf"))
+
+DEFINITION = {
+    "workflow_id": "etl",
+    "nodes": [
+        {"id": "extract", "type": "transform", "config": {"expression": "input['n'] * 10"}},
+        {"id": "wait", "type": "sleep", "depends_on": ["extract"], "config": {"seconds": 0.2}},
+        {
+            "id": "load",
+            "type": "transform",
+            "depends_on": ["wait"],
+            "config": {"expression": "extract + 1"},
+        },
+    ],
+}
+
+
+@SQLITE
+def test_sync_client_runs_a_workflow_and_raises_typed_errors(
+    service, engine_factory, tenant
+) -> None:
+    engine = engine_factory(service)
+    with EngineClient(engine.address, tenant=tenant) as client:
+        registered = client.register(DEFINITION)
+        assert (registered.version, registered.created) == (1, True)
+        run = client.start_run("etl", {"n": 4}, request_id="etl-1")
+        events = list(client.watch(run.run_id))
+        assert events[-1].terminal and events[-1].status == pb.RUN_STATUS_COMPLETED
+        done = client.get_run(run.run_id)
+        assert state_of(done) == {"input": {"n": 4}, "extract": 40, "wait": None, "load": 41}
+        again = client.start_run("etl", {"n": 4}, request_id="etl-1")
+        assert again.run_id == run.run_id
+        assert [r.run_id for r in client.list_runs(page_size=1)] == [run.run_id]
+
+        with pytest.raises(NotFound) as missing:
+            client.get_run("no-such-run")
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(FailedPrecondition):
+            client.resume_run(run.run_id)
+        bad = {"workflow_id": "bad", "nodes": [{"id": "a", "type": "teleport"}]}
+        with pytest.raises(InvalidArgument) as invalid:
+            client.register(bad)
+        assert ("nodes[0].type", invalid.value.violations[0][1]) == invalid.value.violations[0]
+        assert "teleport" in str(invalid.value)
+    with CheckpointClient(service.address, tenant=tenant) as store:
+        history = list(store.checkpoints(run.run_id))
+        assert history[-1].name == "start" and len(history) >= 3
+    with EngineClient("127.0.0.1:1", timeout=2) as nowhere, pytest.raises(Unavailable):
+        nowhere.get_run("x")
+
+
+@SQLITE
+async def test_async_watch_reconnects_across_an_engine_restart(
+    service, engine_factory, tenant
+) -> None:
+    engine = engine_factory(service, "--recovery-interval", "0.3", "--lease-ttl", "1.5")
+    nodes = [
+        {
+            "id": f"s{i}",
+            "type": "sleep",
+            "config": {"seconds": 0.3},
+            "depends_on": [f"s{i - 1}"] if i else [],
+        }
+        for i in range(8)
+    ]
+    async with AsyncEngineClient(engine.address, tenant=tenant) as client:
+        await client.register({"workflow_id": "slow", "nodes": nodes})
+        run = await client.start_run("slow")
+        seen: list[pb.RunEvent] = []
+        async for event in client.watch(run.run_id):
+            seen.append(event)
+            if event.type == "node.completed" and event.node_id == "s2":
+                await engine.arestart()  # the stream breaks; the watch reopens it
+        assert [e.seq for e in seen] == list(range(1, len(seen) + 1)), "a gap or a repeat"
+        assert seen[-1].status == pb.RUN_STATUS_COMPLETED
+        completed = {e.node_id for e in seen if e.type == "node.completed"}
+        assert completed == {f"s{i}" for i in range(8)}
+        assert (await client.get_run(run.run_id)).completed_nodes == 8
+
+
+def wf(engine, tenant: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [WF, "--engine", engine.address, "--tenant", tenant, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        input=stdin,
+    )
+
+
+@SQLITE
+def test_the_wf_command(service, engine_factory, tenant, tmp_path) -> None:
+    engine = engine_factory(service)
+    definition = tmp_path / "etl.yaml"
+    definition.write_text(
+        "workflow_id: etl\n"
+        "nodes:\n"
+        "  - {id: extract, type: transform, config: {expression: \"input['n'] * 10\"}}\n"
+        "  - {id: ask, type: approval, depends_on: [extract], config: {prompt: 'Load it?'}}\n"
+        "  - {id: load, type: transform, depends_on: [ask], config: {expression: extract + 1}}\n"
+    )
+    registered = wf(engine, tenant, "register", str(definition))
+    assert registered.returncode == 0, registered.stderr
+    assert registered.stdout.strip() == "etl version 1 (new version)"
+    started = wf(engine, tenant, "start", "etl", "--input", '{"n": 2}', "--watch")
+    assert started.returncode == 12, started.stderr  # waiting for the approval
+    run_id = started.stdout.splitlines()[0]
+    assert "node.completed extract" in started.stdout
+    assert "Load it?" in started.stderr
+    answered = wf(engine, tenant, "resume", run_id, "--value", '{"ok": true}')
+    assert answered.returncode == 0 and "RUNNING" in answered.stdout
+    watched = wf(engine, tenant, "--json", "watch", run_id)
+    assert watched.returncode == 0, watched.stderr
+    events = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert events[-1]["status"] == "RUN_STATUS_COMPLETED" and events[-1]["terminal"]
+    shown = wf(engine, tenant, "--json", "show", run_id)
+    state = json.loads(shown.stdout)["state"]
+    assert state["load"] == 21 and state["ask"] == {"ok": True}
+    runs = wf(engine, tenant, "runs", "--status", "completed")
+    assert runs.stdout.split("\t")[0] == run_id
+    checkpoint = wf(engine, tenant, "checkpoint", run_id, "--name", "audit", "--meta", "by=ci")
+    assert checkpoint.returncode == 0
+    history = subprocess.run(
+        [WF, "--checkpoint", service.address, "--tenant", tenant, "checkpoints", run_id],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert history.stdout.splitlines()[0].split("\t")[0] == checkpoint.stdout.strip()
+
+    assert wf(engine, tenant, "show", "no-such-run").returncode == 3
+    assert wf(engine, tenant, "resume", run_id).returncode == 5
+    assert wf(engine, tenant, "start", "etl", "--input", "{oops").returncode == 2
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"workflow_id": "x", "nodes": [{"id": "a", "type": "nope"}]}))
+    rejected = wf(engine, tenant, "register", str(broken))
+    assert rejected.returncode == 2 and "nodes[0].type" in rejected.stderr
+    unreachable = subprocess.run(
+        [WF, "--engine", "127.0.0.1:1", "--timeout", "2", "runs"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert unreachable.returncode == 6
+    assert wf(engine, tenant, "--help").returncode == 0
+
+
+def test_the_demo_runs_and_leaves_nothing_running() -> None:
+    """`make demo`'s script: engine killed with SIGKILL mid-run, the run finished by another."""
+    done = subprocess.run(
+        [sys.executable, "scripts/demo.py"], capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "killed engine-a with SIGKILL" in done.stdout
+    assert "each node ran exactly once" in done.stdout
+    assert "run.status COMPLETED" in done.stdout
+    pattern = f"{ROOT / 'data' / 'demo'}|demo_handlers"
+    left = subprocess.run(["pgrep", "-f", pattern], capture_output=True)
+    assert left.returncode == 1, f"processes left running: {left.stdout!r}"
