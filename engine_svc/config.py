@@ -19,6 +19,7 @@ class Settings:
     store_retry_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
     control_wait_seconds: float = 30.0
+    metrics_port: int = 0
     tenants: list[str] = field(default_factory=lambda: ["default"])
     owner: str = ""
     log_level: str = "INFO"
@@ -104,6 +105,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     )
     p.add_argument(
         "--owner", default=_env("ENGINE_OWNER", ""), help="lease owner name (default: host-pid)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("ENGINE_METRICS_PORT", str(d.metrics_port))),
+        help="serve Prometheus metrics on this port, on the --listen host (0 = off)",
     )
     p.add_argument("--log-level", default=_env("ENGINE_LOG_LEVEL", d.log_level))
     settings = Settings(**vars(p.parse_args(argv)))

@@ -14,6 +14,7 @@ import grpc
 import uuid6
 from google.protobuf import json_format
 
+from engine_svc import metrics
 from engine_svc.config import Settings
 from engine_svc.definition import NodeSpec, Workflow, parse
 from engine_svc.executor import (
@@ -507,6 +508,7 @@ class Engine:
                 log.error("run of an unknown workflow", extra={"run_id": thread.thread_id})
                 continue
             self._launch(tenant, self._parsed(tenant, stored), thread.thread_id)
+            metrics.TAKEOVERS.inc()
             taken += 1
         if taken:
             log.info("taking over runs", extra={"tenant": tenant, "runs": taken})

@@ -34,7 +34,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from engine_svc import expressions
+from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
@@ -310,6 +310,7 @@ class RunExecutor:
             )
             ex.carry.clear()
             ex.head_id = saved.checkpoint.checkpoint_id
+            metrics.CHECKPOINTS.labels(cpb.Trigger.Name(trigger).removeprefix("TRIGGER_")).inc()
             return ex.head_id
 
     async def _write(
@@ -540,6 +541,7 @@ class RunExecutor:
             if run.status not in ("PENDING", "RUNNING"):
                 return run
             self.live[run_id] = ex
+            metrics.RUNS_EXECUTING.inc()
             steps = asyncio.create_task(self._steps(ex), name=f"steps-{run_id}")
             helpers = [
                 asyncio.create_task(self._renew(ex, asyncio.current_task())),
@@ -562,6 +564,8 @@ class RunExecutor:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
                 self.live.pop(run_id, None)
+                metrics.RUNS_EXECUTING.dec()
+                metrics.RUNS_ENDED.labels(ex.run.status).inc()
         finally:
             await self._release(run_id, self.owner, token)
 
@@ -674,8 +678,10 @@ class RunExecutor:
 
     async def _steps(self, ex: Execution) -> RunState:
         run, workflow = ex.run, ex.workflow
+        opening: list[cpb.NewEvent] = []  # sent with the first node.started events
         if run.status == "PENDING":
             run.status = "RUNNING"
+            opening.append(status_event("RUNNING", **ex.progress()))
         gate = asyncio.Semaphore(ex.parallel)
         # With a checkpoint after every step, the step's last node rides on it (one call less
         # per step), and so do the node.started events of the next step.
@@ -706,8 +712,9 @@ class RunExecutor:
             first = [
                 n.id for n in runnable[: ex.parallel] if not n.when and n.id not in ex.announced
             ]
-            if first:
-                await self._publish_events(ex, self._started(ex, first))
+            if first or opening:
+                await self._publish_events(ex, [*opening, *self._started(ex, first)])
+                opening = []
             announced, ex.announced = ex.announced | set(first), set()
             ex.running = len(runnable)
             results = await asyncio.gather(
@@ -748,7 +755,10 @@ class RunExecutor:
     @staticmethod
     def _started(ex: Execution, node_ids: list[str]) -> list[cpb.NewEvent]:
         progress = ex.progress()
-        return [_event("node.started", node_id=n, attempt=1, **progress) for n in node_ids]
+        return [
+            _event("node.started", node_id=n, attempt=1, status=ex.run.status, **progress)
+            for n in node_ids
+        ]
 
     async def _publish_events(self, ex: Execution, events: list[cpb.NewEvent]) -> None:
         await self._call(
@@ -804,17 +814,25 @@ class RunExecutor:
                         )
             except Exception as exc:  # the node's failure, not the engine's
                 ex.running -= 1
+                metrics.NODES.labels(node.type, "failed").inc()
                 if isinstance(exc, TimeoutError):
                     error = f"timed out after {node.timeout:g}s"
                 else:
                     error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 failed = _event(
-                    "node.failed", node_id=node.id, attempt=attempt, error=error, **ex.progress()
+                    "node.failed",
+                    node_id=node.id,
+                    attempt=attempt,
+                    error=error,
+                    status=ex.run.status,
+                    **ex.progress(),
                 )
                 await self._publish_events(ex, [failed])
                 return node.id, error
         duration = time.monotonic() - started
         ex.run.durations[node.id] = round(duration, 6)
+        metrics.NODES.labels(node.type, "completed").inc()
+        metrics.NODE_SECONDS.labels(node.type).observe(duration)
         ex.running -= 1
         completed = _done_event(ex, node, attempt=attempt, duration_seconds=duration, output=output)
         deferred = may_defer and ex.running == 0  # the step's checkpoint comes next
@@ -826,7 +844,7 @@ def _done_event(ex: Execution, node: NodeSpec, **payload: Any) -> Callable[[], c
     """node.completed (or node.skipped, without a payload), built once the node counts as
     done, so that its progress includes it."""
     kind = "node.completed" if payload else "node.skipped"
-    return lambda: _event(kind, node_id=node.id, **payload, **ex.progress())
+    return lambda: _event(kind, node_id=node.id, status=ex.run.status, **payload, **ex.progress())
 
 
 def _event(kind: str, **payload: Any) -> cpb.NewEvent:

@@ -8,6 +8,7 @@ import signal
 import sys
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,6 +40,9 @@ async def serve(settings: Settings) -> None:
         ],
         server,
     )
+    if settings.metrics_port:
+        host = settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        prometheus_client.start_http_server(settings.metrics_port, addr=host)
     if server.add_insecure_port(settings.listen) == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
     await server.start()

@@ -8,6 +8,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,7 +17,7 @@ import pytest
 from google.protobuf import json_format
 
 from tests.engine_client import definition, engine_stub, wait_event, wait_status, watch
-from tests.servers import checkpoint_stub
+from tests.servers import checkpoint_stub, free_port
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
@@ -462,4 +463,27 @@ async def test_a_fresh_engine_finds_orphaned_runs_of_any_tenant(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await s.ListRuns(pb.ListRunsRequest(), metadata=(("x-tenant-id", "engine.system"),))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close()
+
+
+@SQLITE
+async def test_engine_metrics(service, engine_factory, tenant) -> None:
+    port = free_port()
+    engine = engine_factory(service, "--metrics-port", str(port))
+    channel, s, md = await engine_stub(engine, tenant)
+    nodes = [
+        {"id": "a", "type": "transform", "config": {"expression": "1"}},
+        {"id": "b", "type": "transform", "depends_on": ["a"], "config": {"expression": "1 / 0"}},
+    ]
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md)
+    run_id = (await s.StartRun(pb.StartRunRequest(workflow_id="wf"), metadata=md)).run.run_id
+    await wait_status(s, md, run_id, pb.RUN_STATUS_FAILED)
+    await asyncio.sleep(0.2)  # the execution winds down after its last checkpoint
+    url = f"http://127.0.0.1:{port}/metrics"
+    text = (await asyncio.to_thread(urllib.request.urlopen, url, timeout=5)).read().decode()
+    assert 'engine_nodes_total{outcome="completed",type="transform"} 1.0' in text
+    assert 'engine_nodes_total{outcome="failed",type="transform"} 1.0' in text
+    assert 'engine_runs_stopped_total{status="FAILED"} 1.0' in text
+    assert 'engine_checkpoints_total{trigger="ERROR"} 1.0' in text
+    assert "engine_runs_executing 0.0" in text
     await channel.close()

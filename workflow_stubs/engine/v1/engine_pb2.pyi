@@ -33,6 +33,7 @@ class CheckpointTrigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHECKPOINT_TRIGGER_INTERRUPT: _ClassVar[CheckpointTrigger]
     CHECKPOINT_TRIGGER_PAUSE: _ClassVar[CheckpointTrigger]
     CHECKPOINT_TRIGGER_ERROR: _ClassVar[CheckpointTrigger]
+    CHECKPOINT_TRIGGER_MANUAL: _ClassVar[CheckpointTrigger]
 RUN_STATUS_UNSPECIFIED: RunStatus
 RUN_STATUS_PENDING: RunStatus
 RUN_STATUS_RUNNING: RunStatus
@@ -49,6 +50,7 @@ CHECKPOINT_TRIGGER_TIME_BASED: CheckpointTrigger
 CHECKPOINT_TRIGGER_INTERRUPT: CheckpointTrigger
 CHECKPOINT_TRIGGER_PAUSE: CheckpointTrigger
 CHECKPOINT_TRIGGER_ERROR: CheckpointTrigger
+CHECKPOINT_TRIGGER_MANUAL: CheckpointTrigger
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_attempts", "initial_backoff", "max_backoff", "backoff_multiplier")
@@ -215,18 +217,22 @@ class GetWorkflowResponse(_message.Message):
     def __init__(self, definition: _Optional[_Union[WorkflowDefinition, _Mapping]] = ..., version: _Optional[int] = ..., active_version: _Optional[int] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
-    __slots__ = ("workflow_id", "version", "input", "run_id", "request_id")
+    __slots__ = ("workflow_id", "version", "input", "run_id", "request_id", "interrupt_before", "interrupt_after")
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_AFTER_FIELD_NUMBER: _ClassVar[int]
     workflow_id: str
     version: int
     input: _struct_pb2.Struct
     run_id: str
     request_id: str
-    def __init__(self, workflow_id: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., run_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    interrupt_before: _containers.RepeatedScalarFieldContainer[str]
+    interrupt_after: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, workflow_id: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., interrupt_before: _Optional[_Iterable[str]] = ..., interrupt_after: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
     __slots__ = ("run",)
@@ -344,3 +350,136 @@ class CheckpointRunResponse(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     checkpoint_id: str
     def __init__(self, checkpoint_id: _Optional[str] = ...) -> None: ...
+
+class ListWorkflowVersionsRequest(_message.Message):
+    __slots__ = ("workflow_id",)
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    def __init__(self, workflow_id: _Optional[str] = ...) -> None: ...
+
+class WorkflowVersion(_message.Message):
+    __slots__ = ("version", "created_at", "active")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    created_at: _timestamp_pb2.Timestamp
+    active: bool
+    def __init__(self, version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class VersionChange(_message.Message):
+    __slots__ = ("kind", "version", "previous_version", "reason", "requested_by", "time")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    version: int
+    previous_version: int
+    reason: str
+    requested_by: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, kind: _Optional[str] = ..., version: _Optional[int] = ..., previous_version: _Optional[int] = ..., reason: _Optional[str] = ..., requested_by: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListWorkflowVersionsResponse(_message.Message):
+    __slots__ = ("versions", "active_version", "history")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[WorkflowVersion]
+    active_version: int
+    history: _containers.RepeatedCompositeFieldContainer[VersionChange]
+    def __init__(self, versions: _Optional[_Iterable[_Union[WorkflowVersion, _Mapping]]] = ..., active_version: _Optional[int] = ..., history: _Optional[_Iterable[_Union[VersionChange, _Mapping]]] = ...) -> None: ...
+
+class RollbackWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "version", "reason", "requested_by")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    version: int
+    reason: str
+    requested_by: str
+    def __init__(self, workflow_id: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class RollbackWorkflowResponse(_message.Message):
+    __slots__ = ("active_version", "previous_version")
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    active_version: int
+    previous_version: int
+    def __init__(self, active_version: _Optional[int] = ..., previous_version: _Optional[int] = ...) -> None: ...
+
+class GetRunHistoryRequest(_message.Message):
+    __slots__ = ("run_id", "include_state", "page_size", "page_token")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    include_state: bool
+    page_size: int
+    page_token: str
+    def __init__(self, run_id: _Optional[str] = ..., include_state: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class RunCheckpoint(_message.Message):
+    __slots__ = ("checkpoint_id", "parent_id", "step", "trigger", "name", "completed_node_ids", "progress_percent", "created_at", "metadata", "state", "status")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    parent_id: str
+    step: int
+    trigger: CheckpointTrigger
+    name: str
+    completed_node_ids: _containers.RepeatedScalarFieldContainer[str]
+    progress_percent: float
+    created_at: _timestamp_pb2.Timestamp
+    metadata: _containers.ScalarMap[str, str]
+    state: _struct_pb2.Struct
+    status: RunStatus
+    def __init__(self, checkpoint_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., step: _Optional[int] = ..., trigger: _Optional[_Union[CheckpointTrigger, str]] = ..., name: _Optional[str] = ..., completed_node_ids: _Optional[_Iterable[str]] = ..., progress_percent: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ...) -> None: ...
+
+class GetRunHistoryResponse(_message.Message):
+    __slots__ = ("checkpoints", "next_page_token")
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[RunCheckpoint]
+    next_page_token: str
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[RunCheckpoint, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ForkRunRequest(_message.Message):
+    __slots__ = ("run_id", "checkpoint_id", "state_patch", "new_run_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_PATCH_FIELD_NUMBER: _ClassVar[int]
+    NEW_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    checkpoint_id: str
+    state_patch: _struct_pb2.Struct
+    new_run_id: str
+    def __init__(self, run_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., state_patch: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., new_run_id: _Optional[str] = ...) -> None: ...
+
+class ForkRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...

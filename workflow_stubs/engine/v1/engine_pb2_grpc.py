@@ -85,6 +85,26 @@ class EngineServiceStub:
                 request_serializer=engine_dot_v1_dot_engine__pb2.CheckpointRunRequest.SerializeToString,
                 response_deserializer=engine_dot_v1_dot_engine__pb2.CheckpointRunResponse.FromString,
                 _registered_method=True)
+        self.ListWorkflowVersions = channel.unary_unary(
+                '/engine.v1.EngineService/ListWorkflowVersions',
+                request_serializer=engine_dot_v1_dot_engine__pb2.ListWorkflowVersionsRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_engine__pb2.ListWorkflowVersionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackWorkflow = channel.unary_unary(
+                '/engine.v1.EngineService/RollbackWorkflow',
+                request_serializer=engine_dot_v1_dot_engine__pb2.RollbackWorkflowRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_engine__pb2.RollbackWorkflowResponse.FromString,
+                _registered_method=True)
+        self.GetRunHistory = channel.unary_unary(
+                '/engine.v1.EngineService/GetRunHistory',
+                request_serializer=engine_dot_v1_dot_engine__pb2.GetRunHistoryRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_engine__pb2.GetRunHistoryResponse.FromString,
+                _registered_method=True)
+        self.ForkRun = channel.unary_unary(
+                '/engine.v1.EngineService/ForkRun',
+                request_serializer=engine_dot_v1_dot_engine__pb2.ForkRunRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_engine__pb2.ForkRunResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -171,6 +191,40 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkflowVersions(self, request, context):
+        """ListWorkflowVersions lists a workflow's versions and the history of which
+        one was active (registrations and rollbacks). NOT_FOUND for an unknown
+        workflow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackWorkflow(self, request, context):
+        """RollbackWorkflow makes an earlier (or any) version the active one at once;
+        new runs use it, running runs keep theirs. NOT_FOUND for an unknown
+        version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunHistory(self, request, context):
+        """GetRunHistory pages through a run's checkpoints, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkRun(self, request, context):
+        """ForkRun starts a new run from one of a run's checkpoints, with an optional
+        patch of its state; only what comes after that point runs. The original
+        run and its history are untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +277,26 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.CheckpointRun,
                     request_deserializer=engine_dot_v1_dot_engine__pb2.CheckpointRunRequest.FromString,
                     response_serializer=engine_dot_v1_dot_engine__pb2.CheckpointRunResponse.SerializeToString,
+            ),
+            'ListWorkflowVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflowVersions,
+                    request_deserializer=engine_dot_v1_dot_engine__pb2.ListWorkflowVersionsRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_engine__pb2.ListWorkflowVersionsResponse.SerializeToString,
+            ),
+            'RollbackWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackWorkflow,
+                    request_deserializer=engine_dot_v1_dot_engine__pb2.RollbackWorkflowRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_engine__pb2.RollbackWorkflowResponse.SerializeToString,
+            ),
+            'GetRunHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunHistory,
+                    request_deserializer=engine_dot_v1_dot_engine__pb2.GetRunHistoryRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_engine__pb2.GetRunHistoryResponse.SerializeToString,
+            ),
+            'ForkRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkRun,
+                    request_deserializer=engine_dot_v1_dot_engine__pb2.ForkRunRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_engine__pb2.ForkRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -496,6 +570,114 @@ class EngineService:
             '/engine.v1.EngineService/CheckpointRun',
             engine_dot_v1_dot_engine__pb2.CheckpointRunRequest.SerializeToString,
             engine_dot_v1_dot_engine__pb2.CheckpointRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkflowVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.EngineService/ListWorkflowVersions',
+            engine_dot_v1_dot_engine__pb2.ListWorkflowVersionsRequest.SerializeToString,
+            engine_dot_v1_dot_engine__pb2.ListWorkflowVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.EngineService/RollbackWorkflow',
+            engine_dot_v1_dot_engine__pb2.RollbackWorkflowRequest.SerializeToString,
+            engine_dot_v1_dot_engine__pb2.RollbackWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.EngineService/GetRunHistory',
+            engine_dot_v1_dot_engine__pb2.GetRunHistoryRequest.SerializeToString,
+            engine_dot_v1_dot_engine__pb2.GetRunHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.EngineService/ForkRun',
+            engine_dot_v1_dot_engine__pb2.ForkRunRequest.SerializeToString,
+            engine_dot_v1_dot_engine__pb2.ForkRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
