@@ -190,6 +190,13 @@ def _check_subworkflow(cfg: dict[str, Any], where: str, out: Violations) -> None
     _number(cfg, "version", where, out, required=False)
 
 
+def _check_rollback(cfg: dict[str, Any], where: str, out: Violations) -> None:
+    _string(cfg, "workflow_id", where, out, required=True)
+    _number(cfg, "version", where, out, required=True, minimum=1)
+    if "reason" in cfg and not isinstance(cfg["reason"], str):
+        out.append((f"{where}.reason", "must be a string"))
+
+
 CONFIG_CHECKS: dict[str, ConfigCheck] = {
     "noop": lambda cfg, where, out: None,
     "sleep": _check_sleep,
@@ -198,6 +205,7 @@ CONFIG_CHECKS: dict[str, ConfigCheck] = {
     "http": _check_http,
     "approval": _check_approval,
     "subworkflow": _check_subworkflow,
+    "rollback": _check_rollback,
 }
 
 

@@ -14,6 +14,7 @@ import grpc
 import uuid6
 from google.protobuf import json_format
 
+from checkpoint_svc.errors import InvalidArgument
 from engine_svc import metrics
 from engine_svc.config import Settings
 from engine_svc.definition import NodeSpec, Workflow, parse
@@ -30,7 +31,13 @@ from engine_svc.executor import (
     check_control,
 )
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner, render
-from engine_svc.registry import Registered, StoredWorkflow, WorkflowNotFound, WorkflowRegistry
+from engine_svc.registry import (
+    Registered,
+    StoredWorkflow,
+    Versions,
+    WorkflowNotFound,
+    WorkflowRegistry,
+)
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -78,7 +85,10 @@ class Engine:
         )
         self.store = cpb_grpc.CheckpointServiceStub(self.channel)
         self.registry = WorkflowRegistry(self.store)
-        self.runner = NodeRunner(set(settings.handlers), self._child_run)
+        self.runner = NodeRunner(
+            set(settings.handlers),
+            {"subworkflow": self._child_run, "rollback": self._rollback_node},
+        )
         self.tenants: set[str] = set(settings.tenants)
         self._noted: set[str] = set()  # tenants recorded under SYSTEM_TENANT by this process
         self._executors: dict[str, RunExecutor] = {}
@@ -134,6 +144,39 @@ class Engine:
     async def get_workflow(self, tenant: str, workflow_id: str, version: int) -> StoredWorkflow:
         return await self.registry.get(tenant, workflow_id, version)
 
+    async def versions(self, tenant: str, workflow_id: str) -> Versions:
+        return await self.registry.versions(tenant, workflow_id)
+
+    async def rollback(
+        self, tenant: str, workflow_id: str, version: int, reason: str, requested_by: str
+    ) -> tuple[int, int]:
+        """Make `version` active: (active, previous). Runs under way keep their version."""
+        done = await self.registry.rollback(tenant, workflow_id, version, reason, requested_by)
+        log.info(
+            "workflow rolled back",
+            extra={"workflow_id": workflow_id, "version": version, "reason": reason},
+        )
+        return done
+
+    async def _rollback_node(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
+        """A `rollback` node: e.g. after a failed canary check, from inside a workflow."""
+        cfg = node.config
+        try:
+            active, previous = await self.rollback(
+                call.tenant,
+                cfg["workflow_id"],
+                int(cfg["version"]),
+                str(cfg.get("reason", "")),
+                f"run {call.run_id} (node {node.id})",
+            )
+        except WorkflowNotFound as exc:
+            raise NodeFailed(str(exc)) from exc
+        return {
+            "workflow_id": cfg["workflow_id"],
+            "active_version": active,
+            "previous_version": previous,
+        }
+
     async def _workflow_of(self, tenant: str, run: RunState) -> Workflow:
         return self._parsed(tenant, await self.registry.get(tenant, run.workflow_id, run.version))
 
@@ -154,14 +197,49 @@ class Engine:
         run_input: dict[str, Any],
         run_id: str,
         request_id: str,
+        interrupt_before: list[str] | None = None,
+        interrupt_after: list[str] | None = None,
     ) -> RunState:
+        """Start a run; with the id of a COMPLETED run of the same workflow, start it again
+        on top of that run's state (a thread that remembers)."""
         stored = await self.registry.get(tenant, workflow_id, version)
         workflow = self._parsed(tenant, stored)
+        ids = {n.id for n in workflow.nodes}
+        unknown = [
+            (f"{name}[{i}]", f"unknown node {node!r}")
+            for name, nodes in (
+                ("interrupt_before", interrupt_before),
+                ("interrupt_after", interrupt_after),
+            )
+            for i, node in enumerate(nodes or [])
+            if node not in ids
+        ]
+        if unknown:
+            listed = "; ".join(f"{f}: {d}" for f, d in unknown)
+            raise InvalidArgument(f"breakpoints name unknown nodes: {listed}", unknown)
+        executor = self.executor(tenant)
         if run_id and not request_id and await self._run_exists(tenant, run_id):
-            raise RunExists(f"run {run_id!r} already exists")
+            existing = await executor.load(run_id)
+            if existing.status != "COMPLETED" or existing.workflow_id != workflow_id:
+                raise RunExists(
+                    f"run {run_id!r} already exists ({existing.status}, workflow "
+                    f"{existing.workflow_id!r}); only a COMPLETED run of the same workflow "
+                    "can be continued"
+                )
+            run = await executor.continue_thread(
+                workflow, stored.version, run_id, run_input, interrupt_before, interrupt_after
+            )
+            self._launch(tenant, workflow, run_id)
+            return run
         try:
-            run = await self.executor(tenant).start(
-                workflow, stored.version, run_id or str(uuid6.uuid7()), run_input, request_id
+            run = await executor.start(
+                workflow,
+                stored.version,
+                run_id or str(uuid6.uuid7()),
+                run_input,
+                request_id,
+                interrupt_before,
+                interrupt_after,
             )
         except LeaseLostError as exc:  # the start checkpoint's parent check: the run exists
             raise RunExists(f"run {run_id!r} already exists") from exc
@@ -174,6 +252,38 @@ class Engine:
             # A copy: the reply to StartRun shows the run as it started.
             self._launch(tenant, workflow, run.run_id, RunState.from_json(run.to_json()))
         return run
+
+    async def fork_run(
+        self,
+        tenant: str,
+        run_id: str,
+        checkpoint_id: str,
+        patch: dict[str, Any],
+        new_run_id: str,
+    ) -> RunState:
+        """A new run from a checkpoint of `run_id`, with `patch`; the original is untouched."""
+        executor = self.executor(tenant)
+        await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
+        source = await executor.at_checkpoint(run_id, checkpoint_id)
+        workflow = await self._workflow_of(tenant, source)
+        new_run_id = new_run_id or str(uuid6.uuid7())
+        try:
+            run = await executor.fork(workflow, source, checkpoint_id, patch, new_run_id)
+        except LeaseLostError as exc:
+            raise RunExists(f"run {new_run_id!r} already exists") from exc
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                raise RunExists(f"run {new_run_id!r} already exists") from exc
+            raise
+        await self._note_tenant(tenant)
+        self._launch(tenant, workflow, run.run_id, RunState.from_json(run.to_json()))
+        return run
+
+    async def history(
+        self, tenant: str, run_id: str, include_state: bool, page_size: int, page_token: str
+    ) -> tuple[list[cpb.Checkpoint], str]:
+        await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
+        return await self.executor(tenant).history(run_id, include_state, page_size, page_token)
 
     async def _note_tenant(self, tenant: str) -> None:
         """Record once that `tenant` has runs (idempotent across engines by request id)."""

@@ -34,6 +34,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from checkpoint_svc.errors import InvalidArgument
 from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
@@ -103,6 +104,9 @@ class RunState:
     durations: dict[str, float] = field(default_factory=dict)  # seconds per finished node
     eta_seconds: float = 0.0
     control_seq: int = 0  # the last control request handled (seq in the control feed)
+    interrupt_before: list[str] = field(default_factory=list)  # breakpoints (StartRun)
+    interrupt_after: list[str] = field(default_factory=list)
+    breaks_passed: list[str] = field(default_factory=list)  # "before:<id>" / "after:<id>"
 
     def state(self) -> dict[str, Any]:
         """The run's state as nodes and clients see it: the input and each node's output."""
@@ -277,6 +281,7 @@ class RunExecutor:
         metadata: dict[str, str] | None = None,
         events: list[cpb.NewEvent] | None = None,
         status: bool = True,
+        workflow_version: int = 0,
     ) -> str:
         """A checkpoint of the run as it is now; the new head. Holds node writes back meanwhile."""
         run = ex.run
@@ -303,6 +308,7 @@ class RunExecutor:
                     expected_parent_id=ex.head_id,
                     fencing_token=ex.token,
                     status=getattr(cpb, f"THREAD_STATUS_{run.status}") if status else 0,
+                    workflow_version=workflow_version,
                     events=events,
                     # Unique per (head, token): a retry after a lost answer gets the first result.
                     request_id=f"save:{run.run_id}:{ex.token}:{ex.head_id}",
@@ -433,36 +439,146 @@ class RunExecutor:
         run_id: str,
         run_input: dict[str, Any],
         request_id: str = "",
+        interrupt_before: list[str] | None = None,
+        interrupt_after: list[str] | None = None,
     ) -> RunState:
         """Record a new run (its first checkpoint); `execute` then runs it.
 
         A used `request_id` returns the run it started first; a used run id is refused
         (ALREADY_EXISTS), since a run's first checkpoint has a fixed id.
         """
-        run = RunState(run_id, workflow.workflow_id, version, run_input, total=len(workflow.nodes))
+        run = RunState(
+            run_id,
+            workflow.workflow_id,
+            version,
+            run_input,
+            total=len(workflow.nodes),
+            interrupt_before=list(interrupt_before or []),
+            interrupt_after=list(interrupt_after or []),
+        )
+        return await self._first_checkpoint(workflow, run, "start", request_id=request_id)
+
+    async def at_checkpoint(self, run_id: str, checkpoint_id: str) -> RunState:
+        """The run as one of its checkpoints holds it (without later pending writes)."""
+        source = await self._call(
+            self.store.Restore,
+            cpb.RestoreRequest(
+                namespace=RUNS_NAMESPACE, thread_id=run_id, checkpoint_id=checkpoint_id
+            ),
+        )
+        return RunState.from_json(source.checkpoint.state)
+
+    async def history(
+        self, run_id: str, include_state: bool, page_size: int, page_token: str
+    ) -> tuple[list[cpb.Checkpoint], str]:
+        page = await self._call(
+            self.store.List,
+            cpb.ListRequest(
+                namespace=RUNS_NAMESPACE,
+                thread_id=run_id,
+                page_size=page_size,
+                page_token=page_token,
+                include_state=include_state,
+            ),
+        )
+        return list(page.checkpoints), page.next_page_token
+
+    async def fork(
+        self,
+        workflow: Workflow,
+        source: RunState,
+        checkpoint_id: str,
+        patch: dict[str, Any],
+        new_run_id: str,
+    ) -> RunState:
+        """A new run from a checkpoint of `source` (its first checkpoint's parent), with the
+        patch applied; nodes done at that checkpoint stay done. The original is untouched."""
+        run_id = source.run_id
+        run = apply_patch(workflow, source, patch)
+        run = dataclasses.replace(
+            run,
+            run_id=new_run_id,
+            status="PENDING",
+            error="",
+            waiting_node="",
+            waiting_for="",
+            control_seq=0,
+            eta_seconds=0.0,
+        )
+        forked = {"forked_from_run": run_id, "forked_from_checkpoint": checkpoint_id}
+        return await self._first_checkpoint(
+            workflow, run, "fork", parent_id=checkpoint_id, metadata=forked
+        )
+
+    async def _first_checkpoint(
+        self,
+        workflow: Workflow,
+        run: RunState,
+        name: str,
+        *,
+        request_id: str = "",
+        parent_id: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> RunState:
         response = await self._call(
             self.store.Save,
             cpb.SaveRequest(
                 checkpoint=cpb.Checkpoint(
                     namespace=RUNS_NAMESPACE,
-                    thread_id=run_id,
+                    thread_id=run.run_id,
                     state=run.to_json(),
                     content_type="application/json",
                     trigger=cpb.TRIGGER_MANUAL,
-                    name="start",
-                    checkpoint_id=start_checkpoint_id(run_id),
+                    name=name,
+                    checkpoint_id=start_checkpoint_id(run.run_id),
+                    parent_id=parent_id,
+                    step=run.step,
+                    completed_nodes=run.completed,
+                    metadata=metadata or {},
                 ),
                 expected_parent_id="",
                 status=cpb.THREAD_STATUS_PENDING,
                 workflow_id=workflow.workflow_id,
-                workflow_version=version,
+                workflow_version=run.version,
                 request_id=f"start:{request_id}" if request_id else "",
                 events=[status_event("PENDING", total_nodes=len(workflow.nodes))],
             ),
         )
-        if response.checkpoint.thread_id != run_id:  # the request was used: its run
+        if response.checkpoint.thread_id != run.run_id:  # the request was used: its run
             return await self.load(response.checkpoint.thread_id)
         return run
+
+    async def continue_thread(
+        self,
+        workflow: Workflow,
+        version: int,
+        run_id: str,
+        run_input: dict[str, Any],
+        interrupt_before: list[str] | None = None,
+        interrupt_after: list[str] | None = None,
+    ) -> RunState:
+        """Start a COMPLETED run's workflow again on top of its state, on the same history:
+        the new input replaces the old, earlier outputs stay visible until nodes overwrite
+        them. NotResumable unless the run is COMPLETED."""
+        async with self._held(workflow, run_id) as ex:
+            run = ex.run
+            if run.status != "COMPLETED":
+                raise NotResumable(
+                    f"run {run_id!r} is {run.status}; only a COMPLETED run continues"
+                )
+            run.input, run.version, run.total = run_input, version, len(workflow.nodes)
+            run.completed, run.skipped, run.breaks_passed = [], [], []
+            run.interrupt_before = list(interrupt_before or [])
+            run.interrupt_after = list(interrupt_after or [])
+            run.status, run.error = "PENDING", ""
+            await self._save(
+                ex,
+                cpb.TRIGGER_MANUAL,
+                name="continue",
+                events=[status_event("PENDING", total_nodes=run.total)],
+                workflow_version=version,
+            )
+            return run
 
     async def resume(self, workflow: Workflow, run_id: str, value: Any) -> RunState:
         """Make a PAUSED, FAILED or WAITING run RUNNING again (answering the approval with
@@ -704,6 +820,13 @@ class RunExecutor:
                 event = status_event("WAITING", node_id=node.id, **ex.progress())
                 await self._save(ex, cpb.TRIGGER_INTERRUPT, name=node.id, events=[event])
                 return run  # nothing holds a task or a lease while it waits
+            held = [
+                f"before:{n.id}"
+                for n in runnable
+                if n.id in run.interrupt_before and f"before:{n.id}" not in run.breaks_passed
+            ]
+            if held:
+                return await self._breakpoint(ex, held)
             critical = [n.id for n in runnable if n.critical]
             if critical and before_critical:
                 name = "before:" + ",".join(critical)
@@ -731,6 +854,15 @@ class RunExecutor:
                 event = status_event("FAILED", error=run.error, **ex.progress())
                 await self._save(ex, cpb.TRIGGER_ERROR, name="error", events=[event])
                 return run
+            hit = [
+                f"after:{n.id}"
+                for n in runnable
+                if n.id in run.interrupt_after
+                and n.id in run.completed
+                and f"after:{n.id}" not in run.breaks_passed
+            ]
+            if hit:
+                return await self._breakpoint(ex, hit)
             if len(run.done()) == len(workflow.nodes):
                 break
             if step_checkpoints:
@@ -742,6 +874,7 @@ class RunExecutor:
                         if n.type != "approval"
                         and not n.when
                         and not (n.critical and before_critical)
+                        and n.id not in run.interrupt_before
                     ][: ex.parallel]
                 ex.announced = set(following)
                 await self._save(
@@ -750,6 +883,16 @@ class RunExecutor:
         run.status = "COMPLETED"
         event = status_event("COMPLETED", **ex.progress())
         await self._save(ex, cpb.TRIGGER_STEP_COMPLETED, events=[event])
+        return run
+
+    async def _breakpoint(self, ex: Execution, keys: list[str]) -> RunState:
+        """Pause at breakpoints ("before:<id>", "after:<id>"); ResumeRun goes past them."""
+        run = ex.run
+        run.breaks_passed += keys
+        run.status = "PAUSED"
+        name = ",".join(keys)
+        event = status_event("PAUSED", reason="breakpoint", breakpoint=name, **ex.progress())
+        await self._save(ex, cpb.TRIGGER_INTERRUPT, name=name, events=[event])
         return run
 
     @staticmethod
@@ -851,6 +994,31 @@ def _event(kind: str, **payload: Any) -> cpb.NewEvent:
     event = cpb.NewEvent(type=kind)
     event.payload.update(payload)
     return event
+
+
+def apply_patch(workflow: Workflow, run: RunState, patch: dict[str, Any]) -> RunState:
+    """A fork's state patch: "input" (an object) is merged into the input; a node id sets
+    that node's output and counts it as done. Anything else is InvalidArgument."""
+    ids = {n.id for n in workflow.nodes}
+    bad = [
+        (f"state_patch.{key}", 'not a node of the workflow, nor "input"')
+        for key in patch
+        if key != "input" and key not in ids
+    ]
+    if "input" in patch and not isinstance(patch["input"], dict):
+        bad.append(("state_patch.input", "must be an object"))
+    if bad:
+        raise InvalidArgument("state_patch: " + "; ".join(f"{f}: {d}" for f, d in bad), bad)
+    for key, value in patch.items():
+        if key == "input":
+            run.input = {**run.input, **value}
+            continue
+        run.outputs[key] = value
+        if key in run.skipped:
+            run.skipped.remove(key)
+        if key not in run.completed:
+            run.completed.append(key)
+    return run
 
 
 def check_control(run: RunState, action: str) -> None:

@@ -1,8 +1,8 @@
 """What each node type does. The executor decides when a node runs; this decides how.
 
 `python` handlers come only from the modules the operator allowed (`--handlers`); `http`
-requests go through one shared httpx client; `subworkflow` nodes start a child run through
-the engine (a callback, so this module knows nothing of leases or the store).
+requests go through one shared httpx client; `subworkflow` and `rollback` nodes act through
+the engine (callbacks, so this module knows nothing of leases or the store).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class NodeCall:
     run_id: str
 
 
-# (tenant, parent run id, node, the run's state) -> the child run's outputs
-ChildRunner = Callable[[NodeCall, NodeSpec, dict[str, Any]], Awaitable[Any]]
+# A node type the engine runs itself: (where, node, the run's state) -> the node's output.
+EngineNode = Callable[[NodeCall, NodeSpec, dict[str, Any]], Awaitable[Any]]
 
 _PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
@@ -74,9 +74,11 @@ def expected_statuses(config: dict[str, Any]) -> set[int] | None:
 class NodeRunner:
     """Runs one attempt of one node and returns its JSON output."""
 
-    def __init__(self, allowed_modules: set[str], children: ChildRunner | None = None) -> None:
+    def __init__(
+        self, allowed_modules: set[str], engine_nodes: dict[str, EngineNode] | None = None
+    ) -> None:
         self.allowed_modules = allowed_modules
-        self.children = children
+        self.engine_nodes = engine_nodes or {}
         self._http: httpx.AsyncClient | None = None
 
     async def close(self) -> None:
@@ -116,10 +118,8 @@ class NodeRunner:
             return await asyncio.to_thread(handler, *args)
         if node.type == "http":
             return await self._request(cfg, state)
-        if node.type == "subworkflow":
-            if self.children is None:
-                raise NodeFailed("subworkflow nodes need an engine to start child runs")
-            return await self.children(call, node, state)
+        if node.type in self.engine_nodes:
+            return await self.engine_nodes[node.type](call, node, state)
         raise NodeFailed(f"node type {node.type!r} is not runnable here")
 
     async def _request(self, cfg: dict[str, Any], state: dict[str, Any]) -> Any:

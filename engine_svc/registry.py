@@ -4,13 +4,17 @@ active version, and retention never prunes that namespace.
 
 Version numbers are allocated through checkpoint ids (`v0000000001`, ...): two engines
 registering at once cannot both take the same number, because the store refuses a taken id.
+A rollback is one more checkpoint (`v<latest>-r<uuid7>`, so ids keep sorting by time) holding
+the chosen version's definition: the head is always the active version, and the thread's
+checkpoints are the history of which version was active, who changed it and why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+import uuid6
 from google.protobuf import json_format
 
 from engine_svc.definition import fingerprint, parse
@@ -36,6 +40,23 @@ class Registered:
     workflow_id: str
     version: int
     created: bool  # False: the definition equals the active version
+
+
+@dataclass(frozen=True, slots=True)
+class VersionChange:
+    kind: str  # "registered" or "rollback"
+    version: int
+    previous_version: int
+    reason: str
+    requested_by: str
+    time: object  # google.protobuf.Timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class Versions:
+    active: int
+    versions: list[tuple[int, object]]  # (version, created_at), newest first
+    history: list[VersionChange] = field(default_factory=list)  # newest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +94,10 @@ class WorkflowRegistry:
                 trigger=cpb.TRIGGER_MANUAL,
                 name=f"version {version}",
                 metadata={
+                    "kind": "registered",
                     "version": str(version),
                     "latest_version": str(version),
+                    "previous_version": head.checkpoint.metadata["version"] if head else "0",
                     "fingerprint": digest,
                 },
             )
@@ -93,6 +116,101 @@ class WorkflowRegistry:
             f"could not register {definition.workflow_id}: too many concurrent registrations"
         )
 
+    async def rollback(
+        self, tenant: str, workflow_id: str, version: int, reason: str, requested_by: str
+    ) -> tuple[int, int]:
+        """Make `version` the active one; (active, previous). New runs take it at once."""
+        md = (("x-tenant-id", tenant),)
+        for _ in range(_ATTEMPTS):
+            head = await self._head(md, workflow_id)
+            if head is None:
+                raise WorkflowNotFound(f"workflow {workflow_id!r} not found")
+            meta = head.checkpoint.metadata
+            previous, latest = int(meta["version"]), int(meta["latest_version"])
+            target = await self._version(md, workflow_id, version)
+            checkpoint = cpb.Checkpoint(
+                namespace=WORKFLOWS_NAMESPACE,
+                thread_id=workflow_id,
+                checkpoint_id=f"{version_id(latest)}-r{uuid6.uuid7()}",
+                state=target.checkpoint.state,
+                trigger=cpb.TRIGGER_MANUAL,
+                name=f"rollback to version {version}",
+                metadata={
+                    "kind": "rollback",
+                    "version": str(version),
+                    "latest_version": str(latest),
+                    "previous_version": str(previous),
+                    "fingerprint": target.checkpoint.metadata["fingerprint"],
+                    "reason": reason,
+                    "requested_by": requested_by,
+                },
+            )
+            request = cpb.SaveRequest(
+                checkpoint=checkpoint, expected_parent_id=head.checkpoint.checkpoint_id
+            )
+            try:
+                await self.store.Save(request, metadata=md)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _CONFLICTS:
+                    continue  # a registration or rollback came in between: look again
+                raise
+            return version, previous
+        raise RegistrationContended(f"could not roll {workflow_id} back: too much contention")
+
+    async def versions(self, tenant: str, workflow_id: str) -> Versions:
+        md = (("x-tenant-id", tenant),)
+        head = await self._head(md, workflow_id)
+        if head is None:
+            raise WorkflowNotFound(f"workflow {workflow_id!r} not found")
+        found: list[tuple[int, object]] = []
+        history: list[VersionChange] = []
+        token = ""
+        while True:
+            page = await self.store.List(
+                cpb.ListRequest(
+                    namespace=WORKFLOWS_NAMESPACE,
+                    thread_id=workflow_id,
+                    page_size=1000,
+                    page_token=token,
+                ),
+                metadata=md,
+            )
+            for c in page.checkpoints:
+                meta = c.metadata
+                kind = meta.get("kind", "registered")
+                if kind == "registered":
+                    found.append((int(meta["version"]), c.created_at))
+                history.append(
+                    VersionChange(
+                        kind,
+                        int(meta["version"]),
+                        int(meta.get("previous_version", "0")),
+                        meta.get("reason", ""),
+                        meta.get("requested_by", ""),
+                        c.created_at,
+                    )
+                )
+            token = page.next_page_token
+            if not token:
+                break
+        return Versions(int(head.checkpoint.metadata["version"]), found, history)
+
+    async def _version(self, md: tuple, workflow_id: str, version: int) -> cpb.RestoreResponse:
+        try:
+            return await self.store.Restore(
+                cpb.RestoreRequest(
+                    namespace=WORKFLOWS_NAMESPACE,
+                    thread_id=workflow_id,
+                    checkpoint_id=version_id(version),
+                ),
+                metadata=md,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                missing = f"workflow {workflow_id!r} has no version {version}"
+                raise WorkflowNotFound(missing) from exc
+            raise
+
     async def get(self, tenant: str, workflow_id: str, version: int = 0) -> StoredWorkflow:
         """A version of a workflow (0: the active one)."""
         md = (("x-tenant-id", tenant),)
@@ -102,21 +220,7 @@ class WorkflowRegistry:
         active = int(head.checkpoint.metadata["version"])
         found = head
         if version and version != active:
-            try:
-                found = await self.store.Restore(
-                    cpb.RestoreRequest(
-                        namespace=WORKFLOWS_NAMESPACE,
-                        thread_id=workflow_id,
-                        checkpoint_id=version_id(version),
-                    ),
-                    metadata=md,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    raise WorkflowNotFound(
-                        f"workflow {workflow_id!r} has no version {version}"
-                    ) from exc
-                raise
+            found = await self._version(md, workflow_id, version)
         definition = json_format.Parse(found.checkpoint.state, pb.WorkflowDefinition())
         return StoredWorkflow(definition, int(found.checkpoint.metadata["version"]), active)
 

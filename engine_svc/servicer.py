@@ -101,6 +101,26 @@ def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
     return msg
 
 
+def run_checkpoint_to_pb(c: cpb.Checkpoint) -> pb.RunCheckpoint:
+    trigger = cpb.Trigger.Name(c.trigger).removeprefix("TRIGGER_")
+    msg = pb.RunCheckpoint(
+        checkpoint_id=c.checkpoint_id,
+        parent_id=c.parent_id,
+        step=c.step,
+        trigger=pb.CheckpointTrigger.Value(f"CHECKPOINT_TRIGGER_{trigger}"),
+        name=c.name,
+        completed_node_ids=c.completed_nodes,
+        progress_percent=c.progress_percent,
+        created_at=c.created_at,
+        metadata=dict(c.metadata),
+    )
+    if c.state:
+        run = RunState.from_json(c.state)
+        msg.state.update(run.state())
+        msg.status = pb.RunStatus.Value(f"RUN_STATUS_{run.status}")
+    return msg
+
+
 def event_to_pb(item: cpb.StreamResponse) -> pb.WatchRunResponse:
     if item.HasField("heartbeat"):
         return pb.WatchRunResponse(
@@ -174,9 +194,82 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             from_struct(json_format.MessageToDict(request.input)),
             request.run_id,
             request.request_id,
+            list(request.interrupt_before),
+            list(request.interrupt_after),
         )
         thread = await self.engine.thread(tenant, run.run_id)
         return pb.StartRunResponse(run=run_to_pb(run, thread))
+
+    @translated
+    async def ListWorkflowVersions(
+        self, request: pb.ListWorkflowVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListWorkflowVersionsResponse:
+        found = await self.engine.versions(tenant_of(context), request.workflow_id)
+        return pb.ListWorkflowVersionsResponse(
+            active_version=found.active,
+            versions=[
+                pb.WorkflowVersion(version=v, created_at=at, active=v == found.active)
+                for v, at in found.versions
+            ],
+            history=[
+                pb.VersionChange(
+                    kind=h.kind,
+                    version=h.version,
+                    previous_version=h.previous_version,
+                    reason=h.reason,
+                    requested_by=h.requested_by,
+                    time=h.time,
+                )
+                for h in found.history
+            ],
+        )
+
+    @translated
+    async def RollbackWorkflow(
+        self, request: pb.RollbackWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RollbackWorkflowResponse:
+        if request.version < 1:
+            raise InvalidArgument("version: must be at least 1", [("version", "at least 1")])
+        active, previous = await self.engine.rollback(
+            tenant_of(context),
+            request.workflow_id,
+            request.version,
+            request.reason,
+            request.requested_by,
+        )
+        return pb.RollbackWorkflowResponse(active_version=active, previous_version=previous)
+
+    @translated
+    async def GetRunHistory(
+        self, request: pb.GetRunHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRunHistoryResponse:
+        checkpoints, token = await self.engine.history(
+            tenant_of(context),
+            request.run_id,
+            request.include_state,
+            request.page_size,
+            request.page_token,
+        )
+        return pb.GetRunHistoryResponse(
+            checkpoints=[run_checkpoint_to_pb(c) for c in checkpoints], next_page_token=token
+        )
+
+    @translated
+    async def ForkRun(
+        self, request: pb.ForkRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForkRunResponse:
+        tenant = tenant_of(context)
+        if not request.checkpoint_id:
+            raise InvalidArgument("checkpoint_id: required", [("checkpoint_id", "required")])
+        run = await self.engine.fork_run(
+            tenant,
+            request.run_id,
+            request.checkpoint_id,
+            from_struct(json_format.MessageToDict(request.state_patch)),
+            request.new_run_id,
+        )
+        thread = await self.engine.thread(tenant, run.run_id)
+        return pb.ForkRunResponse(run=run_to_pb(run, thread))
 
     @translated
     async def GetRun(

@@ -56,3 +56,14 @@ def gated(state: dict[str, Any], node_id: str) -> str:
     if not os.path.exists(os.environ["ENGINE_TEST_GATE"]):
         raise RuntimeError(f"gate {os.environ['ENGINE_TEST_GATE']} is closed")
     return node_id
+
+
+def compute(state: dict[str, Any], node_id: str) -> int:
+    """n<i> = n<i-1> + 1 (n0 = input x + 1); logs each execution to $ENGINE_TEST_LOG."""
+    import os
+
+    with open(os.environ["ENGINE_TEST_LOG"], "a") as log:
+        log.write(node_id + "\n")
+    index = int(node_id[1:])
+    before = state["input"]["x"] if index == 0 else state[f"n{index - 1}"]
+    return int(before) + 1
