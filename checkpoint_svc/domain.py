@@ -104,6 +104,7 @@ class Thread:
     created_at: float = 0.0
     updated_at: float = 0.0
     deleted: bool = False  # a tombstone: keeps fencing token and seq after DeleteThread
+    keep_last: int = 0  # retention of this thread; 0: the service's --keep-last
 
     def lease_held(self, now: float) -> bool:
         return bool(self.lease_owner) and self.lease_expires_at > now
@@ -137,6 +138,7 @@ class SaveCommand:
     workflow_id: str = ""
     workflow_version: int = 0
     events: list[NewEvent] = field(default_factory=list)
+    keep_last: int = 0
 
 
 @dataclass(slots=True)

@@ -95,4 +95,8 @@ MIGRATIONS: list[str] = [
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 3: retention per thread (SaveRequest.keep_last)
+    """
+    ALTER TABLE threads ADD COLUMN keep_last INTEGER NOT NULL DEFAULT 0;
+    """,
 ]

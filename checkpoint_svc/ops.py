@@ -102,6 +102,8 @@ class SaveOp:
             thread.workflow_id = cmd.workflow_id
         if cmd.workflow_version:
             thread.workflow_version = cmd.workflow_version
+        if cmd.keep_last:
+            thread.keep_last = cmd.keep_last
         saved = batch.emit(
             thread,
             NewEvent(

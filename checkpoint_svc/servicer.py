@@ -237,6 +237,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _check_id(violations, "checkpoint.parent_id", msg.parent_id, False, 128)
         _check_id(violations, "expected_parent_id", request.expected_parent_id, False, 128)
         _check_id(violations, "request_id", request.request_id, False, 256)
+        if request.keep_last < 0:
+            violations.append(("keep_last", "must not be negative"))
         _enum(violations, "checkpoint.trigger", msg.trigger, Trigger)
         _enum(violations, "status", request.status, ThreadStatus)
         _text(violations, "checkpoint.name", msg.name)
@@ -267,6 +269,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             workflow_id=request.workflow_id,
             workflow_version=request.workflow_version,
             events=[convert.new_event_from_pb(e) for e in request.events],
+            keep_last=request.keep_last,
         )
         durable = request.durability != pb.DURABILITY_ASYNC
         result = await self.store.save(cmd, durable=durable)

@@ -72,6 +72,7 @@ class Workflow:
     interval: float | None = None
     keep_last: int = 0
     max_parallel: int = 0
+    ttl: float | None = None  # seconds each run checkpoint is kept
 
     def node(self, node_id: str) -> NodeSpec:
         return next(n for n in self.nodes if n.id == node_id)
@@ -277,6 +278,9 @@ def parse(msg: pb.WorkflowDefinition) -> Workflow:
         out.append(("checkpoint.interval", "must be positive"))
     if policy.keep_last < 0:
         out.append(("checkpoint.keep_last", "must not be negative"))
+    ttl = _seconds(policy.ttl) if policy.HasField("ttl") else None
+    if ttl is not None and ttl <= 0:
+        out.append(("checkpoint.ttl", "must be positive"))
     if msg.max_parallel < 0:
         out.append(("max_parallel", "must not be negative"))
     if out:
@@ -289,6 +293,7 @@ def parse(msg: pb.WorkflowDefinition) -> Workflow:
         interval,
         policy.keep_last,
         msg.max_parallel,
+        ttl,
     )
 
 

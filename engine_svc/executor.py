@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -304,7 +305,9 @@ class RunExecutor:
                         progress_percent=progress["progress_percent"],
                         eta_seconds=run.eta_seconds,
                         metadata=metadata or {},
+                        expires_at=_expiry(ex.workflow),
                     ),
+                    keep_last=ex.workflow.keep_last,
                     expected_parent_id=ex.head_id,
                     fencing_token=ex.token,
                     status=getattr(cpb, f"THREAD_STATUS_{run.status}") if status else 0,
@@ -535,7 +538,9 @@ class RunExecutor:
                     step=run.step,
                     completed_nodes=run.completed,
                     metadata=metadata or {},
+                    expires_at=_expiry(workflow),
                 ),
+                keep_last=workflow.keep_last,
                 expected_parent_id="",
                 status=cpb.THREAD_STATUS_PENDING,
                 workflow_id=workflow.workflow_id,
@@ -980,6 +985,8 @@ class RunExecutor:
         completed = _done_event(ex, node, attempt=attempt, duration_seconds=duration, output=output)
         deferred = may_defer and ex.running == 0  # the step's checkpoint comes next
         await self._write(ex, node.id, OUTPUT_CHANNEL, output, completed, deferred=deferred)
+        if pb.CHECKPOINT_TRIGGER_NODE_COMPLETED in ex.workflow.triggers:
+            await self._save(ex, cpb.TRIGGER_NODE_COMPLETED, name=node.id, status=False)
         return node.id, ""
 
 
@@ -988,6 +995,15 @@ def _done_event(ex: Execution, node: NodeSpec, **payload: Any) -> Callable[[], c
     done, so that its progress includes it."""
     kind = "node.completed" if payload else "node.skipped"
     return lambda: _event(kind, node_id=node.id, status=ex.run.status, **payload, **ex.progress())
+
+
+def _expiry(workflow: Workflow) -> Timestamp | None:
+    """When a checkpoint of this workflow's runs expires (its policy's ttl), if ever."""
+    if workflow.ttl is None:
+        return None
+    expires = Timestamp()
+    expires.FromNanoseconds(int((time.time() + workflow.ttl) * 1e9))
+    return expires
 
 
 def _event(kind: str, **payload: Any) -> cpb.NewEvent:

@@ -249,3 +249,43 @@ async def test_thread_continuation_remembers(service, engine_factory, tenant) ->
     assert [c.name for c in history].count("continue") == 2
     assert history[-1].name == "start"
     await channel.close()
+
+
+async def test_checkpoint_policy_per_workflow(service_factory, backend, engine_factory, tenant):
+    """keep_last and ttl from the workflow's policy, enforced by the store's sweeper; a
+    checkpoint after every node with the NODE_COMPLETED trigger."""
+    service = service_factory(backend, "--sweep-interval", "0.3")
+    engine = engine_factory(service)
+    channel, s, md = await engine_stub(engine, tenant)
+    nodes = [
+        {"id": f"n{i}", "type": "noop", "depends_on": [f"n{i - 1}"] if i else []} for i in range(8)
+    ]
+    policy = {
+        "keep_last": 3,
+        "triggers": ["CHECKPOINT_TRIGGER_STEP_COMPLETED", "CHECKPOINT_TRIGGER_NODE_COMPLETED"],
+    }
+    await s.RegisterWorkflow(
+        pb.RegisterWorkflowRequest(definition=definition(nodes, "kept", checkpoint=policy)),
+        metadata=md,
+    )
+    kept = await run_to_end(s, md, "kept")
+    await asyncio.sleep(1.2)
+    history = (
+        await s.GetRunHistory(pb.GetRunHistoryRequest(run_id=kept.run_id), metadata=md)
+    ).checkpoints
+    assert len(history) == 3 and history[0].checkpoint_id == kept.head_checkpoint_id
+    assert pb.CHECKPOINT_TRIGGER_NODE_COMPLETED in {c.trigger for c in history}
+
+    await s.RegisterWorkflow(
+        pb.RegisterWorkflowRequest(
+            definition=definition(nodes[:2], "brief", checkpoint={"ttl": "1s"})
+        ),
+        metadata=md,
+    )
+    brief = await run_to_end(s, md, "brief")
+    await asyncio.sleep(2.0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.GetRun(pb.GetRunRequest(run_id=brief.run_id), metadata=md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND, "a finished run expires with its ttl"
+    assert (await s.GetRun(pb.GetRunRequest(run_id=kept.run_id), metadata=md)).run.run_id
+    await channel.close()

@@ -157,3 +157,23 @@ async def test_keep_last_n(service_factory, backend, tenant) -> None:
     listed = await s.List(pb.ListRequest(namespace=NS, thread_id="k"), metadata=md)
     assert [c.checkpoint_id for c in listed.checkpoints] == ids[-3:][::-1]
     await channel.close()
+
+
+async def test_keep_last_per_thread(service_factory, backend, tenant) -> None:
+    """A thread's own keep_last wins over the service's; threads without one follow it."""
+    svc = service_factory(backend, "--keep-last", "4", "--sweep-interval", "0.3")
+    channel, s, md = await checkpoint_stub(svc.address, tenant)
+    own = [
+        (await save(s, md, "own", {"i": i}, keep_last=2 if i == 0 else 0)).checkpoint.checkpoint_id
+        for i in range(6)
+    ]
+    default = [(await save(s, md, "default", {"i": i})).checkpoint.checkpoint_id for i in range(6)]
+    await asyncio.sleep(1.5)
+    listed = await s.List(pb.ListRequest(namespace=NS, thread_id="own"), metadata=md)
+    assert [c.checkpoint_id for c in listed.checkpoints] == own[-2:][::-1]
+    listed = await s.List(pb.ListRequest(namespace=NS, thread_id="default"), metadata=md)
+    assert [c.checkpoint_id for c in listed.checkpoints] == default[-4:][::-1]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await save(s, md, "own", {}, keep_last=-1)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close()

@@ -51,7 +51,7 @@ INSERT_SCHEMA_VERSION = "INSERT INTO schema_migrations (version, applied_at) VAL
 
 THREAD_COLUMNS = (
     "head_id, status, workflow_id, workflow_version, lease_owner, lease_expires_at, "
-    "fencing_token, last_seq, created_at, updated_at, deleted"
+    "fencing_token, last_seq, created_at, updated_at, deleted, keep_last"
 )
 SELECT_THREAD = f"SELECT {THREAD_COLUMNS} FROM threads WHERE {_KEY}"
 INSERT_THREAD = """
@@ -61,7 +61,7 @@ UPDATE_THREAD = f"""
 UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow_id,
     workflow_version = :workflow_version, lease_owner = :lease_owner,
     lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
-    last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted
+    last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted, keep_last = :keep_last
 WHERE {_KEY}"""
 LIST_THREADS = (
     f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads "
@@ -166,14 +166,18 @@ SWEEP_EXPIRED = f"""
 DELETE FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at < :now
     AND namespace <> '{WORKFLOWS_NAMESPACE}' AND {_NOT_ACTIVE_HEAD}
 RETURNING tenant, namespace, thread_id, checkpoint_id"""
+# Each thread's own keep_last, else the service's (:keep_last, 0 = keep all).
 SWEEP_BEYOND_KEEP_LAST = f"""
 DELETE FROM checkpoints WHERE namespace <> '{WORKFLOWS_NAMESPACE}' AND {_NOT_ACTIVE_HEAD}
     AND (tenant, namespace, thread_id, checkpoint_id) IN (
-        SELECT tenant, namespace, thread_id, checkpoint_id FROM (
+        SELECT ranked.tenant, ranked.namespace, ranked.thread_id, ranked.checkpoint_id FROM (
             SELECT tenant, namespace, thread_id, checkpoint_id, ROW_NUMBER() OVER (
                 PARTITION BY tenant, namespace, thread_id ORDER BY checkpoint_id DESC) AS rn
             FROM checkpoints WHERE namespace <> '{WORKFLOWS_NAMESPACE}') ranked
-        WHERE rn > :keep_last)
+        JOIN threads t ON t.tenant = ranked.tenant AND t.namespace = ranked.namespace
+            AND t.thread_id = ranked.thread_id
+        WHERE (t.keep_last > 0 AND ranked.rn > t.keep_last)
+            OR (t.keep_last = 0 AND :keep_last > 0 AND ranked.rn > :keep_last))
 RETURNING tenant, namespace, thread_id, checkpoint_id"""
 SWEEP_ORPHAN_WRITES = """
 DELETE FROM writes WHERE NOT EXISTS (SELECT 1 FROM checkpoints
@@ -228,6 +232,7 @@ def _thread_from_row(key: ThreadKey, row: Row | tuple) -> Thread:
         created_at=row[8],
         updated_at=row[9],
         deleted=bool(row[10]),
+        keep_last=row[11],
     )
 
 
@@ -459,10 +464,9 @@ class SqlTier:
         pruned: list[tuple[ThreadKey, str]] = []
         async with self.writer.begin() as conn:
             rows = (await conn.execute(_sql(SWEEP_EXPIRED), {"now": now})).all()
-            if keep_last > 0:
-                rows += (
-                    await conn.execute(_sql(SWEEP_BEYOND_KEEP_LAST), {"keep_last": keep_last})
-                ).all()
+            rows += (
+                await conn.execute(_sql(SWEEP_BEYOND_KEEP_LAST), {"keep_last": keep_last})
+            ).all()
             pruned = [(ThreadKey(r[0], r[1], r[2]), r[3]) for r in rows]
             gone: list[ThreadKey] = []
             if pruned:
@@ -758,4 +762,5 @@ def _thread_params(t: Thread) -> dict[str, Any]:
         "last_seq": t.last_seq,
         "updated_at": t.updated_at,
         "deleted": int(t.deleted),
+        "keep_last": t.keep_last,
     }

@@ -85,14 +85,16 @@ class Node(_message.Message):
     def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., depends_on: _Optional[_Iterable[str]] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., when: _Optional[str] = ..., critical: _Optional[bool] = ...) -> None: ...
 
 class CheckpointPolicy(_message.Message):
-    __slots__ = ("triggers", "interval", "keep_last")
+    __slots__ = ("triggers", "interval", "keep_last", "ttl")
     TRIGGERS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_FIELD_NUMBER: _ClassVar[int]
     KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
     triggers: _containers.RepeatedScalarFieldContainer[CheckpointTrigger]
     interval: _duration_pb2.Duration
     keep_last: int
-    def __init__(self, triggers: _Optional[_Iterable[_Union[CheckpointTrigger, str]]] = ..., interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., keep_last: _Optional[int] = ...) -> None: ...
+    ttl: _duration_pb2.Duration
+    def __init__(self, triggers: _Optional[_Iterable[_Union[CheckpointTrigger, str]]] = ..., interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., keep_last: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WorkflowDefinition(_message.Message):
     __slots__ = ("workflow_id", "description", "nodes", "checkpoint", "max_parallel")
