@@ -123,7 +123,7 @@ def services() -> Iterator[Services]:
 def wf(svc: Services, *args: str, check: bool = True) -> int:
     """Run the `wf` command as a user would, on this terminal."""
     print(f"$ wf {' '.join(args)}", flush=True)
-    code = subprocess.call([WF, "--engine", svc.engine, "--checkpoint", svc.store, *args], cwd=ROOT)
+    code = subprocess.call([WF, "--engine", svc.engine, *args], cwd=ROOT)
     if check and code != 0:
         raise SystemExit(f"demo: `wf {args[0]}` exited {code}")
     return code

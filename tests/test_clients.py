@@ -148,10 +148,7 @@ def test_the_wf_command(service, engine_factory, tenant, tmp_path) -> None:
     assert runs.stdout.split("\t")[0] == run_id
     checkpoint = wf(engine, tenant, "checkpoint", run_id, "--name", "audit", "--meta", "by=ci")
     assert checkpoint.returncode == 0
-    history = subprocess.run(
-        [WF, "--checkpoint", service.address, "--tenant", tenant, "checkpoints", run_id],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )  # fmt: skip
+    history = wf(engine, tenant, "checkpoints", run_id)
     assert history.stdout.splitlines()[0].split("\t")[0] == checkpoint.stdout.strip()
 
     assert wf(engine, tenant, "show", "no-such-run").returncode == 3
@@ -167,6 +164,29 @@ def test_the_wf_command(service, engine_factory, tenant, tmp_path) -> None:
     )  # fmt: skip
     assert unreachable.returncode == 6
     assert wf(engine, tenant, "--help").returncode == 0
+
+    # Time travel from the command line: fork from the checkpoint after `extract`, patched.
+    after_extract = next(
+        line.split("\t")[0]
+        for line in reversed(history.stdout.splitlines())
+        if line.split("\t")[4] == "1"
+    )
+    forked = wf(engine, tenant, "fork", run_id, after_extract, "--patch", '{"extract": 5}')
+    assert forked.returncode == 0, forked.stderr
+    fork_id = forked.stdout.strip()
+    assert wf(engine, tenant, "watch", fork_id).returncode == 12  # the approval again
+    wf(engine, tenant, "resume", fork_id, "--value", "true")
+    assert wf(engine, tenant, "watch", fork_id).returncode == 0
+    fork_state = json.loads(wf(engine, tenant, "--json", "show", fork_id).stdout)["state"]
+    assert (fork_state["extract"], fork_state["load"]) == (5, 6)
+    assert wf(engine, tenant, "register", str(definition)).returncode == 0
+    definition.write_text(definition.read_text().replace("extract + 1", "extract + 2"))
+    assert "version 2 (new version)" in wf(engine, tenant, "register", str(definition)).stdout
+    rolled = wf(engine, tenant, "rollback", "etl", "1", "--reason", "v2 is wrong", "--by", "ci")
+    assert rolled.stdout.strip() == "etl: version 1 active (was 2)"
+    versions = wf(engine, tenant, "versions", "etl").stdout.splitlines()
+    assert versions[0].split("\t")[1:] == ["rollback", "1", "2", "ci", "v2 is wrong"]
+    assert versions[-1] == "active version: 1"
 
 
 def test_the_demo_runs_and_leaves_nothing_running() -> None:

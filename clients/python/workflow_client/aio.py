@@ -68,8 +68,44 @@ class AsyncEngineClient(_AsyncClient):
         version: int = 0,
         run_id: str = "",
         request_id: str = "",
+        interrupt_before: list[str] | None = None,
+        interrupt_after: list[str] | None = None,
     ) -> pb.Run:
-        return await self._do(calls.start_run(workflow_id, input, version, run_id, request_id))
+        """Start a run (with the id of a COMPLETED run: continue it on its own state)."""
+        call = calls.start_run(
+            workflow_id, input, version, run_id, request_id, interrupt_before, interrupt_after
+        )
+        return await self._do(call)
+
+    async def versions(self, workflow_id: str) -> pb.ListWorkflowVersionsResponse:
+        return await self._do(calls.list_versions(workflow_id))
+
+    async def rollback(
+        self, workflow_id: str, version: int, reason: str = "", requested_by: str = ""
+    ) -> pb.RollbackWorkflowResponse:
+        return await self._do(calls.rollback(workflow_id, version, reason, requested_by))
+
+    async def history(
+        self, run_id: str, include_state: bool = False, page_size: int = 100
+    ) -> AsyncIterator[pb.RunCheckpoint]:
+        """The run's checkpoints, newest first."""
+        token = ""
+        while True:
+            page = await self._do(calls.run_history(run_id, include_state, page_size, token))
+            for checkpoint in page.checkpoints:
+                yield checkpoint
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def fork_run(
+        self,
+        run_id: str,
+        checkpoint_id: str,
+        state_patch: Mapping[str, Any] | None = None,
+        new_run_id: str = "",
+    ) -> pb.Run:
+        return await self._do(calls.fork_run(run_id, checkpoint_id, state_patch, new_run_id))
 
     async def get_run(self, run_id: str) -> pb.Run:
         return await self._do(calls.get_run(run_id))

@@ -75,9 +75,16 @@ def start_run(
     version: int,
     run_id: str,
     request_id: str,
+    interrupt_before: list[str] | None = None,
+    interrupt_after: list[str] | None = None,
 ) -> Call[pb.Run]:
     request = pb.StartRunRequest(
-        workflow_id=workflow_id, version=version, run_id=run_id, request_id=request_id
+        workflow_id=workflow_id,
+        version=version,
+        run_id=run_id,
+        request_id=request_id,
+        interrupt_before=interrupt_before or [],
+        interrupt_after=interrupt_after or [],
     )
     request.input.update(dict(run_input or {}))
     return Call("StartRun", request, lambda r: r.run)
@@ -114,6 +121,37 @@ def cancel_run(run_id: str, reason: str) -> Call[pb.Run]:
 def checkpoint_run(run_id: str, name: str, metadata: Mapping[str, str] | None) -> Call[str]:
     request = pb.CheckpointRunRequest(run_id=run_id, name=name, metadata=dict(metadata or {}))
     return Call("CheckpointRun", request, lambda r: r.checkpoint_id)
+
+
+def list_versions(workflow_id: str) -> Call[pb.ListWorkflowVersionsResponse]:
+    request = pb.ListWorkflowVersionsRequest(workflow_id=workflow_id)
+    return Call("ListWorkflowVersions", request, lambda r: r)
+
+
+def rollback(
+    workflow_id: str, version: int, reason: str, requested_by: str
+) -> Call[pb.RollbackWorkflowResponse]:
+    request = pb.RollbackWorkflowRequest(
+        workflow_id=workflow_id, version=version, reason=reason, requested_by=requested_by
+    )
+    return Call("RollbackWorkflow", request, lambda r: r)
+
+
+def run_history(
+    run_id: str, include_state: bool, page_size: int, page_token: str
+) -> Call[pb.GetRunHistoryResponse]:
+    request = pb.GetRunHistoryRequest(
+        run_id=run_id, include_state=include_state, page_size=page_size, page_token=page_token
+    )
+    return Call("GetRunHistory", request, lambda r: r)
+
+
+def fork_run(
+    run_id: str, checkpoint_id: str, state_patch: Mapping[str, Any] | None, new_run_id: str
+) -> Call[pb.Run]:
+    request = pb.ForkRunRequest(run_id=run_id, checkpoint_id=checkpoint_id, new_run_id=new_run_id)
+    request.state_patch.update(dict(state_patch or {}))
+    return Call("ForkRun", request, lambda r: r.run)
 
 
 def list_checkpoints(

@@ -20,8 +20,7 @@ from rich.table import Table
 
 from workflow_client.calls import state_of
 from workflow_client.errors import WorkflowError
-from workflow_client.sync import CheckpointClient, EngineClient
-from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_client.sync import EngineClient
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 EXIT_CODES = """exit codes:
@@ -35,7 +34,7 @@ EXIT_CODES = """exit codes:
   12 the run is WAITING for an answer (wf resume RUN --value JSON)
   13 the run is PAUSED
 
-environment: WF_ENGINE, WF_CHECKPOINT, WF_TENANT (defaults of the flags)"""
+environment: WF_ENGINE, WF_TENANT (defaults of the flags)"""
 
 RUN_EXIT = {
     pb.RUN_STATUS_COMPLETED: 0,
@@ -111,6 +110,8 @@ def cmd_start(args: argparse.Namespace, engine: EngineClient, out: Output) -> in
         version=args.version,
         run_id=args.run_id,
         request_id=args.request_id,
+        interrupt_before=args.interrupt_before,
+        interrupt_after=args.interrupt_after,
     )
     if out.as_json:
         out.message(run)
@@ -313,11 +314,7 @@ def cmd_checkpoint(args: argparse.Namespace, engine: EngineClient, out: Output) 
 
 
 def cmd_checkpoints(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
-    store = CheckpointClient(args.checkpoint, **_connection_options(args))
-    try:
-        found = list(store.checkpoints(args.run))
-    finally:
-        store.close()
+    found = list(engine.history(args.run))
     if out.as_json:
         out.json([json_format.MessageToDict(c, preserving_proto_field_name=True) for c in found])
         return 0
@@ -327,15 +324,62 @@ def cmd_checkpoints(args: argparse.Namespace, engine: EngineClient, out: Output)
         row = [
             c.checkpoint_id,
             str(c.step),
-            cpb.Trigger.Name(c.trigger).removeprefix("TRIGGER_"),
+            pb.CheckpointTrigger.Name(c.trigger).removeprefix("CHECKPOINT_TRIGGER_"),
             c.name,
-            str(len(c.completed_nodes)),
+            str(len(c.completed_node_ids)),
             f"{c.progress_percent:.0f}%",
             c.created_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3],
         ]
         rows.append(row)
         table.add_row(*row)
     _print_table(out, table, rows)
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    patch = parse_json(args.patch, "--patch") if args.patch else {}
+    if not isinstance(patch, dict):
+        raise SystemExit("wf: --patch must be a JSON object")
+    run = engine.fork_run(args.run, args.checkpoint, patch, args.run_id)
+    if out.as_json:
+        out.message(run)
+    else:
+        print(run.run_id, flush=True)
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    listed = engine.versions(args.workflow)
+    if out.as_json:
+        out.message(listed)
+        return 0
+    table = Table("when", "change", "version", "previous", "by", "reason")
+    rows = [
+        [
+            h.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            h.kind,
+            str(h.version),
+            str(h.previous_version or ""),
+            h.requested_by,
+            h.reason,
+        ]
+        for h in listed.history
+    ]
+    for row in rows:
+        table.add_row(*row)
+    _print_table(out, table, rows)
+    if not out.as_json:
+        print(f"active version: {listed.active_version}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    done = engine.rollback(args.workflow, args.version, args.reason, args.by)
+    if out.as_json:
+        out.message(done)
+    else:
+        was = done.previous_version
+        print(f"{args.workflow}: version {done.active_version} active (was {was})")
     return 0
 
 
@@ -350,11 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--engine", default=os.environ.get("WF_ENGINE", "127.0.0.1:50052"))
-    parser.add_argument(
-        "--checkpoint",
-        default=os.environ.get("WF_CHECKPOINT", "127.0.0.1:50051"),
-        help="checkpoint service, for `checkpoints`",
-    )
     parser.add_argument("--tenant", default=os.environ.get("WF_TENANT", "default"))
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
@@ -376,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--run-id", default="")
     sub.add_argument("--request-id", default="", help="a retried start returns the same run")
     sub.add_argument("--watch", action="store_true", help="then watch it")
+    sub.add_argument("--interrupt-before", action="append", metavar="NODE", help="breakpoint")
+    sub.add_argument("--interrupt-after", action="append", metavar="NODE", help="breakpoint")
     sub = command("watch", cmd_watch, "follow a run live until it ends, waits or pauses")
     sub.add_argument("run")
     sub.add_argument("--after-seq", type=int, default=0)
@@ -398,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--reason", default="")
     sub = command("checkpoints", cmd_checkpoints, "a run's checkpoint history, newest first")
     sub.add_argument("run")
+    sub = command("fork", cmd_fork, "a new run from one of a run's checkpoints; prints its id")
+    sub.add_argument("run")
+    sub.add_argument("checkpoint", help="a checkpoint id from `wf checkpoints RUN`")
+    sub.add_argument("--patch", help="JSON object merged into the state: input, node outputs")
+    sub.add_argument("--run-id", default="")
+    sub = command("versions", cmd_versions, "a workflow's versions and who activated which")
+    sub.add_argument("workflow")
+    sub = command("rollback", cmd_rollback, "make a version of a workflow the active one")
+    sub.add_argument("workflow")
+    sub.add_argument("version", type=int)
+    sub.add_argument("--reason", default="")
+    sub.add_argument("--by", default=os.environ.get("USER", ""), help="who (default $USER)")
     sub = command("checkpoint", cmd_checkpoint, "take a named manual checkpoint of a run")
     sub.add_argument("run")
     sub.add_argument("--name", required=True)

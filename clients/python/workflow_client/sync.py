@@ -67,8 +67,43 @@ class EngineClient(_Client):
         version: int = 0,
         run_id: str = "",
         request_id: str = "",
+        interrupt_before: list[str] | None = None,
+        interrupt_after: list[str] | None = None,
     ) -> pb.Run:
-        return self._do(calls.start_run(workflow_id, input, version, run_id, request_id))
+        """Start a run (with the id of a COMPLETED run: continue it on its own state)."""
+        call = calls.start_run(
+            workflow_id, input, version, run_id, request_id, interrupt_before, interrupt_after
+        )
+        return self._do(call)
+
+    def versions(self, workflow_id: str) -> pb.ListWorkflowVersionsResponse:
+        return self._do(calls.list_versions(workflow_id))
+
+    def rollback(
+        self, workflow_id: str, version: int, reason: str = "", requested_by: str = ""
+    ) -> pb.RollbackWorkflowResponse:
+        return self._do(calls.rollback(workflow_id, version, reason, requested_by))
+
+    def history(
+        self, run_id: str, include_state: bool = False, page_size: int = 100
+    ) -> Iterator[pb.RunCheckpoint]:
+        """The run's checkpoints, newest first."""
+        token = ""
+        while True:
+            page = self._do(calls.run_history(run_id, include_state, page_size, token))
+            yield from page.checkpoints
+            token = page.next_page_token
+            if not token:
+                return
+
+    def fork_run(
+        self,
+        run_id: str,
+        checkpoint_id: str,
+        state_patch: Mapping[str, Any] | None = None,
+        new_run_id: str = "",
+    ) -> pb.Run:
+        return self._do(calls.fork_run(run_id, checkpoint_id, state_patch, new_run_id))
 
     def get_run(self, run_id: str) -> pb.Run:
         return self._do(calls.get_run(run_id))
