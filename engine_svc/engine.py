@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -231,25 +231,33 @@ class Engine:
             )
             self._launch(tenant, workflow, run_id)
             return run
+        run_id = run_id or str(uuid6.uuid7())
+        first = executor.start(
+            workflow,
+            stored.version,
+            run_id,
+            run_input,
+            request_id,
+            interrupt_before,
+            interrupt_after,
+        )
+        return await self._begin(tenant, workflow, run_id, first)
+
+    async def _begin(
+        self, tenant: str, workflow: Workflow, run_id: str, first: Awaitable[RunState]
+    ) -> RunState:
+        """Record a new run's first checkpoint (`first`), then execute it here."""
         try:
-            run = await executor.start(
-                workflow,
-                stored.version,
-                run_id or str(uuid6.uuid7()),
-                run_input,
-                request_id,
-                interrupt_before,
-                interrupt_after,
-            )
-        except LeaseLostError as exc:  # the start checkpoint's parent check: the run exists
+            run = await first
+        except LeaseLostError as exc:  # the first checkpoint's parent check: the run exists
             raise RunExists(f"run {run_id!r} already exists") from exc
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
                 raise RunExists(f"run {run_id!r} already exists") from exc
             raise
         await self._note_tenant(tenant)
-        if run.status == "PENDING":
-            # A copy: the reply to StartRun shows the run as it started.
+        if run.status == "PENDING":  # not a replayed request for a run under way
+            # A copy: the reply shows the run as it started.
             self._launch(tenant, workflow, run.run_id, RunState.from_json(run.to_json()))
         return run
 
@@ -267,17 +275,8 @@ class Engine:
         source = await executor.at_checkpoint(run_id, checkpoint_id)
         workflow = await self._workflow_of(tenant, source)
         new_run_id = new_run_id or str(uuid6.uuid7())
-        try:
-            run = await executor.fork(workflow, source, checkpoint_id, patch, new_run_id)
-        except LeaseLostError as exc:
-            raise RunExists(f"run {new_run_id!r} already exists") from exc
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                raise RunExists(f"run {new_run_id!r} already exists") from exc
-            raise
-        await self._note_tenant(tenant)
-        self._launch(tenant, workflow, run.run_id, RunState.from_json(run.to_json()))
-        return run
+        first = executor.fork(workflow, source, checkpoint_id, patch, new_run_id)
+        return await self._begin(tenant, workflow, new_run_id, first)
 
     async def history(
         self, tenant: str, run_id: str, include_state: bool, page_size: int, page_token: str

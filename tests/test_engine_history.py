@@ -10,6 +10,8 @@ import pytest
 from google.protobuf import json_format
 
 from tests.engine_client import definition, engine_stub, wait_status
+from tests.servers import checkpoint_stub
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -275,6 +277,14 @@ async def test_checkpoint_policy_per_workflow(service_factory, backend, engine_f
     ).checkpoints
     assert len(history) == 3 and history[0].checkpoint_id == kept.head_checkpoint_id
     assert pb.CHECKPOINT_TRIGGER_NODE_COMPLETED in {c.trigger for c in history}
+    # GetStats per run: the store's stats of the run's thread.
+    cp_channel, store, cp_md = await checkpoint_stub(service.address, tenant)
+    stats = await store.GetStats(
+        cpb.GetStatsRequest(namespace="runs", thread_id=kept.run_id), metadata=cp_md
+    )
+    await cp_channel.close()
+    assert stats.checkpoint_count == 3 and stats.event_count > 8
+    assert sum(t.count for t in stats.triggers) == 3
 
     await s.RegisterWorkflow(
         pb.RegisterWorkflowRequest(

@@ -85,8 +85,16 @@ async def test_invalid_definitions_and_replayed_starts(service, engine_factory, 
     assert first.run.run_id == again.run.run_id
     listed = await s.ListRuns(pb.ListRunsRequest(), metadata=md)
     assert len(listed.runs) == 1
+    # A used run id: refused for another workflow whatever the run's status (the same
+    # workflow's COMPLETED run would be continued; a WAITING one is refused, see below).
+    await s.RegisterWorkflow(
+        pb.RegisterWorkflowRequest(definition=definition([{"id": "a", "type": "noop"}], "other")),
+        metadata=md,
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await s.StartRun(pb.StartRunRequest(workflow_id="wf", run_id=first.run.run_id), metadata=md)
+        await s.StartRun(
+            pb.StartRunRequest(workflow_id="other", run_id=first.run.run_id), metadata=md
+        )
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     await channel.close()
 
