@@ -142,7 +142,9 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """ListRuns pages through runs, newest first.
+        """ListRuns pages through run summaries (id, workflow, version, status, head,
+        times; GetRun has the state) in run id order: generated ids are UUIDv7, so
+        oldest first. workflow_id filters within each page, so a page may be short.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
