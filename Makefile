@@ -23,8 +23,10 @@ system-deps:
 stubs: setup
 	$(PY) scripts/gen_protos.py
 
+# buf breaking: the protos may only grow (checked against the previous commit, if there is one).
 lint: setup
 	npx buf lint
+	if git rev-parse -q --verify HEAD~1 >/dev/null; then npx buf breaking --against '.git#ref=HEAD~1'; fi
 	$(PY) scripts/gen_protos.py --check
 	$(VENV)/bin/ruff check .
 

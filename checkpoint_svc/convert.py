@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from checkpoint_svc.domain import (
@@ -42,7 +44,8 @@ def checkpoint_to_pb(cp: Checkpoint, include_state: bool = True) -> pb.Checkpoin
         completed_nodes=cp.completed_nodes,
         progress_percent=cp.progress_percent,
         eta_seconds=cp.eta_seconds,
-        metadata=cp.metadata,
+        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in cp.metadata.items()},
+        metadata_json=json.dumps(cp.metadata),
         created_at=ts(cp.created_at),
         expires_at=ts(cp.expires_at),
     )
@@ -62,7 +65,7 @@ def checkpoint_from_pb(msg: pb.Checkpoint, tenant: str) -> Checkpoint:
         completed_nodes=list(msg.completed_nodes),
         progress_percent=msg.progress_percent,
         eta_seconds=msg.eta_seconds,
-        metadata=dict(msg.metadata),
+        metadata=json.loads(msg.metadata_json) if msg.metadata_json else dict(msg.metadata),
         created_at=seconds(msg.created_at) if msg.HasField("created_at") else 0.0,
         expires_at=seconds(msg.expires_at) if msg.HasField("expires_at") else None,
     )

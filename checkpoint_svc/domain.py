@@ -70,7 +70,7 @@ class Checkpoint:
     completed_nodes: list[str] = field(default_factory=list)
     progress_percent: float = 0.0
     eta_seconds: float = 0.0
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # JSON values
     created_at: float = 0.0
     expires_at: float | None = None
 

@@ -1,6 +1,7 @@
 """Schema migrations: an append-only list. Never edit an entry; add a new one.
 
-`{blob}` becomes BYTEA on PostgreSQL and BLOB on SQLite. Times are epoch
+`{blob}` becomes BYTEA on PostgreSQL and BLOB on SQLite; a statement starting with
+`{postgres_only}` runs on PostgreSQL only. Times are epoch
 seconds (DOUBLE PRECISION) so both backends compare them the same way.
 """
 
@@ -98,5 +99,10 @@ MIGRATIONS: list[str] = [
     # 3: retention per thread (SaveRequest.keep_last)
     """
     ALTER TABLE threads ADD COLUMN keep_last INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 4: metadata filters (ListRequest.metadata_equals) by index on PostgreSQL
+    """
+    {postgres_only}CREATE INDEX checkpoints_by_metadata ON checkpoints
+        USING GIN ((CAST(metadata AS jsonb)) jsonb_path_ops);
     """,
 ]

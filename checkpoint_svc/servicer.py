@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 import logging
 import math
 import re
@@ -149,6 +150,27 @@ def _text(violations: list[tuple[str, str]], field: str, value: str, max_len: in
         violations.append((field, f"at most {max_len} characters"))
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python accepts them, JSON not
+
+
+def _json_object(violations: list[tuple[str, str]], field: str, value: str) -> None:
+    """A JSON object of finite values and no NUL, at most 64 KiB."""
+    if len(value) > 65536:
+        violations.append((field, "at most 65536 characters"))
+        return
+    if "\x00" in value or "\\u0000" in value:
+        violations.append((field, "must not contain NUL characters"))
+        return
+    try:
+        parsed = json.loads(value, parse_constant=_no_constant)
+    except ValueError as exc:
+        violations.append((field, f"not JSON: {exc}"))
+        return
+    if not isinstance(parsed, dict):
+        violations.append((field, "must be a JSON object"))
+
+
 def _finite(violations: list[tuple[str, str]], field: str, value: float) -> None:
     if not math.isfinite(value):
         violations.append((field, "must be a finite number"))
@@ -248,6 +270,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             _text(violations, f"checkpoint.completed_nodes[{i}]", node, 256)
         for k, v in msg.metadata.items():
             _text(violations, f"checkpoint.metadata[{k[:40]!r}]", k + v, 65536)
+        if msg.metadata_json:
+            _json_object(violations, "checkpoint.metadata_json", msg.metadata_json)
         _finite(violations, "checkpoint.progress_percent", msg.progress_percent)
         _finite(violations, "checkpoint.eta_seconds", msg.eta_seconds)
         _timestamp(violations, "checkpoint.expires_at", msg, "expires_at")
@@ -297,6 +321,17 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         key = thread_key(context, request.namespace, request.thread_id)
         violations: list[tuple[str, str]] = []
         _enum(violations, "trigger", request.trigger, Trigger)
+        metadata_equals: dict[str, Any] = {}
+        for k, v in request.metadata_equals.items():
+            where = f"metadata_equals[{k[:40]!r}]"
+            _text(violations, where, k + v, 65536)
+            if "\\u0000" in v:
+                violations.append((where, "must not contain NUL characters"))
+                continue
+            try:
+                metadata_equals[k] = json.loads(v, parse_constant=_no_constant)
+            except ValueError:
+                violations.append((where, 'must be a JSON value, e.g. 2, true or "loop"'))
         _raise_if(violations)
         before = decode_token(request.page_token, 1)[0] if request.page_token else ""
         rows, last = await self.store.list(
@@ -311,6 +346,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             created_before=convert.seconds(request.created_before)
             if request.HasField("created_before")
             else None,
+            metadata_equals=metadata_equals,
         )
         return pb.ListResponse(
             checkpoints=[convert.checkpoint_to_pb(c, request.include_state) for c in rows],

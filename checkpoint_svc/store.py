@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import uuid6
 from sqlalchemy.exc import SQLAlchemyError
@@ -281,11 +281,19 @@ class CheckpointStore:
         trigger: Trigger = Trigger.UNSPECIFIED,
         created_after: float | None = None,
         created_before: float | None = None,
+        metadata_equals: dict[str, Any] | None = None,
     ) -> tuple[list[Checkpoint], str]:
         """A page newest first, and the id to continue before ('' on the last page)."""
         rows = await self._read(
             lambda: self.sql.list_checkpoints(
-                key, page_size + 1, before_id, include_state, trigger, created_after, created_before
+                key,
+                page_size + 1,
+                before_id,
+                include_state,
+                trigger,
+                created_after,
+                created_before,
+                metadata_equals or {},
             )
         )
         more = len(rows) > page_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 
@@ -259,3 +260,47 @@ async def test_stats_count_triggers_and_bytes(stub) -> None:
     }
     assert st.state_bytes == 3 * len(b'{"pad": "' + b"x" * 100 + b'"}')
     assert st.oldest.ToNanoseconds() <= st.newest.ToNanoseconds()
+
+
+async def test_typed_metadata_and_server_side_filters(stub) -> None:
+    """metadata_json keeps types; metadata_equals compares typed values in the database."""
+    s, md = stub
+    loop2 = {"source": "loop", "step": 2, "score": 42, "ok": True, "parents": {"": "x"}}
+    for meta in ({"source": "input", "step": -1}, {"source": "loop", "step": 1}, loop2):
+        saved = await save(s, md, "m", cp={"metadata_json": json.dumps(meta)})
+    again = await restore(s, md, "m", checkpoint_id=saved.checkpoint.checkpoint_id)
+    assert json.loads(again.checkpoint.metadata_json) == loop2  # from whichever tier
+    await save(s, md, "m", cp={"metadata": {"source": "legacy", "step": "7"}})
+
+    async def listed(**equals: str) -> list[dict]:
+        got = await s.List(
+            pb.ListRequest(namespace=NS, thread_id="m", metadata_equals=equals), metadata=md
+        )
+        return [json.loads(c.metadata_json) for c in got.checkpoints]
+
+    assert await listed(step="2") == [loop2]
+    assert await listed(source='"loop"', step="2") == [loop2]
+    assert [m["step"] for m in await listed(source='"loop"')] == [2, 1]
+    assert await listed(score="42", ok="true") == [loop2]
+    assert await listed(step='"2"') == [], "the string \"2\" is not the number 2"
+    assert await listed(step="3") == []
+    assert await listed(step='"7"') == [{"source": "legacy", "step": "7"}]
+    assert len(await listed()) == 4
+    head = (await restore(s, md, "m")).checkpoint
+    assert dict(head.metadata) == {"source": "legacy", "step": "7"}
+    first = (await s.List(pb.ListRequest(namespace=NS, thread_id="m"), metadata=md)).checkpoints[1]
+    assert dict(first.metadata) == {
+        "source": "loop", "step": "2", "score": "42", "ok": "true", "parents": '{"": "x"}'
+    }  # fmt: skip
+
+    for bad in ("[1]", "{oops", '{"x": NaN}', '{"x": "\\u0000"}'):
+        assert await code_of(
+            save(s, md, "m", cp={"metadata_json": bad})
+        ) == grpc.StatusCode.INVALID_ARGUMENT, bad
+    for bad in ("nope", "NaN"):
+        assert await code_of(
+            s.List(
+                pb.ListRequest(namespace=NS, thread_id="m", metadata_equals={"x": bad}),
+                metadata=md,
+            )
+        ) == grpc.StatusCode.INVALID_ARGUMENT, bad

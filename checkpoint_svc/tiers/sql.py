@@ -317,6 +317,10 @@ class SqlTier:
             current = (await conn.execute(_sql(SELECT_SCHEMA_VERSION))).scalar_one()
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 for statement in script.replace("{blob}", blob).split(";"):
+                    if statement.strip().startswith("{postgres_only}"):
+                        if self.is_sqlite:
+                            continue
+                        statement = statement.replace("{postgres_only}", "")
                     if statement.strip():
                         await conn.exec_driver_sql(statement)
                 await conn.execute(_sql(INSERT_SCHEMA_VERSION), {"v": version, "now": now})
@@ -367,6 +371,7 @@ class SqlTier:
         trigger: Trigger = Trigger.UNSPECIFIED,
         created_after: float | None = None,
         created_before: float | None = None,
+        metadata_equals: dict[str, Any] | None = None,
     ) -> list[Checkpoint]:
         sql = LIST_CHECKPOINTS.format(state=", state" if include_state else "")
         params: dict[str, Any] = {**_key_params(key), "limit": limit}
@@ -382,6 +387,14 @@ class SqlTier:
         if created_before is not None:
             sql += " AND created_at < :created_before"
             params["created_before"] = created_before
+        if metadata_equals and self.is_sqlite:
+            for i, (k, v) in enumerate(metadata_equals.items()):
+                sql += f" AND json_extract(metadata, :mk{i}) = json_extract(:mv{i}, '$')"
+                params[f"mk{i}"] = "$." + json.dumps(k)
+                params[f"mv{i}"] = json.dumps(v)
+        elif metadata_equals:
+            sql += " AND CAST(metadata AS jsonb) @> CAST(:metadata_equals AS jsonb)"
+            params["metadata_equals"] = json.dumps(metadata_equals)
         sql += " ORDER BY checkpoint_id DESC LIMIT :limit"
         async with self.reader.connect() as conn:
             rows = (await conn.execute(_sql(sql), params)).all()

@@ -83,7 +83,7 @@ SERVING_HEALTH_DEGRADED: ServingHealth
 SERVING_HEALTH_UNAVAILABLE: ServingHealth
 
 class Checkpoint(_message.Message):
-    __slots__ = ("namespace", "thread_id", "checkpoint_id", "parent_id", "step", "state", "content_type", "trigger", "name", "completed_nodes", "progress_percent", "eta_seconds", "metadata", "created_at", "expires_at")
+    __slots__ = ("namespace", "thread_id", "checkpoint_id", "parent_id", "step", "state", "content_type", "trigger", "name", "completed_nodes", "progress_percent", "eta_seconds", "metadata", "created_at", "expires_at", "metadata_json")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class Checkpoint(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     thread_id: str
     checkpoint_id: str
@@ -121,7 +122,8 @@ class Checkpoint(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     created_at: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., step: _Optional[int] = ..., state: _Optional[bytes] = ..., content_type: _Optional[str] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., name: _Optional[str] = ..., completed_nodes: _Optional[_Iterable[str]] = ..., progress_percent: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    metadata_json: str
+    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., step: _Optional[int] = ..., state: _Optional[bytes] = ..., content_type: _Optional[str] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., name: _Optional[str] = ..., completed_nodes: _Optional[_Iterable[str]] = ..., progress_percent: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class PendingWrite(_message.Message):
     __slots__ = ("checkpoint_id", "task_id", "idx", "channel", "value", "content_type", "task_path")
@@ -252,7 +254,14 @@ class RestoreResponse(_message.Message):
     def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., writes: _Optional[_Iterable[_Union[PendingWrite, _Mapping]]] = ..., served_from: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("namespace", "thread_id", "page_size", "page_token", "include_state", "trigger", "created_after", "created_before")
+    __slots__ = ("namespace", "thread_id", "page_size", "page_token", "include_state", "trigger", "created_after", "created_before", "metadata_equals")
+    class MetadataEqualsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +270,7 @@ class ListRequest(_message.Message):
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
     CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_EQUALS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     thread_id: str
     page_size: int
@@ -269,7 +279,8 @@ class ListRequest(_message.Message):
     trigger: Trigger
     created_after: _timestamp_pb2.Timestamp
     created_before: _timestamp_pb2.Timestamp
-    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_state: _Optional[bool] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    metadata_equals: _containers.ScalarMap[str, str]
+    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_state: _Optional[bool] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata_equals: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("checkpoints", "next_page_token")
