@@ -105,4 +105,8 @@ MIGRATIONS: list[str] = [
     {postgres_only}CREATE INDEX checkpoints_by_metadata ON checkpoints
         USING GIN ((CAST(metadata AS jsonb)) jsonb_path_ops);
     """,
+    # 5: listing a thread across namespaces (ListRequest.namespace_prefix)
+    """
+    CREATE INDEX checkpoints_by_thread ON checkpoints (tenant, thread_id, checkpoint_id);
+    """,
 ]

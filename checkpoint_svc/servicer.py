@@ -318,8 +318,14 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListResponse:
-        key = thread_key(context, request.namespace, request.thread_id)
         violations: list[tuple[str, str]] = []
+        prefix = request.namespace_prefix if request.HasField("namespace_prefix") else None
+        key = thread_key(context, request.namespace, request.thread_id, violations=violations)
+        if prefix is not None:
+            _check_id(violations, "namespace_prefix", prefix, required=False, max_len=128)
+        _check_id(
+            violations, "before_checkpoint_id", request.before_checkpoint_id, False, max_len=128
+        )
         _enum(violations, "trigger", request.trigger, Trigger)
         metadata_equals: dict[str, Any] = {}
         for k, v in request.metadata_equals.items():
@@ -334,6 +340,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 violations.append((where, 'must be a JSON value, e.g. 2, true or "loop"'))
         _raise_if(violations)
         before = decode_token(request.page_token, 1)[0] if request.page_token else ""
+        if request.before_checkpoint_id and (not before or request.before_checkpoint_id < before):
+            before = request.before_checkpoint_id
         rows, last = await self.store.list(
             key,
             _page_size(request.page_size),
@@ -347,10 +355,23 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             if request.HasField("created_before")
             else None,
             metadata_equals=metadata_equals,
+            namespace_prefix=prefix,
         )
+        writes = []
+        if request.include_writes and rows:
+            for c, found in zip(rows, await self.store.writes_of(rows), strict=True):
+                if found:
+                    writes.append(
+                        pb.CheckpointWrites(
+                            namespace=c.key.namespace,
+                            checkpoint_id=c.checkpoint_id,
+                            writes=[convert.write_to_pb(w) for w in found],
+                        )
+                    )
         return pb.ListResponse(
             checkpoints=[convert.checkpoint_to_pb(c, request.include_state) for c in rows],
             next_page_token=encode_token(last) if last else "",
+            writes=writes,
         )
 
     async def Stream(

@@ -282,6 +282,7 @@ class CheckpointStore:
         created_after: float | None = None,
         created_before: float | None = None,
         metadata_equals: dict[str, Any] | None = None,
+        namespace_prefix: str | None = None,
     ) -> tuple[list[Checkpoint], str]:
         """A page newest first, and the id to continue before ('' on the last page)."""
         rows = await self._read(
@@ -294,11 +295,15 @@ class CheckpointStore:
                 created_after,
                 created_before,
                 metadata_equals or {},
+                namespace_prefix,
             )
         )
         more = len(rows) > page_size
         rows = rows[:page_size]
         return rows, (rows[-1].checkpoint_id if more else "")
+
+    async def writes_of(self, checkpoints: list[Checkpoint]) -> list[list[PendingWrite]]:
+        return await self._read(lambda: self.sql.writes_of(checkpoints))
 
     async def put_writes(
         self,

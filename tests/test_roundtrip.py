@@ -304,3 +304,53 @@ async def test_typed_metadata_and_server_side_filters(stub) -> None:
                 metadata=md,
             )
         ) == grpc.StatusCode.INVALID_ARGUMENT, bad
+
+
+async def test_list_across_namespaces_before_and_with_writes(stub) -> None:
+    """What LangGraph's alist needs: one thread's checkpoints in every namespace under a
+    prefix, newest first, with `before` and the pending writes of each."""
+    s, md = stub
+    saved: list[tuple[str, str]] = []
+    for ns in ("lg:", "lg:child:1", "lg:child:2", "lg:", "other", "lg:child:1"):
+        cp = (await save(s, md, "t1", ns=ns)).checkpoint
+        saved.append((ns, cp.checkpoint_id))
+    await save(s, md, "t2", ns="lg:")  # another thread: never listed
+    first_ns, first_id = saved[0]
+    await s.PutWrites(
+        pb.PutWritesRequest(
+            namespace=first_ns,
+            thread_id="t1",
+            writes=[
+                pb.PendingWrite(checkpoint_id=first_id, task_id="a", channel="x", value=b"1"),
+                pb.PendingWrite(checkpoint_id=first_id, task_id="a", idx=-1, channel="__error__"),
+            ],
+        ),
+        metadata=md,
+    )
+
+    async def listed(**kw) -> pb.ListResponse:
+        return await s.List(pb.ListRequest(thread_id="t1", **kw), metadata=md)
+
+    newest_first = [(ns, i) for ns, i in reversed(saved)]
+    got = await listed(namespace_prefix="lg:")
+    assert [(c.namespace, c.checkpoint_id) for c in got.checkpoints] == [
+        x for x in newest_first if x[0] != "other"
+    ]
+    got = await listed(namespace_prefix="lg:child")
+    assert {c.namespace for c in got.checkpoints} == {"lg:child:1", "lg:child:2"}
+    assert len((await listed(namespace_prefix="")).checkpoints) == 6
+    assert len((await listed(namespace="lg:")).checkpoints) == 2, "without a prefix: one namespace"
+    got = await listed(namespace_prefix="lg:", before_checkpoint_id=saved[3][1])
+    assert [c.checkpoint_id for c in got.checkpoints] == [i for _, i in saved[:3]][::-1]
+    pages, token = [], ""
+    while True:
+        page = await listed(namespace_prefix="lg:", page_size=2, page_token=token)
+        pages += [c.checkpoint_id for c in page.checkpoints]
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [i for ns, i in newest_first if ns != "other"]
+    got = await listed(namespace_prefix="lg:", include_writes=True)
+    assert [(w.namespace, w.checkpoint_id) for w in got.writes] == [(first_ns, first_id)]
+    assert sorted((w.task_id, w.idx) for w in got.writes[0].writes) == [("a", -1), ("a", 0)]
+    assert await code_of(listed(namespace_prefix="x\x01")) == grpc.StatusCode.INVALID_ARGUMENT

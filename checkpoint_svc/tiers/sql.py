@@ -101,6 +101,11 @@ FROM threads t JOIN checkpoints c ON c.tenant = t.tenant AND c.namespace = t.nam
     AND c.thread_id = t.thread_id AND c.checkpoint_id = t.head_id
 WHERE t.tenant = :tenant AND t.namespace = :namespace AND t.thread_id = :thread_id"""
 LIST_CHECKPOINTS = f"SELECT {META_COLUMNS}{{state}} FROM checkpoints WHERE {_KEY}"
+# substr, not LIKE: a prefix with % or _ in it means just that.
+LIST_CHECKPOINTS_ACROSS_NAMESPACES = f"""
+SELECT {META_COLUMNS}{{state}}, namespace FROM checkpoints
+WHERE tenant = :tenant AND thread_id = :thread_id
+    AND substr(namespace, 1, :prefix_length) = :prefix"""
 
 _WRITE_INSERT = """
 INSERT INTO writes (tenant, namespace, thread_id, checkpoint_id, task_id, idx, channel, value,
@@ -372,9 +377,16 @@ class SqlTier:
         created_after: float | None = None,
         created_before: float | None = None,
         metadata_equals: dict[str, Any] | None = None,
+        namespace_prefix: str | None = None,
     ) -> list[Checkpoint]:
-        sql = LIST_CHECKPOINTS.format(state=", state" if include_state else "")
+        """Newest first; with `namespace_prefix`, across the thread's matching namespaces."""
+        state = ", state" if include_state else ""
         params: dict[str, Any] = {**_key_params(key), "limit": limit}
+        if namespace_prefix is None:
+            sql = LIST_CHECKPOINTS.format(state=state)
+        else:
+            sql = LIST_CHECKPOINTS_ACROSS_NAMESPACES.format(state=state)
+            params |= {"prefix": namespace_prefix, "prefix_length": len(namespace_prefix)}
         if before_id:
             sql += " AND checkpoint_id < :before_id"
             params["before_id"] = before_id
@@ -398,7 +410,19 @@ class SqlTier:
         sql += " ORDER BY checkpoint_id DESC LIMIT :limit"
         async with self.reader.connect() as conn:
             rows = (await conn.execute(_sql(sql), params)).all()
-        return [_checkpoint_from_row(key, r, with_state=include_state) for r in rows]
+        if namespace_prefix is None:
+            return [_checkpoint_from_row(key, r, with_state=include_state) for r in rows]
+        return [
+            _checkpoint_from_row(
+                ThreadKey(key.tenant, r[-1], key.thread_id), r, with_state=include_state
+            )
+            for r in rows
+        ]
+
+    async def writes_of(self, checkpoints: list[Checkpoint]) -> list[list[PendingWrite]]:
+        """The pending writes of each checkpoint, in order."""
+        async with self.reader.connect() as conn:
+            return [await _writes(conn, c.key, c.checkpoint_id) for c in checkpoints]
 
     async def list_threads(
         self, tenant: str, flt: ThreadFilter, limit: int, after: tuple[str, str] | None

@@ -254,7 +254,7 @@ class RestoreResponse(_message.Message):
     def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., writes: _Optional[_Iterable[_Union[PendingWrite, _Mapping]]] = ..., served_from: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("namespace", "thread_id", "page_size", "page_token", "include_state", "trigger", "created_after", "created_before", "metadata_equals")
+    __slots__ = ("namespace", "thread_id", "page_size", "page_token", "include_state", "trigger", "created_after", "created_before", "metadata_equals", "namespace_prefix", "before_checkpoint_id", "include_writes")
     class MetadataEqualsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,9 @@ class ListRequest(_message.Message):
     CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
     CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_EQUALS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_WRITES_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     thread_id: str
     page_size: int
@@ -280,15 +283,30 @@ class ListRequest(_message.Message):
     created_after: _timestamp_pb2.Timestamp
     created_before: _timestamp_pb2.Timestamp
     metadata_equals: _containers.ScalarMap[str, str]
-    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_state: _Optional[bool] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata_equals: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    namespace_prefix: str
+    before_checkpoint_id: str
+    include_writes: bool
+    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_state: _Optional[bool] = ..., trigger: _Optional[_Union[Trigger, str]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata_equals: _Optional[_Mapping[str, str]] = ..., namespace_prefix: _Optional[str] = ..., before_checkpoint_id: _Optional[str] = ..., include_writes: _Optional[bool] = ...) -> None: ...
+
+class CheckpointWrites(_message.Message):
+    __slots__ = ("namespace", "checkpoint_id", "writes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    checkpoint_id: str
+    writes: _containers.RepeatedCompositeFieldContainer[PendingWrite]
+    def __init__(self, namespace: _Optional[str] = ..., checkpoint_id: _Optional[str] = ..., writes: _Optional[_Iterable[_Union[PendingWrite, _Mapping]]] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("checkpoints", "next_page_token")
+    __slots__ = ("checkpoints", "next_page_token", "writes")
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[Checkpoint]
     next_page_token: str
-    def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    writes: _containers.RepeatedCompositeFieldContainer[CheckpointWrites]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., writes: _Optional[_Iterable[_Union[CheckpointWrites, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("namespace", "thread_id", "after_seq", "follow")
