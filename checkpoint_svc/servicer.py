@@ -444,7 +444,24 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         self, request: pb.DeleteThreadRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteThreadResponse:
         key = thread_key(context, request.namespace, request.thread_id)
-        return pb.DeleteThreadResponse(checkpoints_deleted=await self.store.delete_thread(key))
+        if request.HasField("namespace_prefix"):
+            _check_id(violations := [], "namespace_prefix", request.namespace_prefix, False, 128)
+            _raise_if(violations)
+            threads, deleted = await self.store.delete_threads(
+                key.tenant, key.thread_id, request.namespace_prefix
+            )
+            if not threads and not request.allow_missing:
+                raise NotFound(
+                    f"thread {key.thread_id} not found under {request.namespace_prefix!r}"
+                )
+            return pb.DeleteThreadResponse(checkpoints_deleted=deleted, threads_deleted=threads)
+        try:
+            deleted = await self.store.delete_thread(key)
+        except NotFound:
+            if not request.allow_missing:
+                raise
+            return pb.DeleteThreadResponse()
+        return pb.DeleteThreadResponse(checkpoints_deleted=deleted, threads_deleted=1)
 
     @translated
     async def GetThread(

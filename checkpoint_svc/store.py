@@ -330,6 +330,19 @@ class CheckpointStore:
     async def delete_thread(self, key: ThreadKey) -> int:
         return await self.committer.submit(DeleteThreadOp(key))
 
+    async def delete_threads(self, tenant: str, thread_id: str, prefix: str) -> tuple[int, int]:
+        """A thread id in every namespace under `prefix`: (threads, checkpoints) deleted."""
+        namespaces = await self._read(lambda: self.sql.namespaces_of(tenant, thread_id, prefix))
+
+        async def one(namespace: str) -> int | None:
+            try:
+                return await self.delete_thread(ThreadKey(tenant, namespace, thread_id))
+            except NotFound:  # deleted meanwhile
+                return None
+
+        done = [n for n in await asyncio.gather(*(one(ns) for ns in namespaces)) if n is not None]
+        return len(done), sum(done)
+
     async def get_thread(self, key: ThreadKey) -> Thread:
         thread = await self._read(lambda: self.sql.get_thread(key))
         if thread is None:

@@ -354,3 +354,28 @@ async def test_list_across_namespaces_before_and_with_writes(stub) -> None:
     assert [(w.namespace, w.checkpoint_id) for w in got.writes] == [(first_ns, first_id)]
     assert sorted((w.task_id, w.idx) for w in got.writes[0].writes) == [("a", -1), ("a", 0)]
     assert await code_of(listed(namespace_prefix="x\x01")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_delete_a_thread_across_namespaces(stub) -> None:
+    """What LangGraph's adelete_thread needs: every namespace under a prefix; a missing
+    thread is not an error when asked so."""
+    s, md = stub
+    for ns in ("lg:", "lg:child:1", "lg:child:1", "other"):
+        await save(s, md, "d", ns=ns)
+    await save(s, md, "keep", ns="lg:")
+
+    async def delete(**kw) -> pb.DeleteThreadResponse:
+        return await s.DeleteThread(pb.DeleteThreadRequest(thread_id="d", **kw), metadata=md)
+
+    done = await delete(namespace_prefix="lg:")
+    assert (done.threads_deleted, done.checkpoints_deleted) == (2, 3)
+    for ns in ("lg:", "lg:child:1"):
+        assert await code_of(restore(s, md, "d", ns=ns)) == grpc.StatusCode.NOT_FOUND
+    assert (await restore(s, md, "d", ns="other")).checkpoint.checkpoint_id
+    assert (await restore(s, md, "keep", ns="lg:")).checkpoint.checkpoint_id
+    assert await code_of(delete(namespace_prefix="lg:")) == grpc.StatusCode.NOT_FOUND
+    gone = await delete(namespace_prefix="lg:", allow_missing=True)
+    assert (gone.threads_deleted, gone.checkpoints_deleted) == (0, 0)
+    assert (await delete(namespace="lg:", allow_missing=True)).threads_deleted == 0
+    assert await code_of(delete(namespace="lg:")) == grpc.StatusCode.NOT_FOUND
+    assert (await delete(namespace="other")).threads_deleted == 1

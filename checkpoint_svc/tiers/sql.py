@@ -63,6 +63,9 @@ UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow
     lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
     last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted, keep_last = :keep_last
 WHERE {_KEY}"""
+NAMESPACES_OF_THREAD = """
+SELECT namespace FROM threads WHERE tenant = :tenant AND thread_id = :thread_id
+    AND deleted = 0 AND substr(namespace, 1, :prefix_length) = :prefix ORDER BY namespace"""
 LIST_THREADS = (
     f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads "
     "WHERE tenant = :tenant AND deleted = 0"
@@ -333,6 +336,17 @@ class SqlTier:
             return len(MIGRATIONS)
 
     # ---- reads -------------------------------------------------------------
+
+    async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
+        """The namespaces a thread id exists in, under a prefix."""
+        params = {
+            "tenant": tenant,
+            "thread_id": thread_id,
+            "prefix": prefix,
+            "prefix_length": len(prefix),
+        }
+        async with self.reader.connect() as conn:
+            return [r[0] for r in (await conn.execute(_sql(NAMESPACES_OF_THREAD), params)).all()]
 
     async def get_thread(self, key: ThreadKey) -> Thread | None:
         async with self.reader.connect() as conn:

@@ -383,18 +383,24 @@ class PublishResponse(_message.Message):
     def __init__(self, seqs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteThreadRequest(_message.Message):
-    __slots__ = ("namespace", "thread_id")
+    __slots__ = ("namespace", "thread_id", "namespace_prefix", "allow_missing")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     thread_id: str
-    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ...) -> None: ...
+    namespace_prefix: str
+    allow_missing: bool
+    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., namespace_prefix: _Optional[str] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
 
 class DeleteThreadResponse(_message.Message):
-    __slots__ = ("checkpoints_deleted",)
+    __slots__ = ("checkpoints_deleted", "threads_deleted")
     CHECKPOINTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    THREADS_DELETED_FIELD_NUMBER: _ClassVar[int]
     checkpoints_deleted: int
-    def __init__(self, checkpoints_deleted: _Optional[int] = ...) -> None: ...
+    threads_deleted: int
+    def __init__(self, checkpoints_deleted: _Optional[int] = ..., threads_deleted: _Optional[int] = ...) -> None: ...
 
 class GetThreadRequest(_message.Message):
     __slots__ = ("namespace", "thread_id")
