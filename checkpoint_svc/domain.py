@@ -139,6 +139,7 @@ class SaveCommand:
     workflow_version: int = 0
     events: list[NewEvent] = field(default_factory=list)
     keep_last: int = 0
+    exact_parent: bool = False  # parent_id as given, "" meaning none
 
 
 @dataclass(slots=True)

@@ -93,7 +93,8 @@ class SaveOp:
             )
         if self.client_supplied_id and await batch.checkpoint_exists(key, cp.checkpoint_id):
             raise AlreadyExists(f"checkpoint {cp.checkpoint_id} already exists")
-        cp.parent_id = self.explicit_parent or thread.head_id
+        if not cmd.exact_parent:
+            cp.parent_id = self.explicit_parent or thread.head_id
         batch.checkpoints.append(cp)
         thread.head_id = cp.checkpoint_id
         if cmd.status:

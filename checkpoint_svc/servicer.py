@@ -294,6 +294,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             workflow_version=request.workflow_version,
             events=[convert.new_event_from_pb(e) for e in request.events],
             keep_last=request.keep_last,
+            exact_parent=request.exact_parent,
         )
         durable = request.durability != pb.DURABILITY_ASYNC
         result = await self.store.save(cmd, durable=durable)

@@ -379,3 +379,16 @@ async def test_delete_a_thread_across_namespaces(stub) -> None:
     assert (await delete(namespace="lg:", allow_missing=True)).threads_deleted == 0
     assert await code_of(delete(namespace="lg:")) == grpc.StatusCode.NOT_FOUND
     assert (await delete(namespace="other")).threads_deleted == 1
+
+
+async def test_exact_parent(stub) -> None:
+    """An empty parent means "none" with exact_parent (LangGraph's first checkpoint of a
+    namespace), and "the head" without it."""
+    s, md = stub
+    first = (await save(s, md, "p")).checkpoint
+    orphan = (await save(s, md, "p", exact_parent=True)).checkpoint
+    assert orphan.parent_id == ""
+    child = (await save(s, md, "p")).checkpoint
+    assert child.parent_id == orphan.checkpoint_id
+    chosen = (await save(s, md, "p", cp={"parent_id": first.checkpoint_id}, exact_parent=True))
+    assert chosen.checkpoint.parent_id == first.checkpoint_id

@@ -200,7 +200,7 @@ class Heartbeat(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
-    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last")
+    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last", "exact_parent")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,7 @@ class SaveRequest(_message.Message):
     WORKFLOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
+    EXACT_PARENT_FIELD_NUMBER: _ClassVar[int]
     checkpoint: Checkpoint
     expected_parent_id: str
     request_id: str
@@ -221,7 +222,8 @@ class SaveRequest(_message.Message):
     workflow_version: int
     events: _containers.RepeatedCompositeFieldContainer[NewEvent]
     keep_last: int
-    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ...) -> None: ...
+    exact_parent: bool
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ..., exact_parent: _Optional[bool] = ...) -> None: ...
 
 class SaveResponse(_message.Message):
     __slots__ = ("checkpoint", "seq")
