@@ -1,0 +1,385 @@
+"""A LangGraph checkpointer backed by the checkpoint service.
+
+LangGraph's checkpoint namespaces become store namespaces under a prefix (`lg:` by default),
+so a thread's namespaces can be listed and deleted together without touching the engine's
+own (`runs`, `workflows`, ...). State and writes go through LangGraph's serializer into bytes,
+with its type tag as `content_type`; pickle is never used. Metadata travels as typed JSON, so
+`filter={"source": "loop", "step": 2}` is evaluated by the database.
+
+Needs the `langgraph-checkpoint` package. Not yet here: delete_for_runs, copy_thread, prune
+(see docs/langgraph-saver.md).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_serializable_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from workflow_client.connection import Connection
+from workflow_client.errors import from_rpc_error
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as pb_grpc
+
+_PAGE = 500
+
+
+class CheckpointServiceSaver(BaseCheckpointSaver[str]):
+    """`BaseCheckpointSaver` over checkpoint.v1 (async methods, and the sync ones)."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        tenant: str = "default",
+        namespace_prefix: str = "lg:",
+        timeout: float = 30.0,
+        serde: SerializerProtocol | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        self.connection = Connection(address, tenant=tenant, timeout=timeout)
+        self.prefix = namespace_prefix
+        self._aio: grpc.aio.Channel | None = None
+        self._sync: grpc.Channel | None = None
+
+    # ---- channels (one per kind: an asyncio channel belongs to its event loop) ----------
+
+    @property
+    def _astub(self) -> pb_grpc.CheckpointServiceStub:
+        if self._aio is None:
+            self._aio = self.connection.aio_channel()
+        return pb_grpc.CheckpointServiceStub(self._aio)
+
+    @property
+    def _stub(self) -> pb_grpc.CheckpointServiceStub:
+        if self._sync is None:
+            self._sync = self.connection.channel()
+        return pb_grpc.CheckpointServiceStub(self._sync)
+
+    async def aclose(self) -> None:
+        if self._aio is not None:
+            await self._aio.close()
+            self._aio = None
+        self.close()
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    def _options(self) -> dict[str, Any]:
+        return {"metadata": self.connection.metadata, "timeout": self.connection.timeout}
+
+    # ---- translation ------------------------------------------------------------
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """Postgres-style versions: an int part that grows, and a random tie-breaker."""
+        if current is None:
+            number = 0
+        elif isinstance(current, int):
+            number = current
+        else:
+            number = int(str(current).split(".")[0])
+        return f"{number + 1:032}.{random.random():016}"
+
+    def _namespace(self, checkpoint_ns: str) -> str:
+        return self.prefix + checkpoint_ns
+
+    def _save_request(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+    ) -> tuple[pb.SaveRequest, RunnableConfig]:
+        conf = config["configurable"]
+        thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
+        content_type, state = self.serde.dumps_typed(checkpoint)
+        meta = get_serializable_checkpoint_metadata(config, metadata)
+        request = pb.SaveRequest(
+            checkpoint=pb.Checkpoint(
+                namespace=self._namespace(ns),
+                thread_id=thread_id,
+                checkpoint_id=checkpoint["id"],
+                parent_id=conf.get("checkpoint_id") or "",
+                state=state,
+                content_type=content_type,
+                step=int(meta.get("step", 0) or 0),
+                metadata_json=json.dumps(meta, default=str),
+                trigger=pb.TRIGGER_STEP_COMPLETED,
+            ),
+            exact_parent=True,
+        )
+        saved = {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}
+        return request, {"configurable": saved}
+
+    def _writes_request(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str,
+    ) -> pb.PutWritesRequest:
+        conf = config["configurable"]
+        pending = []
+        for i, (channel, value) in enumerate(writes):
+            content_type, blob = self.serde.dumps_typed(value)
+            pending.append(
+                pb.PendingWrite(
+                    checkpoint_id=conf["checkpoint_id"],
+                    task_id=task_id,
+                    idx=WRITES_IDX_MAP.get(channel, i),
+                    channel=channel,
+                    value=blob,
+                    content_type=content_type,
+                    task_path=task_path,
+                )
+            )
+        return pb.PutWritesRequest(
+            namespace=self._namespace(conf.get("checkpoint_ns", "")),
+            thread_id=str(conf["thread_id"]),
+            writes=pending,
+        )
+
+    def _tuple(self, cp: pb.Checkpoint, writes: Sequence[pb.PendingWrite]) -> CheckpointTuple:
+        ns = cp.namespace[len(self.prefix) :]
+        if cp.content_type == "pickle":
+            raise ValueError("refusing a pickled checkpoint")
+        config = {
+            "configurable": {
+                "thread_id": cp.thread_id,
+                "checkpoint_ns": ns,
+                "checkpoint_id": cp.checkpoint_id,
+            }
+        }
+        parent = None
+        if cp.parent_id:
+            parent = {
+                "configurable": {
+                    "thread_id": cp.thread_id,
+                    "checkpoint_ns": ns,
+                    "checkpoint_id": cp.parent_id,
+                }
+            }
+        ordered = sorted(writes, key=lambda w: (w.task_path, w.task_id, w.idx))
+        return CheckpointTuple(
+            config=config,
+            checkpoint=self.serde.loads_typed((cp.content_type, cp.state)),
+            metadata=json.loads(cp.metadata_json) if cp.metadata_json else {},
+            parent_config=parent,
+            pending_writes=[
+                (w.task_id, w.channel, self.serde.loads_typed((w.content_type, w.value)))
+                for w in ordered
+                if w.content_type != "pickle"
+            ],
+        )
+
+    def _restore_request(self, config: RunnableConfig) -> pb.RestoreRequest:
+        conf = config["configurable"]
+        return pb.RestoreRequest(
+            namespace=self._namespace(conf.get("checkpoint_ns", "")),
+            thread_id=str(conf["thread_id"]),
+            checkpoint_id=get_checkpoint_id(config) or "",
+            include_writes=True,
+        )
+
+    def _list_request(
+        self,
+        config: RunnableConfig | None,
+        filter: dict[str, Any] | None,
+        before: RunnableConfig | None,
+        page_token: str,
+    ) -> pb.ListRequest:
+        if config is None:
+            raise NotImplementedError("alist needs a config with a thread_id")
+        conf = config["configurable"]
+        request = pb.ListRequest(
+            thread_id=str(conf["thread_id"]),
+            page_size=_PAGE,
+            page_token=page_token,
+            include_state=True,
+            include_writes=True,
+            metadata_equals={k: json.dumps(v) for k, v in (filter or {}).items()},
+            before_checkpoint_id=(get_checkpoint_id(before) or "") if before else "",
+        )
+        if "checkpoint_ns" in conf:  # absent: every namespace of the thread
+            request.namespace = self._namespace(conf["checkpoint_ns"])
+        else:
+            request.namespace_prefix = self.prefix
+        return request
+
+    def _page(self, page: pb.ListResponse, wanted_id: str | None) -> list[CheckpointTuple]:
+        writes = {(w.namespace, w.checkpoint_id): w.writes for w in page.writes}
+        return [
+            self._tuple(c, writes.get((c.namespace, c.checkpoint_id), []))
+            for c in page.checkpoints
+            if wanted_id is None or c.checkpoint_id == wanted_id
+        ]
+
+    # ---- async ------------------------------------------------------------------
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        request, saved = self._save_request(config, checkpoint, metadata)
+        try:
+            await self._astub.Save(request, **self._options())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # a retry that had landed
+                raise from_rpc_error(exc) from exc
+        return saved
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        if not writes:
+            return
+        try:
+            await self._astub.PutWrites(
+                self._writes_request(config, writes, task_id, task_path), **self._options()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        try:
+            got = await self._astub.Restore(self._restore_request(config), **self._options())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise from_rpc_error(exc) from exc
+        return self._tuple(got.checkpoint, got.writes)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        wanted = get_checkpoint_id(config) if config else None
+        token, count = "", 0
+        while True:
+            try:
+                page = await self._astub.List(
+                    self._list_request(config, filter, before, token), **self._options()
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from exc
+            for item in self._page(page, wanted):
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        request = pb.DeleteThreadRequest(
+            thread_id=str(thread_id), namespace_prefix=self.prefix, allow_missing=True
+        )
+        try:
+            await self._astub.DeleteThread(request, **self._options())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    # ---- sync: the same requests on a blocking channel ------------------------------
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        request, saved = self._save_request(config, checkpoint, metadata)
+        try:
+            self._stub.Save(request, **self._options())
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+                raise from_rpc_error(exc) from exc
+        return saved
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        if not writes:
+            return
+        try:
+            self._stub.PutWrites(
+                self._writes_request(config, writes, task_id, task_path), **self._options()
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        try:
+            got = self._stub.Restore(self._restore_request(config), **self._options())
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                return None
+            raise from_rpc_error(exc) from exc
+        return self._tuple(got.checkpoint, got.writes)
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        wanted = get_checkpoint_id(config) if config else None
+        token, count = "", 0
+        while True:
+            try:
+                page = self._stub.List(
+                    self._list_request(config, filter, before, token), **self._options()
+                )
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+            for item in self._page(page, wanted):
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_thread(self, thread_id: str) -> None:
+        request = pb.DeleteThreadRequest(
+            thread_id=str(thread_id), namespace_prefix=self.prefix, allow_missing=True
+        )
+        try:
+            self._stub.DeleteThread(request, **self._options())
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
