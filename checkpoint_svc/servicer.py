@@ -533,6 +533,26 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         return pb.ReleaseLeaseResponse()
 
     @translated
+    async def PruneThreads(
+        self, request: pb.PruneThreadsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PruneThreadsResponse:
+        tenant = tenant_of(context)
+        violations: list[tuple[str, str]] = []
+        for i, thread_id in enumerate(request.thread_ids):
+            _check_id(violations, f"thread_ids[{i}]", thread_id, required=True)
+        _check_id(violations, "namespace_prefix", request.namespace_prefix, False, 128)
+        if request.strategy not in (pb.PRUNE_STRATEGY_KEEP_LATEST, pb.PRUNE_STRATEGY_DELETE):
+            violations.append(("strategy", "PRUNE_STRATEGY_KEEP_LATEST or PRUNE_STRATEGY_DELETE"))
+        _raise_if(violations)
+        deleted = await self.store.prune_threads(
+            tenant,
+            list(dict.fromkeys(request.thread_ids)),
+            request.namespace_prefix,
+            keep_latest=request.strategy == pb.PRUNE_STRATEGY_KEEP_LATEST,
+        )
+        return pb.PruneThreadsResponse(checkpoints_deleted=deleted)
+
+    @translated
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatsResponse:

@@ -330,6 +330,26 @@ class CheckpointStore:
     async def delete_thread(self, key: ThreadKey) -> int:
         return await self.committer.submit(DeleteThreadOp(key))
 
+    async def prune_threads(
+        self, tenant: str, thread_ids: list[str], prefix: str, keep_latest: bool
+    ) -> int:
+        """Keep only each (namespace, thread)'s head, or delete the threads; checkpoints
+        deleted. Like the sweeper, it never touches a head's body in place: the caches drop
+        what changed and re-read it from SQL."""
+        total = 0
+        for thread_id in thread_ids:
+            if not keep_latest:
+                total += (await self.delete_threads(tenant, thread_id, prefix))[1]
+                continue
+            deleted, changed = await self._read(
+                lambda thread_id=thread_id: self.sql.keep_heads(tenant, thread_id, prefix)
+            )
+            self.memory.drop_bodies(deleted + changed)
+            if self.redis is not None:
+                await self.redis.drop_bodies(deleted + changed)
+            total += len(deleted)
+        return total
+
     async def delete_threads(self, tenant: str, thread_id: str, prefix: str) -> tuple[int, int]:
         """A thread id in every namespace under `prefix`: (threads, checkpoints) deleted."""
         namespaces = await self._read(lambda: self.sql.namespaces_of(tenant, thread_id, prefix))

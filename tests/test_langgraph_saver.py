@@ -9,7 +9,7 @@ from langgraph.checkpoint.conformance import checkpointer_test, validate
 
 from workflow_client.saver import CheckpointServiceSaver
 
-BASE = {"put", "put_writes", "get_tuple", "list", "delete_thread"}
+BASE = {"put", "put_writes", "get_tuple", "list", "delete_thread", "prune"}
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres+redis"], indirect=True)

@@ -392,3 +392,36 @@ async def test_exact_parent(stub) -> None:
     assert child.parent_id == orphan.checkpoint_id
     chosen = (await save(s, md, "p", cp={"parent_id": first.checkpoint_id}, exact_parent=True))
     assert chosen.checkpoint.parent_id == first.checkpoint_id
+
+
+async def test_prune_threads(stub) -> None:
+    """KEEP_LATEST keeps each namespace's head (parent cleared) and forgets the rest, cached
+    or not; DELETE removes the threads; other threads are untouched."""
+    s, md = stub
+    ids: dict[str, list[str]] = {}
+    for ns in ("lg:", "lg:", "lg:sub", "lg:sub", "lg:sub", "other"):
+        ids.setdefault(ns, []).append((await save(s, md, "p", ns=ns)).checkpoint.checkpoint_id)
+    await save(s, md, "q", ns="lg:")
+    await restore(s, md, "p", ns="lg:", checkpoint_id=ids["lg:"][0])  # now cached
+
+    async def prune(threads: list[str], strategy: int) -> int:
+        done = await s.PruneThreads(
+            pb.PruneThreadsRequest(thread_ids=threads, strategy=strategy, namespace_prefix="lg:"),
+            metadata=md,
+        )
+        return done.checkpoints_deleted
+
+    assert await prune(["p", "nobody"], pb.PRUNE_STRATEGY_KEEP_LATEST) == 3
+    for ns in ("lg:", "lg:sub"):
+        listed = await s.List(pb.ListRequest(namespace=ns, thread_id="p"), metadata=md)
+        assert [c.checkpoint_id for c in listed.checkpoints] == [ids[ns][-1]]
+        assert listed.checkpoints[0].parent_id == ""
+        head = await restore(s, md, "p", ns=ns)
+        assert (head.checkpoint.checkpoint_id, head.checkpoint.parent_id) == (ids[ns][-1], "")
+    gone = restore(s, md, "p", ns="lg:", checkpoint_id=ids["lg:"][0])
+    assert await code_of(gone) == grpc.StatusCode.NOT_FOUND
+    assert (await restore(s, md, "p", ns="other")).checkpoint.checkpoint_id == ids["other"][0]
+    assert await prune(["p"], pb.PRUNE_STRATEGY_DELETE) == 2
+    assert await code_of(restore(s, md, "p", ns="lg:sub")) == grpc.StatusCode.NOT_FOUND
+    assert (await restore(s, md, "q", ns="lg:")).checkpoint.checkpoint_id
+    assert await code_of(prune(["p"], 0)) == grpc.StatusCode.INVALID_ARGUMENT

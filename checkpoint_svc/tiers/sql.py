@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,18 @@ UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow
     lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
     last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted, keep_last = :keep_last
 WHERE {_KEY}"""
+# PruneThreads KEEP_LATEST: everything but the heads of a thread id's namespaces.
+_THREAD_UNDER_PREFIX = """tenant = :tenant AND thread_id = :thread_id
+    AND substr(namespace, 1, :prefix_length) = :prefix"""
+_IS_HEAD = """EXISTS (SELECT 1 FROM threads t WHERE t.tenant = checkpoints.tenant
+    AND t.namespace = checkpoints.namespace AND t.thread_id = checkpoints.thread_id
+    AND t.head_id = checkpoints.checkpoint_id)"""
+PRUNE_ALL_BUT_HEADS = f"""
+DELETE FROM checkpoints WHERE {_THREAD_UNDER_PREFIX} AND NOT {_IS_HEAD}
+RETURNING namespace, checkpoint_id"""
+CLEAR_HEAD_PARENTS = f"""
+UPDATE checkpoints SET parent_id = '' WHERE {_THREAD_UNDER_PREFIX} AND {_IS_HEAD}
+RETURNING namespace, checkpoint_id"""
 NAMESPACES_OF_THREAD = """
 SELECT namespace FROM threads WHERE tenant = :tenant AND thread_id = :thread_id
     AND deleted = 0 AND substr(namespace, 1, :prefix_length) = :prefix ORDER BY namespace"""
@@ -336,6 +348,28 @@ class SqlTier:
             return len(MIGRATIONS)
 
     # ---- reads -------------------------------------------------------------
+
+    async def keep_heads(
+        self, tenant: str, thread_id: str, prefix: str
+    ) -> tuple[list[tuple[ThreadKey, str]], list[tuple[ThreadKey, str]]]:
+        """Delete all but the heads of a thread id's namespaces under `prefix`, and clear
+        the heads' parents: (deleted, changed) checkpoints, for the caches to forget."""
+        params = {
+            "tenant": tenant,
+            "thread_id": thread_id,
+            "prefix": prefix,
+            "prefix_length": len(prefix),
+        }
+        async with self.writer.begin() as conn:
+            deleted = (await conn.execute(_sql(PRUNE_ALL_BUT_HEADS), params)).all()
+            changed = (await conn.execute(_sql(CLEAR_HEAD_PARENTS), params)).all()
+            if deleted:
+                await conn.execute(_sql(SWEEP_ORPHAN_WRITES))
+
+        def keys(rows: Sequence[Any]) -> list[tuple[ThreadKey, str]]:
+            return [(ThreadKey(tenant, r[0], thread_id), r[1]) for r in rows]
+
+        return keys(deleted), keys(changed)
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""

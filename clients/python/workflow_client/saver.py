@@ -6,7 +6,7 @@ own (`runs`, `workflows`, ...). State and writes go through LangGraph's serializ
 with its type tag as `content_type`; pickle is never used. Metadata travels as typed JSON, so
 `filter={"source": "loop", "step": 2}` is evaluated by the database.
 
-Needs the `langgraph-checkpoint` package. Not yet here: delete_for_runs, copy_thread, prune
+Needs the `langgraph-checkpoint` package. Not yet here: delete_for_runs, copy_thread
 (see docs/langgraph-saver.md).
 """
 
@@ -307,6 +307,29 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
 
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """keep_latest: only the newest checkpoint of each namespace of each thread, with its
+        writes; delete: nothing of those threads."""
+        try:
+            await self._astub.PruneThreads(
+                self._prune_request(thread_ids, strategy), **self._options()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def _prune_request(self, thread_ids: Sequence[str], strategy: str) -> pb.PruneThreadsRequest:
+        strategies = {
+            "keep_latest": pb.PRUNE_STRATEGY_KEEP_LATEST,
+            "delete": pb.PRUNE_STRATEGY_DELETE,
+        }
+        if strategy not in strategies:
+            raise ValueError(f"unknown prune strategy {strategy!r}: keep_latest or delete")
+        return pb.PruneThreadsRequest(
+            thread_ids=[str(t) for t in thread_ids],
+            strategy=strategies[strategy],
+            namespace_prefix=self.prefix,
+        )
+
     # ---- sync: the same requests on a blocking channel ------------------------------
 
     def put(
@@ -381,5 +404,11 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         )
         try:
             self._stub.DeleteThread(request, **self._options())
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        try:
+            self._stub.PruneThreads(self._prune_request(thread_ids, strategy), **self._options())
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc

@@ -23,6 +23,12 @@ class Trigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRIGGER_ERROR: _ClassVar[Trigger]
     TRIGGER_PAUSE: _ClassVar[Trigger]
 
+class PruneStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRUNE_STRATEGY_UNSPECIFIED: _ClassVar[PruneStrategy]
+    PRUNE_STRATEGY_KEEP_LATEST: _ClassVar[PruneStrategy]
+    PRUNE_STRATEGY_DELETE: _ClassVar[PruneStrategy]
+
 class Durability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DURABILITY_UNSPECIFIED: _ClassVar[Durability]
@@ -62,6 +68,9 @@ TRIGGER_BEFORE_CRITICAL: Trigger
 TRIGGER_INTERRUPT: Trigger
 TRIGGER_ERROR: Trigger
 TRIGGER_PAUSE: Trigger
+PRUNE_STRATEGY_UNSPECIFIED: PruneStrategy
+PRUNE_STRATEGY_KEEP_LATEST: PruneStrategy
+PRUNE_STRATEGY_DELETE: PruneStrategy
 DURABILITY_UNSPECIFIED: Durability
 DURABILITY_SYNC: Durability
 DURABILITY_ASYNC: Durability
@@ -561,3 +570,19 @@ class GetServerInfoResponse(_message.Message):
     commits: int
     committed_operations: int
     def __init__(self, health: _Optional[_Union[ServingHealth, str]] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., single_writer: _Optional[bool] = ..., max_state_bytes: _Optional[int] = ..., commits: _Optional[int] = ..., committed_operations: _Optional[int] = ...) -> None: ...
+
+class PruneThreadsRequest(_message.Message):
+    __slots__ = ("thread_ids", "strategy", "namespace_prefix")
+    THREAD_IDS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    thread_ids: _containers.RepeatedScalarFieldContainer[str]
+    strategy: PruneStrategy
+    namespace_prefix: str
+    def __init__(self, thread_ids: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[PruneStrategy, str]] = ..., namespace_prefix: _Optional[str] = ...) -> None: ...
+
+class PruneThreadsResponse(_message.Message):
+    __slots__ = ("checkpoints_deleted",)
+    CHECKPOINTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    checkpoints_deleted: int
+    def __init__(self, checkpoints_deleted: _Optional[int] = ...) -> None: ...

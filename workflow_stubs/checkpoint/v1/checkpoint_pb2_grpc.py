@@ -101,6 +101,11 @@ class CheckpointServiceStub:
                 request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.PruneThreads = channel.unary_unary(
+                '/checkpoint.v1.CheckpointService/PruneThreads',
+                request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/checkpoint.v1.CheckpointService/GetServerInfo',
                 request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoRequest.SerializeToString,
@@ -209,6 +214,14 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PruneThreads(self, request, context):
+        """PruneThreads thins threads out at once: keep only each thread's head (per
+        namespace), or delete the threads. Unknown threads are skipped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """GetServerInfo reports the state of each tier (HEALTHY or DEGRADED).
         """
@@ -283,6 +296,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetStatsRequest.FromString,
                     response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'PruneThreads': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneThreads,
+                    request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsRequest.FromString,
+                    response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -643,6 +661,33 @@ class CheckpointService:
             '/checkpoint.v1.CheckpointService/GetStats',
             checkpoint_dot_v1_dot_checkpoint__pb2.GetStatsRequest.SerializeToString,
             checkpoint_dot_v1_dot_checkpoint__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneThreads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/checkpoint.v1.CheckpointService/PruneThreads',
+            checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsRequest.SerializeToString,
+            checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsResponse.FromString,
             options,
             channel_credentials,
             insecure,
