@@ -533,6 +533,23 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         return pb.ReleaseLeaseResponse()
 
     @translated
+    async def DeleteForRuns(
+        self, request: pb.DeleteForRunsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteForRunsResponse:
+        tenant = tenant_of(context)
+        violations: list[tuple[str, str]] = []
+        for i, run_id in enumerate(request.run_ids):
+            _check_id(violations, f"run_ids[{i}]", run_id, required=True)
+        if len(request.run_ids) > 1000:
+            violations.append(("run_ids", "at most 1000"))
+        _check_id(violations, "namespace_prefix", request.namespace_prefix, False, 128)
+        _raise_if(violations)
+        deleted = await self.store.delete_for_runs(
+            tenant, list(dict.fromkeys(request.run_ids)), request.namespace_prefix
+        )
+        return pb.DeleteForRunsResponse(checkpoints_deleted=deleted)
+
+    @translated
     async def PruneThreads(
         self, request: pb.PruneThreadsRequest, context: grpc.aio.ServicerContext
     ) -> pb.PruneThreadsResponse:

@@ -350,6 +350,23 @@ class CheckpointStore:
             total += len(deleted)
         return total
 
+    async def delete_for_runs(self, tenant: str, run_ids: list[str], prefix: str) -> int:
+        """Checkpoints of these runs (metadata run_id) gone, with their writes; heads that
+        went move back. The caches forget all of it and re-read from SQL."""
+        if not run_ids:
+            return 0
+        deleted, moved = await self._read(
+            lambda: self.sql.delete_for_runs(tenant, run_ids, prefix, time.time())
+        )
+        self.memory.drop_bodies(deleted)
+        for key in moved:
+            await self.memory.drop_thread(key)
+        if self.redis is not None:
+            await self.redis.drop_bodies(deleted)
+            for key in moved:
+                await self.redis.drop_thread(key)
+        return len(deleted)
+
     async def delete_threads(self, tenant: str, thread_id: str, prefix: str) -> tuple[int, int]:
         """A thread id in every namespace under `prefix`: (threads, checkpoints) deleted."""
         namespaces = await self._read(lambda: self.sql.namespaces_of(tenant, thread_id, prefix))

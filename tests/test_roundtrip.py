@@ -425,3 +425,33 @@ async def test_prune_threads(stub) -> None:
     assert await code_of(restore(s, md, "p", ns="lg:sub")) == grpc.StatusCode.NOT_FOUND
     assert (await restore(s, md, "q", ns="lg:")).checkpoint.checkpoint_id
     assert await code_of(prune(["p"], 0)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_delete_for_runs(stub) -> None:
+    """Checkpoints with a metadata run_id in the list go, in every thread under the prefix;
+    a thread whose head went moves back to its newest remaining checkpoint."""
+    s, md = stub
+
+    async def put(thread: str, run_id: str, ns: str = "lg:") -> str:
+        meta = json.dumps({"run_id": run_id})
+        saved = await save(s, md, thread, ns=ns, cp={"metadata_json": meta})
+        return saved.checkpoint.checkpoint_id
+
+    a1 = await put("a", "run-1")
+    await put("a", "run-2")
+    await put("b", "run-2")
+    await put("c", "run-2", ns="other")
+    await restore(s, md, "a", ns="lg:")  # the head is cached now
+
+    async def delete(*runs: str) -> int:
+        done = await s.DeleteForRuns(
+            pb.DeleteForRunsRequest(run_ids=list(runs), namespace_prefix="lg:"), metadata=md
+        )
+        return done.checkpoints_deleted
+
+    assert await delete("run-2", "nothing") == 2
+    head = (await restore(s, md, "a", ns="lg:")).checkpoint
+    assert head.checkpoint_id == a1, "the head moved back to what is left"
+    assert await code_of(restore(s, md, "b", ns="lg:")) == grpc.StatusCode.NOT_FOUND
+    assert (await restore(s, md, "c", ns="other")).checkpoint.checkpoint_id
+    assert await delete() == 0

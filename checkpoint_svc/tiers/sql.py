@@ -75,6 +75,12 @@ RETURNING namespace, checkpoint_id"""
 CLEAR_HEAD_PARENTS = f"""
 UPDATE checkpoints SET parent_id = '' WHERE {_THREAD_UNDER_PREFIX} AND {_IS_HEAD}
 RETURNING namespace, checkpoint_id"""
+SELECT_THREAD_HEAD = f"SELECT head_id FROM threads WHERE {_KEY}"
+MOVE_HEAD_TO_NEWEST = f"""
+UPDATE threads SET head_id = COALESCE((SELECT MAX(c.checkpoint_id) FROM checkpoints c
+    WHERE c.tenant = :tenant AND c.namespace = :namespace AND c.thread_id = :thread_id), ''),
+    updated_at = :now
+WHERE {_KEY}"""
 NAMESPACES_OF_THREAD = """
 SELECT namespace FROM threads WHERE tenant = :tenant AND thread_id = :thread_id
     AND deleted = 0 AND substr(namespace, 1, :prefix_length) = :prefix ORDER BY namespace"""
@@ -370,6 +376,42 @@ class SqlTier:
             return [(ThreadKey(tenant, r[0], thread_id), r[1]) for r in rows]
 
         return keys(deleted), keys(changed)
+
+    async def delete_for_runs(
+        self, tenant: str, run_ids: list[str], prefix: str, now: float
+    ) -> tuple[list[tuple[ThreadKey, str]], list[ThreadKey]]:
+        """Delete the checkpoints of these runs (metadata run_id): (deleted, threads whose
+        head moved back)."""
+        names = [f":run{i}" for i in range(len(run_ids))]
+        run_id = (
+            "json_extract(metadata, '$.run_id')"
+            if self.is_sqlite
+            else "(CAST(metadata AS jsonb) ->> 'run_id')"
+        )
+        sql = (
+            "DELETE FROM checkpoints WHERE tenant = :tenant"
+            " AND substr(namespace, 1, :prefix_length) = :prefix"
+            f" AND {run_id} IN ({', '.join(names)})"
+            " RETURNING namespace, thread_id, checkpoint_id"
+        )
+        params: dict[str, Any] = {
+            "tenant": tenant,
+            "prefix": prefix,
+            "prefix_length": len(prefix),
+            **{name[1:]: r for name, r in zip(names, run_ids, strict=True)},
+        }
+        async with self.writer.begin() as conn:
+            rows = (await conn.execute(_sql(sql), params)).all()
+            deleted = [(ThreadKey(tenant, r[0], r[1]), r[2]) for r in rows]
+            moved: list[ThreadKey] = []
+            for key in {k for k, _ in deleted}:
+                head = (await conn.execute(_sql(SELECT_THREAD_HEAD), _key_params(key))).scalar()
+                if (key, head) in deleted:
+                    await conn.execute(_sql(MOVE_HEAD_TO_NEWEST), {**_key_params(key), "now": now})
+                    moved.append(key)
+            if deleted:
+                await conn.execute(_sql(SWEEP_ORPHAN_WRITES))
+        return deleted, moved
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""

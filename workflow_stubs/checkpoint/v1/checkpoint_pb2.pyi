@@ -586,3 +586,17 @@ class PruneThreadsResponse(_message.Message):
     CHECKPOINTS_DELETED_FIELD_NUMBER: _ClassVar[int]
     checkpoints_deleted: int
     def __init__(self, checkpoints_deleted: _Optional[int] = ...) -> None: ...
+
+class DeleteForRunsRequest(_message.Message):
+    __slots__ = ("run_ids", "namespace_prefix")
+    RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    run_ids: _containers.RepeatedScalarFieldContainer[str]
+    namespace_prefix: str
+    def __init__(self, run_ids: _Optional[_Iterable[str]] = ..., namespace_prefix: _Optional[str] = ...) -> None: ...
+
+class DeleteForRunsResponse(_message.Message):
+    __slots__ = ("checkpoints_deleted",)
+    CHECKPOINTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    checkpoints_deleted: int
+    def __init__(self, checkpoints_deleted: _Optional[int] = ...) -> None: ...

@@ -106,6 +106,11 @@ class CheckpointServiceStub:
                 request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsResponse.FromString,
                 _registered_method=True)
+        self.DeleteForRuns = channel.unary_unary(
+                '/checkpoint.v1.CheckpointService/DeleteForRuns',
+                request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/checkpoint.v1.CheckpointService/GetServerInfo',
                 request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoRequest.SerializeToString,
@@ -222,6 +227,16 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteForRuns(self, request, context):
+        """DeleteForRuns deletes the checkpoints whose metadata_json has a "run_id"
+        in the list, in every thread of the namespaces under the prefix, with
+        their writes; a thread whose head goes moves back to its newest remaining
+        checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """GetServerInfo reports the state of each tier (HEALTHY or DEGRADED).
         """
@@ -301,6 +316,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.PruneThreads,
                     request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsRequest.FromString,
                     response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsResponse.SerializeToString,
+            ),
+            'DeleteForRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteForRuns,
+                    request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsRequest.FromString,
+                    response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -688,6 +708,33 @@ class CheckpointService:
             '/checkpoint.v1.CheckpointService/PruneThreads',
             checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsRequest.SerializeToString,
             checkpoint_dot_v1_dot_checkpoint__pb2.PruneThreadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteForRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/checkpoint.v1.CheckpointService/DeleteForRuns',
+            checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsRequest.SerializeToString,
+            checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
