@@ -34,7 +34,7 @@ test: system-deps lint
 	$(PY) -m pytest -q -ra
 
 bench: setup system-deps
-	$(PY) -m pip install -qq -e '.[bench]'
+	$(PY) -m pip install -qq -e '.[dev,bench]'
 	$(PY) -m bench
 	$(PY) -m bench engine
 

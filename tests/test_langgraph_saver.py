@@ -3,11 +3,21 @@ conformance suite (langgraph-checkpoint-conformance) on SQLite and PostgreSQL + 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 
+from tests.servers import checkpoint_stub
 from workflow_client.saver import CheckpointServiceSaver
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ALL = {
     "put",
@@ -77,3 +87,50 @@ def test_the_sync_methods(service, tenant) -> None:
     saver.delete_for_runs(["run-1"])
     assert saver.get_tuple(run) is None
     saver.close()
+
+
+def _graph(service, tenant: str, *args: str) -> dict:
+    """One process of the order graph (tests/langgraph_graph.py); its printed result."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.langgraph_graph", service.address, tenant, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
+async def test_a_graph_started_in_one_process_and_resumed_in_another(service, tenant) -> None:
+    """A real StateGraph: interrupt() waits for a human; another process answers; a third
+    goes back in time with update_state and takes another branch. The checkpoints are
+    visible on the store's own event feed."""
+    started = await asyncio.to_thread(_graph, service, tenant, "start", "order-1")
+    assert started == {"values": {"items": [3, 4, 5], "total": 12}, "waiting": True}
+    resumed = await asyncio.to_thread(_graph, service, tenant, "resume", "order-1", "true")
+    assert resumed["waiting"] is False
+    assert resumed["values"]["receipt"] == "charged 12"
+    forked = await asyncio.to_thread(_graph, service, tenant, "fork", "order-1", "100")
+    assert forked["values"]["receipt"] == "charged 100"
+
+    saver = CheckpointServiceSaver(service.address, tenant=tenant)
+    history = [t async for t in saver.alist({"configurable": {"thread_id": "order-1"}})]
+    receipts = [t.checkpoint["channel_values"].get("receipt") for t in history]
+    assert "charged 12" in receipts and receipts[0] == "charged 100", "both branches kept"
+    await saver.aclose()
+
+    channel, store, md = await checkpoint_stub(service.address, tenant)
+    saved = []
+    async for item in store.Stream(
+        cpb.StreamRequest(namespace="lg:", thread_id="order-1", follow=True), metadata=md
+    ):
+        if item.HasField("heartbeat"):
+            break
+        if item.event.type == "checkpoint.saved":
+            saved.append(item.event.payload["checkpoint_id"])
+    await channel.close()
+    assert len(saved) == len(history) and set(saved) == {
+        t.config["configurable"]["checkpoint_id"] for t in history
+    }
