@@ -44,6 +44,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from bench import servers
+from workflow_client.saver import CheckpointServiceSaver
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
 
@@ -491,11 +492,18 @@ async def interleaved(
 
 
 async def measure_dag(
-    args: argparse.Namespace, engine: str, lg_url: str, acct: Accountant | None, results: Results
+    args: argparse.Namespace,
+    engine: str,
+    store: str,
+    lg_url: str,
+    acct: Accountant | None,
+    results: Results,
 ) -> None:
-    """Ours vs LangGraph on the 25 x 4 DAG."""
+    """Ours vs LangGraph on the 25 x 4 DAG; and the same StateGraph on our LangGraph saver
+    (over checkpoint_svc) vs on AsyncPostgresSaver."""
     print(f"-- DAG {LEVELS} levels x {WIDTH} wide, noop nodes", flush=True)
     client = EngineClient(engine)
+    ours_saver = CheckpointServiceSaver(store, tenant="bench-langgraph")
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         lg_url,
         min_size=4,
@@ -514,11 +522,13 @@ async def measure_dag(
         saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
         await saver.setup()
         systems["langgraph"] = langgraph_runner(langgraph_dag(saver))
+        systems["lg-our-saver"] = langgraph_runner(langgraph_dag(ours_saver))
         await interleaved("dag", systems, args, results)
         await account("dag", systems, acct, args, results)
     finally:
         await client.close()
         await pool.close()
+        await ours_saver.aclose()
 
 
 async def measure_chain(
@@ -633,6 +643,12 @@ def render(results: Results, args: argparse.Namespace) -> str:
             out.append("")
             continue
         out.extend(_render_costs(results.costs.get(workload, {}), STEPS[workload]))
+        if "lg-our-saver" in by_name and "langgraph" in by_name:
+            mine, pg = by_name["lg-our-saver"], by_name["langgraph"]
+            out.append(
+                f"   ratio StateGraph on our saver / on AsyncPostgresSaver: median "
+                f"{mine.median_ms / pg.median_ms:.2f}x, min {mine.min_ms / pg.min_ms:.2f}x"
+            )
         best = min(theirs, key=lambda s: s.median_ms)
         r_med = ours.median_ms / best.median_ms
         r_min = ours.min_ms / min(s.min_ms for s in theirs)
@@ -796,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         async def measure() -> None:
             if lg_url:
-                await measure_dag(args, engine.target, lg_url, acct, results)
+                await measure_dag(args, engine.target, store.target, lg_url, acct, results)
             if dbos_url:
                 await measure_chain(args, engine.target, dbos_url, acct, results)
 

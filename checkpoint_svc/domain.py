@@ -88,6 +88,9 @@ class PendingWrite:
     value: bytes
     content_type: str = "application/json"
     task_path: str = ""
+    # Replaces an earlier write in its (task, idx) slot. LangGraph's rule: when every write
+    # of its PutWrites call is special (a negative index); otherwise the first one stays.
+    upsert: bool = False
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from checkpoint_svc.domain import (
     Trigger,
 )
 from checkpoint_svc.errors import AlreadyExists, HeadMoved, InvalidArgument, LeaseLost, NotFound
+from checkpoint_svc.tiers import is_special_write
 from checkpoint_svc.tiers.sql import Batch
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
@@ -158,6 +159,9 @@ class PutWritesOp:
             return done["written"], list(done["seqs"])
         thread = _existing(batch, self.key)
         check_fencing(thread, self.fencing_token, batch.now)
+        upsert = all(is_special_write(w.idx) for w in self.writes)
+        for w in self.writes:
+            w.upsert = upsert
         batch.writes.extend((self.key, w) for w in self.writes)
         seqs = [batch.emit(thread, e).seq for e in self.events]
         if self.request_id:

@@ -71,7 +71,7 @@ async def test_pending_writes_follow_langgraph_upsert_rule(stub) -> None:
         ),
         metadata=md,
     )
-    # A regular write is kept once; a special (negative) one is replaced.
+    # LangGraph's rule: a call mixing regular and special writes keeps what is there...
     await s.PutWrites(
         pb.PutWritesRequest(
             namespace=NS, thread_id="w", writes=[write("a", 0, b"2"), write("b", -1, b"err2")]
@@ -80,7 +80,15 @@ async def test_pending_writes_follow_langgraph_upsert_rule(stub) -> None:
     )
     got = await restore(s, md, "w", include_writes=True)
     values = {(w.task_id, w.idx): w.value for w in got.writes}
-    assert values == {("a", 0): b"1", ("b", -1): b"err2"}
+    assert values == {("a", 0): b"1", ("b", -1): b"err1"}
+    # ...and a call of special (negative index) writes only replaces them.
+    await s.PutWrites(
+        pb.PutWritesRequest(namespace=NS, thread_id="w", writes=[write("b", -1, b"err3")]),
+        metadata=md,
+    )
+    got = await restore(s, md, "w", include_writes=True)
+    values = {(w.task_id, w.idx): w.value for w in got.writes}
+    assert values == {("a", 0): b"1", ("b", -1): b"err3"}
     assert all(w.task_path == "p" and w.checkpoint_id == head for w in got.writes)
     without = await restore(s, md, "w")
     assert list(without.writes) == []

@@ -40,10 +40,10 @@ def is_special_write(idx: int) -> bool:
 
 
 def merge_writes(existing: list[PendingWrite], new: list[PendingWrite]) -> list[PendingWrite]:
-    """LangGraph's rule: regular writes are kept once, special writes are upserted."""
+    """LangGraph's rule: a write is kept once, unless it is an upsert (see PendingWrite)."""
     by_slot = {(w.task_id, w.idx): w for w in existing}
     for w in new:
         slot = (w.task_id, w.idx)
-        if slot not in by_slot or is_special_write(w.idx):
+        if slot not in by_slot or w.upsert:
             by_slot[slot] = w
     return list(by_slot.values())

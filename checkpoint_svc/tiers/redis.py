@@ -27,7 +27,6 @@ from checkpoint_svc.convert import (
     write_to_pb,
 )
 from checkpoint_svc.domain import Checkpoint, Event, PendingWrite, ThreadKey
-from checkpoint_svc.tiers import is_special_write
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -406,7 +405,7 @@ def _group_writes(writes: list[tuple[ThreadKey, PendingWrite]]) -> dict[str, lis
         args += [
             _write_field(w),
             stored.SerializeToString(),
-            "1" if is_special_write(w.idx) else "0",
+            "1" if w.upsert else "0",
         ]
     return grouped
 

@@ -34,7 +34,6 @@ from checkpoint_svc.domain import (
     Trigger,
 )
 from checkpoint_svc.migrations import MIGRATIONS
-from checkpoint_svc.tiers import is_special_write
 
 log = logging.getLogger(__name__)
 
@@ -803,8 +802,8 @@ class Batch:
                 _sql(INSERT_CHECKPOINT), [_checkpoint_params(cp) for cp in self.checkpoints]
             )
         if self.writes:
-            regular = [_write_params(k, w) for k, w in self.writes if not is_special_write(w.idx)]
-            special = [_write_params(k, w) for k, w in self.writes if is_special_write(w.idx)]
+            regular = [_write_params(k, w) for k, w in self.writes if not w.upsert]
+            special = [_write_params(k, w) for k, w in self.writes if w.upsert]
             if regular:
                 await c.execute(_sql(INSERT_REGULAR_WRITE), regular)
             for params in special:  # one at a time: a batch may upsert one slot twice
