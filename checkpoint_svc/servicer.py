@@ -533,6 +533,23 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         return pb.ReleaseLeaseResponse()
 
     @translated
+    async def CopyThread(
+        self, request: pb.CopyThreadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CopyThreadResponse:
+        tenant = tenant_of(context)
+        violations: list[tuple[str, str]] = []
+        _check_id(violations, "source_thread_id", request.source_thread_id, required=True)
+        _check_id(violations, "target_thread_id", request.target_thread_id, required=True)
+        _check_id(violations, "namespace_prefix", request.namespace_prefix, False, 128)
+        if request.source_thread_id == request.target_thread_id:
+            violations.append(("target_thread_id", "must differ from source_thread_id"))
+        _raise_if(violations)
+        threads, checkpoints = await self.store.copy_thread(
+            tenant, request.source_thread_id, request.target_thread_id, request.namespace_prefix
+        )
+        return pb.CopyThreadResponse(threads_copied=threads, checkpoints_copied=checkpoints)
+
+    @translated
     async def DeleteForRuns(
         self, request: pb.DeleteForRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteForRunsResponse:

@@ -350,6 +350,21 @@ class CheckpointStore:
             total += len(deleted)
         return total
 
+    async def copy_thread(
+        self, tenant: str, source: str, target: str, prefix: str
+    ) -> tuple[int, int]:
+        """(threads, checkpoints) copied. The target's old cached heads, if it existed and
+        was deleted, are forgotten."""
+        done = await self._read(
+            lambda: self.sql.copy_thread(tenant, source, target, prefix, time.time())
+        )
+        for ns in await self._read(lambda: self.sql.namespaces_of(tenant, target, prefix)):
+            key = ThreadKey(tenant, ns, target)
+            await self.memory.drop_thread(key)
+            if self.redis is not None:
+                await self.redis.drop_thread(key)
+        return done
+
     async def delete_for_runs(self, tenant: str, run_ids: list[str], prefix: str) -> int:
         """Checkpoints of these runs (metadata run_id) gone, with their writes; heads that
         went move back. The caches forget all of it and re-read from SQL."""

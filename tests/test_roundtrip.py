@@ -463,3 +463,50 @@ async def test_delete_for_runs(stub) -> None:
     assert await code_of(restore(s, md, "b", ns="lg:")) == grpc.StatusCode.NOT_FOUND
     assert (await restore(s, md, "c", ns="other")).checkpoint.checkpoint_id
     assert await delete() == 0
+
+
+async def test_copy_thread(stub) -> None:
+    """Every namespace under the prefix, same ids, parents, writes and heads, in one go; a
+    live target is refused; a deleted one may be copied onto."""
+    s, md = stub
+    for ns in ("lg:", "lg:", "lg:sub", "other"):
+        head = (await save(s, md, "src", ns=ns)).checkpoint
+    await s.PutWrites(
+        pb.PutWritesRequest(
+            namespace="other",
+            thread_id="src",
+            writes=[pb.PendingWrite(checkpoint_id=head.checkpoint_id, task_id="t", channel="c")],
+        ),
+        metadata=md,
+    )
+    source = await s.List(
+        pb.ListRequest(thread_id="src", namespace_prefix="lg:", include_writes=True), metadata=md
+    )
+
+    async def copy(target: str) -> pb.CopyThreadResponse:
+        return await s.CopyThread(
+            pb.CopyThreadRequest(
+                source_thread_id="src", target_thread_id=target, namespace_prefix="lg:"
+            ),
+            metadata=md,
+        )
+
+    done = await copy("dst")
+    assert (done.threads_copied, done.checkpoints_copied) == (2, 3)
+    copied = await s.List(pb.ListRequest(thread_id="dst", namespace_prefix="lg:"), metadata=md)
+    assert [(c.namespace, c.checkpoint_id, c.parent_id) for c in copied.checkpoints] == [
+        (c.namespace, c.checkpoint_id, c.parent_id) for c in source.checkpoints
+    ]
+    for ns in ("lg:", "lg:sub"):
+        src_head = (await restore(s, md, "src", ns=ns)).checkpoint
+        dst_head = (await restore(s, md, "dst", ns=ns)).checkpoint
+        assert (dst_head.checkpoint_id, dst_head.state) == (src_head.checkpoint_id, src_head.state)
+    assert await code_of(restore(s, md, "dst", ns="other")) == grpc.StatusCode.NOT_FOUND
+    assert await code_of(copy("dst")) == grpc.StatusCode.ALREADY_EXISTS
+    gone = pb.DeleteThreadRequest(thread_id="dst", namespace_prefix="lg:")
+    await s.DeleteThread(gone, metadata=md)
+    assert (await copy("dst")).threads_copied == 2, "onto a deleted thread"
+    missing = await s.CopyThread(
+        pb.CopyThreadRequest(source_thread_id="none", target_thread_id="x"), metadata=md
+    )
+    assert missing.threads_copied == 0

@@ -33,6 +33,7 @@ from checkpoint_svc.domain import (
     ThreadStatus,
     Trigger,
 )
+from checkpoint_svc.errors import AlreadyExists
 from checkpoint_svc.migrations import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,34 @@ RETURNING namespace, checkpoint_id"""
 CLEAR_HEAD_PARENTS = f"""
 UPDATE checkpoints SET parent_id = '' WHERE {_THREAD_UNDER_PREFIX} AND {_IS_HEAD}
 RETURNING namespace, checkpoint_id"""
+# CopyThread: one thread id's rows under a prefix, to another thread id. A tombstone of the
+# target (a deleted thread) is revived; a live target is not touched, and the caller sees
+# fewer rows copied than there are.
+_FROM_SOURCE = """WHERE tenant = :tenant AND thread_id = :source
+    AND substr(namespace, 1, :prefix_length) = :prefix"""
+COPY_THREADS = f"""
+INSERT INTO threads (tenant, namespace, thread_id, head_id, status, workflow_id,
+    workflow_version, created_at, updated_at, keep_last)
+SELECT tenant, namespace, :target, head_id, status, workflow_id, workflow_version, :now, :now,
+    keep_last FROM threads {_FROM_SOURCE} AND deleted = 0
+ON CONFLICT (tenant, namespace, thread_id) DO UPDATE SET head_id = excluded.head_id,
+    status = excluded.status, workflow_id = excluded.workflow_id,
+    workflow_version = excluded.workflow_version, updated_at = excluded.updated_at,
+    keep_last = excluded.keep_last, deleted = 0
+WHERE threads.deleted = 1"""
+COUNT_SOURCE_THREADS = f"SELECT COUNT(*) FROM threads {_FROM_SOURCE} AND deleted = 0"
+COPY_CHECKPOINTS = f"""
+INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id, step, state,
+    content_type, trigger, name, completed_nodes, progress_percent, eta_seconds, metadata,
+    created_at, expires_at, state_size)
+SELECT tenant, namespace, :target, checkpoint_id, parent_id, step, state, content_type,
+    trigger, name, completed_nodes, progress_percent, eta_seconds, metadata, created_at,
+    expires_at, state_size FROM checkpoints {_FROM_SOURCE}"""
+COPY_WRITES = f"""
+INSERT INTO writes (tenant, namespace, thread_id, checkpoint_id, task_id, idx, channel, value,
+    content_type, task_path)
+SELECT tenant, namespace, :target, checkpoint_id, task_id, idx, channel, value, content_type,
+    task_path FROM writes {_FROM_SOURCE}"""
 SELECT_THREAD_HEAD = f"SELECT head_id FROM threads WHERE {_KEY}"
 MOVE_HEAD_TO_NEWEST = f"""
 UPDATE threads SET head_id = COALESCE((SELECT MAX(c.checkpoint_id) FROM checkpoints c
@@ -411,6 +440,29 @@ class SqlTier:
             if deleted:
                 await conn.execute(_sql(SWEEP_ORPHAN_WRITES))
         return deleted, moved
+
+    async def copy_thread(
+        self, tenant: str, source: str, target: str, prefix: str, now: float
+    ) -> tuple[int, int]:
+        """(threads, checkpoints) copied; AlreadyExists if a live target thread is there."""
+        params = {
+            "tenant": tenant,
+            "source": source,
+            "target": target,
+            "prefix": prefix,
+            "prefix_length": len(prefix),
+            "now": now,
+        }
+        async with self.writer.begin() as conn:
+            wanted = (await conn.execute(_sql(COUNT_SOURCE_THREADS), params)).scalar_one()
+            if not wanted:
+                return 0, 0
+            copied = (await conn.execute(_sql(COPY_THREADS), params)).rowcount
+            if copied != wanted:
+                raise AlreadyExists(f"thread {target} already exists under {prefix!r}")
+            checkpoints = (await conn.execute(_sql(COPY_CHECKPOINTS), params)).rowcount
+            await conn.execute(_sql(COPY_WRITES), params)
+        return copied, checkpoints
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""

@@ -6,8 +6,7 @@ own (`runs`, `workflows`, ...). State and writes go through LangGraph's serializ
 with its type tag as `content_type`; pickle is never used. Metadata travels as typed JSON, so
 `filter={"source": "loop", "step": 2}` is evaluated by the database.
 
-Needs the `langgraph-checkpoint` package. copy_thread is done call by call from the client
-(not atomic); see docs/langgraph-saver.md.
+Needs the `langgraph-checkpoint` package; see docs/langgraph-saver.md.
 """
 
 from __future__ import annotations
@@ -308,59 +307,20 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
             raise from_rpc_error(exc) from exc
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        """Every checkpoint and write of every namespace, same ids, oldest first (so the
-        newest ends up the head). Copied call by call: not atomic, and a copy interrupted
-        half-way leaves the target partly written."""
-        pages: list[pb.ListResponse] = []
-        token = ""
-        while True:
-            request = self._copy_list_request(source_thread_id, token)
-            try:
-                page = await self._astub.List(request, **self._options())
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from exc
-            pages.append(page)
-            token = page.next_page_token
-            if not token:
-                break
-        for call, request in self._copy_requests(pages, str(target_thread_id)):
-            try:
-                await getattr(self._astub, call)(request, **self._options())
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from exc
+        """Every checkpoint and write of every namespace, same ids, in one transaction."""
+        try:
+            await self._astub.CopyThread(
+                self._copy_request(source_thread_id, target_thread_id), **self._options()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
 
-    def _copy_list_request(self, thread_id: str, token: str) -> pb.ListRequest:
-        return pb.ListRequest(
-            thread_id=str(thread_id),
+    def _copy_request(self, source: str, target: str) -> pb.CopyThreadRequest:
+        return pb.CopyThreadRequest(
+            source_thread_id=str(source),
+            target_thread_id=str(target),
             namespace_prefix=self.prefix,
-            page_size=_PAGE,
-            page_token=token,
-            include_state=True,
-            include_writes=True,
         )
-
-    @staticmethod
-    def _copy_requests(pages: list[pb.ListResponse], target: str) -> list[tuple[str, Any]]:
-        """The Saves and PutWrites that copy listed checkpoints to `target`, oldest first."""
-        checkpoints = [c for page in pages for c in page.checkpoints]
-        writes = {(w.namespace, w.checkpoint_id): w.writes for p in pages for w in p.writes}
-        calls: list[tuple[str, Any]] = []
-        for c in sorted(checkpoints, key=lambda c: (c.namespace, c.checkpoint_id)):
-            copy = pb.Checkpoint()
-            copy.CopyFrom(c)
-            copy.thread_id = target
-            copy.ClearField("created_at")
-            copy.ClearField("metadata")  # metadata_json carries it
-            calls.append(("Save", pb.SaveRequest(checkpoint=copy, exact_parent=True)))
-            found = writes.get((c.namespace, c.checkpoint_id))
-            if found:
-                calls.append(
-                    (
-                        "PutWrites",
-                        pb.PutWritesRequest(namespace=c.namespace, thread_id=target, writes=found),
-                    )
-                )
-        return calls
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """The checkpoints (and writes) whose metadata run_id is one of these, anywhere."""
@@ -481,19 +441,10 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
             raise from_rpc_error(exc) from exc
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        pages: list[pb.ListResponse] = []
-        token = ""
         try:
-            while True:
-                page = self._stub.List(
-                    self._copy_list_request(source_thread_id, token), **self._options()
-                )
-                pages.append(page)
-                token = page.next_page_token
-                if not token:
-                    break
-            for call, request in self._copy_requests(pages, str(target_thread_id)):
-                getattr(self._stub, call)(request, **self._options())
+            self._stub.CopyThread(
+                self._copy_request(source_thread_id, target_thread_id), **self._options()
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 

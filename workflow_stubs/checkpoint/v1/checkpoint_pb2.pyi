@@ -600,3 +600,21 @@ class DeleteForRunsResponse(_message.Message):
     CHECKPOINTS_DELETED_FIELD_NUMBER: _ClassVar[int]
     checkpoints_deleted: int
     def __init__(self, checkpoints_deleted: _Optional[int] = ...) -> None: ...
+
+class CopyThreadRequest(_message.Message):
+    __slots__ = ("source_thread_id", "target_thread_id", "namespace_prefix")
+    SOURCE_THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    source_thread_id: str
+    target_thread_id: str
+    namespace_prefix: str
+    def __init__(self, source_thread_id: _Optional[str] = ..., target_thread_id: _Optional[str] = ..., namespace_prefix: _Optional[str] = ...) -> None: ...
+
+class CopyThreadResponse(_message.Message):
+    __slots__ = ("threads_copied", "checkpoints_copied")
+    THREADS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    threads_copied: int
+    checkpoints_copied: int
+    def __init__(self, threads_copied: _Optional[int] = ..., checkpoints_copied: _Optional[int] = ...) -> None: ...

@@ -111,6 +111,11 @@ class CheckpointServiceStub:
                 request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsResponse.FromString,
                 _registered_method=True)
+        self.CopyThread = channel.unary_unary(
+                '/checkpoint.v1.CheckpointService/CopyThread',
+                request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.CopyThreadRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.CopyThreadResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/checkpoint.v1.CheckpointService/GetServerInfo',
                 request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoRequest.SerializeToString,
@@ -237,6 +242,17 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyThread(self, request, context):
+        """CopyThread copies a thread, in every namespace under the prefix, to a new
+        thread id in one transaction: the same checkpoint ids, parents, states,
+        metadata, pending writes and heads (not its feed, lease or tokens).
+        ALREADY_EXISTS if the target has a thread there; a missing source copies
+        nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """GetServerInfo reports the state of each tier (HEALTHY or DEGRADED).
         """
@@ -321,6 +337,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.DeleteForRuns,
                     request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsRequest.FromString,
                     response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsResponse.SerializeToString,
+            ),
+            'CopyThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyThread,
+                    request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.CopyThreadRequest.FromString,
+                    response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.CopyThreadResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -735,6 +756,33 @@ class CheckpointService:
             '/checkpoint.v1.CheckpointService/DeleteForRuns',
             checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsRequest.SerializeToString,
             checkpoint_dot_v1_dot_checkpoint__pb2.DeleteForRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/checkpoint.v1.CheckpointService/CopyThread',
+            checkpoint_dot_v1_dot_checkpoint__pb2.CopyThreadRequest.SerializeToString,
+            checkpoint_dot_v1_dot_checkpoint__pb2.CopyThreadResponse.FromString,
             options,
             channel_credentials,
             insecure,
