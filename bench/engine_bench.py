@@ -45,6 +45,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from bench import servers
 from workflow_client.saver import CheckpointServiceSaver
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
 
@@ -229,12 +231,16 @@ def langgraph_dag(saver: AsyncPostgresSaver) -> Any:
     return builder.compile(checkpointer=saver)
 
 
-def langgraph_runner(graph: Any) -> RunOnce:
-    """One timed ainvoke on a new thread, checkpointing every super-step synchronously."""
+def langgraph_runner(graph: Any, threads: list[str] | None = None) -> RunOnce:
+    """One timed ainvoke on a new thread, checkpointing every super-step synchronously;
+    the thread ids go to `threads`, if given."""
 
     async def once() -> RunFigures:
+        thread_id = uuid.uuid4().hex
+        if threads is not None:
+            threads.append(thread_id)
         config: dict[str, Any] = {
-            "configurable": {"thread_id": uuid.uuid4().hex},
+            "configurable": {"thread_id": thread_id},
             "recursion_limit": 4 * LEVELS,
         }
         t0 = time.perf_counter()
@@ -491,6 +497,30 @@ async def interleaved(
             print(f"   {name:12s} run {rep + 1}: {fig.wall * 1000:8.1f} ms", flush=True)
 
 
+async def show_feed(store: str, thread_id: str, saver: CheckpointServiceSaver) -> None:
+    """The graph's checkpoints, as the store's own event feed shows them to any watcher."""
+    channel = grpc.aio.insecure_channel(store)
+    stub = cpb_grpc.CheckpointServiceStub(channel)
+    saved = 0
+    try:
+        async for item in stub.Stream(
+            cpb.StreamRequest(namespace=saver.prefix, thread_id=thread_id, follow=True),
+            metadata=saver.connection.metadata,
+            timeout=30,
+        ):
+            if item.HasField("heartbeat"):
+                break
+            saved += item.event.type == "checkpoint.saved"
+    finally:
+        await channel.close()
+    listed = [t async for t in saver.alist({"configurable": {"thread_id": thread_id}})]
+    print(
+        f"   lg-our-saver: the store's Stream of thread {thread_id} shows {saved} "
+        f"checkpoint.saved events for the graph's {len(listed)} checkpoints",
+        flush=True,
+    )
+
+
 async def measure_dag(
     args: argparse.Namespace,
     engine: str,
@@ -522,9 +552,12 @@ async def measure_dag(
         saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
         await saver.setup()
         systems["langgraph"] = langgraph_runner(langgraph_dag(saver))
-        systems["lg-our-saver"] = langgraph_runner(langgraph_dag(ours_saver))
+        saver_threads: list[str] = []
+        systems["lg-our-saver"] = langgraph_runner(langgraph_dag(ours_saver), saver_threads)
         await interleaved("dag", systems, args, results)
         await account("dag", systems, acct, args, results)
+        if saver_threads:
+            await show_feed(store, saver_threads[-1], ours_saver)
     finally:
         await client.close()
         await pool.close()
