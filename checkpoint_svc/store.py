@@ -344,9 +344,7 @@ class CheckpointStore:
             deleted, changed = await self._read(
                 lambda thread_id=thread_id: self.sql.keep_heads(tenant, thread_id, prefix)
             )
-            self.memory.drop_bodies(deleted + changed)
-            if self.redis is not None:
-                await self.redis.drop_bodies(deleted + changed)
+            await self._forget(deleted + changed)
             total += len(deleted)
         return total
 
@@ -355,15 +353,11 @@ class CheckpointStore:
     ) -> tuple[int, int]:
         """(threads, checkpoints) copied. The target's old cached heads, if it existed and
         was deleted, are forgotten."""
-        done = await self._read(
+        namespaces, checkpoints = await self._read(
             lambda: self.sql.copy_thread(tenant, source, target, prefix, time.time())
         )
-        for ns in await self._read(lambda: self.sql.namespaces_of(tenant, target, prefix)):
-            key = ThreadKey(tenant, ns, target)
-            await self.memory.drop_thread(key)
-            if self.redis is not None:
-                await self.redis.drop_thread(key)
-        return done
+        await self._forget([], [ThreadKey(tenant, ns, target) for ns in namespaces])
+        return len(namespaces), checkpoints
 
     async def delete_for_runs(self, tenant: str, run_ids: list[str], prefix: str) -> int:
         """Checkpoints of these runs (metadata run_id) gone, with their writes; heads that
@@ -373,14 +367,22 @@ class CheckpointStore:
         deleted, moved = await self._read(
             lambda: self.sql.delete_for_runs(tenant, run_ids, prefix, time.time())
         )
-        self.memory.drop_bodies(deleted)
-        for key in moved:
+        await self._forget(deleted, moved)
+        return len(deleted)
+
+    async def _forget(
+        self, bodies: list[tuple[ThreadKey, str]], threads: list[ThreadKey] | None = None
+    ) -> None:
+        """After SQL was changed outside the group committer (retention, prune, copy, delete
+        for runs): the caches drop those bodies, and all they hold of those threads, and
+        re-read them from SQL."""
+        self.memory.drop_bodies(bodies)
+        for key in threads or []:
             await self.memory.drop_thread(key)
         if self.redis is not None:
-            await self.redis.drop_bodies(deleted)
-            for key in moved:
+            await self.redis.drop_bodies(bodies)
+            for key in threads or []:
                 await self.redis.drop_thread(key)
-        return len(deleted)
 
     async def delete_threads(self, tenant: str, thread_id: str, prefix: str) -> tuple[int, int]:
         """A thread id in every namespace under `prefix`: (threads, checkpoints) deleted."""
@@ -470,13 +472,7 @@ class CheckpointStore:
                 else None,
             )
         )
-        self.memory.drop_bodies(pruned)
-        for key in gone:
-            await self.memory.drop_thread(key)
-        if self.redis is not None:
-            await self.redis.drop_bodies(pruned)
-            for key in gone:
-                await self.redis.drop_thread(key)
+        await self._forget(pruned, gone)
         if pruned:
             log.info(
                 "retention pruned checkpoints", extra={"pruned": len(pruned), "threads": len(gone)}

@@ -29,6 +29,7 @@ from engine_svc.executor import (
     RunState,
     StoreUnavailable,
     check_control,
+    tenant_metadata,
 )
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner, render
 from engine_svc.registry import (
@@ -295,7 +296,7 @@ class Engine:
                 events=[cpb.NewEvent(type="tenant.seen")],
                 request_id=f"tenant-seen:{tenant}",
             ),
-            metadata=(("x-tenant-id", SYSTEM_TENANT),),
+            metadata=tenant_metadata(SYSTEM_TENANT),
         )
         self._noted.add(tenant)
         self.tenants.add(tenant)
@@ -307,7 +308,7 @@ class Engine:
                 cpb.ListThreadsRequest(
                     namespace=TENANTS_NAMESPACE, page_size=1000, page_token=token
                 ),
-                metadata=(("x-tenant-id", SYSTEM_TENANT),),
+                metadata=tenant_metadata(SYSTEM_TENANT),
             )
             self.tenants.update(t.thread_id for t in listed.threads)
             token = listed.next_page_token
@@ -452,7 +453,7 @@ class Engine:
                 events=[event],
                 request_id=f"control:{control_id}",
             ),
-            metadata=(("x-tenant-id", tenant),),
+            metadata=tenant_metadata(tenant),
         )
         return published.seqs[-1]
 
@@ -463,7 +464,7 @@ class Engine:
             cpb.StreamRequest(
                 namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=after_seq, follow=True
             ),
-            metadata=(("x-tenant-id", tenant),),
+            metadata=tenant_metadata(tenant),
         ):
             if item.HasField("event"):
                 into.put_nowait(item.event)
@@ -485,8 +486,6 @@ class Engine:
             )
             if child.status == "FAILED":  # a retry of the node re-runs what the child did not
                 child = await self.resume_run(call.tenant, child_id, None)
-            if child.status in ("PAUSED", "WAITING"):
-                pass  # the child waits for its own pause or approval to be lifted
             ended = await self._ended(call.tenant, child_id)
         except WorkflowNotFound as exc:
             raise NodeFailed(str(exc)) from exc
@@ -517,7 +516,7 @@ class Engine:
 
     async def thread(self, tenant: str, run_id: str) -> cpb.Thread:
         """The run's thread row (status, head, times) without its state."""
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         return (
             await self.store.GetThread(
                 cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id), metadata=md
@@ -527,7 +526,7 @@ class Engine:
     async def list_runs(
         self, tenant: str, statuses: list[int], page_size: int, page_token: str
     ) -> tuple[list[cpb.Thread], str]:
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         listed = await self.store.ListThreads(
             cpb.ListThreadsRequest(
                 namespace=RUNS_NAMESPACE,
@@ -545,7 +544,7 @@ class Engine:
         """The run's feed from `after_seq`, until the run is over. A FAILED run that is
         resumed goes on, so the feed's own end-at-terminal is not enough: the thread says
         whether a terminal event is the last one."""
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
         end_at: int | None = None
         async for item in self.store.Stream(
@@ -583,7 +582,7 @@ class Engine:
 
     async def recover(self, tenant: str) -> int:
         """Take over this tenant's unfinished runs whose lease is free or expired."""
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         orphans: list[cpb.Thread] = []
         token = ""
         while True:  # every page: runs skipped below must not hide the ones after them

@@ -36,6 +36,7 @@ from tenacity import (
 )
 
 from checkpoint_svc.errors import InvalidArgument
+from checkpoint_svc.servicer import TENANT_HEADER
 from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
@@ -54,6 +55,11 @@ _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _CALL_TIMEOUT = 10.0  # seconds per store call; the retry budget covers longer outages
 
 __all__ = ["NodeFailed", "NodeRunner", "RunExecutor", "RunState"]
+
+
+def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata naming a tenant to the checkpoint service."""
+    return ((TENANT_HEADER, tenant),)
 
 
 def status_event(status: str, **extra: Any) -> cpb.NewEvent:
@@ -242,7 +248,7 @@ class RunExecutor:
     ) -> None:
         self.store = store
         self.tenant = tenant
-        self.md = (("x-tenant-id", tenant),)
+        self.md = tenant_metadata(tenant)
         self.owner = owner
         self.runner = runner
         self.lease_ttl = lease_ttl
@@ -290,23 +296,13 @@ class RunExecutor:
             run.eta_seconds = ex.eta()
             progress = ex.progress()
             events = [*ex.carry, *(events or [])]
+            checkpoint = _run_checkpoint(ex.workflow, run, trigger, name, metadata)
+            checkpoint.progress_percent = progress["progress_percent"]
+            checkpoint.eta_seconds = run.eta_seconds
             saved = await self._call(
                 self.store.Save,
                 cpb.SaveRequest(
-                    checkpoint=cpb.Checkpoint(
-                        namespace=RUNS_NAMESPACE,
-                        thread_id=run.run_id,
-                        state=run.to_json(),
-                        content_type="application/json",
-                        step=run.step,
-                        trigger=trigger,
-                        name=name,
-                        completed_nodes=run.completed,
-                        progress_percent=progress["progress_percent"],
-                        eta_seconds=run.eta_seconds,
-                        metadata=metadata or {},
-                        expires_at=_expiry(ex.workflow),
-                    ),
+                    checkpoint=checkpoint,
                     keep_last=ex.workflow.keep_last,
                     expected_parent_id=ex.head_id,
                     fencing_token=ex.token,
@@ -523,23 +519,13 @@ class RunExecutor:
         parent_id: str = "",
         metadata: dict[str, str] | None = None,
     ) -> RunState:
+        checkpoint = _run_checkpoint(workflow, run, cpb.TRIGGER_MANUAL, name, metadata)
+        checkpoint.checkpoint_id = start_checkpoint_id(run.run_id)
+        checkpoint.parent_id = parent_id
         response = await self._call(
             self.store.Save,
             cpb.SaveRequest(
-                checkpoint=cpb.Checkpoint(
-                    namespace=RUNS_NAMESPACE,
-                    thread_id=run.run_id,
-                    state=run.to_json(),
-                    content_type="application/json",
-                    trigger=cpb.TRIGGER_MANUAL,
-                    name=name,
-                    checkpoint_id=start_checkpoint_id(run.run_id),
-                    parent_id=parent_id,
-                    step=run.step,
-                    completed_nodes=run.completed,
-                    metadata=metadata or {},
-                    expires_at=_expiry(workflow),
-                ),
+                checkpoint=checkpoint,
                 keep_last=workflow.keep_last,
                 expected_parent_id="",
                 status=cpb.THREAD_STATUS_PENDING,
@@ -995,6 +981,24 @@ def _done_event(ex: Execution, node: NodeSpec, **payload: Any) -> Callable[[], c
     done, so that its progress includes it."""
     kind = "node.completed" if payload else "node.skipped"
     return lambda: _event(kind, node_id=node.id, status=ex.run.status, **payload, **ex.progress())
+
+
+def _run_checkpoint(
+    workflow: Workflow, run: RunState, trigger: int, name: str, metadata: dict[str, str] | None
+) -> cpb.Checkpoint:
+    """A checkpoint of the run as it is now, as every save of a run sends it."""
+    return cpb.Checkpoint(
+        namespace=RUNS_NAMESPACE,
+        thread_id=run.run_id,
+        state=run.to_json(),
+        content_type="application/json",
+        step=run.step,
+        trigger=trigger,
+        name=name,
+        completed_nodes=run.completed,
+        metadata=metadata or {},
+        expires_at=_expiry(workflow),
+    )
 
 
 def _expiry(workflow: Workflow) -> Timestamp | None:

@@ -18,6 +18,7 @@ import uuid6
 from google.protobuf import json_format
 
 from engine_svc.definition import fingerprint, parse
+from engine_svc.executor import tenant_metadata
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -77,7 +78,7 @@ class WorkflowRegistry:
     async def register(self, tenant: str, definition: pb.WorkflowDefinition) -> Registered:
         """Validate (DefinitionInvalid) and store; an unchanged definition is not a new version."""
         parse(definition)
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         digest = fingerprint(definition)
         for _ in range(_ATTEMPTS):
             head = await self._head(md, definition.workflow_id)
@@ -120,7 +121,7 @@ class WorkflowRegistry:
         self, tenant: str, workflow_id: str, version: int, reason: str, requested_by: str
     ) -> tuple[int, int]:
         """Make `version` the active one; (active, previous). New runs take it at once."""
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         for _ in range(_ATTEMPTS):
             head = await self._head(md, workflow_id)
             if head is None:
@@ -158,7 +159,7 @@ class WorkflowRegistry:
         raise RegistrationContended(f"could not roll {workflow_id} back: too much contention")
 
     async def versions(self, tenant: str, workflow_id: str) -> Versions:
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         head = await self._head(md, workflow_id)
         if head is None:
             raise WorkflowNotFound(f"workflow {workflow_id!r} not found")
@@ -213,7 +214,7 @@ class WorkflowRegistry:
 
     async def get(self, tenant: str, workflow_id: str, version: int = 0) -> StoredWorkflow:
         """A version of a workflow (0: the active one)."""
-        md = (("x-tenant-id", tenant),)
+        md = tenant_metadata(tenant)
         head = await self._head(md, workflow_id)
         if head is None:
             raise WorkflowNotFound(f"workflow {workflow_id!r} not found")

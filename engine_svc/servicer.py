@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2, json_format
 from grpc_status import rpc_status
 
 from checkpoint_svc.errors import InvalidArgument
-from checkpoint_svc.servicer import status_for
+from checkpoint_svc.servicer import TENANT_HEADER, status_for
 from checkpoint_svc.servicer import tenant_of as store_tenant_of
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
@@ -62,7 +62,7 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     tenant = store_tenant_of(context)
     if tenant == SYSTEM_TENANT:
         raise InvalidArgument(
-            f"tenant {SYSTEM_TENANT!r} is reserved", [("x-tenant-id", "reserved for the engine")]
+            f"tenant {SYSTEM_TENANT!r} is reserved", [(TENANT_HEADER, "reserved for the engine")]
         )
     return tenant
 
@@ -162,6 +162,10 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    async def _reply(self, tenant: str, run: RunState) -> pb.Run:
+        """A run the engine just changed, with its thread row (status, head, times)."""
+        return run_to_pb(run, await self.engine.thread(tenant, run.run_id))
+
     @translated
     async def RegisterWorkflow(
         self, request: pb.RegisterWorkflowRequest, context: grpc.aio.ServicerContext
@@ -197,8 +201,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             list(request.interrupt_before),
             list(request.interrupt_after),
         )
-        thread = await self.engine.thread(tenant, run.run_id)
-        return pb.StartRunResponse(run=run_to_pb(run, thread))
+        return pb.StartRunResponse(run=await self._reply(tenant, run))
 
     @translated
     async def ListWorkflowVersions(
@@ -268,8 +271,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             from_struct(json_format.MessageToDict(request.state_patch)),
             request.new_run_id,
         )
-        thread = await self.engine.thread(tenant, run.run_id)
-        return pb.ForkRunResponse(run=run_to_pb(run, thread))
+        return pb.ForkRunResponse(run=await self._reply(tenant, run))
 
     @translated
     async def GetRun(
@@ -311,26 +313,25 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             else None
         )
         run = await self.engine.resume_run(tenant, request.run_id, value)
-        thread = await self.engine.thread(tenant, run.run_id)
-        return pb.ResumeRunResponse(run=run_to_pb(run, thread))
+        return pb.ResumeRunResponse(run=await self._reply(tenant, run))
 
     @translated
     async def PauseRun(
         self, request: pb.PauseRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.PauseRunResponse:
         tenant = tenant_of(context)
-        await self.engine.control(tenant, request.run_id, "pause", {})
-        run, thread = await self.engine.get_run(tenant, request.run_id)
-        return pb.PauseRunResponse(run=run_to_pb(run, thread))
+        run, _ = await self.engine.control(tenant, request.run_id, "pause", {})
+        return pb.PauseRunResponse(run=await self._reply(tenant, run))
 
     @translated
     async def CancelRun(
         self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelRunResponse:
         tenant = tenant_of(context)
-        await self.engine.control(tenant, request.run_id, "cancel", {"reason": request.reason})
-        run, thread = await self.engine.get_run(tenant, request.run_id)
-        return pb.CancelRunResponse(run=run_to_pb(run, thread))
+        run, _ = await self.engine.control(
+            tenant, request.run_id, "cancel", {"reason": request.reason}
+        )
+        return pb.CancelRunResponse(run=await self._reply(tenant, run))
 
     @translated
     async def CheckpointRun(

@@ -63,9 +63,11 @@ UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow
     lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
     last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted, keep_last = :keep_last
 WHERE {_KEY}"""
+# The namespaces under a prefix (see _prefix_params). substr, not LIKE: a prefix with % or _
+# in it means just that.
+_UNDER_PREFIX = "substr(namespace, 1, :prefix_length) = :prefix"
 # PruneThreads KEEP_LATEST: everything but the heads of a thread id's namespaces.
-_THREAD_UNDER_PREFIX = """tenant = :tenant AND thread_id = :thread_id
-    AND substr(namespace, 1, :prefix_length) = :prefix"""
+_THREAD_UNDER_PREFIX = f"tenant = :tenant AND thread_id = :thread_id AND {_UNDER_PREFIX}"
 _IS_HEAD = """EXISTS (SELECT 1 FROM threads t WHERE t.tenant = checkpoints.tenant
     AND t.namespace = checkpoints.namespace AND t.thread_id = checkpoints.thread_id
     AND t.head_id = checkpoints.checkpoint_id)"""
@@ -78,8 +80,7 @@ RETURNING namespace, checkpoint_id"""
 # CopyThread: one thread id's rows under a prefix, to another thread id. A tombstone of the
 # target (a deleted thread) is revived; a live target is not touched, and the caller sees
 # fewer rows copied than there are.
-_FROM_SOURCE = """WHERE tenant = :tenant AND thread_id = :source
-    AND substr(namespace, 1, :prefix_length) = :prefix"""
+_FROM_SOURCE = f"WHERE tenant = :tenant AND thread_id = :source AND {_UNDER_PREFIX}"
 COPY_THREADS = f"""
 INSERT INTO threads (tenant, namespace, thread_id, head_id, status, workflow_id,
     workflow_version, created_at, updated_at, keep_last)
@@ -89,7 +90,8 @@ ON CONFLICT (tenant, namespace, thread_id) DO UPDATE SET head_id = excluded.head
     status = excluded.status, workflow_id = excluded.workflow_id,
     workflow_version = excluded.workflow_version, updated_at = excluded.updated_at,
     keep_last = excluded.keep_last, deleted = 0
-WHERE threads.deleted = 1"""
+WHERE threads.deleted = 1
+RETURNING namespace"""
 COUNT_SOURCE_THREADS = f"SELECT COUNT(*) FROM threads {_FROM_SOURCE} AND deleted = 0"
 COPY_CHECKPOINTS = f"""
 INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id, step, state,
@@ -109,9 +111,9 @@ UPDATE threads SET head_id = COALESCE((SELECT MAX(c.checkpoint_id) FROM checkpoi
     WHERE c.tenant = :tenant AND c.namespace = :namespace AND c.thread_id = :thread_id), ''),
     updated_at = :now
 WHERE {_KEY}"""
-NAMESPACES_OF_THREAD = """
+NAMESPACES_OF_THREAD = f"""
 SELECT namespace FROM threads WHERE tenant = :tenant AND thread_id = :thread_id
-    AND deleted = 0 AND substr(namespace, 1, :prefix_length) = :prefix ORDER BY namespace"""
+    AND deleted = 0 AND {_UNDER_PREFIX} ORDER BY namespace"""
 LIST_THREADS = (
     f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads "
     "WHERE tenant = :tenant AND deleted = 0"
@@ -150,11 +152,9 @@ FROM threads t JOIN checkpoints c ON c.tenant = t.tenant AND c.namespace = t.nam
     AND c.thread_id = t.thread_id AND c.checkpoint_id = t.head_id
 WHERE t.tenant = :tenant AND t.namespace = :namespace AND t.thread_id = :thread_id"""
 LIST_CHECKPOINTS = f"SELECT {META_COLUMNS}{{state}} FROM checkpoints WHERE {_KEY}"
-# substr, not LIKE: a prefix with % or _ in it means just that.
 LIST_CHECKPOINTS_ACROSS_NAMESPACES = f"""
 SELECT {META_COLUMNS}{{state}}, namespace FROM checkpoints
-WHERE tenant = :tenant AND thread_id = :thread_id
-    AND substr(namespace, 1, :prefix_length) = :prefix"""
+WHERE tenant = :tenant AND thread_id = :thread_id AND {_UNDER_PREFIX}"""
 
 _WRITE_INSERT = """
 INSERT INTO writes (tenant, namespace, thread_id, checkpoint_id, task_id, idx, channel, value,
@@ -169,9 +169,15 @@ UPSERT_SPECIAL_WRITE = (
     value = excluded.value, content_type = excluded.content_type,
     task_path = excluded.task_path"""
 )
+WRITE_COLUMNS = "checkpoint_id, task_id, idx, channel, value, content_type, task_path"
 SELECT_WRITES = f"""
-SELECT checkpoint_id, task_id, idx, channel, value, content_type, task_path FROM writes
+SELECT {WRITE_COLUMNS} FROM writes
 WHERE {_KEY} AND checkpoint_id = :checkpoint_id ORDER BY task_id, idx"""
+# The writes of a page of one thread id's checkpoints (across its namespaces), in one query.
+SELECT_WRITES_OF_CHECKPOINTS = f"""
+SELECT namespace, {WRITE_COLUMNS} FROM writes
+WHERE tenant = :tenant AND thread_id = :thread_id AND checkpoint_id IN ({{ids}})
+ORDER BY task_id, idx"""
 
 EVENT_COLUMNS = "namespace, thread_id, seq, feed_seq, type, time, payload, terminal"
 INSERT_EVENT = """
@@ -388,12 +394,7 @@ class SqlTier:
     ) -> tuple[list[tuple[ThreadKey, str]], list[tuple[ThreadKey, str]]]:
         """Delete all but the heads of a thread id's namespaces under `prefix`, and clear
         the heads' parents: (deleted, changed) checkpoints, for the caches to forget."""
-        params = {
-            "tenant": tenant,
-            "thread_id": thread_id,
-            "prefix": prefix,
-            "prefix_length": len(prefix),
-        }
+        params = {"tenant": tenant, "thread_id": thread_id, **_prefix_params(prefix)}
         async with self.writer.begin() as conn:
             deleted = (await conn.execute(_sql(PRUNE_ALL_BUT_HEADS), params)).all()
             changed = (await conn.execute(_sql(CLEAR_HEAD_PARENTS), params)).all()
@@ -417,15 +418,13 @@ class SqlTier:
             else "(CAST(metadata AS jsonb) ->> 'run_id')"
         )
         sql = (
-            "DELETE FROM checkpoints WHERE tenant = :tenant"
-            " AND substr(namespace, 1, :prefix_length) = :prefix"
+            f"DELETE FROM checkpoints WHERE tenant = :tenant AND {_UNDER_PREFIX}"
             f" AND {run_id} IN ({', '.join(names)})"
             " RETURNING namespace, thread_id, checkpoint_id"
         )
         params: dict[str, Any] = {
             "tenant": tenant,
-            "prefix": prefix,
-            "prefix_length": len(prefix),
+            **_prefix_params(prefix),
             **{name[1:]: r for name, r in zip(names, run_ids, strict=True)},
         }
         async with self.writer.begin() as conn:
@@ -443,22 +442,22 @@ class SqlTier:
 
     async def copy_thread(
         self, tenant: str, source: str, target: str, prefix: str, now: float
-    ) -> tuple[int, int]:
-        """(threads, checkpoints) copied; AlreadyExists if a live target thread is there."""
+    ) -> tuple[list[str], int]:
+        """(the namespaces copied, checkpoints copied); AlreadyExists if a live target
+        thread is there."""
         params = {
             "tenant": tenant,
             "source": source,
             "target": target,
-            "prefix": prefix,
-            "prefix_length": len(prefix),
             "now": now,
+            **_prefix_params(prefix),
         }
         async with self.writer.begin() as conn:
             wanted = (await conn.execute(_sql(COUNT_SOURCE_THREADS), params)).scalar_one()
             if not wanted:
-                return 0, 0
-            copied = (await conn.execute(_sql(COPY_THREADS), params)).rowcount
-            if copied != wanted:
+                return [], 0
+            copied = [r[0] for r in (await conn.execute(_sql(COPY_THREADS), params)).all()]
+            if len(copied) != wanted:
                 raise AlreadyExists(f"thread {target} already exists under {prefix!r}")
             checkpoints = (await conn.execute(_sql(COPY_CHECKPOINTS), params)).rowcount
             await conn.execute(_sql(COPY_WRITES), params)
@@ -466,12 +465,7 @@ class SqlTier:
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""
-        params = {
-            "tenant": tenant,
-            "thread_id": thread_id,
-            "prefix": prefix,
-            "prefix_length": len(prefix),
-        }
+        params = {"tenant": tenant, "thread_id": thread_id, **_prefix_params(prefix)}
         async with self.reader.connect() as conn:
             return [r[0] for r in (await conn.execute(_sql(NAMESPACES_OF_THREAD), params)).all()]
 
@@ -527,7 +521,7 @@ class SqlTier:
             sql = LIST_CHECKPOINTS.format(state=state)
         else:
             sql = LIST_CHECKPOINTS_ACROSS_NAMESPACES.format(state=state)
-            params |= {"prefix": namespace_prefix, "prefix_length": len(namespace_prefix)}
+            params |= _prefix_params(namespace_prefix)
         if before_id:
             sql += " AND checkpoint_id < :before_id"
             params["before_id"] = before_id
@@ -561,9 +555,22 @@ class SqlTier:
         ]
 
     async def writes_of(self, checkpoints: list[Checkpoint]) -> list[list[PendingWrite]]:
-        """The pending writes of each checkpoint, in order."""
+        """The pending writes of each of a page of one thread id's checkpoints, in order."""
+        if not checkpoints:
+            return []
+        key = checkpoints[0].key
+        names = [f":c{i}" for i in range(len(checkpoints))]
+        params = {
+            "tenant": key.tenant,
+            "thread_id": key.thread_id,
+            **{n[1:]: c.checkpoint_id for n, c in zip(names, checkpoints, strict=True)},
+        }
+        sql = SELECT_WRITES_OF_CHECKPOINTS.format(ids=", ".join(names))
+        found: dict[tuple[str, str], list[PendingWrite]] = {}
         async with self.reader.connect() as conn:
-            return [await _writes(conn, c.key, c.checkpoint_id) for c in checkpoints]
+            for r in (await conn.execute(_sql(sql), params)).all():
+                found.setdefault((r[0], r[1]), []).append(_write_from_row(r[1:]))
+        return [found.get((c.key.namespace, c.checkpoint_id), []) for c in checkpoints]
 
     async def list_threads(
         self, tenant: str, flt: ThreadFilter, limit: int, after: tuple[str, str] | None
@@ -664,10 +671,19 @@ class SqlTier:
         return pruned, gone
 
 
+def _write_from_row(r: Row | Sequence[Any]) -> PendingWrite:
+    return PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6])
+
+
+def _prefix_params(prefix: str) -> dict[str, Any]:
+    """Parameters of _UNDER_PREFIX."""
+    return {"prefix": prefix, "prefix_length": len(prefix)}
+
+
 async def _writes(conn: AsyncConnection, key: ThreadKey, checkpoint_id: str) -> list[PendingWrite]:
     params = {**_key_params(key), "checkpoint_id": checkpoint_id}
     rows = (await conn.execute(_sql(SELECT_WRITES), params)).all()
-    return [PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+    return [_write_from_row(r) for r in rows]
 
 
 class SqlStaleLog:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -44,6 +44,19 @@ class _AsyncClient:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
         return call.result(reply)
+
+    async def _paged(
+        self, call_for: Callable[[str], calls.Call[Any]], field: str
+    ) -> AsyncIterator[Any]:
+        """Every item of a paged list RPC: `call_for(page_token)`, items in `field`."""
+        token = ""
+        while True:
+            page = await self._do(call_for(token))
+            for item in getattr(page, field):
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
 
 
 class AsyncEngineClient(_AsyncClient):
@@ -89,14 +102,10 @@ class AsyncEngineClient(_AsyncClient):
         self, run_id: str, include_state: bool = False, page_size: int = 100
     ) -> AsyncIterator[pb.RunCheckpoint]:
         """The run's checkpoints, newest first."""
-        token = ""
-        while True:
-            page = await self._do(calls.run_history(run_id, include_state, page_size, token))
-            for checkpoint in page.checkpoints:
-                yield checkpoint
-            token = page.next_page_token
-            if not token:
-                return
+        async for item in self._paged(
+            lambda token: calls.run_history(run_id, include_state, page_size, token), "checkpoints"
+        ):
+            yield item
 
     async def fork_run(
         self,
@@ -113,14 +122,10 @@ class AsyncEngineClient(_AsyncClient):
     async def list_runs(
         self, workflow_id: str = "", statuses: list[int] | None = None, page_size: int = 100
     ) -> AsyncIterator[pb.Run]:
-        token = ""
-        while True:
-            page = await self._do(calls.list_runs(workflow_id, statuses or [], page_size, token))
-            for run in page.runs:
-                yield run
-            token = page.next_page_token
-            if not token:
-                return
+        async for item in self._paged(
+            lambda token: calls.list_runs(workflow_id, statuses or [], page_size, token), "runs"
+        ):
+            yield item
 
     async def pause_run(self, run_id: str) -> pb.Run:
         return await self._do(calls.pause_run(run_id))
@@ -172,14 +177,11 @@ class AsyncCheckpointClient(_AsyncClient):
         self, thread_id: str, namespace: str = "runs", page_size: int = 500
     ) -> AsyncIterator[cpb.Checkpoint]:
         """A thread's checkpoints, newest first, without their state."""
-        token = ""
-        while True:
-            page = await self._do(calls.list_checkpoints(namespace, thread_id, page_size, token))
-            for checkpoint in page.checkpoints:
-                yield checkpoint
-            token = page.next_page_token
-            if not token:
-                return
+        async for item in self._paged(
+            lambda token: calls.list_checkpoints(namespace, thread_id, page_size, token),
+            "checkpoints",
+        ):
+            yield item
 
     async def get_thread(self, thread_id: str, namespace: str = "runs") -> cpb.Thread:
         return await self._do(calls.get_thread(namespace, thread_id))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -43,6 +43,16 @@ class _Client:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return call.result(reply)
+
+    def _paged(self, call_for: Callable[[str], calls.Call[Any]], field: str) -> Iterator[Any]:
+        """Every item of a paged list RPC: `call_for(page_token)`, items in `field`."""
+        token = ""
+        while True:
+            page = self._do(call_for(token))
+            yield from getattr(page, field)
+            token = page.next_page_token
+            if not token:
+                return
 
 
 class EngineClient(_Client):
@@ -88,13 +98,9 @@ class EngineClient(_Client):
         self, run_id: str, include_state: bool = False, page_size: int = 100
     ) -> Iterator[pb.RunCheckpoint]:
         """The run's checkpoints, newest first."""
-        token = ""
-        while True:
-            page = self._do(calls.run_history(run_id, include_state, page_size, token))
-            yield from page.checkpoints
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._paged(
+            lambda token: calls.run_history(run_id, include_state, page_size, token), "checkpoints"
+        )
 
     def fork_run(
         self,
@@ -111,13 +117,9 @@ class EngineClient(_Client):
     def list_runs(
         self, workflow_id: str = "", statuses: list[int] | None = None, page_size: int = 100
     ) -> Iterator[pb.Run]:
-        token = ""
-        while True:
-            page = self._do(calls.list_runs(workflow_id, statuses or [], page_size, token))
-            yield from page.runs
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._paged(
+            lambda token: calls.list_runs(workflow_id, statuses or [], page_size, token), "runs"
+        )
 
     def pause_run(self, run_id: str) -> pb.Run:
         return self._do(calls.pause_run(run_id))
@@ -166,13 +168,10 @@ class CheckpointClient(_Client):
         self, thread_id: str, namespace: str = "runs", page_size: int = 500
     ) -> Iterator[cpb.Checkpoint]:
         """A thread's checkpoints, newest first, without their state."""
-        token = ""
-        while True:
-            page = self._do(calls.list_checkpoints(namespace, thread_id, page_size, token))
-            yield from page.checkpoints
-            token = page.next_page_token
-            if not token:
-                return
+        yield from self._paged(
+            lambda token: calls.list_checkpoints(namespace, thread_id, page_size, token),
+            "checkpoints",
+        )
 
     def get_thread(self, thread_id: str, namespace: str = "runs") -> cpb.Thread:
         return self._do(calls.get_thread(namespace, thread_id))
