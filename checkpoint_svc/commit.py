@@ -82,17 +82,26 @@ def sql_retrying(budget_seconds: float = 2.0) -> AsyncRetrying:
     )
 
 
+def describe(exc: BaseException) -> str:
+    """A database error as a client or a health check may see it: its kind and SQLSTATE,
+    never the statement or its parameters (those go to the service's log only)."""
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None)
+    return f"{type(orig).__name__}" + (f" (SQLSTATE {state})" if state else "")
+
+
 def as_store_error(exc: BaseException) -> StoreError:
     """The status a client gets for a database error: its data, or our availability."""
     if isinstance(exc, StoreError):
         return exc
     state = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "")
-    text = str(exc).lower()
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    log.warning("database error", extra={"error": str(exc)[:2000]})
     if state == "23505" or "unique constraint failed" in text:
-        return AlreadyExists(f"conflicting write: {getattr(exc, 'orig', exc)}")
-    if isinstance(exc, IntegrityError) or state.startswith("22"):
-        return InvalidArgument(f"the database refused a value: {getattr(exc, 'orig', exc)}")
-    return TierUnavailable(f"SQL tier unavailable: {type(exc).__name__}: {exc}")
+        return AlreadyExists(f"conflicting write: the row exists already ({describe(exc)})")
+    if isinstance(exc, IntegrityError) or state.startswith("22") or state.startswith("54"):
+        return InvalidArgument(f"the database refused a value ({describe(exc)})")
+    return TierUnavailable(f"SQL tier unavailable: {describe(exc)}")
 
 
 class _AmbiguousCommit(Exception):
@@ -192,7 +201,7 @@ class GroupCommitter:
                 return
             if is_connectivity_error(exc):
                 self.sql.up = False
-                self.sql.detail = str(exc)
+                self.sql.detail = describe(exc)
             error = as_store_error(exc)
             for item in items:
                 if not item.future.done():
@@ -243,7 +252,9 @@ class GroupCommitter:
                 with attempt:
                     return await self.sql.batch_committed(batch_id)
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
-            raise TierUnavailable(f"commit outcome unknown, SQL unreachable: {exc}") from exc
+            raise TierUnavailable(
+                f"commit outcome unknown, SQL unreachable: {describe(exc)}"
+            ) from exc
         raise AssertionError("unreachable")
 
     async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:

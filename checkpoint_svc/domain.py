@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,15 @@ class Checkpoint:
 
     @property
     def size(self) -> int:
-        return len(self.state) + 200
+        """Bytes the body holds, roughly: what a cache counts against its budget."""
+        return (
+            len(self.state)
+            + len(self.name)
+            + len(self.content_type)
+            + sum(len(n) + 56 for n in self.completed_nodes)
+            + (len(json.dumps(self.metadata)) * 3 if self.metadata else 0)
+            + 400
+        )
 
 
 @dataclass(slots=True)

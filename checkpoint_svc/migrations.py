@@ -109,4 +109,8 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX checkpoints_by_thread ON checkpoints (tenant, thread_id, checkpoint_id);
     """,
+    # 6: Redis holds no heads or write sets any more (SQL answers them): no stale-key log
+    """
+    DROP TABLE redis_stale;
+    """,
 ]

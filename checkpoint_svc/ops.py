@@ -92,11 +92,16 @@ class SaveOp:
                 f"head moved: expected parent {cmd.expected_parent_id}, "
                 f"head is {thread.head_id or '(none)'}"
             )
-        if self.client_supplied_id and await batch.checkpoint_exists(key, cp.checkpoint_id):
-            raise AlreadyExists(f"checkpoint {cp.checkpoint_id} already exists")
+        early_writes = False
+        if self.client_supplied_id:
+            exists, early_writes = await batch.checkpoint_or_writes_exist(key, cp.checkpoint_id)
+            if exists:
+                raise AlreadyExists(f"checkpoint {cp.checkpoint_id} already exists")
         if not cmd.exact_parent:
             cp.parent_id = self.explicit_parent or thread.head_id
         batch.checkpoints.append(cp)
+        if early_writes:
+            batch.early_writes.add((key, cp.checkpoint_id))
         thread.head_id = cp.checkpoint_id
         if cmd.status:
             thread.status = cmd.status
@@ -151,7 +156,8 @@ class PutWritesOp:
     fencing_token: int = 0
     events: list[NewEvent] = field(default_factory=list)
     request_id: str = ""
-    creates: bool = False
+    # Writes may come before their thread's first checkpoint (a new LangGraph subgraph).
+    creates: bool = True
 
     async def apply(self, batch: Batch) -> tuple[int, list[int]]:
         done = await _replay(batch, self.key.tenant, self.request_id, "put_writes")
@@ -159,6 +165,7 @@ class PutWritesOp:
             return done["written"], list(done["seqs"])
         thread = _existing(batch, self.key)
         check_fencing(thread, self.fencing_token, batch.now)
+        batch.keep(thread)
         upsert = all(is_special_write(w.idx) for w in self.writes)
         for w in self.writes:
             w.upsert = upsert

@@ -30,9 +30,37 @@ TIER_HEALTH_NAMES = {Tier.REDIS: f"{SERVICE_NAME}/redis", Tier.SQL: f"{SERVICE_N
 _MESSAGE_OVERHEAD = 1024 * 1024
 
 
+# gRPC turns SO_REUSEPORT on by default: a second server on a port in use would then share
+# it silently (taking some of its connections). Every server of ours refuses that.
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
+def listen(server: grpc.aio.Server, address: str, what: str) -> int:
+    """Bind the server's port, or stop the process with a clear error if it is taken."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise SystemExit(
+            f"{what}: cannot listen on {address}: {exc} (is the port in use?)"
+        ) from None
+    if port == 0:
+        raise SystemExit(f"{what}: cannot listen on {address} (is the port in use?)")
+    return port
+
+
+def serve_metrics(port: int, listen_address: str, what: str) -> None:
+    """Prometheus metrics on the listen address's host, or a clear error if the port is taken."""
+    host = listen_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+    try:
+        prometheus_client.start_http_server(port, addr=host)
+    except OSError as exc:
+        raise SystemExit(f"{what}: cannot serve metrics on {host}:{port}: {exc}") from None
+
+
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     limit = settings.max_state_bytes + _MESSAGE_OVERHEAD
     return [
+        EXCLUSIVE_PORT,
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", 30_000),
@@ -56,7 +84,6 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
 
 async def serve(settings: Settings) -> None:
     store = CheckpointStore(settings)
-    await store.start()
     server = grpc.aio.server(
         options=grpc_options(settings), interceptors=[RejectMalformedRequests()]
     )
@@ -71,12 +98,11 @@ async def serve(settings: Settings) -> None:
         ],
         server,
     )
+    # The port first: a second process on it must stop before it touches anything.
+    listen(server, settings.listen, "checkpoint_svc")
     if settings.metrics_port:
-        host = settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-        prometheus_client.start_http_server(settings.metrics_port, addr=host)
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}")
+        serve_metrics(settings.metrics_port, settings.listen, "checkpoint_svc")
+    await store.start()
     await server.start()
     reporter = asyncio.create_task(_report_health(store, health_servicer))
     log.info(

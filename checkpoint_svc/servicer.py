@@ -99,25 +99,44 @@ def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    for k, v in context.invocation_metadata() or ():
-        if k == TENANT_HEADER:
-            value = v if isinstance(v, str) else v.decode()
-            if not _TENANT_RE.match(value):
-                raise InvalidArgument(
-                    f"bad {TENANT_HEADER} metadata {value[:64]!r}",
-                    [(TENANT_HEADER, "1-128 of A-Z a-z 0-9 . _ -, starting alphanumeric")],
-                )
-            return value
-    return DEFAULT_TENANT
+    """The call's one tenant: a second `x-tenant-id` is refused, never silently ignored
+    (which of two headers wins must not depend on the path a call takes)."""
+    values = [v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER]
+    if not values:
+        return DEFAULT_TENANT
+    if len(values) > 1:
+        raise InvalidArgument(
+            f"{len(values)} {TENANT_HEADER} headers; a call names exactly one tenant",
+            [(TENANT_HEADER, "given more than once")],
+        )
+    value = values[0] if isinstance(values[0], str) else values[0].decode("utf-8", "replace")
+    if not _TENANT_RE.match(value):
+        raise InvalidArgument(
+            f"bad {TENANT_HEADER} metadata {value[:64]!r}",
+            [(TENANT_HEADER, "1-128 of A-Z a-z 0-9 . _ -, starting alphanumeric")],
+        )
+    return value
+
+
+# Ids are bounded in UTF-8 bytes so that a key always fits PostgreSQL's index rows (2704
+# bytes): tenant 128 + namespace 1024 + thread 256 + checkpoint 128 + task 256.
+ID_MAX_BYTES = 256
+CHECKPOINT_ID_MAX_BYTES = 128
+# LangGraph's checkpoint namespaces nest a segment per subgraph level (node:task-uuid).
+NAMESPACE_MAX_BYTES = 1024
 
 
 def _check_id(
-    violations: list[tuple[str, str]], field: str, value: str, required: bool, max_len: int = 256
+    violations: list[tuple[str, str]],
+    field: str,
+    value: str,
+    required: bool,
+    max_len: int = ID_MAX_BYTES,
 ) -> None:
     if required and not value:
         violations.append((field, "required"))
-    elif len(value) > max_len:
-        violations.append((field, f"at most {max_len} characters"))
+    elif len(value) > max_len // 4 and len(value.encode()) > max_len:
+        violations.append((field, f"at most {max_len} bytes in UTF-8"))
     elif _CONTROL.search(value):
         violations.append((field, "must not contain control characters"))
 
@@ -132,7 +151,7 @@ def thread_key(
     """The thread key of a request; bad ids are added to `violations`, or raised at once."""
     tenant = tenant_of(context)
     found: list[tuple[str, str]] = [] if violations is None else violations
-    _check_id(found, prefix + "namespace", namespace, required=False, max_len=128)
+    _check_id(found, prefix + "namespace", namespace, False, NAMESPACE_MAX_BYTES)
     _check_id(found, prefix + "thread_id", thread_id, required=True)
     if violations is None:
         _raise_if(found)
@@ -183,7 +202,30 @@ def _timestamp(violations: list[tuple[str, str]], field: str, msg: Any, name: st
             violations.append((field, "out of the Timestamp range"))
 
 
+# JSON levels an event payload may nest: a Stream response around it must still parse under
+# protobuf's limit of 100 nested messages (each JSON level costs three).
+MAX_PAYLOAD_DEPTH = 30
+
+
+def _struct_depth(struct: Any) -> int:
+    deepest, stack = 0, [(struct, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.fields.values() if hasattr(item, "fields") else item.values
+        for v in children:
+            kind = v.WhichOneof("kind")
+            if kind == "struct_value":
+                stack.append((v.struct_value, depth + 1))
+            elif kind == "list_value":
+                stack.append((v.list_value, depth + 1))
+    return deepest
+
+
 def _payload(violations: list[tuple[str, str]], field: str, struct: Any) -> None:
+    if _struct_depth(struct) > MAX_PAYLOAD_DEPTH:
+        violations.append((field, f"nested deeper than {MAX_PAYLOAD_DEPTH} levels"))
+        return
     try:
         json_format.MessageToDict(struct)
     except (ValueError, json_format.Error):
@@ -196,7 +238,36 @@ def _raise_if(violations: list[tuple[str, str]]) -> None:
         raise InvalidArgument(f"invalid request: {summary}", violations)
 
 
+# What one request may put into a group-commit batch (RESOURCE_EXHAUSTED beyond), so that
+# one big request never stalls everyone else's (docs/checkpoint-service.md#limits).
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_WRITES_PER_REQUEST = 1000
+# Other repeated fields (INVALID_ARGUMENT beyond): checked before any element is looked at.
+MAX_COMPLETED_NODES = 10_000
+MAX_METADATA_ENTRIES = 1000
+MAX_METADATA_FILTERS = 64
+MAX_STATUSES = 16
+MAX_IDS_PER_REQUEST = 1000
+
+
+def _at_most(field: str, items: Any, limit: int) -> None:
+    """A repeated field over its bound: refused before any element is looked at."""
+    if len(items) > limit:
+        raise InvalidArgument(
+            f"{field}: {len(items)} given, at most {limit}", [(field, f"at most {limit}")]
+        )
+
+
+def _work_at_most(field: str, items: Any, limit: int) -> None:
+    """Events or writes over what one request may commit: RESOURCE_EXHAUSTED."""
+    if len(items) > limit:
+        raise PayloadTooLarge(
+            f"{field}: {len(items)} in one request, at most {limit}; split it into several"
+        )
+
+
 def _events(violations: list[tuple[str, str]], events: Any) -> None:
+    _work_at_most("events", events, MAX_EVENTS_PER_REQUEST)
     for i, e in enumerate(events):
         if not e.type:
             violations.append((f"events[{i}].type", "required"))
@@ -255,9 +326,21 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         msg = request.checkpoint
         violations: list[tuple[str, str]] = []
         key = thread_key(context, msg.namespace, msg.thread_id, "checkpoint.", violations)
-        _check_id(violations, "checkpoint.checkpoint_id", msg.checkpoint_id, False, 128)
-        _check_id(violations, "checkpoint.parent_id", msg.parent_id, False, 128)
-        _check_id(violations, "expected_parent_id", request.expected_parent_id, False, 128)
+        _check_id(
+            violations,
+            "checkpoint.checkpoint_id",
+            msg.checkpoint_id,
+            False,
+            CHECKPOINT_ID_MAX_BYTES,
+        )
+        _check_id(violations, "checkpoint.parent_id", msg.parent_id, False, CHECKPOINT_ID_MAX_BYTES)
+        _check_id(
+            violations,
+            "expected_parent_id",
+            request.expected_parent_id,
+            False,
+            CHECKPOINT_ID_MAX_BYTES,
+        )
         _check_id(violations, "request_id", request.request_id, False, 256)
         if request.keep_last < 0:
             violations.append(("keep_last", "must not be negative"))
@@ -266,6 +349,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _text(violations, "checkpoint.name", msg.name)
         _text(violations, "checkpoint.content_type", msg.content_type, 256)
         _text(violations, "workflow_id", request.workflow_id, 256)
+        _at_most("checkpoint.completed_nodes", msg.completed_nodes, MAX_COMPLETED_NODES)
+        _at_most("checkpoint.metadata", msg.metadata, MAX_METADATA_ENTRIES)
         for i, node in enumerate(msg.completed_nodes):
             _text(violations, f"checkpoint.completed_nodes[{i}]", node, 256)
         for k, v in msg.metadata.items():
@@ -323,12 +408,17 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         prefix = request.namespace_prefix if request.HasField("namespace_prefix") else None
         key = thread_key(context, request.namespace, request.thread_id, violations=violations)
         if prefix is not None:
-            _check_id(violations, "namespace_prefix", prefix, required=False, max_len=128)
+            _check_id(violations, "namespace_prefix", prefix, False, NAMESPACE_MAX_BYTES)
         _check_id(
-            violations, "before_checkpoint_id", request.before_checkpoint_id, False, max_len=128
+            violations,
+            "before_checkpoint_id",
+            request.before_checkpoint_id,
+            False,
+            CHECKPOINT_ID_MAX_BYTES,
         )
         _enum(violations, "trigger", request.trigger, Trigger)
         metadata_equals: dict[str, Any] = {}
+        _at_most("metadata_equals", request.metadata_equals, MAX_METADATA_FILTERS)
         for k, v in request.metadata_equals.items():
             where = f"metadata_equals[{k[:40]!r}]"
             _text(violations, where, k + v, 65536)
@@ -401,10 +491,17 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> pb.PutWritesResponse:
         key = thread_key(context, request.namespace, request.thread_id)
         violations: list[tuple[str, str]] = []
+        _work_at_most("writes", request.writes, MAX_WRITES_PER_REQUEST)
         if not request.writes:
             violations.append(("writes", "at least one write"))
         for i, w in enumerate(request.writes):
-            _check_id(violations, f"writes[{i}].checkpoint_id", w.checkpoint_id, True, 128)
+            _check_id(
+                violations,
+                f"writes[{i}].checkpoint_id",
+                w.checkpoint_id,
+                True,
+                CHECKPOINT_ID_MAX_BYTES,
+            )
             _check_id(violations, f"writes[{i}].task_id", w.task_id, True, 256)
             _text(violations, f"writes[{i}].channel", w.channel, 1024)
             _text(violations, f"writes[{i}].task_path", w.task_path, 4096)
@@ -446,7 +543,13 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> pb.DeleteThreadResponse:
         key = thread_key(context, request.namespace, request.thread_id)
         if request.HasField("namespace_prefix"):
-            _check_id(violations := [], "namespace_prefix", request.namespace_prefix, False, 128)
+            _check_id(
+                violations := [],
+                "namespace_prefix",
+                request.namespace_prefix,
+                False,
+                NAMESPACE_MAX_BYTES,
+            )
             _raise_if(violations)
             threads, deleted = await self.store.delete_threads(
                 key.tenant, key.thread_id, request.namespace_prefix
@@ -477,6 +580,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> pb.ListThreadsResponse:
         tenant = tenant_of(context)
         violations: list[tuple[str, str]] = []
+        _at_most("statuses", request.statuses, MAX_STATUSES)
         for i, s in enumerate(request.statuses):
             _enum(violations, f"statuses[{i}]", s, ThreadStatus)
         _raise_if(violations)
@@ -540,7 +644,9 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         violations: list[tuple[str, str]] = []
         _check_id(violations, "source_thread_id", request.source_thread_id, required=True)
         _check_id(violations, "target_thread_id", request.target_thread_id, required=True)
-        _check_id(violations, "namespace_prefix", request.namespace_prefix, False, 128)
+        _check_id(
+            violations, "namespace_prefix", request.namespace_prefix, False, NAMESPACE_MAX_BYTES
+        )
         if request.source_thread_id == request.target_thread_id:
             violations.append(("target_thread_id", "must differ from source_thread_id"))
         _raise_if(violations)
@@ -555,11 +661,12 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> pb.DeleteForRunsResponse:
         tenant = tenant_of(context)
         violations: list[tuple[str, str]] = []
+        _at_most("run_ids", request.run_ids, MAX_IDS_PER_REQUEST)
         for i, run_id in enumerate(request.run_ids):
             _check_id(violations, f"run_ids[{i}]", run_id, required=True)
-        if len(request.run_ids) > 1000:
-            violations.append(("run_ids", "at most 1000"))
-        _check_id(violations, "namespace_prefix", request.namespace_prefix, False, 128)
+        _check_id(
+            violations, "namespace_prefix", request.namespace_prefix, False, NAMESPACE_MAX_BYTES
+        )
         _raise_if(violations)
         deleted = await self.store.delete_for_runs(
             tenant, list(dict.fromkeys(request.run_ids)), request.namespace_prefix
@@ -572,9 +679,12 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> pb.PruneThreadsResponse:
         tenant = tenant_of(context)
         violations: list[tuple[str, str]] = []
+        _at_most("thread_ids", request.thread_ids, MAX_IDS_PER_REQUEST)
         for i, thread_id in enumerate(request.thread_ids):
             _check_id(violations, f"thread_ids[{i}]", thread_id, required=True)
-        _check_id(violations, "namespace_prefix", request.namespace_prefix, False, 128)
+        _check_id(
+            violations, "namespace_prefix", request.namespace_prefix, False, NAMESPACE_MAX_BYTES
+        )
         if request.strategy not in (pb.PRUNE_STRATEGY_KEEP_LATEST, pb.PRUNE_STRATEGY_DELETE):
             violations.append(("strategy", "PRUNE_STRATEGY_KEEP_LATEST or PRUNE_STRATEGY_DELETE"))
         _raise_if(violations)

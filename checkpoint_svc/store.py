@@ -20,6 +20,7 @@ from checkpoint_svc import metrics
 from checkpoint_svc.commit import (
     GroupCommitter,
     as_store_error,
+    describe,
     is_connectivity_error,
     sql_retrying,
 )
@@ -50,7 +51,7 @@ from checkpoint_svc.ops import (
 )
 from checkpoint_svc.tiers.memory import MemoryTier
 from checkpoint_svc.tiers.redis import RedisTier
-from checkpoint_svc.tiers.sql import Batch, SqlStaleLog, SqlTier, ThreadFilter
+from checkpoint_svc.tiers.sql import Batch, SqlTier, ThreadFilter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,8 +92,6 @@ class CheckpointStore:
             if settings.redis_url
             else None
         )
-        if self.redis is not None:
-            self.redis.stale_log = SqlStaleLog(self.sql)
         self.committer = GroupCommitter(
             self.sql, self._after_commit, settings.batch_max, settings.async_queue_max
         )
@@ -133,33 +132,28 @@ class CheckpointStore:
     async def _after_commit(self, batch: Batch) -> None:
         """Warm the caches and announce the events of a committed batch.
 
-        Each step is guarded on its own: a failure in one must neither leave a stale
-        head behind (the Redis tier records what it could not update) nor silence the
-        live feed.
+        Each step is guarded on its own: a failure in one must neither leave a head behind
+        in memory nor silence the live feed.
         """
+        memory = self.memory
         try:
             for key in batch.deleted:
-                await self.memory.drop_thread(key)
-                if self.redis is not None:
-                    await self.redis.drop_thread(key)
-            await self.memory.put_bodies(batch.flushed_checkpoints)
-            for cp in batch.flushed_checkpoints:
-                self.memory.start_writes(cp.key, cp.checkpoint_id)
-            for key, w in batch.flushed_writes:
-                self.memory.add_writes(key, [w])
-            await self.memory.set_heads(batch.heads)
+                memory.drop_thread(key)
+            memory.put_bodies(batch.flushed_checkpoints)
+            if memory.answers_heads:
+                for cp in batch.flushed_checkpoints:
+                    if (cp.key, cp.checkpoint_id) not in batch.early_writes:
+                        memory.start_writes(cp.key, cp.checkpoint_id)
+                for key, w in batch.flushed_writes:
+                    memory.add_writes(key, [w])
+                memory.set_heads(batch.heads)
         except Exception:
             log.exception("memory tier update failed; dropping its heads")
             for key in batch.heads:
-                await self.memory.drop_thread(key)
+                memory.drop_thread(key)
         try:
             if self.redis is not None:
-                await self.redis.apply(
-                    batch.flushed_checkpoints,
-                    batch.heads,
-                    batch.flushed_events,
-                    batch.flushed_writes,
-                )
+                await self.redis.apply(batch.flushed_checkpoints, batch.flushed_events)
         finally:
             for event in batch.flushed_events:
                 self.feed.deliver(event)
@@ -176,7 +170,7 @@ class CheckpointStore:
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
             if is_connectivity_error(exc):
                 self.sql.up = False
-                self.sql.detail = str(exc)
+                self.sql.detail = describe(exc)
             raise as_store_error(exc) from exc
 
     # ---- checkpoints -----------------------------------------------------------
@@ -211,66 +205,47 @@ class CheckpointStore:
     async def restore(
         self, key: ThreadKey, checkpoint_id: str = "", include_writes: bool = False
     ) -> RestoreResult:
-        writes: list[PendingWrite] | None = None
-        if not checkpoint_id:
-            head = await self.memory.get_head(key)
-            if head is None and self.redis is not None:
-                if include_writes:
-                    head, writes = await self.redis.get_head_and_writes(key)
-                else:
-                    head = await self.redis.get_head(key)
-            if head is None:
-                found = await self._read(lambda: self.sql.get_head(key, include_writes))
-                if found is None:
-                    raise NotFound(f"thread {key.namespace}/{key.thread_id} has no checkpoint")
-                cp, version, writes = found
-                await self._warm(cp, version)
-                metrics.RESTORES.labels(Tier.SQL.name).inc()
-                return RestoreResult(cp, writes or [], Tier.SQL)
-            checkpoint_id = head
-        cp, tier, sql_writes = await self._body(
-            key, checkpoint_id, include_writes and writes is None
+        """The head (or a checkpoint by id) and its pending writes, never older than SQL's.
+
+        SQL names the checkpoint and gives its metadata and writes; the state comes from the
+        fastest tier holding that very checkpoint. Only the single writer's memory tier
+        answers without asking SQL (docs/checkpoint-service.md#tiers).
+        """
+        hit = self.memory.restore(key, checkpoint_id, include_writes)
+        if hit is not None:
+            metrics.RESTORES.labels(Tier.MEMORY.name).inc()
+            return RestoreResult(hit[0], hit[1], Tier.MEMORY)
+        generation = self.memory.generation
+        found = await self._read(
+            lambda: self.sql.find_checkpoint(key, checkpoint_id, include_writes)
         )
-        metrics.RESTORES.labels(tier.name).inc()
-        if not include_writes:
-            return RestoreResult(cp, [], tier)
-        if writes is None:
-            writes = sql_writes
-        if writes is None:
-            writes = self.memory.writes_known(key, checkpoint_id)
-        if writes is None and self.redis is not None:
-            writes = await self.redis.get_writes(key, checkpoint_id)
-        if writes is None:
-            writes = await self._read(lambda: self.sql.get_writes(key, checkpoint_id))
-        return RestoreResult(cp, sorted(writes, key=lambda w: (w.task_id, w.idx)), tier)
-
-    async def _body(
-        self, key: ThreadKey, checkpoint_id: str, with_writes: bool
-    ) -> tuple[Checkpoint, Tier, list[PendingWrite] | None]:
-        """A body by id from the fastest tier that has it (and its writes, if SQL serves it)."""
-        cp = await self.memory.get_body(key, checkpoint_id)
-        if cp is not None:
-            return cp, Tier.MEMORY, None
-        if self.redis is not None:
-            cp = await self.redis.get_body(key, checkpoint_id)
-            if cp is not None:
-                await self.memory.put_bodies([cp])
-                return cp, Tier.REDIS, None
-        found = await self._read(lambda: self.sql.get_checkpoint(key, checkpoint_id, with_writes))
         if found is None:
-            raise NotFound(
-                f"checkpoint {checkpoint_id} not found in {key.namespace}/{key.thread_id}"
-            )
-        await self._warm(found[0], None)
-        return found[0], Tier.SQL, found[1]
+            raise self._not_found(key, checkpoint_id)
+        cp, version, writes = found
+        tier, state = Tier.MEMORY, self.memory.state_of(cp)
+        if state is None and self.redis is not None:
+            tier, state = Tier.REDIS, await self.redis.state_of(cp)
+        if state is None:
+            tier, state = Tier.SQL, await self._read(lambda: self.sql.state_of(cp))
+            if state is None:  # deleted since it was named
+                raise self._not_found(key, checkpoint_id)
+        cp.state = state
+        if self.memory.generation == generation:  # nothing was deleted meanwhile: warm up
+            if tier != Tier.MEMORY:
+                self.memory.put_bodies([cp])
+            if not checkpoint_id:
+                self.memory.set_heads({key: (cp.checkpoint_id, version)})
+        if tier == Tier.SQL and self.redis is not None:
+            await self.redis.put_states([cp])
+        metrics.RESTORES.labels(tier.name).inc()
+        return RestoreResult(cp, writes, tier)
 
-    async def _warm(self, cp: Checkpoint, head_version: int | None) -> None:
-        """Read-through: what SQL served goes to the faster tiers."""
-        await self.memory.put_bodies([cp])
-        heads = {cp.key: (cp.checkpoint_id, head_version)} if head_version is not None else {}
-        await self.memory.set_heads(heads)
-        if self.redis is not None:
-            await self.redis.apply([cp], heads, [], [], new=False)
+    @staticmethod
+    def _not_found(key: ThreadKey, checkpoint_id: str) -> NotFound:
+        where = f"{key.namespace}/{key.thread_id}"
+        if checkpoint_id:
+            return NotFound(f"checkpoint {checkpoint_id} not found in {where}")
+        return NotFound(f"thread {where} has no checkpoint")
 
     async def list(
         self,
@@ -374,15 +349,11 @@ class CheckpointStore:
         self, bodies: list[tuple[ThreadKey, str]], threads: list[ThreadKey] | None = None
     ) -> None:
         """After SQL was changed outside the group committer (retention, prune, copy, delete
-        for runs): the caches drop those bodies, and all they hold of those threads, and
-        re-read them from SQL."""
+        for runs): memory drops those bodies, and all it holds of those threads. Redis needs
+        nothing: SQL names every checkpoint a Restore returns, and Redis only holds states."""
         self.memory.drop_bodies(bodies)
         for key in threads or []:
-            await self.memory.drop_thread(key)
-        if self.redis is not None:
-            await self.redis.drop_bodies(bodies)
-            for key in threads or []:
-                await self.redis.drop_thread(key)
+            self.memory.drop_thread(key)
 
     async def delete_threads(self, tenant: str, thread_id: str, prefix: str) -> tuple[int, int]:
         """A thread id in every namespace under `prefix`: (threads, checkpoints) deleted."""
@@ -439,7 +410,7 @@ class CheckpointStore:
             await asyncio.wait_for(self.sql.ping(), timeout=1.0)
             self.sql.up, self.sql.detail = True, ""
         except Exception as exc:
-            self.sql.up, self.sql.detail = False, f"{type(exc).__name__}: {exc}"
+            self.sql.up, self.sql.detail = False, describe(exc)
         tiers = [
             TierHealth(
                 Tier.MEMORY,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from urllib.parse import urlparse
 
 from google.protobuf import json_format
 
-from engine_svc import expressions
+from engine_svc import expressions, values
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -33,6 +34,12 @@ DEFAULT_TRIGGERS = frozenset(
 )
 
 Violations = list[tuple[str, str]]
+
+# Bounds that keep one definition's work and every time derived from it in range.
+MAX_NODES = 10_000
+MAX_PARALLEL = 1000  # a step's node.started events ride on one store request
+MAX_DURATION_SECONDS = 10 * 366 * 24 * 3600.0  # ten years: expiries stay valid Timestamps
+_DURATION_LIMIT = 315_576_000_000  # protobuf's own range for Duration.seconds
 
 
 class DefinitionInvalid(ValueError):
@@ -167,9 +174,25 @@ def _check_python(cfg: dict[str, Any], where: str, out: Violations) -> None:
 
 def _check_http(cfg: dict[str, Any], where: str, out: Violations) -> None:
     url = cfg.get("url")
-    parsed = urlparse(url) if isinstance(url, str) else None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         out.append((f"{where}.url", "required: an http:// or https:// URL"))
+    elif "${" in url:  # a template: its placeholders must be expressions; the rest is literal
+        for placeholder in re.findall(r"\$\{([^}]*)\}", url):
+            if problem := expressions.check(placeholder):
+                out.append((f"{where}.url", f"placeholder ${{{placeholder}}}: {problem}"))
+        if url.count("${") != len(re.findall(r"\$\{[^}]*\}", url)):
+            out.append((f"{where}.url", "an unclosed ${ placeholder"))
+    else:
+        try:
+            parsed = urlparse(url)
+            parsed.port  # noqa: B018 (raises on a bad port)
+        except ValueError as exc:
+            out.append((f"{where}.url", f"not a URL: {exc}"))
+        else:
+            if not parsed.netloc:
+                out.append((f"{where}.url", "required: an http:// or https:// URL"))
+    if "timeout_seconds" in cfg:
+        _number(cfg, "timeout_seconds", where, out, required=False, minimum=0.001)
     method = cfg.get("method", "GET")
     if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
         out.append((f"{where}.method", f"one of {', '.join(sorted(HTTP_METHODS))}"))
@@ -217,6 +240,26 @@ def _seconds(d: Any) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+def _duration(msg: Any, name: str, where: str, out: Violations) -> float | None:
+    """A Duration field in seconds (None if unset); positive, valid and at most ten years."""
+    if not msg.HasField(name):
+        return None
+    d = getattr(msg, name)
+    if (
+        abs(d.seconds) > _DURATION_LIMIT
+        or abs(d.nanos) > 999_999_999
+        or (d.seconds and d.nanos and (d.seconds < 0) != (d.nanos < 0))
+    ):
+        out.append((f"{where}{name}", "not a valid Duration"))
+        return None
+    seconds = _seconds(d)
+    if seconds <= 0:
+        out.append((f"{where}{name}", "must be positive"))
+    elif seconds > MAX_DURATION_SECONDS:
+        out.append((f"{where}{name}", "at most ten years"))
+    return seconds
+
+
 def parse(msg: pb.WorkflowDefinition) -> Workflow:
     """The workflow a definition describes; DefinitionInvalid lists everything wrong."""
     out: Violations = []
@@ -224,6 +267,8 @@ def parse(msg: pb.WorkflowDefinition) -> Workflow:
         out.append(("workflow_id", "1-128 of A-Z a-z 0-9 _ -"))
     if not msg.nodes:
         out.append(("nodes", "at least one node"))
+    if len(msg.nodes) > MAX_NODES:
+        raise DefinitionInvalid([("nodes", f"at most {MAX_NODES} nodes")])
     seen: dict[str, int] = {}
     nodes: list[NodeSpec] = []
     for i, n in enumerate(msg.nodes):
@@ -241,15 +286,19 @@ def parse(msg: pb.WorkflowDefinition) -> Workflow:
                     f"unknown node type {n.type!r}; one of " + ", ".join(sorted(CONFIG_CHECKS)),
                 )
             )
-        config = json_format.MessageToDict(n.config)
-        if n.type in CONFIG_CHECKS:
+        if len(n.depends_on) > MAX_NODES:
+            raise DefinitionInvalid([(f"{where}.depends_on", f"at most {MAX_NODES}")])
+        config: dict[str, Any] = {}
+        if bad := values.struct_problem(n.config, f"{where}.config"):
+            out.append(bad)
+        else:
+            config = json_format.MessageToDict(n.config)
+        if n.type in CONFIG_CHECKS and not bad:
             CONFIG_CHECKS[n.type](config, f"{where}.config", out)
         if n.when and (problem := expressions.check(n.when)):
             out.append((f"{where}.when", problem))
         retry = _retry(n, where, out)
-        timeout = _seconds(n.timeout) if n.HasField("timeout") else None
-        if timeout is not None and timeout <= 0:
-            out.append((f"{where}.timeout", "must be positive"))
+        timeout = _duration(n, "timeout", f"{where}.", out)
         nodes.append(
             NodeSpec(n.id, n.type, tuple(n.depends_on), config, retry, timeout, n.when, n.critical)
         )
@@ -267,22 +316,20 @@ def parse(msg: pb.WorkflowDefinition) -> Workflow:
     if cycle:
         out.append(("nodes", "cycle: " + " -> ".join(cycle)))
     policy = msg.checkpoint
+    if len(policy.triggers) > 64:
+        raise DefinitionInvalid([("checkpoint.triggers", "at most 64")])
     triggers = frozenset(policy.triggers) or DEFAULT_TRIGGERS
     for i, t in enumerate(policy.triggers):
         if t not in pb.CheckpointTrigger.values() or t == pb.CHECKPOINT_TRIGGER_UNSPECIFIED:
             out.append((f"checkpoint.triggers[{i}]", f"unknown trigger {t}"))
-    interval = _seconds(policy.interval) if policy.HasField("interval") else None
-    if pb.CHECKPOINT_TRIGGER_TIME_BASED in triggers and not interval:
+    interval = _duration(policy, "interval", "checkpoint.", out)
+    if pb.CHECKPOINT_TRIGGER_TIME_BASED in triggers and not policy.HasField("interval"):
         out.append(("checkpoint.interval", "required with CHECKPOINT_TRIGGER_TIME_BASED"))
-    if interval is not None and interval <= 0:
-        out.append(("checkpoint.interval", "must be positive"))
     if policy.keep_last < 0:
         out.append(("checkpoint.keep_last", "must not be negative"))
-    ttl = _seconds(policy.ttl) if policy.HasField("ttl") else None
-    if ttl is not None and ttl <= 0:
-        out.append(("checkpoint.ttl", "must be positive"))
-    if msg.max_parallel < 0:
-        out.append(("max_parallel", "must not be negative"))
+    ttl = _duration(policy, "ttl", "checkpoint.", out)
+    if not 0 <= msg.max_parallel <= MAX_PARALLEL:
+        out.append(("max_parallel", f"between 0 and {MAX_PARALLEL}"))
     if out:
         raise DefinitionInvalid(out)
     return Workflow(
@@ -301,8 +348,16 @@ def _retry(n: pb.Node, where: str, out: Violations) -> Retry:
     r = n.retry
     if r.max_attempts < 0:
         out.append((f"{where}.retry.max_attempts", "must not be negative"))
-    initial = _seconds(r.initial_backoff) if r.HasField("initial_backoff") else 1.0
-    maximum = _seconds(r.max_backoff) if r.HasField("max_backoff") else max(60.0, initial)
+    if not math.isfinite(r.backoff_multiplier):
+        out.append((f"{where}.retry.backoff_multiplier", "must be a finite number"))
+        return Retry()
+    initial = 1.0
+    if r.HasField("initial_backoff"):  # zero: retry at once
+        zero = r.initial_backoff.seconds == 0 and r.initial_backoff.nanos == 0
+        initial = 0.0 if zero else _duration(r, "initial_backoff", f"{where}.retry.", out) or 0.0
+    maximum = max(60.0, initial)
+    if r.HasField("max_backoff"):
+        maximum = _duration(r, "max_backoff", f"{where}.retry.", out) or maximum
     multiplier = r.backoff_multiplier or 2.0
     if initial < 0 or maximum < initial:
         out.append((f"{where}.retry", "need 0 <= initial_backoff <= max_backoff"))

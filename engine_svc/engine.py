@@ -316,13 +316,15 @@ class Engine:
                 return
 
     async def _run_exists(self, tenant: str, run_id: str) -> bool:
+        """A run is a thread with a checkpoint: a thread row that another call created first
+        (a lease, a Publish on `runs/<id>`) is not a run yet, and may be started."""
         try:
-            await self.thread(tenant, run_id)
+            thread = await self.thread(tenant, run_id)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return False
             raise
-        return True
+        return bool(thread.head_checkpoint_id)
 
     def _launch(
         self, tenant: str, workflow: Workflow, run_id: str, started: RunState | None = None

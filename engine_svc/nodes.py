@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from engine_svc import expressions
+from engine_svc import expressions, values
 from engine_svc.definition import NodeSpec
 
 
@@ -96,9 +96,12 @@ class NodeRunner:
 
     async def run(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
         try:
-            return await self._run(call, node, state)
+            output = await self._run(call, node, state)
         except expressions.ExpressionError as exc:
             raise NodeFailed(str(exc)) from exc
+        if problem := values.problem_of(output, "output"):  # it could never be read back
+            raise NodeFailed(f"{problem[0]}: {problem[1]}")
+        return output
 
     async def _run(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
         cfg = node.config
@@ -136,7 +139,7 @@ class NodeRunner:
                 json=body if body is not None and not isinstance(body, str) else None,
                 timeout=float(cfg.get("timeout_seconds", 30.0)),
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a rendered URL too
             raise NodeFailed(f"{method} {cfg['url']}: {type(exc).__name__}: {exc}") from exc
         wanted = expected_statuses(cfg)
         if (wanted is None and not response.is_success) or (

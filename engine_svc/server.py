@@ -8,13 +8,12 @@ import signal
 import sys
 
 import grpc
-import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from checkpoint_svc import logs
 from checkpoint_svc.interceptors import RejectMalformedRequests
-from checkpoint_svc.server import GIL_SWITCH_INTERVAL
+from checkpoint_svc.server import EXCLUSIVE_PORT, GIL_SWITCH_INTERVAL, listen, serve_metrics
 from engine_svc.config import Settings, parse_settings
 from engine_svc.engine import Engine
 from engine_svc.servicer import EngineServicer
@@ -26,8 +25,7 @@ SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 
 async def serve(settings: Settings) -> None:
     engine = Engine(settings)
-    await engine.start()
-    server = grpc.aio.server(interceptors=[RejectMalformedRequests()])
+    server = grpc.aio.server(interceptors=[RejectMalformedRequests()], options=[EXCLUSIVE_PORT])
     engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -40,11 +38,11 @@ async def serve(settings: Settings) -> None:
         ],
         server,
     )
+    # The port first: a second engine on it must stop before it takes over any run.
+    listen(server, settings.listen, "engine_svc")
     if settings.metrics_port:
-        host = settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-        prometheus_client.start_http_server(settings.metrics_port, addr=host)
-    if server.add_insecure_port(settings.listen) == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}")
+        serve_metrics(settings.metrics_port, settings.listen, "engine_svc")
+    await engine.start()
     await server.start()
     log.info(
         "engine listening",

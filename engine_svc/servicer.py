@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from checkpoint_svc.errors import InvalidArgument
 from checkpoint_svc.servicer import TENANT_HEADER, status_for
 from checkpoint_svc.servicer import tenant_of as store_tenant_of
+from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
 from engine_svc.executor import LeaseLostError, RunState, StoreUnavailable
@@ -65,18 +66,6 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
             f"tenant {SYSTEM_TENANT!r} is reserved", [(TENANT_HEADER, "reserved for the engine")]
         )
     return tenant
-
-
-def from_struct(value: Any) -> Any:
-    """A Struct's value as JSON would give it: protobuf keeps every number as a double, so
-    whole numbers come back as ints (an input of 20 formats as "20", not "20.0")."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, list):
-        return [from_struct(v) for v in value]
-    if isinstance(value, dict):
-        return {k: from_struct(v) for k, v in value.items()}
-    return value
 
 
 def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
@@ -195,7 +184,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             tenant,
             request.workflow_id,
             request.version,
-            from_struct(json_format.MessageToDict(request.input)),
+            values.from_struct(request.input, "input"),
             request.run_id,
             request.request_id,
             list(request.interrupt_before),
@@ -268,7 +257,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             tenant,
             request.run_id,
             request.checkpoint_id,
-            from_struct(json_format.MessageToDict(request.state_patch)),
+            values.from_struct(request.state_patch, "state_patch"),
             request.new_run_id,
         )
         return pb.ForkRunResponse(run=await self._reply(tenant, run))
@@ -307,11 +296,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self, request: pb.ResumeRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResumeRunResponse:
         tenant = tenant_of(context)
-        value = (
-            from_struct(json_format.MessageToDict(request.value))
-            if request.HasField("value")
-            else None
-        )
+        value = values.from_struct(request.value, "value") if request.HasField("value") else None
         run = await self.engine.resume_run(tenant, request.run_id, value)
         return pb.ResumeRunResponse(run=await self._reply(tenant, run))
 

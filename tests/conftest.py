@@ -12,6 +12,7 @@ Fixtures
   env=None) -> CheckpointServiceProcess``; everything it started is terminated at teardown.
 - ``service``: one started service on ``backend``.
 - ``stub``: ``(CheckpointServiceStub, metadata)`` for ``service`` and ``tenant``.
+- ``store``: the real ``CheckpointStore`` on ``backend``, called in-process.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tests.servers import (
 )
 
 if TYPE_CHECKING:
+    from checkpoint_svc.store import CheckpointStore
     from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc
 
 BACKENDS = ("sqlite", "postgres", "postgres+redis")
@@ -204,3 +206,20 @@ def pytest_runtest_teardown(
                     postgres.drop_database(dbname)
                 except RuntimeError as exc:
                     item.add_report_section("teardown", "drop database", str(exc))
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[CheckpointStore]:
+    """The real ``CheckpointStore``, in this process, on ``backend`` (no gRPC in between)."""
+    from checkpoint_svc.config import Settings
+    from checkpoint_svc.store import CheckpointStore
+
+    settings = Settings(db_url=backend.db_url, redis_url=backend.redis_url)
+    settings.sweep_interval_seconds = 0
+    settings.heartbeat_seconds = 0.5
+    store = CheckpointStore(settings)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()

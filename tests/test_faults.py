@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.requests import NS, code_of, restore, save, state_of
+from tests.requests import NS, restore, save, state_of
 from tests.servers import checkpoint_stub
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
@@ -112,11 +112,18 @@ async def test_sql_down_fails_saves_fast_with_unavailable_then_recovers(
     await postgres_server.astop()
     try:
         started = time.monotonic()
-        code = await code_of(save(s, md, "q", {"i": 1}))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await save(s, md, "q", {"i": 1})
         elapsed = time.monotonic() - started
-        assert code == grpc.StatusCode.UNAVAILABLE, "never a false ack"
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, "never a false ack"
         assert elapsed < 10, f"failed after {elapsed:.1f}s: not fast"
         assert await _health(s, md) == pb.SERVING_HEALTH_UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as read:
+            await restore(s, md, "q")
+        info = await s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
+        # What a client sees names the failure, never the SQL or its parameters.
+        for text in (failed.value.details(), read.value.details(), str(info)):
+            assert "SELECT" not in text and "INSERT" not in text and "[SQL" not in text, text
     finally:
         await postgres_server.astart()
     deadline = time.monotonic() + 20

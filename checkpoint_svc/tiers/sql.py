@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,17 +139,36 @@ INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id,
 VALUES (:tenant, :namespace, :thread_id, :checkpoint_id, :parent_id, :step, :state,
     :content_type, :trigger, :name, :completed_nodes, :progress_percent, :eta_seconds,
     :metadata, :created_at, :expires_at, :state_size)"""
-SELECT_CHECKPOINT = (
-    f"SELECT {META_COLUMNS}, state FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id"
+# Restore: SQL names the checkpoint (the head, or one by id), with its metadata and, joined,
+# its pending writes; the state comes from the fastest tier holding that very checkpoint.
+_META_OF_C = (
+    "c.checkpoint_id, c.parent_id, c.step, c.content_type, c.trigger, c.name, "
+    "c.completed_nodes, c.progress_percent, c.eta_seconds, c.metadata, c.created_at, "
+    "c.expires_at"
 )
-CHECKPOINT_EXISTS = f"SELECT 1 FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id"
-SELECT_HEAD = """
-SELECT c.checkpoint_id, c.parent_id, c.step, c.content_type, c.trigger, c.name,
-    c.completed_nodes, c.progress_percent, c.eta_seconds, c.metadata, c.created_at,
-    c.expires_at, c.state, t.last_seq
-FROM threads t JOIN checkpoints c ON c.tenant = t.tenant AND c.namespace = t.namespace
-    AND c.thread_id = t.thread_id AND c.checkpoint_id = t.head_id
-WHERE t.tenant = :tenant AND t.namespace = :namespace AND t.thread_id = :thread_id"""
+_WRITES_OF_C = """LEFT JOIN writes w ON w.tenant = c.tenant AND w.namespace = c.namespace
+    AND w.thread_id = c.thread_id AND w.checkpoint_id = c.checkpoint_id"""
+_W_COLUMNS = "w.task_id, w.idx, w.channel, w.value, w.content_type, w.task_path"
+_HEAD_OF_T = """FROM threads t JOIN checkpoints c ON c.tenant = t.tenant
+    AND c.namespace = t.namespace AND c.thread_id = t.thread_id AND c.checkpoint_id = t.head_id"""
+_T_KEY = "t.tenant = :tenant AND t.namespace = :namespace AND t.thread_id = :thread_id"
+_C_KEY = """c.tenant = :tenant AND c.namespace = :namespace AND c.thread_id = :thread_id
+    AND c.checkpoint_id = :checkpoint_id"""
+FIND_HEAD = f"SELECT {_META_OF_C}, t.last_seq {_HEAD_OF_T} WHERE {_T_KEY}"
+FIND_HEAD_WITH_WRITES = f"""
+SELECT {_META_OF_C}, t.last_seq, {_W_COLUMNS} {_HEAD_OF_T} {_WRITES_OF_C}
+WHERE {_T_KEY} ORDER BY w.task_id, w.idx"""
+FIND_CHECKPOINT = f"SELECT {_META_OF_C}, 0 FROM checkpoints c WHERE {_C_KEY}"
+FIND_CHECKPOINT_WITH_WRITES = f"""
+SELECT {_META_OF_C}, 0, {_W_COLUMNS} FROM checkpoints c {_WRITES_OF_C}
+WHERE {_C_KEY} ORDER BY w.task_id, w.idx"""
+SELECT_STATE = f"""
+SELECT state FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id
+    AND created_at = :created_at"""
+# A client-supplied id on Save: taken already? writes for it committed before it?
+CHECKPOINT_OR_WRITES_EXIST = f"""
+SELECT EXISTS (SELECT 1 FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id),
+    EXISTS (SELECT 1 FROM writes WHERE {_KEY} AND checkpoint_id = :checkpoint_id)"""
 LIST_CHECKPOINTS = f"SELECT {META_COLUMNS}{{state}} FROM checkpoints WHERE {_KEY}"
 LIST_CHECKPOINTS_ACROSS_NAMESPACES = f"""
 SELECT {META_COLUMNS}{{state}}, namespace FROM checkpoints
@@ -170,9 +188,6 @@ UPSERT_SPECIAL_WRITE = (
     task_path = excluded.task_path"""
 )
 WRITE_COLUMNS = "checkpoint_id, task_id, idx, channel, value, content_type, task_path"
-SELECT_WRITES = f"""
-SELECT {WRITE_COLUMNS} FROM writes
-WHERE {_KEY} AND checkpoint_id = :checkpoint_id ORDER BY task_id, idx"""
 # The writes of a page of one thread id's checkpoints (across its namespaces), in one query.
 SELECT_WRITES_OF_CHECKPOINTS = f"""
 SELECT namespace, {WRITE_COLUMNS} FROM writes
@@ -256,12 +271,6 @@ DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant 
     AND threads.namespace = events.namespace AND threads.thread_id = events.thread_id)"""
 SWEEP_OLD_REQUESTS = "DELETE FROM requests WHERE created_at < :before"
 SWEEP_OLD_BATCH_MARKERS = "DELETE FROM requests WHERE tenant = :marker AND created_at < :before"
-
-RECORD_STALE = """
-INSERT INTO redis_stale (key, created_at) VALUES (:key, :now)
-ON CONFLICT (key) DO UPDATE SET created_at = excluded.created_at"""
-PENDING_STALE = "SELECT key, created_at FROM redis_stale ORDER BY created_at LIMIT :limit"
-CLEAR_STALE = "DELETE FROM redis_stale WHERE key = :key AND created_at <= :at"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -475,32 +484,39 @@ class SqlTier:
         thread = _thread_from_row(key, row) if row else None
         return thread if thread is not None and not thread.deleted else None
 
-    async def get_head(
-        self, key: ThreadKey, include_writes: bool = False
-    ) -> tuple[Checkpoint, int, list[PendingWrite] | None] | None:
-        """The head, the thread's event seq (its version), and its writes if asked."""
+    async def find_checkpoint(
+        self, key: ThreadKey, checkpoint_id: str, include_writes: bool
+    ) -> tuple[Checkpoint, int, list[PendingWrite]] | None:
+        """The head (or the checkpoint with this id) without its state, the thread's event seq
+        if it is the head (its version, 0 otherwise), and its writes if asked: one query."""
+        if checkpoint_id:
+            sql = FIND_CHECKPOINT_WITH_WRITES if include_writes else FIND_CHECKPOINT
+            params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+        else:
+            sql = FIND_HEAD_WITH_WRITES if include_writes else FIND_HEAD
+            params = _key_params(key)
         async with self.reader.connect() as conn:
-            row = (await conn.execute(_sql(SELECT_HEAD), _key_params(key))).first()
-            if row is None:
-                return None
-            cp = _checkpoint_from_row(key, row, with_state=True)
-            writes = await _writes(conn, key, cp.checkpoint_id) if include_writes else None
-        return cp, row[13], writes
+            rows = (await conn.execute(_sql(sql), params)).all()
+        if not rows:
+            return None
+        cp = _checkpoint_from_row(key, rows[0], with_state=False)
+        writes = [
+            PendingWrite(cp.checkpoint_id, r[13], r[14], r[15], bytes(r[16]), r[17], r[18])
+            for r in rows
+            if include_writes and r[13] is not None
+        ]
+        return cp, rows[0][12], writes
 
-    async def get_checkpoint(
-        self, key: ThreadKey, checkpoint_id: str, include_writes: bool = False
-    ) -> tuple[Checkpoint, list[PendingWrite] | None] | None:
-        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+    async def state_of(self, named: Checkpoint) -> bytes | None:
+        """The state of that very checkpoint (None if it is gone, or is another by that id)."""
+        params = {
+            **_key_params(named.key),
+            "checkpoint_id": named.checkpoint_id,
+            "created_at": named.created_at,
+        }
         async with self.reader.connect() as conn:
-            row = (await conn.execute(_sql(SELECT_CHECKPOINT), params)).first()
-            if row is None:
-                return None
-            writes = await _writes(conn, key, checkpoint_id) if include_writes else None
-        return _checkpoint_from_row(key, row, with_state=True), writes
-
-    async def get_writes(self, key: ThreadKey, checkpoint_id: str) -> list[PendingWrite]:
-        async with self.reader.connect() as conn:
-            return await _writes(conn, key, checkpoint_id)
+            state = (await conn.execute(_sql(SELECT_STATE), params)).scalar()
+        return bytes(state) if state is not None else None
 
     async def list_checkpoints(
         self,
@@ -680,34 +696,6 @@ def _prefix_params(prefix: str) -> dict[str, Any]:
     return {"prefix": prefix, "prefix_length": len(prefix)}
 
 
-async def _writes(conn: AsyncConnection, key: ThreadKey, checkpoint_id: str) -> list[PendingWrite]:
-    params = {**_key_params(key), "checkpoint_id": checkpoint_id}
-    rows = (await conn.execute(_sql(SELECT_WRITES), params)).all()
-    return [_write_from_row(r) for r in rows]
-
-
-class SqlStaleLog:
-    """Redis keys some replica could not update, so that every replica drops them."""
-
-    def __init__(self, sql: SqlTier) -> None:
-        self.sql = sql
-
-    async def record(self, keys: list[str]) -> None:
-        now = time.time()
-        async with self.sql.writer.begin() as conn:
-            await conn.execute(_sql(RECORD_STALE), [{"key": k, "now": now} for k in keys])
-
-    async def pending(self, limit: int) -> list[tuple[str, float]]:
-        async with self.sql.reader.connect() as conn:
-            rows = (await conn.execute(_sql(PENDING_STALE), {"limit": limit})).all()
-        return [(r[0], r[1]) for r in rows]
-
-    async def clear(self, entries: list[tuple[str, float]]) -> None:
-        """Forget entries once dropped, unless recorded again since they were read."""
-        async with self.sql.writer.begin() as conn:
-            await conn.execute(_sql(CLEAR_STALE), [{"key": k, "at": t} for k, t in entries])
-
-
 def _configure_sqlite(engine: AsyncEngine, immediate: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -743,8 +731,11 @@ class Batch:
         self.new_requests: dict[tuple[str, str], tuple[str, str]] = {}
         self.heads: dict[ThreadKey, tuple[str, int]] = {}
         self.deleted: list[ThreadKey] = []
+        # Checkpoints saved after some of their writes: no cache may call their writes complete.
+        self.early_writes: set[tuple[ThreadKey, str]] = set()
         self.created: set[ThreadKey] = set()  # rows inserted by this batch
         self.written: set[ThreadKey] = set()  # rows some operation changed
+        self.revived: set[ThreadKey] = set()  # tombstones (deleted threads) written again
         # What flush() has sent, for the caches and the feed after commit.
         self.flushed_checkpoints: list[Checkpoint] = []
         self.flushed_writes: list[tuple[ThreadKey, PendingWrite]] = []
@@ -771,6 +762,7 @@ class Batch:
                 else:  # written again after a delete: back to life once an operation writes it
                     thread.deleted = False
                     thread.created_at = self.now
+                    self.revived.add(key)
             self.threads[key] = thread
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
@@ -789,6 +781,13 @@ class Batch:
 
     def thread(self, key: ThreadKey) -> Thread | None:
         return self.threads.get(key)
+
+    def keep(self, thread: Thread) -> None:
+        """An operation wrote under this row without changing it: keep it if just created,
+        revive it if it was a tombstone."""
+        if thread.key in self.revived:
+            self.touch(thread)
+        self.written.add(thread.key)
 
     def touch(self, thread: Thread) -> None:
         thread.updated_at = self.now
@@ -832,11 +831,18 @@ class Batch:
         """A marker row: after a lost COMMIT answer, its presence says the batch landed."""
         self.record_request(BATCH_MARKER_TENANT, batch_id, "batch", "")
 
-    async def checkpoint_exists(self, key: ThreadKey, checkpoint_id: str) -> bool:
-        if any(c.key == key and c.checkpoint_id == checkpoint_id for c in self.checkpoints):
-            return True
+    async def checkpoint_or_writes_exist(
+        self, key: ThreadKey, checkpoint_id: str
+    ) -> tuple[bool, bool]:
+        """Whether this checkpoint exists, and whether writes for it do (committed or in this
+        batch): writes may arrive before their checkpoint (LangGraph's async durability)."""
+        in_batch = any(c.key == key and c.checkpoint_id == checkpoint_id for c in self.checkpoints)
+        writes = any(k == key and w.checkpoint_id == checkpoint_id for k, w in self.writes)
+        if in_batch:
+            return True, writes
         params = {**_key_params(key), "checkpoint_id": checkpoint_id}
-        return (await self.conn.execute(_sql(CHECKPOINT_EXISTS), params)).first() is not None
+        row = (await self.conn.execute(_sql(CHECKPOINT_OR_WRITES_EXIST), params)).one()
+        return bool(row[0]), writes or bool(row[1])
 
     async def delete_thread(self, key: ThreadKey) -> int:
         await self.flush()

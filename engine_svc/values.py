@@ -1,0 +1,105 @@
+"""What the engine stores must read back: JSON values, finite, and not nested too deep.
+
+A run's state travels as a `google.protobuf.Struct` (GetRun, WatchRun, GetRunHistory), and
+protobuf refuses to parse messages nested more than 100 levels; each JSON level costs about
+three of them (Struct, map entry, Value). A run whose input or a node output were deeper, or
+held NaN or Infinity (which JSON cannot carry), could be saved but never read again. Every
+value is checked before anything is written: client input here (INVALID_ARGUMENT, with the
+field path), node outputs in the node runner (the node fails).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from checkpoint_svc.errors import InvalidArgument
+
+# JSON levels a value may nest: leaves room for the messages around a run's state and an
+# event's payload (output inside payload inside Event inside StreamResponse).
+MAX_DEPTH = 24
+
+
+def problem_of(value: Any, where: str, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None:
+    """(field path, what is wrong) for the first part of `value` that cannot be stored."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):  # json.dumps writes a tuple as a list
+            if depth >= max_depth:
+                return path, f"nested deeper than {max_depth} levels"
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for k, v in children:
+                if isinstance(k, str) and "\x00" in k:
+                    return path, "keys must not contain NUL characters"
+                child = f"{path}.{k}" if isinstance(item, dict) else f"{path}[{k}]"
+                stack.append((v, child, depth + 1))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return path, "must be a finite number (JSON has no NaN or Infinity)"
+        elif isinstance(item, str) and "\x00" in item:
+            return path, "must not contain NUL characters"
+        elif not (item is None or isinstance(item, bool | int | float | str)):
+            return path, f"not a JSON value: {type(item).__name__}"
+    return None
+
+
+def check(value: Any, where: str) -> None:
+    """InvalidArgument unless `value` can be stored and read back."""
+    found = problem_of(value, where)
+    if found is not None:
+        raise InvalidArgument(f"{found[0]}: {found[1]}", [found])
+
+
+def _plain(value: Any) -> Any:
+    """A Struct's value as JSON would give it: protobuf keeps every number as a double, so
+    whole numbers come back as ints (an input of 20 formats as "20", not "20.0")."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def struct_problem(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> tuple[str, str] | None:
+    """(field path, what is wrong) if a client's Struct cannot be stored and read back."""
+    found = _non_finite(msg, where)
+    if found is not None:
+        return found, "must be a finite number (JSON has no NaN or Infinity)"
+    return problem_of(json_format.MessageToDict(msg), where)
+
+
+def from_struct(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> Any:
+    """A client's Struct (or Value) as a plain, storable value; InvalidArgument otherwise."""
+    found = _non_finite(msg, where)
+    if found is not None:
+        raise InvalidArgument(f"{found}: must be a finite number", [(found, "must be finite")])
+    try:
+        value = _plain(json_format.MessageToDict(msg))
+    except (ValueError, json_format.Error) as exc:
+        raise InvalidArgument(f"{where}: {exc}", [(where, "not a JSON value")]) from None
+    check(value, where)
+    return value
+
+
+def _non_finite(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> str | None:
+    """The path of a NaN or Infinity in a Struct (json_format would raise a bare ValueError)."""
+    stack: list[tuple[Any, str]] = [(msg, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, struct_pb2.Struct):
+            stack.extend((v, f"{path}.{k}") for k, v in item.fields.items())
+        elif isinstance(item, struct_pb2.ListValue):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item.values))
+        else:
+            kind = item.WhichOneof("kind")
+            if kind == "number_value" and not math.isfinite(item.number_value):
+                return path
+            if kind == "struct_value":
+                stack.append((item.struct_value, path))
+            elif kind == "list_value":
+                stack.append((item.list_value, path))
+    return None
