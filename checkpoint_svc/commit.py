@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -113,10 +113,37 @@ class _AmbiguousCommit(Exception):
         self.cause = cause
 
 
+# An operation's weight: 1, plus its events and writes, plus a unit per 64 KiB it stores.
+# A batch carries at most BATCH_WEIGHT of it; an operation of HEAVY_WEIGHT or more commits in
+# a lane of its own on PostgreSQL, beside the small ones, so that one big request never holds
+# everyone else's back (docs/checkpoint-service.md#limits).
+BATCH_WEIGHT = 512
+HEAVY_WEIGHT = 64
+_RETRY_BACKOFF = (0.1, 2.0)  # write-behind retries while SQL is down: first and longest wait
+
+
+def weight_of(op: Operation) -> int:
+    return max(1, int(getattr(op, "weight", 1)))
+
+
 @dataclass(slots=True)
 class _Item:
     op: Operation
     future: asyncio.Future
+    behind: bool  # write-behind: acknowledged already, so retried until SQL takes it
+    weight: int
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One consumer of operations, committing them batch after batch."""
+
+    name: str
+    queue: asyncio.Queue[_Item]
+    carry: list[_Item] = field(default_factory=list)  # taken, for the next batch
+    retry: list[_Item] = field(default_factory=list)  # write-behind, waiting for SQL
+    backoff: float = 0.0
+    task: asyncio.Task | None = None
 
 
 class GroupCommitter:
@@ -130,8 +157,11 @@ class GroupCommitter:
         self.sql = sql
         self._after_commit = after_commit
         self.batch_max = batch_max
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
-        self._task: asyncio.Task | None = None
+        self._light = _Lane("group-commit", asyncio.Queue(maxsize=queue_max))
+        # SQLite has one writer at a time: a second lane would only wait for the first.
+        self._heavy = (
+            None if sql.is_sqlite else _Lane("group-commit-heavy", asyncio.Queue(maxsize=256))
+        )
         # Committed batches wait here, in commit order, for the caches and the feed; that
         # work overlaps the next batch's commit instead of delaying it.
         self._committed: asyncio.Queue[tuple[Batch, list[_Item], list[tuple[bool, Any]]]] = (
@@ -139,11 +169,19 @@ class GroupCommitter:
         )
         self._announcer: asyncio.Task | None = None
         self._closing = False
+        self._unsettled = 0  # operations queued and not answered yet
+        self._settled = asyncio.Event()
+        self._settled.set()
         self.batches = 0
         self.operations = 0
 
+    @property
+    def _lanes(self) -> list[_Lane]:
+        return [self._light] if self._heavy is None else [self._light, self._heavy]
+
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="group-commit")
+        for lane in self._lanes:
+            lane.task = asyncio.create_task(self._run(lane), name=lane.name)
         self._announcer = asyncio.create_task(self._announce(), name="after-commit")
 
     async def submit(self, op: Operation, wait: bool = True) -> Any:
@@ -151,62 +189,98 @@ class GroupCommitter:
         if self._closing:
             raise TierUnavailable("the service is shutting down")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(op, future))
+        item = _Item(op, future, behind=not wait, weight=weight_of(op))
+        heavy = self._heavy is not None and item.weight >= HEAVY_WEIGHT
+        self._unsettled += 1
+        self._settled.clear()
+        future.add_done_callback(self._settle)
+        await (self._heavy if heavy and self._heavy else self._light).queue.put(item)
         if not wait:
             future.add_done_callback(_log_lost_write)
             return None
         return await future
 
+    def _settle(self, _future: asyncio.Future) -> None:
+        self._unsettled -= 1
+        if self._unsettled == 0:
+            self._settled.set()
+
     async def close(self, grace: float) -> None:
         """Stop taking operations and commit everything queued (the write-behind flush)."""
         self._closing = True
         try:
-            await asyncio.wait_for(self._queue.join(), grace)
-            await asyncio.wait_for(self._committed.join(), grace)
+            await asyncio.wait_for(self._settled.wait(), grace)
         except TimeoutError:
-            log.error("write-behind queue not flushed", extra={"lost": self._queue.qsize()})
-        for task in (self._task, self._announcer):
+            log.error("write-behind queue not flushed", extra={"lost": self._unsettled})
+        tasks = [lane.task for lane in self._lanes] + [self._announcer]
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _run(self) -> None:
-        while True:
-            items = [await self._queue.get()]
-            while len(items) < self.batch_max:
-                try:
-                    items.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+    async def _next_batch(self, lane: _Lane) -> list[_Item]:
+        """Write-behind retries first (after their backoff), then what came meanwhile, up to
+        the batch's count and weight."""
+        if lane.retry:
+            await asyncio.sleep(lane.backoff)
+        items, lane.retry, lane.carry = lane.retry + lane.carry, [], []
+        if not items:
+            items = [await lane.queue.get()]
+        weight = sum(i.weight for i in items)
+        while len(items) < self.batch_max and weight < BATCH_WEIGHT:
             try:
-                await self._commit(items)
+                item = lane.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if weight + item.weight > BATCH_WEIGHT:
+                lane.carry.append(item)  # the next batch starts with it
+                break
+            items.append(item)
+            weight += item.weight
+        return items
+
+    async def _run(self, lane: _Lane) -> None:
+        while True:
+            items = await self._next_batch(lane)
+            try:
+                await self._commit(lane, items)
             except Exception:  # never let the consumer die
                 log.exception("group commit failed")
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(TierUnavailable("internal commit failure"))
-            finally:
-                for _ in items:
-                    self._queue.task_done()
 
-    async def _commit(self, items: list[_Item]) -> None:
+    async def _commit(self, lane: _Lane, items: list[_Item]) -> None:
         started = time.monotonic()
         try:
             batch, results = await self._attempt(items)
-        except (TimeoutError, SQLAlchemyError, OSError) as exc:
-            if len(items) > 1 and not is_connectivity_error(exc):
-                for item in items:
-                    await self._commit([item])
+        except (TimeoutError, SQLAlchemyError, OSError, TierUnavailable) as exc:
+            unavailable = isinstance(exc, TierUnavailable) or is_connectivity_error(exc)
+            if len(items) > 1 and not unavailable:
+                for item in items:  # a data error: find whose, commit the others
+                    await self._commit(lane, [item])
                 return
-            if is_connectivity_error(exc):
+            if unavailable:
                 self.sql.up = False
-                self.sql.detail = describe(exc)
+                self.sql.detail = describe(exc) if not isinstance(exc, StoreError) else str(exc)
             error = as_store_error(exc)
             for item in items:
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if unavailable and item.behind and not self._closing:
+                    lane.retry.append(item)  # acknowledged: never dropped while SQL is down
+                else:
                     item.future.set_exception(error)
+            if lane.retry:
+                low, high = _RETRY_BACKOFF
+                lane.backoff = min(high, max(low, lane.backoff * 2))
+                log.warning(
+                    "SQL unavailable; write-behind saves kept for a retry",
+                    extra={"waiting": len(lane.retry), "retry_in": lane.backoff},
+                )
             return
+        lane.backoff = 0.0
         self.sql.up = True
         self.batches += 1
         self.operations += len(items)

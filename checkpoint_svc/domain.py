@@ -131,6 +131,8 @@ class Event:
     time: float
     payload: dict[str, Any]
     terminal: bool = False
+    # The Stream message carrying it, encoded once for all of its watchers (by the servicer).
+    encoded: bytes | None = None
 
 
 @dataclass(slots=True)

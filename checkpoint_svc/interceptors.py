@@ -50,6 +50,17 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
+def _encoded_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A streamed response may come already encoded (an event sent to many watchers)."""
+
+    def encode(response: Any) -> bytes:
+        if isinstance(response, bytes):
+            return response
+        return serialize(response) if serialize is not None else response
+
+    return encode
+
+
 async def _reject(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
 
@@ -85,6 +96,6 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
         return grpc.unary_stream_rpc_method_handler(
             stream_call,
             request_deserializer=parse,
-            response_serializer=handler.response_serializer,
+            response_serializer=_encoded_or(handler.response_serializer),
         )
     return None

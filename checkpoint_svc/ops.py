@@ -79,6 +79,11 @@ class SaveOp:
     def key(self) -> ThreadKey:
         return self.cmd.checkpoint.key
 
+    @property
+    def weight(self) -> int:
+        """Its share of a batch (commit.py): events, and a unit per 64 KiB of state."""
+        return 1 + len(self.cmd.events) + len(self.cmd.checkpoint.state) // 65536
+
     async def apply(self, batch: Batch) -> SaveResult:
         cmd, cp, key = self.cmd, self.cmd.checkpoint, self.key
         done = await _replay(batch, key.tenant, cmd.request_id, "save")
@@ -159,6 +164,11 @@ class PutWritesOp:
     # Writes may come before their thread's first checkpoint (a new LangGraph subgraph).
     creates: bool = True
 
+    @property
+    def weight(self) -> int:
+        stored = sum(len(w.value) for w in self.writes)
+        return 1 + len(self.writes) + len(self.events) + stored // 65536
+
     async def apply(self, batch: Batch) -> tuple[int, list[int]]:
         done = await _replay(batch, self.key.tenant, self.request_id, "put_writes")
         if done is not None:
@@ -188,6 +198,10 @@ class PublishOp:
     request_id: str = ""
     fencing_token: int = 0
     creates: bool = True
+
+    @property
+    def weight(self) -> int:
+        return 1 + len(self.events)
 
     async def apply(self, batch: Batch) -> list[int]:
         done = await _replay(batch, self.key.tenant, self.request_id, "publish")
@@ -268,6 +282,8 @@ class ReleaseLeaseOp:
 class DeleteThreadOp:
     key: ThreadKey
     creates: bool = False
+    # Its work grows with the thread: never in a batch of small operations.
+    weight: int = 64
 
     async def apply(self, batch: Batch) -> int:
         _existing(batch, self.key)

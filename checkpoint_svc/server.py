@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from checkpoint_svc import logs
+from checkpoint_svc.arenas import trim_malloc
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
 from checkpoint_svc.interceptors import RejectMalformedRequests
@@ -71,6 +72,7 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
 async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServicer) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    rounds = 0
     while True:
         tiers = {t.tier: t for t in await store.health()}
         for tier, name in TIER_HEALTH_NAMES.items():
@@ -79,6 +81,9 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
         overall = serving if tiers[Tier.SQL].up else not_serving
         await servicer.set(SERVICE_NAME, overall)
         await servicer.set("", overall)  # what probes ask by default
+        rounds += 1
+        if rounds % 4 == 0:  # every 2 s
+            trim_malloc()
         await asyncio.sleep(0.5)
 
 

@@ -60,20 +60,32 @@ _CODES: list[tuple[type[StoreError], grpc.StatusCode, int]] = [
 ]
 
 
+# A status travels in HTTP/2 trailers, which gRPC caps (8 KiB soft, 16 KiB hard: beyond, the
+# client sees RESOURCE_EXHAUSTED instead of our answer). Echoed client input is cut to fit.
+MAX_STATUS_MESSAGE = 300
+MAX_VIOLATIONS = 8
+
+
+def bounded(text: str, limit: int = MAX_STATUS_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def status_for(exc: StoreError) -> status_pb2.Status:
     code = code_pb2.UNAVAILABLE
     for cls, _, rpc_code in _CODES:
         if isinstance(exc, cls):
             code = rpc_code
             break
-    status = status_pb2.Status(code=code, message=str(exc))
+    status = status_pb2.Status(code=code, message=bounded(str(exc)))
     if isinstance(exc, InvalidArgument) and exc.violations:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in exc.violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=bounded(f, 100), description=bounded(d, 160)
+                    )
+                    for f, d in exc.violations[:MAX_VIOLATIONS]
                 ]
             )
         )
@@ -480,8 +492,11 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                     yield pb.StreamResponse(
                         heartbeat=pb.Heartbeat(time=convert.ts(item.time), last_seq=item.last_seq)
                     )
-                else:
-                    yield pb.StreamResponse(event=convert.event_to_pb(item))
+                else:  # encoded once, whatever the number of watchers (interceptors.py)
+                    if item.encoded is None:
+                        message = pb.StreamResponse(event=convert.event_to_pb(item))
+                        item.encoded = message.SerializeToString()
+                    yield item.encoded
         except StoreError as exc:
             await context.abort_with_status(rpc_status.to_status(status_for(exc)))
 

@@ -1,3 +1,7 @@
-from engine_svc.server import main
+from checkpoint_svc.arenas import limit_malloc_arenas
+
+limit_malloc_arenas()  # before gRPC (or anything else) starts a thread
+
+from engine_svc.server import main  # noqa: E402
 
 main()

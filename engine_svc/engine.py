@@ -24,6 +24,7 @@ from engine_svc.executor import (
     TERMINAL,
     LeaseHeld,
     LeaseLostError,
+    NotARun,
     NotResumable,
     RunExecutor,
     RunState,
@@ -95,6 +96,7 @@ class Engine:
         self._executors: dict[str, RunExecutor] = {}
         self._workflows: dict[tuple[str, str, int], Workflow] = {}
         self._running: dict[tuple[str, str], asyncio.Task] = {}
+        self._not_runs: set[tuple[str, str]] = set()  # runs/ threads holding no run
         self._recovery: asyncio.Task | None = None
 
     def executor(self, tenant: str) -> RunExecutor:
@@ -346,6 +348,11 @@ class Engine:
             log.info("run stopped", extra={"run_id": run_id, "status": run.status})
         except LeaseLostError as exc:
             log.warning("run not executed here", extra={"run_id": run_id, "error": str(exc)})
+        except NotARun as exc:  # someone else's data under runs/: never take it over again
+            log.error("not a run", extra={"run_id": run_id, "error": str(exc)})
+            if len(self._not_runs) > 10_000:
+                self._not_runs.clear()
+            self._not_runs.add((tenant, run_id))
         except StoreUnavailable as exc:
             # Nothing more runs without saving; recovery continues it when the store is back.
             log.error("checkpoint service unreachable; run stopped", extra={"run_id": run_id})
@@ -605,7 +612,8 @@ class Engine:
         taken = 0
         now = time.time()
         for thread in orphans:
-            if (tenant, thread.thread_id) in self._running:
+            key = (tenant, thread.thread_id)
+            if key in self._running or key in self._not_runs:
                 continue
             # A run started a moment ago has no lease yet: its engine is about to take it.
             if now - thread.updated_at.ToNanoseconds() / 1e9 < self.settings.lease_ttl_seconds:

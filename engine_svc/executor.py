@@ -87,6 +87,10 @@ class StoreUnavailable(RuntimeError):
     back."""
 
 
+class NotARun(ValueError):
+    """A `runs/<id>` thread whose state is not a run's: for the engine, no such run."""
+
+
 class NotResumable(Exception):
     """ResumeRun, PauseRun or CancelRun on a run in a status that does not allow it."""
 
@@ -127,8 +131,53 @@ class RunState:
 
     @classmethod
     def from_json(cls, raw: bytes) -> RunState:
+        """The run a checkpoint holds; NotARun if another client wrote something else there
+        (anyone may write to `runs/<id>` through the store)."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise NotARun("its state is not JSON") from None
+        if not isinstance(data, dict):
+            raise NotARun("its state is not a JSON object")
+        for name, kinds in _RUN_FIELD_KINDS.items():
+            if name in data and (
+                not isinstance(data[name], kinds) or isinstance(data[name], bool) != (bool in kinds)
+            ):
+                raise NotARun(f"its {name} is not a {kinds[0].__name__}")
+        missing = [n for n in ("run_id", "workflow_id", "version", "input") if n not in data]
+        if missing:
+            raise NotARun(f"its state has no {', '.join(missing)}")
+        if data.get("status", "PENDING") not in RUN_STATUSES:
+            raise NotARun(f"its status {data['status']!r} is not a run status")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+RUN_STATUSES = frozenset(
+    {"PENDING", "RUNNING", "PAUSED", "WAITING", "COMPLETED", "FAILED", "CANCELLED"}
+)
+# What each field of a stored run must be (JSON gives ints for whole floats).
+_RUN_FIELD_KINDS: dict[str, tuple[type, ...]] = {
+    "run_id": (str,),
+    "workflow_id": (str,),
+    "version": (int,),
+    "input": (dict,),
+    "outputs": (dict,),
+    "completed": (list,),
+    "skipped": (list,),
+    "status": (str,),
+    "error": (str,),
+    "step": (int,),
+    "total": (int,),
+    "waiting_node": (str,),
+    "waiting_for": (str,),
+    "durations": (dict,),
+    "eta_seconds": (float, int),
+    "control_seq": (int,),
+    "interrupt_before": (list,),
+    "interrupt_after": (list,),
+    "breaks_passed": (list,),
+}
 
 
 class WriteGate:

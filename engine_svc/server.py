@@ -13,7 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from checkpoint_svc import logs
 from checkpoint_svc.interceptors import RejectMalformedRequests
-from checkpoint_svc.server import EXCLUSIVE_PORT, GIL_SWITCH_INTERVAL, listen, serve_metrics
+from checkpoint_svc.server import (
+    EXCLUSIVE_PORT,
+    GIL_SWITCH_INTERVAL,
+    listen,
+    serve_metrics,
+)
 from engine_svc.config import Settings, parse_settings
 from engine_svc.engine import Engine
 from engine_svc.servicer import EngineServicer

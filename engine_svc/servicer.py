@@ -11,12 +11,12 @@ from google.protobuf import duration_pb2, json_format
 from grpc_status import rpc_status
 
 from checkpoint_svc.errors import InvalidArgument
-from checkpoint_svc.servicer import TENANT_HEADER, status_for
+from checkpoint_svc.servicer import TENANT_HEADER, bounded, status_for
 from checkpoint_svc.servicer import tenant_of as store_tenant_of
 from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
-from engine_svc.executor import LeaseLostError, RunState, StoreUnavailable
+from engine_svc.executor import LeaseLostError, NotARun, RunState, StoreUnavailable
 from engine_svc.registry import RegistrationContended, WorkflowNotFound
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -27,6 +27,7 @@ R = TypeVar("R")
 
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     WorkflowNotFound: grpc.StatusCode.NOT_FOUND,
+    NotARun: grpc.StatusCode.NOT_FOUND,
     RunExists: grpc.StatusCode.ALREADY_EXISTS,
     NotResumable: grpc.StatusCode.FAILED_PRECONDITION,
     ControlTimeout: grpc.StatusCode.UNAVAILABLE,
@@ -43,8 +44,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, InvalidArgument):
         await context.abort_with_status(rpc_status.to_status(status_for(exc)))
     if isinstance(exc, grpc.aio.AioRpcError):  # the store's answer, passed on
-        await context.abort(exc.code(), exc.details() or "")
-    await context.abort(_CODES[type(exc)], str(exc))
+        await context.abort(exc.code(), bounded(exc.details() or ""))
+    message = f"not a run ({exc})" if isinstance(exc, NotARun) else str(exc)
+    await context.abort(_CODES[type(exc)], bounded(message))
 
 
 def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:

@@ -4,12 +4,16 @@ service from separate processes (see test_langgraph_saver.py):
     python -m tests.langgraph_graph ADDRESS TENANT start THREAD
     python -m tests.langgraph_graph ADDRESS TENANT resume THREAD ANSWER
     python -m tests.langgraph_graph ADDRESS TENANT fork THREAD TOTAL
+    python -m tests.langgraph_graph ADDRESS TENANT cancel THREAD
 
-Each prints one JSON line: the graph's state and whether it waits for an answer.
+Each prints one JSON line: the graph's state and whether it waits for an answer. `cancel`
+streams a slow async graph, cancels it half-way, then finishes it in a second event loop
+(asyncio.run twice, one async saver).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from typing import TypedDict
@@ -53,7 +57,59 @@ def build(saver: CheckpointServiceSaver):
     return graph.compile(checkpointer=saver)
 
 
+class Steps(TypedDict, total=False):
+    done: list[str]
+
+
+async def _step(name: str, state: Steps) -> Steps:
+    if name == "slow":
+        await asyncio.sleep(1.0)
+    return {"done": [*state.get("done", []), name]}
+
+
+def build_slow(saver: CheckpointServiceSaver):
+    graph = StateGraph(Steps)
+    for name in ("first", "slow", "last"):
+
+        async def node(state: Steps, name: str = name) -> Steps:
+            return await _step(name, state)
+
+        graph.add_node(name, node)
+    graph.add_edge(START, "first")
+    graph.add_edge("first", "slow")
+    graph.add_edge("slow", "last")
+    graph.add_edge("last", END)
+    return graph.compile(checkpointer=saver)
+
+
+def cancel(address: str, tenant: str, thread: str) -> None:
+    saver = CheckpointServiceSaver(address, tenant=tenant)
+    app = build_slow(saver)
+    config = {"configurable": {"thread_id": thread}}
+
+    async def started_then_cancelled() -> None:
+        async def consume() -> None:
+            async for _ in app.astream({"done": []}, config, durability="async"):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.5)  # inside the slow node, writes of the first in flight
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def finished() -> Steps:
+        await app.ainvoke(None, config, durability="sync")
+        return (await app.aget_state(config)).values
+
+    asyncio.run(started_then_cancelled())
+    values = asyncio.run(finished())  # a second event loop, the same saver
+    print(json.dumps({"values": values, "waiting": False}))
+
+
 def main(address: str, tenant: str, action: str, thread: str, *rest: str) -> None:
+    if action == "cancel":
+        cancel(address, tenant, thread)
+        return
     saver = CheckpointServiceSaver(address, tenant=tenant)
     app = build(saver)
     config = {"configurable": {"thread_id": thread}}

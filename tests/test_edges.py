@@ -445,3 +445,160 @@ async def test_engine_input_it_could_not_read_back_is_invalid_argument(
     )
     assert (await wait_status(e, md, web.run.run_id, epb.RUN_STATUS_FAILED)).error
     await channel.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_fan_out_costs_little_per_watcher_and_a_slow_one_only_itself(
+    store, tenant
+) -> None:
+    """200 watchers of one thread once cut publishing twentyfold, whether they read or not:
+    an event is now shared (one object, encoded once, for every watcher), idle watchers poll
+    SQL once per thread rather than once each, and a watcher that stops reading falls behind
+    the shared window and reads what it missed from SQL, in order, costing no one else."""
+    from checkpoint_svc.domain import NewEvent
+
+    key = ThreadKey(tenant, NS, "watched")
+    await _save(store, key)
+    reads = 0
+    events_after = store.sql.events_after
+
+    async def counted(*args, **kwargs):
+        nonlocal reads
+        reads += 1
+        return await events_after(*args, **kwargs)
+
+    store.sql.events_after = counted  # type: ignore[method-assign]
+    watchers = 200
+    seen: list[list] = [[] for _ in range(watchers)]
+    total = 1 + 60
+
+    replayed = asyncio.Event()
+
+    async def watch(i: int) -> None:
+        async for item in store.stream(tenant, key, 0, follow=True):
+            if hasattr(item, "seq"):
+                seen[i].append(item)
+                if all(seen):
+                    replayed.set()
+                if len(seen[i]) == total:
+                    return
+
+    tasks = [asyncio.create_task(watch(i)) for i in range(watchers)]
+    await asyncio.wait_for(replayed.wait(), 30)
+    replay_reads, reads = reads, 0
+    assert replay_reads <= 2 * watchers
+    await asyncio.sleep(1.2)  # two idle heartbeats: SQL polled per thread, not per watcher
+    for n in range(60):
+        await store.publish(key, [NewEvent("tick", {"n": n})], request_id="", token=0)
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert reads <= 10, f"{reads} SQL reads for {watchers} idle watchers"
+    for s in seen:
+        assert [e.seq for e in s] == list(range(1, total + 1))
+    for j in range(1, total):  # the same object for everyone: encoded once
+        assert all(s[j] is seen[0][j] for s in seen)
+
+    # A watcher that stops reading costs only itself: the others get every event while it
+    # sleeps, and it then reads what fell out of the window from SQL, with no gap.
+    from checkpoint_svc import feed
+
+    slow_seen: list[int] = []
+    fast_seen: list[int] = []
+    burst = feed.WINDOW + 300
+
+    async def slow() -> None:
+        async for item in store.stream(tenant, key, total, follow=True):
+            if hasattr(item, "seq"):
+                slow_seen.append(item.seq)
+                if len(slow_seen) == 1:
+                    await asyncio.sleep(1.0)  # not reading while the burst goes by
+                if len(slow_seen) == burst:
+                    return
+
+    async def fast() -> None:
+        async for item in store.stream(tenant, key, total, follow=True):
+            if hasattr(item, "seq"):
+                fast_seen.append(item.seq)
+                if len(fast_seen) == burst:
+                    return
+
+    readers = [asyncio.create_task(slow()), asyncio.create_task(fast())]
+    await asyncio.sleep(0.2)
+    for start in range(0, burst, 500):
+        batch = [NewEvent("burst", {"i": i}) for i in range(start, min(burst, start + 500))]
+        await store.publish(key, batch, request_id="", token=0)
+    await asyncio.wait_for(asyncio.gather(*readers), 60)
+    wanted = list(range(total + 1, total + burst + 1))
+    assert fast_seen == wanted and slow_seen == wanted
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_big_request_does_not_hold_small_ones_back(store, tenant) -> None:
+    """A Save of 100,000 events once took 12.5 s with every other Save waiting behind it.
+    Per-request work is bounded now, and big requests commit in a lane of their own: small
+    Saves keep completing while big ones are in flight."""
+    import os
+
+    big_key, small_key = ThreadKey(tenant, NS, "big"), ThreadKey(tenant, NS, "small")
+    await _save(store, small_key)
+    state = os.urandom(12 * 1024 * 1024)  # incompressible: PostgreSQL works for it
+    small_done = 0
+    heavy_running = True
+
+    async def heavy() -> None:
+        nonlocal heavy_running
+        for _ in range(3):
+            cp = Checkpoint(key=big_key, checkpoint_id="", state=state)
+            await store.save(SaveCommand(checkpoint=cp))
+        heavy_running = False
+
+    task = asyncio.create_task(heavy())
+    await asyncio.sleep(0.05)
+    while heavy_running:
+        await _save(store, small_key)
+        small_done += 1
+    await task
+    assert small_done >= 3 * 3, f"only {small_done} small saves beside 3 big ones"
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_write_behind_saves_survive_a_database_outage(
+    store, postgres_server, tenant
+) -> None:
+    """An ASYNC save acknowledged just before PostgreSQL stopped was lost: the write-behind
+    queue now retries until the database is back."""
+    from checkpoint_svc.errors import TierUnavailable
+
+    key = ThreadKey(tenant, NS, "behind")
+    await _save(store, key)
+    acked: list[str] = []
+    await postgres_server.astop()
+    try:
+        for i in range(20):
+            cp = Checkpoint(key=key, checkpoint_id="", state=b'{"i": %d}' % i)
+            try:
+                saved = await store.save(SaveCommand(checkpoint=cp), durable=False)
+            except TierUnavailable:
+                break  # refused once the store knows SQL is down: never a false ack
+            acked.append(saved.checkpoint.checkpoint_id)
+        assert acked, "the store had not noticed the outage yet: the first one is queued"
+        await asyncio.sleep(5)
+    finally:
+        await postgres_server.astart()
+    for _ in range(100):
+        try:
+            listed, _ = await store.list(key, 100)
+        except TierUnavailable:
+            listed = []
+        if {c.checkpoint_id for c in listed} >= set(acked):
+            break
+        await asyncio.sleep(0.2)
+    assert {c.checkpoint_id for c in listed} >= set(acked), "an acknowledged save was lost"
+
+
+async def test_the_session_postgres_is_durable(postgres_server) -> None:
+    """Durability tests (kill -9, database stop) prove nothing on a PostgreSQL that may lose
+    acknowledged commits: the suite's runs with fsync and synchronous_commit on."""
+    settings = postgres_server.psql(
+        "SELECT current_setting('fsync') || ' ' || current_setting('synchronous_commit')"
+    )
+    assert settings.split() == ["on", "on"], settings

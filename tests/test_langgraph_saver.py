@@ -134,3 +134,22 @@ async def test_a_graph_started_in_one_process_and_resumed_in_another(service, te
     assert len(saved) == len(history) and set(saved) == {
         t.config["configurable"]["checkpoint_id"] for t in history
     }
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_cancelled_astream_then_a_second_event_loop(service, tenant) -> None:
+    """One async saver, a graph streamed and cancelled half-way in one asyncio.run, finished
+    in a second one. The saver once kept a channel of the first (closed) loop: "Event loop is
+    closed" raised inside grpc.aio, at the next call and when the channel was collected."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.langgraph_graph", service.address, tenant, "cancel", "c1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Event loop is closed" not in done.stderr, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["values"]["done"] == ["first", "slow", "last"]

@@ -66,7 +66,8 @@ async def test_postgres_create_database_and_select(postgres_server: PostgresServ
     try:
         assert await conn.fetchval("SELECT 1") == 1
         assert await conn.fetchval("SELECT current_database()") == "infra_select"
-        assert await conn.fetchval("SHOW fsync") == "off"
+        assert await conn.fetchval("SHOW fsync") == "on"  # durable: see PostgresServer
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
         assert await conn.fetchval("SHOW max_connections") == "300"
     finally:
         await conn.close()

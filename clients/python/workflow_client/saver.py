@@ -11,6 +11,8 @@ Needs the `langgraph-checkpoint` package; see docs/langgraph-saver.md.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import random
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -54,15 +56,39 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         self.connection = Connection(address, tenant=tenant, timeout=timeout)
         self.prefix = namespace_prefix
         self._aio: grpc.aio.Channel | None = None
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._sync: grpc.Channel | None = None
 
     # ---- channels (one per kind: an asyncio channel belongs to its event loop) ----------
 
     @property
     def _astub(self) -> pb_grpc.CheckpointServiceStub:
-        if self._aio is None:
-            self._aio = self.connection.aio_channel()
+        loop = asyncio.get_running_loop()
+        if self._aio is None or self._aio_loop is not loop:
+            # A channel made in another event loop (an earlier asyncio.run, say) cannot be
+            # used here: open one for this loop, and let the old one go with its loop.
+            self._drop_aio()
+            self._aio, self._aio_loop = self.connection.aio_channel(), loop
         return pb_grpc.CheckpointServiceStub(self._aio)
+
+    def _drop_aio(self) -> None:
+        old, old_loop = self._aio, self._aio_loop
+        self._aio = self._aio_loop = None
+        if old is None or old_loop is None:
+            return
+        if old_loop.is_running():  # another thread's loop: close it there
+            asyncio.run_coroutine_threadsafe(old.close(), old_loop)
+        elif not old_loop.is_closed():
+            old_loop.run_until_complete(old.close())
+        else:  # its loop is gone: release the core channel without it
+            with contextlib.suppress(Exception):
+                old._channel.close()  # grpc.aio has no close without its loop
+
+    async def __aenter__(self) -> CheckpointServiceSaver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     @property
     def _stub(self) -> pb_grpc.CheckpointServiceStub:
@@ -72,8 +98,11 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
 
     async def aclose(self) -> None:
         if self._aio is not None:
-            await self._aio.close()
-            self._aio = None
+            if self._aio_loop is asyncio.get_running_loop():
+                await self._aio.close()
+                self._aio = self._aio_loop = None
+            else:
+                self._drop_aio()
         self.close()
 
     def close(self) -> None:
