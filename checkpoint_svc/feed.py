@@ -113,6 +113,7 @@ class EventFeed:
         # idle heartbeat, once per topic; a single writer sees every event directly.
         self.poll_sql = poll_sql
         self._topics: dict[Topic, _Window] = {}
+        self._tenants: dict[str, int] = {}  # watchers per tenant
 
     def close(self) -> None:
         """End every open stream (shutdown): watchers reconnect to another replica."""
@@ -126,6 +127,10 @@ class EventFeed:
     @property
     def watchers(self) -> int:
         return sum(w.watchers for w in self._topics.values())
+
+    def watched(self, tenant: str) -> bool:
+        """Whether anyone here streams a thread of this tenant, or the whole tenant."""
+        return self._tenants.get(tenant, 0) > 0
 
     def deliver(self, event: Event) -> None:
         k = event.key
@@ -145,6 +150,7 @@ class EventFeed:
         if window is None:
             window = self._topics[topic] = _Window(thread=key is not None)
         window.watchers += 1
+        self._tenants[tenant] = self._tenants.get(tenant, 0) + 1
         stop_at_terminal = key is not None and not follow
         cursor = after
         try:
@@ -196,6 +202,9 @@ class EventFeed:
                         return
                 idle_since = time.monotonic()
         finally:
+            self._tenants[tenant] -= 1
+            if not self._tenants[tenant]:
+                del self._tenants[tenant]
             window.watchers -= 1
             if window.watchers == 0 and self._topics.get(topic) is window:
                 del self._topics[topic]

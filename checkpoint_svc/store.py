@@ -112,7 +112,7 @@ class CheckpointStore:
                 await self.sql.migrate(time.time())
         if self.redis is not None:
             await self.redis.start()
-            self.redis.follow_feed(self.feed.deliver)
+            self.redis.follow_feed(self.feed.deliver, self.feed.watched)
         self.committer.start()
         if self.settings.sweep_interval_seconds > 0:
             self._sweeper = asyncio.create_task(self._sweep_loop(), name="retention")

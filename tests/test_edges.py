@@ -191,7 +191,12 @@ async def _exits_refusing(*args: str) -> None:
         sys.executable, *args, cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:  # it took the port: stop it, and fail
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{args[1]} started on a port in use") from None
     assert proc.returncode not in (0, None), out.decode()
     assert b"cannot listen on" in out, out.decode()
 
@@ -448,9 +453,7 @@ async def test_engine_input_it_could_not_read_back_is_invalid_argument(
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
-async def test_fan_out_costs_little_per_watcher_and_a_slow_one_only_itself(
-    store, tenant
-) -> None:
+async def test_fan_out_costs_little_per_watcher_and_a_slow_one_only_itself(store, tenant) -> None:
     """200 watchers of one thread once cut publishing twentyfold, whether they read or not:
     an event is now shared (one object, encoded once, for every watcher), idle watchers poll
     SQL once per thread rather than once each, and a watcher that stops reading falls behind
@@ -561,9 +564,7 @@ async def test_a_big_request_does_not_hold_small_ones_back(store, tenant) -> Non
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-async def test_write_behind_saves_survive_a_database_outage(
-    store, postgres_server, tenant
-) -> None:
+async def test_write_behind_saves_survive_a_database_outage(store, postgres_server, tenant) -> None:
     """An ASYNC save acknowledged just before PostgreSQL stopped was lost: the write-behind
     queue now retries until the database is back."""
     from checkpoint_svc.errors import TierUnavailable
@@ -602,3 +603,30 @@ async def test_the_session_postgres_is_durable(postgres_server) -> None:
         "SELECT current_setting('fsync') || ' ' || current_setting('synchronous_commit')"
     )
     assert settings.split() == ["on", "on"], settings
+
+
+def test_the_memory_tier_counts_all_it_holds() -> None:
+    """RSS once grew from 77 to 474 MiB under fuzzed calls: the memory tier counted a body as
+    its state plus 200 bytes, so bodies with big metadata (or many completed nodes) and the
+    pending writes it caches went uncounted. What it holds now stays within its budget."""
+    import tracemalloc
+
+    from checkpoint_svc.tiers.memory import MemoryTier
+
+    budget = 4 * 1024 * 1024
+    tier = MemoryTier(budget, answers_heads=True)
+    key = ThreadKey("t", NS, "m")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1500):
+            meta = {f"k{j}": "v" * 500 for j in range(100)}  # ~50 KB of metadata, no state
+            cp = Checkpoint(key=key, checkpoint_id=f"c{i:05}", metadata=meta, created_at=i)
+            tier.put_bodies([cp])
+            tier.start_writes(key, cp.checkpoint_id)
+            tier.add_writes(key, [_write(cp.checkpoint_id, "w", 0, b"x" * 20_000)])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert tier.used_bytes <= budget
+    assert held < 3 * budget, f"{held / 2**20:.0f} MiB held for a {budget / 2**20:.0f} MiB tier"

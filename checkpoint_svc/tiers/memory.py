@@ -101,7 +101,9 @@ class MemoryTier:
         if not include_writes:
             return cp, []
         writes = self._writes.get((key, checkpoint_id))
-        return (cp, list(writes)) if writes is not None else None
+        if writes is None:
+            return None
+        return cp, sorted(writes, key=lambda w: (w.task_id, w.idx))  # as SQL orders them
 
     def start_writes(self, key: ThreadKey, checkpoint_id: str) -> None:
         """A checkpoint just saved, with no writes committed before it: its set is empty."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 SEP = "\x1f"  # ids may contain ':'; they may not contain control characters
 FEED_CHANNEL_PREFIX = f"cpfeed{SEP}"
+# A feed message is FRAMED + the publishing replica's id (8 bytes) + the Event: a replica skips
+# its own events (it delivered them already) without decoding them. A raw Event never starts
+# with a zero byte (protobuf has no field 0), so unframed messages still read.
+FRAMED = b"\x00"
 _FAILURES = (TimeoutError, RedisError, OSError)
 
 
@@ -49,6 +54,7 @@ class RedisTier:
         self.up = False
         self.detail = "not connected yet"
         self._tasks: list[asyncio.Task] = []
+        self.origin = uuid.uuid4().bytes[:8]
 
     async def start(self) -> None:
         await self._probe()
@@ -110,18 +116,23 @@ class RedisTier:
                     pipe.set(key, cp.state, ex=self.ttl)
                 for e in events:
                     channel = FEED_CHANNEL_PREFIX + e.key.tenant
-                    pipe.publish(channel, event_to_pb(e).SerializeToString())
+                    framed = FRAMED + self.origin + event_to_pb(e).SerializeToString()
+                    pipe.publish(channel, framed)
                 await pipe.execute()
         except _FAILURES as exc:
             self._down(exc)
         except Exception:  # a bug or a value Redis cannot take: the data is in SQL anyway
             log.exception("redis update failed")
 
-    def follow_feed(self, deliver: Callable[[Event], None]) -> None:
-        """Deliver every event published by any replica, reconnecting as needed."""
-        self._tasks.append(asyncio.create_task(self._feed_loop(deliver), name="redis-feed"))
+    def follow_feed(self, deliver: Callable[[Event], None], watched: Callable[[str], bool]) -> None:
+        """Deliver the events other replicas publish, of the tenants someone watches here,
+        reconnecting as needed."""
+        task = asyncio.create_task(self._feed_loop(deliver, watched), name="redis-feed")
+        self._tasks.append(task)
 
-    async def _feed_loop(self, deliver: Callable[[Event], None]) -> None:
+    async def _feed_loop(
+        self, deliver: Callable[[Event], None], watched: Callable[[str], bool]
+    ) -> None:
         prefix_len = len(FEED_CHANNEL_PREFIX)
         while True:
             client = pubsub = None
@@ -134,7 +145,13 @@ class RedisTier:
                     if msg is None:
                         continue
                     tenant = msg["channel"].decode()[prefix_len:]
-                    deliver(event_from_pb(pb.Event.FromString(msg["data"]), tenant))
+                    data = msg["data"]
+                    if data[:1] == FRAMED:
+                        if data[1:9] == self.origin:
+                            continue  # ours: delivered at commit
+                        data = data[9:]
+                    if watched(tenant):
+                        deliver(event_from_pb(pb.Event.FromString(data), tenant))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
