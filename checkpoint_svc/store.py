@@ -49,6 +49,7 @@ from checkpoint_svc.ops import (
     SaveOp,
     SaveResult,
 )
+from checkpoint_svc.tiers import StateCache
 from checkpoint_svc.tiers.memory import MemoryTier
 from checkpoint_svc.tiers.redis import RedisTier
 from checkpoint_svc.tiers.sql import Batch, SqlTier, ThreadFilter
@@ -92,6 +93,8 @@ class CheckpointStore:
             if settings.redis_url
             else None
         )
+        # The tiers that may supply a state SQL named, fastest first.
+        self._caches: list[StateCache] = [self.memory] + ([self.redis] if self.redis else [])
         self.committer = GroupCommitter(
             self.sql, self._after_commit, settings.batch_max, settings.async_queue_max
         )
@@ -222,21 +225,24 @@ class CheckpointStore:
         if found is None:
             raise self._not_found(key, checkpoint_id)
         cp, version, writes = found
-        tier, state = Tier.MEMORY, self.memory.state_of(cp)
-        if state is None and self.redis is not None:
-            tier, state = Tier.REDIS, await self.redis.state_of(cp)
+        tier, state = Tier.SQL, None
+        for cache in self._caches:  # fastest first
+            state = await cache.state_of(cp)
+            if state is not None:
+                tier = cache.tier
+                break
         if state is None:
-            tier, state = Tier.SQL, await self._read(lambda: self.sql.state_of(cp))
+            state = await self._read(lambda: self.sql.state_of(cp))
             if state is None:  # deleted since it was named
                 raise self._not_found(key, checkpoint_id)
         cp.state = state
-        if self.memory.generation == generation:  # nothing was deleted meanwhile: warm up
-            if tier != Tier.MEMORY:
-                self.memory.put_bodies([cp])
-            if not checkpoint_id:
-                self.memory.set_heads({key: (cp.checkpoint_id, version)})
-        if tier == Tier.SQL and self.redis is not None:
-            await self.redis.put_states([cp])
+        for cache in self._caches:  # read-through, into the tiers faster than the one found
+            if cache.tier >= tier:
+                break
+            if cache is not self.memory or self.memory.generation == generation:
+                await cache.put_states([cp])  # (memory: unless something was deleted since)
+        if not checkpoint_id and self.memory.generation == generation:
+            self.memory.set_heads({key: (cp.checkpoint_id, version)})
         metrics.RESTORES.labels(tier.name).inc()
         return RestoreResult(cp, writes, tier)
 

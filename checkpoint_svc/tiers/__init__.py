@@ -1,36 +1,27 @@
 """The cache tiers in front of SQL share one small contract.
 
-Bodies are immutable, so any tier may serve a body by id; heads are mutable and
-carry a version (the thread's event seq at the time) so that a late writer can
-never move a head backwards.
+SQL names every checkpoint a Restore returns, with its metadata and pending writes; a cache
+only supplies the state of the checkpoint SQL named. States never change, and a cache keys
+them by the checkpoint's identity (thread, id and creation time), so what it answers is
+never older than SQL (docs/checkpoint-service.md#tiers).
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from checkpoint_svc.domain import Checkpoint, PendingWrite, ThreadKey
+from checkpoint_svc.domain import Checkpoint, PendingWrite, Tier
 
 
-class CacheTier(Protocol):
-    async def get_body(self, key: ThreadKey, checkpoint_id: str) -> Checkpoint | None:
-        """The checkpoint with this id, if this tier holds it."""
+class StateCache(Protocol):
+    tier: Tier
+
+    async def state_of(self, named: Checkpoint) -> bytes | None:
+        """The state of the checkpoint SQL named, if this tier holds that very checkpoint."""
         ...
 
-    async def put_bodies(self, checkpoints: list[Checkpoint]) -> None:
-        """Keep these checkpoints (best effort)."""
-        ...
-
-    async def get_head(self, key: ThreadKey) -> str | None:
-        """The head id, if this tier may answer heads and knows it."""
-        ...
-
-    async def set_heads(self, heads: dict[ThreadKey, tuple[str, int]]) -> None:
-        """Move heads to (checkpoint_id, version) unless they hold a newer version."""
-        ...
-
-    async def drop_thread(self, key: ThreadKey) -> None:
-        """Forget the thread's head (bodies expire on their own)."""
+    async def put_states(self, checkpoints: list[Checkpoint]) -> None:
+        """Keep these checkpoints' states (best effort)."""
         ...
 
 

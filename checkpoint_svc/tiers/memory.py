@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from checkpoint_svc.domain import Checkpoint, PendingWrite, ThreadKey
+from checkpoint_svc.domain import Checkpoint, PendingWrite, ThreadKey, Tier
 from checkpoint_svc.tiers import merge_writes
 
 _Slot = tuple[ThreadKey, str]
@@ -24,6 +24,8 @@ def _writes_size(writes: list[PendingWrite]) -> int:
 
 
 class MemoryTier:
+    tier = Tier.MEMORY
+
     def __init__(self, max_bytes: int, answers_heads: bool) -> None:
         self.max_bytes = max_bytes
         self.answers_heads = answers_heads
@@ -48,10 +50,13 @@ class MemoryTier:
         self._bodies.move_to_end(slot)
         return found[0]
 
-    def state_of(self, named: Checkpoint) -> bytes | None:
+    async def state_of(self, named: Checkpoint) -> bytes | None:
         """The state of the checkpoint SQL named, if the cached body is that checkpoint."""
         cp = self.body(named.key, named.checkpoint_id)
         return cp.state if cp is not None and cp.created_at == named.created_at else None
+
+    async def put_states(self, checkpoints: list[Checkpoint]) -> None:
+        self.put_bodies(checkpoints)
 
     def put_bodies(self, checkpoints: list[Checkpoint]) -> None:
         if self.max_bytes <= 0:

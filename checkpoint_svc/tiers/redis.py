@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from checkpoint_svc.convert import event_from_pb, event_to_pb
-from checkpoint_svc.domain import Checkpoint, Event, ThreadKey
+from checkpoint_svc.domain import Checkpoint, Event, ThreadKey, Tier
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def state_key(key: ThreadKey, checkpoint_id: str, created_at: float) -> str:
 
 
 class RedisTier:
+    tier = Tier.REDIS
+
     def __init__(self, url: str, ttl_seconds: float, op_timeout: float = 0.5) -> None:
         self.url = url
         self.ttl = max(1, int(ttl_seconds))
