@@ -140,6 +140,9 @@ class _Lane:
 
     name: str
     queue: asyncio.Queue[_Item]
+    # Operations of each thread queued here and not answered yet: the next one of a thread
+    # joins their lane, so that a thread's operations commit in the order they came.
+    pending: dict[ThreadKey, int] = field(default_factory=dict)
     carry: list[_Item] = field(default_factory=list)  # taken, for the next batch
     retry: list[_Item] = field(default_factory=list)  # write-behind, waiting for SQL
     backoff: float = 0.0
@@ -153,15 +156,21 @@ class GroupCommitter:
         after_commit: Callable[[Batch], Awaitable[None]],
         batch_max: int = 256,
         queue_max: int = 10_000,
+        *,
+        in_commit_order: bool = False,
     ) -> None:
         self.sql = sql
         self._after_commit = after_commit
         self.batch_max = batch_max
         self._light = _Lane("group-commit", asyncio.Queue(maxsize=queue_max))
-        # SQLite has one writer at a time: a second lane would only wait for the first.
+        # One lane where a second would not help or is not allowed: SQLite has one writer at
+        # a time, and a single writer's memory tier must see commits in their order.
         self._heavy = (
-            None if sql.is_sqlite else _Lane("group-commit-heavy", asyncio.Queue(maxsize=256))
+            None
+            if sql.is_sqlite or in_commit_order
+            else _Lane("group-commit-heavy", asyncio.Queue(maxsize=queue_max))
         )
+        self._deadline: float | None = None  # set by close(): write-behind retries end then
         # Committed batches wait here, in commit order, for the caches and the feed; that
         # work overlaps the next batch's commit instead of delaying it.
         self._committed: asyncio.Queue[tuple[Batch, list[_Item], list[tuple[bool, Any]]]] = (
@@ -190,17 +199,40 @@ class GroupCommitter:
             raise TierUnavailable("the service is shutting down")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         item = _Item(op, future, behind=not wait, weight=weight_of(op))
-        heavy = self._heavy is not None and item.weight >= HEAVY_WEIGHT
+        lane = self._lane_for(item)
+        key = op.key
+        lane.pending[key] = lane.pending.get(key, 0) + 1
         self._unsettled += 1
         self._settled.clear()
-        future.add_done_callback(self._settle)
-        await (self._heavy if heavy and self._heavy else self._light).queue.put(item)
+        future.add_done_callback(lambda _: self._settle(lane, key))
+        try:
+            await lane.queue.put(item)
+        except BaseException:  # cancelled while the queue was full: it was never queued
+            future.cancel()
+            raise
         if not wait:
             future.add_done_callback(_log_lost_write)
             return None
         return await future
 
-    def _settle(self, _future: asyncio.Future) -> None:
+    def _lane_for(self, item: _Item) -> _Lane:
+        """Heavy operations go to their own lane, unless their thread has operations waiting
+        in the other: then they follow those (either way round)."""
+        if self._heavy is None:
+            return self._light
+        key = item.op.key
+        if self._light.pending.get(key):
+            return self._light
+        if self._heavy.pending.get(key) or item.weight >= HEAVY_WEIGHT:
+            return self._heavy
+        return self._light
+
+    def _settle(self, lane: _Lane, key: ThreadKey) -> None:
+        left = lane.pending[key] - 1
+        if left:
+            lane.pending[key] = left
+        else:
+            del lane.pending[key]
         self._unsettled -= 1
         if self._unsettled == 0:
             self._settled.set()
@@ -208,6 +240,7 @@ class GroupCommitter:
     async def close(self, grace: float) -> None:
         """Stop taking operations and commit everything queued (the write-behind flush)."""
         self._closing = True
+        self._deadline = time.monotonic() + grace
         try:
             await asyncio.wait_for(self._settled.wait(), grace)
         except TimeoutError:
@@ -268,7 +301,7 @@ class GroupCommitter:
             for item in items:
                 if item.future.done():
                     continue
-                if unavailable and item.behind and not self._closing:
+                if unavailable and item.behind and self._retrying():
                     lane.retry.append(item)  # acknowledged: never dropped while SQL is down
                 else:
                     item.future.set_exception(error)
@@ -289,6 +322,10 @@ class GroupCommitter:
         metrics.BATCH_SIZE.observe(len(items))
         metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
         await self._committed.put((batch, items, results))
+
+    def _retrying(self) -> bool:
+        """Write-behind saves are retried while SQL is down, until a shutdown's grace ends."""
+        return self._deadline is None or time.monotonic() < self._deadline
 
     async def _announce(self) -> None:
         """Warm the caches, publish the events, then answer the callers (read-your-writes)."""

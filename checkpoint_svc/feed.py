@@ -48,7 +48,7 @@ class _Window:
     by_position: dict[int, Event] = field(default_factory=dict)
     arrived: deque[int] = field(default_factory=deque)  # positions, oldest arrival first
     newest: int = 0
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    waiters: set[asyncio.Future[None]] = field(default_factory=set)
     watchers: int = 0
     polled_at: float = 0.0
     fills: int = 0
@@ -67,7 +67,7 @@ class _Window:
             self.by_position.pop(self.arrived.popleft(), None)
         if p > self.newest:
             self.newest = p
-            waiters, self.waiters = self.waiters, []
+            waiters, self.waiters = self.waiters, set()
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -90,10 +90,17 @@ class _Window:
             return out, "behind"  # evicted: this watcher is slow
         return out, "gap"
 
-    def wait(self) -> asyncio.Future[None]:
+    async def wait(self, seconds: float) -> None:
+        """Until the next event, or `seconds`."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        return fut
+        self.waiters.add(fut)
+        try:
+            async with asyncio.timeout(seconds):
+                await fut
+        except TimeoutError:
+            pass
+        finally:
+            self.waiters.discard(fut)  # an idle or departed watcher leaves nothing behind
 
 
 class EventFeed:
@@ -119,7 +126,7 @@ class EventFeed:
         """End every open stream (shutdown): watchers reconnect to another replica."""
         self._closing = True
         for window in self._topics.values():
-            waiters, window.waiters = window.waiters, []
+            waiters, window.waiters = window.waiters, set()
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -182,12 +189,7 @@ class EventFeed:
                 if not events:
                     remaining = self.heartbeat - (time.monotonic() - idle_since)
                     if remaining > 0:
-                        waiter = window.wait()
-                        try:
-                            async with asyncio.timeout(remaining):
-                                await waiter
-                        except TimeoutError:
-                            pass
+                        await window.wait(remaining)
                         continue
                     if self.poll_sql and time.monotonic() - window.polled_at >= self.heartbeat:
                         await self._fill(window, tenant, key, cursor)

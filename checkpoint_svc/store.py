@@ -96,7 +96,11 @@ class CheckpointStore:
         # The tiers that may supply a state SQL named, fastest first.
         self._caches: list[StateCache] = [self.memory] + ([self.redis] if self.redis else [])
         self.committer = GroupCommitter(
-            self.sql, self._after_commit, settings.batch_max, settings.async_queue_max
+            self.sql,
+            self._after_commit,
+            settings.batch_max,
+            settings.async_queue_max,
+            in_commit_order=settings.memory_answers_heads,
         )
         self.feed = EventFeed(
             self.sql,

@@ -334,6 +334,7 @@ class Engine:
         key = (tenant, run_id)
         if key in self._running:
             return
+        self._not_runs.discard(key)  # a run started (or resumed) under that id now
         task = asyncio.create_task(
             self._execute(tenant, workflow, run_id, started), name=f"run-{run_id}"
         )

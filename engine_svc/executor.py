@@ -135,7 +135,7 @@ class RunState:
         (anyone may write to `runs/<id>` through the store)."""
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise NotARun("its state is not JSON") from None
         if not isinstance(data, dict):
             raise NotARun("its state is not a JSON object")
@@ -149,6 +149,14 @@ class RunState:
             raise NotARun(f"its state has no {', '.join(missing)}")
         if data.get("status", "PENDING") not in RUN_STATUSES:
             raise NotARun(f"its status {data['status']!r} is not a run status")
+        for name in _RUN_STRING_LISTS:
+            if not all(isinstance(v, str) for v in data.get(name, ())):
+                raise NotARun(f"its {name} is not a list of node ids")
+        if not all(
+            isinstance(v, int | float) and not isinstance(v, bool)
+            for v in data.get("durations", {}).values()
+        ):
+            raise NotARun("its durations are not numbers")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -156,6 +164,7 @@ class RunState:
 RUN_STATUSES = frozenset(
     {"PENDING", "RUNNING", "PAUSED", "WAITING", "COMPLETED", "FAILED", "CANCELLED"}
 )
+_RUN_STRING_LISTS = ("completed", "skipped", "interrupt_before", "interrupt_after", "breaks_passed")
 # What each field of a stored run must be (JSON gives ints for whole floats).
 _RUN_FIELD_KINDS: dict[str, tuple[type, ...]] = {
     "run_id": (str,),
@@ -424,7 +433,10 @@ class RunExecutor:
             if w.task_id in run.done():
                 continue
             if w.channel == OUTPUT_CHANNEL:
-                run.outputs[w.task_id] = json.loads(w.value)
+                try:
+                    run.outputs[w.task_id] = json.loads(w.value)
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    raise NotARun(f"the write of {w.task_id!r} is not JSON") from None
                 run.completed.append(w.task_id)
             elif w.channel == SKIPPED_CHANNEL:
                 run.skipped.append(w.task_id)

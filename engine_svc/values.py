@@ -20,6 +20,7 @@ from checkpoint_svc.errors import InvalidArgument
 # JSON levels a value may nest: leaves room for the messages around a run's state and an
 # event's payload (output inside payload inside Event inside StreamResponse).
 MAX_DEPTH = 24
+_TOO_BIG = 2**1023  # a Struct holds numbers as doubles
 
 
 def problem_of(value: Any, where: str, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None:
@@ -32,12 +33,16 @@ def problem_of(value: Any, where: str, max_depth: int = MAX_DEPTH) -> tuple[str,
                 return path, f"nested deeper than {max_depth} levels"
             children = item.items() if isinstance(item, dict) else enumerate(item)
             for k, v in children:
+                if isinstance(item, dict) and not (k is None or isinstance(k, str | int | float)):
+                    return path, f"keys must be strings, not {type(k).__name__}"  # as JSON
                 if isinstance(k, str) and "\x00" in k:
                     return path, "keys must not contain NUL characters"
                 child = f"{path}.{k}" if isinstance(item, dict) else f"{path}[{k}]"
                 stack.append((v, child, depth + 1))
         elif isinstance(item, float) and not math.isfinite(item):
             return path, "must be a finite number (JSON has no NaN or Infinity)"
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= _TOO_BIG:
+            return path, "a number too large for a double"
         elif isinstance(item, str) and "\x00" in item:
             return path, "must not contain NUL characters"
         elif not (item is None or isinstance(item, bool | int | float | str)):

@@ -630,3 +630,73 @@ def test_the_memory_tier_counts_all_it_holds() -> None:
         tracemalloc.stop()
     assert tier.used_bytes <= budget
     assert held < 3 * budget, f"{held / 2**20:.0f} MiB held for a {budget / 2**20:.0f} MiB tier"
+
+
+async def test_writes_before_their_checkpoint_survive_retention(store, tenant) -> None:
+    """Retention swept "writes whose checkpoint does not exist": writes that came before
+    their checkpoint (acknowledged) were deleted by any sweep, prune or delete-for-runs."""
+    key = ThreadKey(tenant, "lg:", "swept")
+    old = await _save(store, key, _uuid7())
+    store.settings.keep_last = 1  # the sweep below prunes `old` once another is saved
+    nxt = _uuid7()
+    await store.put_writes(key, [_write(nxt, "early")], token=0)
+    await _save(store, key, _uuid7())
+    assert await store.sweep() >= 1
+    await _save(store, key, nxt)
+    assert await _writes_of(store, key, nxt) == [("early", 0, b"1")]
+    with pytest.raises(Exception, match="not found"):
+        await store.restore(key, old)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_threads_operations_commit_in_order_across_lanes(store, tenant) -> None:
+    """A big ASYNC save then a small one of the same thread: the big one went to the heavy
+    lane, the small one to the other, and the older save could end up the head."""
+    import os
+
+    key = ThreadKey(tenant, NS, "ordered")
+    await _save(store, key)
+    for _ in range(3):
+        for _ in range(3):  # the last waits in the heavy lane while the others commit
+            big = Checkpoint(key=key, checkpoint_id="", state=os.urandom(12 * 1024 * 1024))
+            await store.save(SaveCommand(checkpoint=big), durable=False)
+        small = Checkpoint(key=key, checkpoint_id="", state=b'{"last": true}')
+        last = (await store.save(SaveCommand(checkpoint=small), durable=False)).checkpoint
+        for _ in range(200):
+            head = (await store.get_thread(key)).head_id
+            if head == last.checkpoint_id:
+                break
+            await asyncio.sleep(0.05)
+        listed, _ = await store.list(key, 2)
+        assert listed[0].checkpoint_id == last.checkpoint_id
+        assert head == last.checkpoint_id, "the older save became the head"
+        assert listed[0].parent_id == listed[1].checkpoint_id
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_save_and_a_delete_in_one_batch_leave_nothing_cached(store, tenant) -> None:
+    """DeleteThread flushes the batch's earlier Save first; the caches were then warmed with
+    the deleted checkpoint, and the single writer served it."""
+    from checkpoint_svc.errors import NotFound
+
+    for i in range(10):
+        key = ThreadKey(tenant, NS, f"gone-{i}")
+        await _save(store, key)
+        cid = _uuid7()
+        await asyncio.gather(_save(store, key, cid), store.delete_thread(key))
+        with pytest.raises(NotFound):
+            await store.restore(key, cid)
+
+
+async def test_idle_watchers_leave_nothing_behind(store, tenant) -> None:
+    """Each idle heartbeat left a cancelled future in the topic's list of waiters."""
+    key = ThreadKey(tenant, NS, "idle")
+    await _save(store, key)
+    beats = 0
+    async for item in store.stream(tenant, key, 10**6, follow=True):
+        if not hasattr(item, "seq"):
+            beats += 1
+            window = store.feed._topics[(tenant, NS, "idle")]
+            assert len(window.waiters) <= 1
+            if beats == 4:
+                break

@@ -254,11 +254,10 @@ DELETE FROM checkpoints WHERE namespace <> '{WORKFLOWS_NAMESPACE}' AND {_NOT_ACT
         WHERE (t.keep_last > 0 AND ranked.rn > t.keep_last)
             OR (t.keep_last = 0 AND :keep_last > 0 AND ranked.rn > :keep_last))
 RETURNING tenant, namespace, thread_id, checkpoint_id"""
-SWEEP_ORPHAN_WRITES = """
-DELETE FROM writes WHERE NOT EXISTS (SELECT 1 FROM checkpoints
-    WHERE checkpoints.tenant = writes.tenant AND checkpoints.namespace = writes.namespace
-    AND checkpoints.thread_id = writes.thread_id
-    AND checkpoints.checkpoint_id = writes.checkpoint_id)"""
+# The writes of checkpoints just deleted. Not "writes whose checkpoint is missing": writes may
+# come before their checkpoint (LangGraph's async durability), and must not be swept then.
+DELETE_WRITES_OF_CHECKPOINT = f"DELETE FROM writes WHERE {_KEY} AND checkpoint_id = :checkpoint_id"
+DELETE_WRITES_OF_THREAD = f"DELETE FROM writes WHERE {_KEY}"
 # A terminal thread whose head was pruned is gone: its row and feed go too.
 SWEEP_HEADLESS_THREADS = f"""
 DELETE FROM threads WHERE status IN ({_TERMINAL}) AND head_id <> ''
@@ -407,8 +406,9 @@ class SqlTier:
         async with self.writer.begin() as conn:
             deleted = (await conn.execute(_sql(PRUNE_ALL_BUT_HEADS), params)).all()
             changed = (await conn.execute(_sql(CLEAR_HEAD_PARENTS), params)).all()
-            if deleted:
-                await conn.execute(_sql(SWEEP_ORPHAN_WRITES))
+            await _delete_writes_of(
+                conn, [(ThreadKey(tenant, r[0], thread_id), r[1]) for r in deleted]
+            )
 
         def keys(rows: Sequence[Any]) -> list[tuple[ThreadKey, str]]:
             return [(ThreadKey(tenant, r[0], thread_id), r[1]) for r in rows]
@@ -445,8 +445,7 @@ class SqlTier:
                 if (key, head) in deleted:
                     await conn.execute(_sql(MOVE_HEAD_TO_NEWEST), {**_key_params(key), "now": now})
                     moved.append(key)
-            if deleted:
-                await conn.execute(_sql(SWEEP_ORPHAN_WRITES))
+            await _delete_writes_of(conn, deleted)
         return deleted, moved
 
     async def copy_thread(
@@ -671,13 +670,16 @@ class SqlTier:
             pruned = [(ThreadKey(r[0], r[1], r[2]), r[3]) for r in rows]
             gone: list[ThreadKey] = []
             if pruned:
-                await conn.execute(_sql(SWEEP_ORPHAN_WRITES))
+                await _delete_writes_of(conn, pruned)
                 gone = [
                     ThreadKey(r[0], r[1], r[2])
                     for r in (await conn.execute(_sql(SWEEP_HEADLESS_THREADS))).all()
                 ]
                 if gone:
                     await conn.execute(_sql(SWEEP_ORPHAN_EVENTS))
+                    await conn.execute(
+                        _sql(DELETE_WRITES_OF_THREAD), [_key_params(k) for k in gone]
+                    )
             if request_ttl is not None:
                 await conn.execute(_sql(SWEEP_OLD_REQUESTS), {"before": now - request_ttl})
             await conn.execute(
@@ -689,6 +691,15 @@ class SqlTier:
 
 def _write_from_row(r: Row | Sequence[Any]) -> PendingWrite:
     return PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6])
+
+
+async def _delete_writes_of(
+    conn: AsyncConnection, checkpoints: Sequence[tuple[ThreadKey, str]]
+) -> None:
+    """The pending writes of these (deleted) checkpoints."""
+    if checkpoints:
+        params = [{**_key_params(k), "checkpoint_id": cid} for k, cid in checkpoints]
+        await conn.execute(_sql(DELETE_WRITES_OF_CHECKPOINT), params)
 
 
 def _prefix_params(prefix: str) -> dict[str, Any]:
@@ -855,6 +866,11 @@ class Batch:
         self.dirty.discard(key)
         self.heads.pop(key, None)
         self.deleted.append(key)
+        # What this batch wrote to the thread before is gone with it: no cache or watcher
+        # may see it (a Save after the delete, in the same batch, is flushed later).
+        self.flushed_checkpoints = [c for c in self.flushed_checkpoints if c.key != key]
+        self.flushed_writes = [(k, w) for k, w in self.flushed_writes if k != key]
+        self.flushed_events = [e for e in self.flushed_events if e.key != key]
         return deleted
 
     async def _assign_feed_seqs(self) -> None:

@@ -78,9 +78,7 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
             return
         if old_loop.is_running():  # another thread's loop: close it there
             asyncio.run_coroutine_threadsafe(old.close(), old_loop)
-        elif not old_loop.is_closed():
-            old_loop.run_until_complete(old.close())
-        else:  # its loop is gone: release the core channel without it
+        else:  # its loop is stopped or gone: release the core channel without it
             with contextlib.suppress(Exception):
                 old._channel.close()  # grpc.aio has no close without its loop
 
