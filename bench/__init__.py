@@ -1,1 +1,1 @@
-"""Benchmarks that print figures (never timed tests); see DESIGN.md section 7."""
+"""Benchmarks that print figures (never timed tests); see docs/benchmarks.md."""

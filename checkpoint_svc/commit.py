@@ -40,6 +40,7 @@ _RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 class Operation(Protocol):
     creates: bool
+    weight: int  # its share of a batch (BATCH_WEIGHT), see ops.py
 
     @property
     def key(self) -> ThreadKey: ...
@@ -73,7 +74,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def sql_retrying(budget_seconds: float = 2.0) -> AsyncRetrying:
-    """Transient SQL errors are retried, bounded in time (DESIGN section 3)."""
+    """Transient SQL errors are retried, bounded in time (docs/checkpoint-service.md#errors)."""
     return AsyncRetrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_delay(budget_seconds) | stop_after_attempt(6),
@@ -113,17 +114,13 @@ class _AmbiguousCommit(Exception):
         self.cause = cause
 
 
-# An operation's weight: 1, plus its events and writes, plus a unit per 64 KiB it stores.
-# A batch carries at most BATCH_WEIGHT of it; an operation of HEAVY_WEIGHT or more commits in
-# a lane of its own on PostgreSQL, beside the small ones, so that one big request never holds
-# everyone else's back (docs/checkpoint-service.md#limits).
+# An operation's weight (ops.py): 1, plus its events and writes, plus a unit per 64 KiB it
+# stores. A batch carries at most BATCH_WEIGHT of it; an operation of HEAVY_WEIGHT or more
+# commits in a lane of its own on PostgreSQL, beside the small ones, so that one big request
+# never holds everyone else's back (docs/checkpoint-service.md#limits).
 BATCH_WEIGHT = 512
 HEAVY_WEIGHT = 64
 _RETRY_BACKOFF = (0.1, 2.0)  # write-behind retries while SQL is down: first and longest wait
-
-
-def weight_of(op: Operation) -> int:
-    return max(1, int(getattr(op, "weight", 1)))
 
 
 @dataclass(slots=True)
@@ -198,7 +195,7 @@ class GroupCommitter:
         if self._closing:
             raise TierUnavailable("the service is shutting down")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        item = _Item(op, future, behind=not wait, weight=weight_of(op))
+        item = _Item(op, future, behind=not wait, weight=op.weight)
         lane = self._lane_for(item)
         key = op.key
         lane.pending[key] = lane.pending.get(key, 0) + 1
@@ -294,10 +291,9 @@ class GroupCommitter:
                 for item in items:  # a data error: find whose, commit the others
                     await self._commit(lane, [item])
                 return
-            if unavailable:
-                self.sql.up = False
-                self.sql.detail = describe(exc) if not isinstance(exc, StoreError) else str(exc)
             error = as_store_error(exc)
+            if unavailable:
+                self.sql.up, self.sql.detail = False, str(error)
             for item in items:
                 if item.future.done():
                     continue

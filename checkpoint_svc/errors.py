@@ -1,4 +1,5 @@
-"""Domain errors; the servicer maps each to one gRPC status code (DESIGN section 5)."""
+"""Domain errors; the servicer maps each to one gRPC status code
+(docs/checkpoint-service.md#errors)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ class RejectMalformedRequests(grpc.aio.ServerInterceptor):
     """Bytes that do not parse as the request message are INVALID_ARGUMENT.
 
     Left to itself, gRPC Python answers them with UNKNOWN; a client can cause
-    it, so it must not look like our failure (DESIGN section 5).
+    it, so it must not look like our failure (docs/checkpoint-service.md#errors).
     """
 
     def __init__(self) -> None:

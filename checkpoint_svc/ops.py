@@ -10,6 +10,7 @@ import base64
 import json
 from dataclasses import dataclass, field
 
+from checkpoint_svc.commit import HEAVY_WEIGHT
 from checkpoint_svc.convert import checkpoint_from_pb, checkpoint_to_pb
 from checkpoint_svc.domain import (
     Checkpoint,
@@ -24,6 +25,10 @@ from checkpoint_svc.errors import AlreadyExists, HeadMoved, InvalidArgument, Lea
 from checkpoint_svc.tiers import is_special_write
 from checkpoint_svc.tiers.sql import Batch
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
+
+# An operation's share of a group-commit batch (commit.py): 1, plus each event and write it
+# appends, plus one per this many bytes it stores.
+WEIGHT_BYTES = 65536
 
 
 @dataclass(slots=True)
@@ -81,8 +86,7 @@ class SaveOp:
 
     @property
     def weight(self) -> int:
-        """Its share of a batch (commit.py): events, and a unit per 64 KiB of state."""
-        return 1 + len(self.cmd.events) + len(self.cmd.checkpoint.state) // 65536
+        return 1 + len(self.cmd.events) + len(self.cmd.checkpoint.state) // WEIGHT_BYTES
 
     async def apply(self, batch: Batch) -> SaveResult:
         cmd, cp, key = self.cmd, self.cmd.checkpoint, self.key
@@ -167,7 +171,7 @@ class PutWritesOp:
     @property
     def weight(self) -> int:
         stored = sum(len(w.value) for w in self.writes)
-        return 1 + len(self.writes) + len(self.events) + stored // 65536
+        return 1 + len(self.writes) + len(self.events) + stored // WEIGHT_BYTES
 
     async def apply(self, batch: Batch) -> tuple[int, list[int]]:
         done = await _replay(batch, self.key.tenant, self.request_id, "put_writes")
@@ -223,6 +227,7 @@ class AcquireLeaseOp:
     owner: str
     ttl: float
     creates: bool = True
+    weight: int = 1
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -245,6 +250,7 @@ class RenewLeaseOp:
     fencing_token: int
     ttl: float
     creates: bool = False
+    weight: int = 1
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -264,6 +270,7 @@ class ReleaseLeaseOp:
     owner: str
     fencing_token: int
     creates: bool = False
+    weight: int = 1
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -283,7 +290,7 @@ class DeleteThreadOp:
     key: ThreadKey
     creates: bool = False
     # Its work grows with the thread: never in a batch of small operations.
-    weight: int = 64
+    weight: int = HEAVY_WEIGHT
 
     async def apply(self, batch: Batch) -> int:
         _existing(batch, self.key)

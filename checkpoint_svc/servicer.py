@@ -1,5 +1,5 @@
 """gRPC servicer: validates requests, translates protobuf to domain objects and
-back, and maps domain errors to status codes (DESIGN section 5). No logic lives
+back, and maps domain errors to status codes (docs/checkpoint-service.md#errors). No logic lives
 here beyond that; it is all in CheckpointStore.
 """
 
@@ -153,6 +153,16 @@ def _check_id(
         violations.append((field, "must not contain control characters"))
 
 
+def _check_checkpoint_id(
+    violations: list[tuple[str, str]], field: str, value: str, required: bool = False
+) -> None:
+    _check_id(violations, field, value, required, CHECKPOINT_ID_MAX_BYTES)
+
+
+def _check_namespace(violations: list[tuple[str, str]], field: str, value: str) -> None:
+    _check_id(violations, field, value, False, NAMESPACE_MAX_BYTES)
+
+
 def thread_key(
     context: grpc.aio.ServicerContext,
     namespace: str,
@@ -163,7 +173,7 @@ def thread_key(
     """The thread key of a request; bad ids are added to `violations`, or raised at once."""
     tenant = tenant_of(context)
     found: list[tuple[str, str]] = [] if violations is None else violations
-    _check_id(found, prefix + "namespace", namespace, False, NAMESPACE_MAX_BYTES)
+    _check_namespace(found, prefix + "namespace", namespace)
     _check_id(found, prefix + "thread_id", thread_id, required=True)
     if violations is None:
         _raise_if(found)
@@ -338,21 +348,9 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         msg = request.checkpoint
         violations: list[tuple[str, str]] = []
         key = thread_key(context, msg.namespace, msg.thread_id, "checkpoint.", violations)
-        _check_id(
-            violations,
-            "checkpoint.checkpoint_id",
-            msg.checkpoint_id,
-            False,
-            CHECKPOINT_ID_MAX_BYTES,
-        )
-        _check_id(violations, "checkpoint.parent_id", msg.parent_id, False, CHECKPOINT_ID_MAX_BYTES)
-        _check_id(
-            violations,
-            "expected_parent_id",
-            request.expected_parent_id,
-            False,
-            CHECKPOINT_ID_MAX_BYTES,
-        )
+        _check_checkpoint_id(violations, "checkpoint.checkpoint_id", msg.checkpoint_id)
+        _check_checkpoint_id(violations, "checkpoint.parent_id", msg.parent_id)
+        _check_checkpoint_id(violations, "expected_parent_id", request.expected_parent_id)
         _check_id(violations, "request_id", request.request_id, False, 256)
         if request.keep_last < 0:
             violations.append(("keep_last", "must not be negative"))
@@ -420,14 +418,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         prefix = request.namespace_prefix if request.HasField("namespace_prefix") else None
         key = thread_key(context, request.namespace, request.thread_id, violations=violations)
         if prefix is not None:
-            _check_id(violations, "namespace_prefix", prefix, False, NAMESPACE_MAX_BYTES)
-        _check_id(
-            violations,
-            "before_checkpoint_id",
-            request.before_checkpoint_id,
-            False,
-            CHECKPOINT_ID_MAX_BYTES,
-        )
+            _check_namespace(violations, "namespace_prefix", prefix)
+        _check_checkpoint_id(violations, "before_checkpoint_id", request.before_checkpoint_id)
         _enum(violations, "trigger", request.trigger, Trigger)
         metadata_equals: dict[str, Any] = {}
         _at_most("metadata_equals", request.metadata_equals, MAX_METADATA_FILTERS)
@@ -510,12 +502,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         if not request.writes:
             violations.append(("writes", "at least one write"))
         for i, w in enumerate(request.writes):
-            _check_id(
-                violations,
-                f"writes[{i}].checkpoint_id",
-                w.checkpoint_id,
-                True,
-                CHECKPOINT_ID_MAX_BYTES,
+            _check_checkpoint_id(
+                violations, f"writes[{i}].checkpoint_id", w.checkpoint_id, required=True
             )
             _check_id(violations, f"writes[{i}].task_id", w.task_id, True, 256)
             _text(violations, f"writes[{i}].channel", w.channel, 1024)
@@ -558,13 +546,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> pb.DeleteThreadResponse:
         key = thread_key(context, request.namespace, request.thread_id)
         if request.HasField("namespace_prefix"):
-            _check_id(
-                violations := [],
-                "namespace_prefix",
-                request.namespace_prefix,
-                False,
-                NAMESPACE_MAX_BYTES,
-            )
+            _check_namespace(violations := [], "namespace_prefix", request.namespace_prefix)
             _raise_if(violations)
             threads, deleted = await self.store.delete_threads(
                 key.tenant, key.thread_id, request.namespace_prefix
@@ -659,9 +641,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         violations: list[tuple[str, str]] = []
         _check_id(violations, "source_thread_id", request.source_thread_id, required=True)
         _check_id(violations, "target_thread_id", request.target_thread_id, required=True)
-        _check_id(
-            violations, "namespace_prefix", request.namespace_prefix, False, NAMESPACE_MAX_BYTES
-        )
+        _check_namespace(violations, "namespace_prefix", request.namespace_prefix)
         if request.source_thread_id == request.target_thread_id:
             violations.append(("target_thread_id", "must differ from source_thread_id"))
         _raise_if(violations)
@@ -679,9 +659,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _at_most("run_ids", request.run_ids, MAX_IDS_PER_REQUEST)
         for i, run_id in enumerate(request.run_ids):
             _check_id(violations, f"run_ids[{i}]", run_id, required=True)
-        _check_id(
-            violations, "namespace_prefix", request.namespace_prefix, False, NAMESPACE_MAX_BYTES
-        )
+        _check_namespace(violations, "namespace_prefix", request.namespace_prefix)
         _raise_if(violations)
         deleted = await self.store.delete_for_runs(
             tenant, list(dict.fromkeys(request.run_ids)), request.namespace_prefix
@@ -697,9 +675,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _at_most("thread_ids", request.thread_ids, MAX_IDS_PER_REQUEST)
         for i, thread_id in enumerate(request.thread_ids):
             _check_id(violations, f"thread_ids[{i}]", thread_id, required=True)
-        _check_id(
-            violations, "namespace_prefix", request.namespace_prefix, False, NAMESPACE_MAX_BYTES
-        )
+        _check_namespace(violations, "namespace_prefix", request.namespace_prefix)
         if request.strategy not in (pb.PRUNE_STRATEGY_KEEP_LATEST, pb.PRUNE_STRATEGY_DELETE):
             violations.append(("strategy", "PRUNE_STRATEGY_KEEP_LATEST or PRUNE_STRATEGY_DELETE"))
         _raise_if(violations)

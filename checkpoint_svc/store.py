@@ -329,7 +329,7 @@ class CheckpointStore:
             deleted, changed = await self._read(
                 lambda thread_id=thread_id: self.sql.keep_heads(tenant, thread_id, prefix)
             )
-            await self._forget(deleted + changed)
+            self._forget(deleted + changed)
             total += len(deleted)
         return total
 
@@ -341,7 +341,7 @@ class CheckpointStore:
         namespaces, checkpoints = await self._read(
             lambda: self.sql.copy_thread(tenant, source, target, prefix, time.time())
         )
-        await self._forget([], [ThreadKey(tenant, ns, target) for ns in namespaces])
+        self._forget([], [ThreadKey(tenant, ns, target) for ns in namespaces])
         return len(namespaces), checkpoints
 
     async def delete_for_runs(self, tenant: str, run_ids: list[str], prefix: str) -> int:
@@ -352,10 +352,10 @@ class CheckpointStore:
         deleted, moved = await self._read(
             lambda: self.sql.delete_for_runs(tenant, run_ids, prefix, time.time())
         )
-        await self._forget(deleted, moved)
+        self._forget(deleted, moved)
         return len(deleted)
 
-    async def _forget(
+    def _forget(
         self, bodies: list[tuple[ThreadKey, str]], threads: list[ThreadKey] | None = None
     ) -> None:
         """After SQL was changed outside the group committer (retention, prune, copy, delete
@@ -453,7 +453,7 @@ class CheckpointStore:
                 else None,
             )
         )
-        await self._forget(pruned, gone)
+        self._forget(pruned, gone)
         if pruned:
             log.info(
                 "retention pruned checkpoints", extra={"pruned": len(pruned), "threads": len(gone)}

@@ -177,11 +177,11 @@ def _check_http(cfg: dict[str, Any], where: str, out: Violations) -> None:
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         out.append((f"{where}.url", "required: an http:// or https:// URL"))
     elif "${" in url:  # a template: its placeholders must be expressions; the rest is literal
-        for placeholder in re.findall(r"\$\{([^}]*)\}", url):
+        for placeholder in expressions.PLACEHOLDER.findall(url):
             if problem := expressions.check(placeholder):
                 out.append((f"{where}.url", f"placeholder ${{{placeholder}}}: {problem}"))
-        if url.count("${") != len(re.findall(r"\$\{[^}]*\}", url)):
-            out.append((f"{where}.url", "an unclosed ${ placeholder"))
+        if "${" in expressions.PLACEHOLDER.sub("", url):
+            out.append((f"{where}.url", "an unclosed (or empty) ${ placeholder"))
     else:
         try:
             parsed = urlparse(url)

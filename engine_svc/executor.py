@@ -144,10 +144,10 @@ class RunState:
                 not isinstance(data[name], kinds) or isinstance(data[name], bool) != (bool in kinds)
             ):
                 raise NotARun(f"its {name} is not a {kinds[0].__name__}")
-        missing = [n for n in ("run_id", "workflow_id", "version", "input") if n not in data]
+        missing = [n for n in _RUN_REQUIRED if n not in data]
         if missing:
             raise NotARun(f"its state has no {', '.join(missing)}")
-        if data.get("status", "PENDING") not in RUN_STATUSES:
+        if data.get("status", "PENDING") not in _RUN_STATUSES:
             raise NotARun(f"its status {data['status']!r} is not a run status")
         for name in _RUN_STRING_LISTS:
             if not all(isinstance(v, str) for v in data.get(name, ())):
@@ -161,9 +161,14 @@ class RunState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-RUN_STATUSES = frozenset(
-    {"PENDING", "RUNNING", "PAUSED", "WAITING", "COMPLETED", "FAILED", "CANCELLED"}
-)
+_RUN_STATUSES = frozenset(
+    name.removeprefix("RUN_STATUS_") for name, n in pb.RunStatus.items() if n
+)  # PENDING, RUNNING, ... as RunState.status spells them
+_RUN_REQUIRED = [
+    f.name
+    for f in dataclasses.fields(RunState)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+]
 _RUN_STRING_LISTS = ("completed", "skipped", "interrupt_before", "interrupt_after", "breaks_passed")
 # What each field of a stored run must be (JSON gives ints for whole floats).
 _RUN_FIELD_KINDS: dict[str, tuple[type, ...]] = {

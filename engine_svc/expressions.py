@@ -7,6 +7,7 @@ the functions listed here, and bounded sizes (simpleeval's own limits on powers 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import simpleeval
@@ -29,6 +30,10 @@ FUNCTIONS: dict[str, Any] = {
     "floor": math.floor,
     "ceil": math.ceil,
 }
+
+
+# `${expression}` in a string of an http or subworkflow config (nodes.render fills them in).
+PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
 
 class ExpressionError(ValueError):

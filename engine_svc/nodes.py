@@ -37,8 +37,6 @@ class NodeCall:
 # A node type the engine runs itself: (where, node, the run's state) -> the node's output.
 EngineNode = Callable[[NodeCall, NodeSpec, dict[str, Any]], Awaitable[Any]]
 
-_PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
-
 
 def render(template: Any, state: dict[str, Any]) -> Any:
     """Fill `${expression}` placeholders from the run's state, in strings, lists and maps.
@@ -47,7 +45,7 @@ def render(template: Any, state: dict[str, Any]) -> Any:
     number); placeholders inside longer strings are formatted into them (JSON for non-strings).
     """
     if isinstance(template, str):
-        whole = _PLACEHOLDER.fullmatch(template.strip())
+        whole = expressions.PLACEHOLDER.fullmatch(template.strip())
         if whole:
             return expressions.evaluate(whole.group(1), state)
 
@@ -55,7 +53,7 @@ def render(template: Any, state: dict[str, Any]) -> Any:
             value = expressions.evaluate(m.group(1), state)
             return value if isinstance(value, str) else json.dumps(value)
 
-        return _PLACEHOLDER.sub(one, template)
+        return expressions.PLACEHOLDER.sub(one, template)
     if isinstance(template, list):
         return [render(v, state) for v in template]
     if isinstance(template, dict):

@@ -1,5 +1,5 @@
 """Workflow definitions and their versions, kept as a checkpointed thread in the store's
-`workflows` namespace (DESIGN section 2): each version is one checkpoint, the head is the
+`workflows` namespace (docs/architecture.md): each version is one checkpoint, the head is the
 active version, and retention never prunes that namespace.
 
 Version numbers are allocated through checkpoint ids (`v0000000001`, ...): two engines

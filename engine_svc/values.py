@@ -50,13 +50,6 @@ def problem_of(value: Any, where: str, max_depth: int = MAX_DEPTH) -> tuple[str,
     return None
 
 
-def check(value: Any, where: str) -> None:
-    """InvalidArgument unless `value` can be stored and read back."""
-    found = problem_of(value, where)
-    if found is not None:
-        raise InvalidArgument(f"{found[0]}: {found[1]}", [found])
-
-
 def _plain(value: Any) -> Any:
     """A Struct's value as JSON would give it: protobuf keeps every number as a double, so
     whole numbers come back as ints (an input of 20 formats as "20", not "20.0")."""
@@ -71,27 +64,31 @@ def _plain(value: Any) -> Any:
 
 def struct_problem(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> tuple[str, str] | None:
     """(field path, what is wrong) if a client's Struct cannot be stored and read back."""
-    found = _non_finite(msg, where)
-    if found is not None:
-        return found, "must be a finite number (JSON has no NaN or Infinity)"
-    return problem_of(json_format.MessageToDict(msg), where)
+    return _read(msg, where)[1]
 
 
 def from_struct(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> Any:
     """A client's Struct (or Value) as a plain, storable value; InvalidArgument otherwise."""
+    value, found = _read(msg, where)
+    if found is not None:
+        raise InvalidArgument(f"{found[0]}: {found[1]}", [found])
+    return _plain(value)
+
+
+def _read(
+    msg: struct_pb2.Struct | struct_pb2.Value, where: str
+) -> tuple[Any, tuple[str, str] | None]:
+    """A Struct as JSON gives it, and what is wrong with it (json_format would raise a bare
+    ValueError on NaN or Infinity, so those are looked for first)."""
     found = _non_finite(msg, where)
     if found is not None:
-        raise InvalidArgument(f"{found}: must be a finite number", [(found, "must be finite")])
-    try:
-        value = _plain(json_format.MessageToDict(msg))
-    except (ValueError, json_format.Error) as exc:
-        raise InvalidArgument(f"{where}: {exc}", [(where, "not a JSON value")]) from None
-    check(value, where)
-    return value
+        return None, (found, "must be a finite number (JSON has no NaN or Infinity)")
+    value = json_format.MessageToDict(msg)
+    return value, problem_of(value, where)
 
 
 def _non_finite(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> str | None:
-    """The path of a NaN or Infinity in a Struct (json_format would raise a bare ValueError)."""
+    """The path of a NaN or Infinity in a Struct."""
     stack: list[tuple[Any, str]] = [(msg, where)]
     while stack:
         item, path = stack.pop()

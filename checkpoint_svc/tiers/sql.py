@@ -500,7 +500,7 @@ class SqlTier:
             return None
         cp = _checkpoint_from_row(key, rows[0], with_state=False)
         writes = [
-            PendingWrite(cp.checkpoint_id, r[13], r[14], r[15], bytes(r[16]), r[17], r[18])
+            _write_from_row((cp.checkpoint_id, *r[13:19]))
             for r in rows
             if include_writes and r[13] is not None
         ]
