@@ -745,6 +745,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip the extra run per system that counts write transactions, WAL and CPU",
     )
     p.add_argument("--logs", type=Path, help="keep the services' logs in this directory")
+    p.add_argument(
+        "--store-calls",
+        choices=["session", "unary"],
+        default="session",
+        help="engine_svc --store-calls: its saves on one Session stream, or unary",
+    )
     p.add_argument("--json", type=Path, help="write raw figures here")
     return p.parse_args(argv)
 
@@ -806,7 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(store.stop)
         print("starting checkpoint_svc ...", flush=True)
         store.start()
-        engine = servers.EngineService(store.target, workdir / "logs")
+        engine = servers.EngineService(
+            store.target, workdir / "logs", ("--store-calls", args.store_calls)
+        )
         stack.callback(engine.stop)
         print("starting engine_svc ...", flush=True)
         engine.start()
@@ -834,7 +842,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"shared_buffers={pgs['shared_buffers']}; {os.cpu_count()} CPUs; {vers}",
             flush=True,
         )
-        print(f"services' code: {results.env['code']}", flush=True)
+        print(
+            f"services' code: {results.env['code']}; engine_svc --store-calls {args.store_calls}",
+            flush=True,
+        )
         load = os.getloadavg()[0]
         if load > 0.5:
             print(

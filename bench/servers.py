@@ -335,6 +335,7 @@ class EngineService:
 
     checkpoint_target: str
     workdir: Path
+    extra_args: tuple[str, ...] = ()  # more of the documented flags
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
@@ -358,6 +359,7 @@ class EngineService:
             self.target,
             "--checkpoint",
             self.checkpoint_target,
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 60.0) -> None:

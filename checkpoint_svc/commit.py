@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from tenacity import (
@@ -36,11 +37,22 @@ log = logging.getLogger(__name__)
 
 # PostgreSQL serialization failure and deadlock: safe to retry as a whole.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
+# The server cannot be reached or is going away: connection exceptions (08), shutdown and
+# start-up (57P), too many connections.
+_UNREACHABLE_SQLSTATES = ("08", "57P", "53300")
+# What a database call may raise: through SQLAlchemy, or from the raw asyncpg hot path.
+SQL_ERRORS: tuple[type[Exception], ...] = (
+    SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 class Operation(Protocol):
     creates: bool
     weight: int  # its share of a batch (BATCH_WEIGHT), see ops.py
+    request_id: str  # "" if none: the batch reads every request id of its operations at once
+    claimed_id: str  # a checkpoint id the client chose, read at once likewise
 
     @property
     def key(self) -> ThreadKey: ...
@@ -52,6 +64,10 @@ def is_connectivity_error(exc: BaseException) -> bool:
     """The database could not be reached (as opposed to rejecting the data)."""
     if isinstance(exc, (OSError, PoolTimeout, asyncio.TimeoutError, ConnectionError)):
         return True
+    if isinstance(exc, asyncpg.InterfaceError):  # e.g. the connection closed under a call
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "").startswith(_UNREACHABLE_SQLSTATES)
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
@@ -66,7 +82,7 @@ def is_connectivity_error(exc: BaseException) -> bool:
 def is_transient(exc: BaseException) -> bool:
     if is_connectivity_error(exc):
         return True
-    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    state = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None)
     if state in _RETRYABLE_SQLSTATES:
         return True
     msg = str(exc).lower()
@@ -95,12 +111,14 @@ def as_store_error(exc: BaseException) -> StoreError:
     """The status a client gets for a database error: its data, or our availability."""
     if isinstance(exc, StoreError):
         return exc
-    state = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "")
-    text = str(getattr(exc, "orig", None) or exc).lower()
+    orig = getattr(exc, "orig", None) or exc
+    state = str(getattr(orig, "sqlstate", "") or "")
+    text = str(orig).lower()
     log.warning("database error", extra={"error": str(exc)[:2000]})
     if state == "23505" or "unique constraint failed" in text:
         return AlreadyExists(f"conflicting write: the row exists already ({describe(exc)})")
-    if isinstance(exc, IntegrityError) or state.startswith("22") or state.startswith("54"):
+    integrity = isinstance(exc, IntegrityError) or state.startswith("23")
+    if integrity or state.startswith("22") or state.startswith("54"):
         return InvalidArgument(f"the database refused a value ({describe(exc)})")
     return TierUnavailable(f"SQL tier unavailable: {describe(exc)}")
 
@@ -150,7 +168,7 @@ class GroupCommitter:
     def __init__(
         self,
         sql: SqlTier,
-        after_commit: Callable[[Batch], Awaitable[None]],
+        after_commit: Callable[[Batch], Awaitable[Awaitable[None] | None]],
         batch_max: int = 256,
         queue_max: int = 10_000,
         *,
@@ -285,7 +303,7 @@ class GroupCommitter:
         started = time.monotonic()
         try:
             batch, results = await self._attempt(items)
-        except (TimeoutError, SQLAlchemyError, OSError, TierUnavailable) as exc:
+        except (TimeoutError, *SQL_ERRORS, OSError, TierUnavailable) as exc:
             unavailable = isinstance(exc, TierUnavailable) or is_connectivity_error(exc)
             if len(items) > 1 and not unavailable:
                 for item in items:  # a data error: find whose, commit the others
@@ -324,11 +342,13 @@ class GroupCommitter:
         return self._deadline is None or time.monotonic() < self._deadline
 
     async def _announce(self) -> None:
-        """Warm the caches, publish the events, then answer the callers (read-your-writes)."""
+        """Warm the local caches and feed, answer the callers (read-your-writes), then do
+        what the hook left for later (shared caches), in commit order."""
         while True:
             batch, items, results = await self._committed.get()
+            later: Awaitable[None] | None = None
             try:
-                await self._after_commit(batch)
+                later = await self._after_commit(batch)
             except Exception:  # caches are best effort; the data is committed
                 log.exception("after-commit hook failed")
             for item, (ok, value) in zip(items, results, strict=True):
@@ -338,6 +358,11 @@ class GroupCommitter:
                     item.future.set_result(value)
                 else:
                     item.future.set_exception(value)
+            if later is not None:
+                try:
+                    await later
+                except Exception:
+                    log.exception("after-commit work failed")
             self._committed.task_done()
 
     async def _attempt(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
@@ -358,7 +383,7 @@ class GroupCommitter:
             async for attempt in sql_retrying():
                 with attempt:
                     return await self.sql.batch_committed(batch_id)
-        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+        except (TimeoutError, *SQL_ERRORS, OSError) as exc:
             raise TierUnavailable(
                 f"commit outcome unknown, SQL unreachable: {describe(exc)}"
             ) from exc
@@ -368,12 +393,14 @@ class GroupCommitter:
         ops = [i.op for i in items]
         results: list[tuple[bool, Any]] = []
         batch_id = uuid.uuid4().hex
-        async with self.sql.writer.connect() as conn:
-            transaction = await conn.begin()
+        async with self.sql.open_batch(time.time()) as batch:
             try:
-                batch = self.sql.batch(conn, time.time())
                 await batch.lock(
                     (op.key for op in ops), create={op.key for op in ops if op.creates}
+                )
+                await batch.prefetch(
+                    [(op.key.tenant, op.request_id) for op in ops if op.request_id],
+                    [(op.key, op.claimed_id) for op in ops if op.claimed_id],
                 )
                 for op in ops:
                     try:
@@ -385,11 +412,11 @@ class GroupCommitter:
                 await batch.flush()
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await transaction.rollback()
+                    await batch.rollback()
                 raise
             try:
-                await transaction.commit()
-            except (TimeoutError, SQLAlchemyError, OSError) as exc:
+                await batch.commit()
+            except (TimeoutError, *SQL_ERRORS, OSError) as exc:
                 lost = _AmbiguousCommit(batch_id, exc)
                 lost.batch_and_results = (batch, results)  # type: ignore[attr-defined]
                 raise lost from exc

@@ -154,6 +154,8 @@ class SaveCommand:
     events: list[NewEvent] = field(default_factory=list)
     keep_last: int = 0
     exact_parent: bool = False  # parent_id as given, "" meaning none
+    lease_owner: str = ""  # take the thread's lease for this owner in the same commit
+    lease_ttl: float = 0.0
 
 
 @dataclass(slots=True)

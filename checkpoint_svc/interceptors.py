@@ -98,4 +98,11 @@ def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
             request_deserializer=parse,
             response_serializer=_encoded_or(handler.response_serializer),
         )
+    if handler.stream_stream is not None:
+        # A malformed message arrives as _Malformed, for the handler to end the stream with.
+        return grpc.stream_stream_rpc_method_handler(
+            handler.stream_stream,
+            request_deserializer=parse,
+            response_serializer=handler.response_serializer,
+        )
     return None

@@ -7,8 +7,10 @@ operation must leave the batch as it found it, so its neighbours still commit.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from checkpoint_svc.commit import HEAVY_WEIGHT
 from checkpoint_svc.convert import checkpoint_from_pb, checkpoint_to_pb
@@ -36,6 +38,8 @@ class SaveResult:
     checkpoint: Checkpoint
     seq: int
     replayed: bool = False
+    fencing_token: int = 0  # of the lease the Save took (SaveCommand.lease_owner)
+    thread: Thread | None = None  # the row as the Save left it (None when replayed)
 
 
 def check_fencing(thread: Thread, token: int, now: float) -> None:
@@ -88,6 +92,15 @@ class SaveOp:
     def weight(self) -> int:
         return 1 + len(self.cmd.events) + len(self.cmd.checkpoint.state) // WEIGHT_BYTES
 
+    @property
+    def request_id(self) -> str:
+        return self.cmd.request_id
+
+    @property
+    def claimed_id(self) -> str:
+        """The checkpoint id the client chose, if it did: the batch checks it is free."""
+        return self.cmd.checkpoint.checkpoint_id if self.client_supplied_id else ""
+
     async def apply(self, batch: Batch) -> SaveResult:
         cmd, cp, key = self.cmd, self.cmd.checkpoint, self.key
         done = await _replay(batch, key.tenant, cmd.request_id, "save")
@@ -101,6 +114,12 @@ class SaveOp:
                 f"head moved: expected parent {cmd.expected_parent_id}, "
                 f"head is {thread.head_id or '(none)'}"
             )
+        if cmd.lease_owner and thread.lease_held(batch.now):
+            if thread.lease_owner != cmd.lease_owner:
+                raise LeaseLost(
+                    f"thread is leased by {thread.lease_owner!r} for another "
+                    f"{thread.lease_expires_at - batch.now:.1f}s"
+                )
         early_writes = False
         if self.client_supplied_id:
             exists, early_writes = await batch.checkpoint_or_writes_exist(key, cp.checkpoint_id)
@@ -120,6 +139,10 @@ class SaveOp:
             thread.workflow_version = cmd.workflow_version
         if cmd.keep_last:
             thread.keep_last = cmd.keep_last
+        if cmd.lease_owner:
+            thread.fencing_token += 1
+            thread.lease_owner = cmd.lease_owner
+            thread.lease_expires_at = batch.now + cmd.lease_ttl
         saved = batch.emit(
             thread,
             NewEvent(
@@ -155,7 +178,8 @@ class SaveOp:
                     }
                 ),
             )
-        return SaveResult(cp, saved.seq)
+        token = thread.fencing_token if cmd.lease_owner else 0
+        return SaveResult(cp, saved.seq, fencing_token=token, thread=dataclasses.replace(thread))
 
 
 @dataclass(slots=True)
@@ -167,6 +191,7 @@ class PutWritesOp:
     request_id: str = ""
     # Writes may come before their thread's first checkpoint (a new LangGraph subgraph).
     creates: bool = True
+    claimed_id: ClassVar[str] = ""
 
     @property
     def weight(self) -> int:
@@ -202,6 +227,7 @@ class PublishOp:
     request_id: str = ""
     fencing_token: int = 0
     creates: bool = True
+    claimed_id: ClassVar[str] = ""
 
     @property
     def weight(self) -> int:
@@ -228,6 +254,8 @@ class AcquireLeaseOp:
     ttl: float
     creates: bool = True
     weight: int = 1
+    request_id: ClassVar[str] = ""
+    claimed_id: ClassVar[str] = ""
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -251,6 +279,8 @@ class RenewLeaseOp:
     ttl: float
     creates: bool = False
     weight: int = 1
+    request_id: ClassVar[str] = ""
+    claimed_id: ClassVar[str] = ""
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -271,6 +301,8 @@ class ReleaseLeaseOp:
     fencing_token: int
     creates: bool = False
     weight: int = 1
+    request_id: ClassVar[str] = ""
+    claimed_id: ClassVar[str] = ""
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -291,6 +323,8 @@ class DeleteThreadOp:
     creates: bool = False
     # Its work grows with the thread: never in a batch of small operations.
     weight: int = HEAVY_WEIGHT
+    request_id: ClassVar[str] = ""
+    claimed_id: ClassVar[str] = ""
 
     async def apply(self, batch: Batch) -> int:
         _existing(batch, self.key)

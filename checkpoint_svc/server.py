@@ -8,9 +8,12 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 import prometheus_client
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -150,11 +153,17 @@ def _redact(url: str) -> str:
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(service: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine to its end, on uvloop: about a tenth less CPU per call
+    than asyncio's own loop (docs/benchmarks.md)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    settings = parse_settings(argv)
-    logs.configure("checkpoint_svc", settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        uvloop.run(service)
     except KeyboardInterrupt:
         pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    logs.configure("checkpoint_svc", settings.log_level)
+    run(serve(settings))

@@ -34,6 +34,7 @@ from checkpoint_svc.errors import (
     TierUnavailable,
 )
 from checkpoint_svc.feed import Heartbeat
+from checkpoint_svc.session import serve_session
 from checkpoint_svc.store import CheckpointStore, TierHealth
 from checkpoint_svc.tiers.sql import ThreadFilter
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
@@ -328,8 +329,13 @@ def decode_token(token: str, parts: int) -> list[str]:
     return values[1:]
 
 
+def ttl_out_of_range(value: float) -> bool:
+    """A lease's seconds out of range (or NaN)."""
+    return value < 0 or value > MAX_LEASE_SECONDS or value != value
+
+
 def _ttl(field: str, value: float) -> float:
-    if value < 0 or value > MAX_LEASE_SECONDS or value != value:
+    if ttl_out_of_range(value):
         raise InvalidArgument(
             f"{field} must be between 0 and {MAX_LEASE_SECONDS:.0f}",
             [(field, "out of range")],
@@ -376,6 +382,11 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             violations.append(("checkpoint.progress_percent", "must be within 0..100"))
         if msg.eta_seconds < 0:
             violations.append(("checkpoint.eta_seconds", "must not be negative"))
+        _check_id(violations, "lease_owner", request.lease_owner, False)
+        if request.lease_owner and ttl_out_of_range(request.lease_ttl_seconds):
+            violations.append(("lease_ttl_seconds", f"must be within 0..{MAX_LEASE_SECONDS:.0f}"))
+        if request.lease_owner and request.durability == pb.DURABILITY_ASYNC:
+            violations.append(("lease_owner", "a lease is taken only by a durable (SYNC) Save"))
         _events(violations, request.events)
         _raise_if(violations)
         cp = convert.checkpoint_from_pb(msg, key.tenant)
@@ -390,12 +401,16 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             events=[convert.new_event_from_pb(e) for e in request.events],
             keep_last=request.keep_last,
             exact_parent=request.exact_parent,
+            lease_owner=request.lease_owner,
+            lease_ttl=request.lease_ttl_seconds,
         )
         durable = request.durability != pb.DURABILITY_ASYNC
         result = await self.store.save(cmd, durable=durable)
         return pb.SaveResponse(
             checkpoint=convert.checkpoint_to_pb(result.checkpoint, include_state=False),
             seq=result.seq,
+            fencing_token=result.fencing_token,
+            thread=convert.thread_to_pb(result.thread) if result.thread else None,
         )
 
     @translated
@@ -720,6 +735,17 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             commits=self.store.committer.batches,
             committed_operations=self.store.committer.operations,
         )
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[pb.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.SessionResponse]:
+        """Each call through its unary handler (checkpoint_svc/session.py)."""
+        async for response in serve_session(
+            lambda name: getattr(self, name), request_iterator, context
+        ):
+            yield response
 
 
 def overall_health(tiers: list[TierHealth]) -> int:

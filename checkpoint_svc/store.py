@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import uuid6
-from sqlalchemy.exc import SQLAlchemyError
 
 from checkpoint_svc import metrics
 from checkpoint_svc.commit import (
+    SQL_ERRORS,
     GroupCommitter,
     as_store_error,
     describe,
@@ -136,17 +136,21 @@ class CheckpointStore:
             await self.redis.close()
         await self.sql.close()
 
-    async def _after_commit(self, batch: Batch) -> None:
-        """Warm the caches and announce the events of a committed batch.
+    async def _after_commit(self, batch: Batch) -> Awaitable[None] | None:
+        """Warm the memory tier and announce the events of a committed batch here; what is
+        left for Redis (states, the feed for other replicas) is returned, to run after the
+        callers have their answers (Restore asks SQL first, so it reads its writes anyway).
 
         Each step is guarded on its own: a failure in one must neither leave a head behind
         in memory nor silence the live feed.
         """
         memory = self.memory
+        # Small states come back with the query that names a checkpoint: not worth caching.
+        cached = [cp for cp in batch.flushed_checkpoints if len(cp.state) > self.sql.inline_state]
         try:
             for key in batch.deleted:
                 memory.drop_thread(key)
-            memory.put_bodies(batch.flushed_checkpoints)
+            memory.put_bodies(batch.flushed_checkpoints if memory.answers_heads else cached)
             if memory.answers_heads:
                 for cp in batch.flushed_checkpoints:
                     if (cp.key, cp.checkpoint_id) not in batch.early_writes:
@@ -158,12 +162,12 @@ class CheckpointStore:
             log.exception("memory tier update failed; dropping its heads")
             for key in batch.heads:
                 memory.drop_thread(key)
-        try:
-            if self.redis is not None:
-                await self.redis.apply(batch.flushed_checkpoints, batch.flushed_events)
         finally:
             for event in batch.flushed_events:
                 self.feed.deliver(event)
+        if self.redis is None or not (cached or batch.flushed_events):
+            return None
+        return self.redis.apply(cached, batch.flushed_events)
 
     # ---- SQL reads, retried and mapped --------------------------------------
 
@@ -174,7 +178,7 @@ class CheckpointStore:
                     result = await call()
             self.sql.up = True
             return result
-        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+        except (TimeoutError, *SQL_ERRORS, OSError) as exc:
             if is_connectivity_error(exc):
                 self.sql.up = False
                 self.sql.detail = describe(exc)
@@ -228,9 +232,9 @@ class CheckpointStore:
         )
         if found is None:
             raise self._not_found(key, checkpoint_id)
-        cp, version, writes = found
-        tier, state = Tier.SQL, None
-        for cache in self._caches:  # fastest first
+        cp, version, writes, state = found
+        tier = Tier.SQL
+        for cache in self._caches if state is None else ():  # fastest first
             state = await cache.state_of(cp)
             if state is not None:
                 tier = cache.tier

@@ -23,6 +23,7 @@ class Settings:
     tenants: list[str] = field(default_factory=lambda: ["default"])
     owner: str = ""
     log_level: str = "INFO"
+    store_calls: str = "session"
 
 
 def _env(name: str, default: str) -> str:
@@ -113,6 +114,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         help="serve Prometheus metrics on this port, on the --listen host (0 = off)",
     )
     p.add_argument("--log-level", default=_env("ENGINE_LOG_LEVEL", d.log_level))
+    p.add_argument(
+        "--store-calls",
+        choices=["session", "unary"],
+        default=_env("ENGINE_STORE_CALLS", d.store_calls),
+        help="how a run's saves, writes and leases reach the checkpoint service: on one "
+        "Session stream per tenant, or as unary calls (env ENGINE_STORE_CALLS)",
+    )
     settings = Settings(**vars(p.parse_args(argv)))
     if not settings.owner:
         settings.owner = f"{socket.gethostname()}-{os.getpid()}"

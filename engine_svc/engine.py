@@ -28,6 +28,7 @@ from engine_svc.executor import (
     NotResumable,
     RunExecutor,
     RunState,
+    Started,
     StoreUnavailable,
     check_control,
     tenant_metadata,
@@ -40,6 +41,7 @@ from engine_svc.registry import (
     WorkflowNotFound,
     WorkflowRegistry,
 )
+from engine_svc.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -102,6 +104,11 @@ class Engine:
     def executor(self, tenant: str) -> RunExecutor:
         if tenant not in self._executors:
             s = self.settings
+            calls = (
+                StoreSession(stub=self.store, metadata=tenant_metadata(tenant))
+                if s.store_calls == "session"
+                else None
+            )
             self._executors[tenant] = RunExecutor(
                 self.store,
                 tenant,
@@ -110,6 +117,7 @@ class Engine:
                 s.lease_ttl_seconds,
                 s.max_parallel,
                 s.store_retry_seconds,
+                calls=calls,
             )
         return self._executors[tenant]
 
@@ -137,6 +145,8 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.runner.close()
+        for executor in self._executors.values():
+            await executor.close()
         await self.channel.close()
 
     # ---- workflows ---------------------------------------------------------
@@ -202,7 +212,7 @@ class Engine:
         request_id: str,
         interrupt_before: list[str] | None = None,
         interrupt_after: list[str] | None = None,
-    ) -> RunState:
+    ) -> Started:
         """Start a run; with the id of a COMPLETED run of the same workflow, start it again
         on top of that run's state (a thread that remembers)."""
         stored = await self.registry.get(tenant, workflow_id, version)
@@ -233,7 +243,7 @@ class Engine:
                 workflow, stored.version, run_id, run_input, interrupt_before, interrupt_after
             )
             self._launch(tenant, workflow, run_id)
-            return run
+            return Started(run, 0)
         run_id = run_id or str(uuid6.uuid7())
         first = executor.start(
             workflow,
@@ -247,11 +257,12 @@ class Engine:
         return await self._begin(tenant, workflow, run_id, first)
 
     async def _begin(
-        self, tenant: str, workflow: Workflow, run_id: str, first: Awaitable[RunState]
-    ) -> RunState:
-        """Record a new run's first checkpoint (`first`), then execute it here."""
+        self, tenant: str, workflow: Workflow, run_id: str, first: Awaitable[Started]
+    ) -> Started:
+        """Record a new run's first checkpoint (`first`, which takes its lease), then execute
+        it here."""
         try:
-            run = await first
+            started = await first
         except LeaseLostError as exc:  # the first checkpoint's parent check: the run exists
             raise RunExists(f"run {run_id!r} already exists") from exc
         except grpc.aio.AioRpcError as exc:
@@ -259,10 +270,12 @@ class Engine:
                 raise RunExists(f"run {run_id!r} already exists") from exc
             raise
         await self._note_tenant(tenant)
+        run = started.run
         if run.status == "PENDING":  # not a replayed request for a run under way
             # A copy: the reply shows the run as it started.
-            self._launch(tenant, workflow, run.run_id, RunState.from_json(run.to_json()))
-        return run
+            copy = Started(RunState.from_json(run.to_json()), started.token)
+            self._launch(tenant, workflow, run.run_id, copy)
+        return started
 
     async def fork_run(
         self,
@@ -271,7 +284,7 @@ class Engine:
         checkpoint_id: str,
         patch: dict[str, Any],
         new_run_id: str,
-    ) -> RunState:
+    ) -> Started:
         """A new run from a checkpoint of `run_id`, with `patch`; the original is untouched."""
         executor = self.executor(tenant)
         await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
@@ -329,7 +342,7 @@ class Engine:
         return bool(thread.head_checkpoint_id)
 
     def _launch(
-        self, tenant: str, workflow: Workflow, run_id: str, started: RunState | None = None
+        self, tenant: str, workflow: Workflow, run_id: str, started: Started | None = None
     ) -> None:
         key = (tenant, run_id)
         if key in self._running:
@@ -342,7 +355,7 @@ class Engine:
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
     async def _execute(
-        self, tenant: str, workflow: Workflow, run_id: str, started: RunState | None
+        self, tenant: str, workflow: Workflow, run_id: str, started: Started | None
     ) -> None:
         try:
             run = await self.executor(tenant).execute(workflow, run_id, started)
@@ -486,7 +499,7 @@ class Engine:
         child_id = f"{call.run_id}.{node.id}"
         child_input = render(cfg["input"], state) if "input" in cfg else state
         try:
-            child = await self.start_run(
+            started = await self.start_run(
                 call.tenant,
                 cfg["workflow_id"],
                 int(cfg.get("version", 0)),
@@ -494,6 +507,7 @@ class Engine:
                 child_id,
                 f"child:{child_id}",
             )
+            child = started.run
             if child.status == "FAILED":  # a retry of the node re-runs what the child did not
                 child = await self.resume_run(call.tenant, child_id, None)
             ended = await self._ended(call.tenant, child_id)
@@ -529,7 +543,8 @@ class Engine:
         md = tenant_metadata(tenant)
         return (
             await self.store.GetThread(
-                cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id), metadata=md
+                cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id),
+                metadata=md,
             )
         ).thread
 

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import json_format
@@ -40,6 +40,7 @@ from checkpoint_svc.servicer import TENANT_HEADER
 from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
+from engine_svc.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -71,6 +72,15 @@ def status_event(status: str, **extra: Any) -> cpb.NewEvent:
 def start_checkpoint_id(run_id: str) -> str:
     """A run's first checkpoint has a fixed id: starting the same run id twice is refused."""
     return f"0-start-{run_id}"
+
+
+class Started(NamedTuple):
+    """A run as its first checkpoint recorded it, the token of the lease that checkpoint
+    took for this engine and its thread's row then (0 and None: a replayed StartRun)."""
+
+    run: RunState
+    token: int
+    thread: cpb.Thread | None = None
 
 
 class LeaseLostError(RuntimeError):
@@ -228,6 +238,16 @@ class WriteGate:
                 self._cond.notify_all()
 
 
+@dataclass(slots=True)
+class _Unwritten:
+    """A node's result not sent yet: its write, its event, and whether a checkpoint follows
+    its step (which may then save it instead)."""
+
+    write: cpb.PendingWrite
+    event: cpb.NewEvent | None
+    step_saves: bool
+
+
 @dataclass
 class Execution:
     """One engine's hold on one run: what the step loop, the control watcher and the ticker
@@ -247,6 +267,9 @@ class Execution:
     # own; its events wait here for that checkpoint (or any earlier one).
     carry: list[cpb.NewEvent] = field(default_factory=list)
     running: int = 0  # nodes of the current step that have not finished
+    # Results waiting to be sent together (RunExecutor._write), and the task sending them.
+    unwritten: list[_Unwritten] = field(default_factory=list)
+    writer: asyncio.Future | None = None
     announced: set[str] = field(default_factory=set)  # node.started sent ahead of their step
     _steps_key: tuple[int, int] = (-1, -1)
     _steps_value: int = 0
@@ -308,8 +331,14 @@ class RunExecutor:
         lease_ttl: float = 10.0,
         max_parallel: int = 16,
         store_retry_seconds: float = 30.0,
+        *,
+        calls: StoreSession | None = None,
     ) -> None:
         self.store = store
+        # Saves, writes, publishes, restores and leases: on the tenant's Session stream if
+        # there is one, else unary (docs/engine.md#store-calls).
+        self.calls: Any = calls or store
+        self._session = calls
         self.tenant = tenant
         self.md = tenant_metadata(tenant)
         self.owner = owner
@@ -321,11 +350,20 @@ class RunExecutor:
 
     # ---- store calls ----------------------------------------------------------------
 
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
     async def _call(self, method: Any, request: Any) -> Any:
         """One store call, retried while the store is away (within the budget). Retried
         Saves and Publishes carry request ids and PutWrites are upserts, so a retry after a
         lost answer applies nothing twice."""
         try:
+            try:  # the first attempt without the retry machinery: most calls need no more
+                return await method(request, metadata=self.md, timeout=_CALL_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                if not _transient(exc):
+                    raise
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_transient),
                 stop=stop_after_delay(self.store_retry_seconds),
@@ -358,24 +396,28 @@ class RunExecutor:
         async with ex.gate.exclusive():
             run.eta_seconds = ex.eta()
             progress = ex.progress()
-            events = [*ex.carry, *(events or [])]
+            # Results not sent yet are in this checkpoint's state: it saves their events too.
+            absorbed, ex.unwritten = ex.unwritten, []
+            events = [*ex.carry, *(i.event for i in absorbed if i.event), *(events or [])]
             checkpoint = _run_checkpoint(ex.workflow, run, trigger, name, metadata)
             checkpoint.progress_percent = progress["progress_percent"]
             checkpoint.eta_seconds = run.eta_seconds
-            saved = await self._call(
-                self.store.Save,
-                cpb.SaveRequest(
-                    checkpoint=checkpoint,
-                    keep_last=ex.workflow.keep_last,
-                    expected_parent_id=ex.head_id,
-                    fencing_token=ex.token,
-                    status=getattr(cpb, f"THREAD_STATUS_{run.status}") if status else 0,
-                    workflow_version=workflow_version,
-                    events=events,
-                    # Unique per (head, token): a retry after a lost answer gets the first result.
-                    request_id=f"save:{run.run_id}:{ex.token}:{ex.head_id}",
-                ),
+            request = cpb.SaveRequest(
+                checkpoint=checkpoint,
+                keep_last=ex.workflow.keep_last,
+                expected_parent_id=ex.head_id,
+                fencing_token=ex.token,
+                status=getattr(cpb, f"THREAD_STATUS_{run.status}") if status else 0,
+                workflow_version=workflow_version,
+                events=events,
+                # Unique per (head, token): a retry after a lost answer gets the first result.
+                request_id=f"save:{run.run_id}:{ex.token}:{ex.head_id}",
             )
+            try:
+                saved = await self._call(self.calls.Save, request)
+            except BaseException:
+                ex.unwritten = absorbed + ex.unwritten  # still to be written
+                raise
             ex.carry.clear()
             ex.head_id = saved.checkpoint.checkpoint_id
             metrics.CHECKPOINTS.labels(cpb.Trigger.Name(trigger).removeprefix("TRIGGER_")).inc()
@@ -390,13 +432,16 @@ class RunExecutor:
         event_of: Callable[[], cpb.NewEvent] | None = None,
         *,
         deferred: bool = False,
+        step_saves: bool = False,
     ) -> None:
-        """A node's result, saved at once with its event. `deferred`: the step's checkpoint,
-        which comes next, saves it instead.
+        """A node's result, saved with its event before this returns. `deferred`: the step's
+        checkpoint, which comes next, saves it instead. `step_saves`: a checkpoint follows the
+        step, so if the step is over by the time the write would be sent, it saves it.
 
-        The node counts as done from here on (so events of nodes finishing together count
-        each other); no checkpoint can be taken before the write is through, and if the
-        write fails the run stops."""
+        Results that finish together go in one PutWrites; a checkpoint taken meanwhile saves
+        them itself (docs/engine.md#checkpoints). The node counts as done from here on (so
+        events of nodes finishing together count each other); no checkpoint can be taken
+        while a write is being sent, and if a write fails the run stops."""
         run = ex.run
         async with ex.gate.shared():
             if channel == OUTPUT_CHANNEL:
@@ -407,30 +452,50 @@ class RunExecutor:
             event = event_of() if event_of else None
             if deferred:
                 ex.carry.extend([event] if event else [])
-            else:
-                await self._call(
-                    self.store.PutWrites,
-                    cpb.PutWritesRequest(
-                        namespace=RUNS_NAMESPACE,
-                        thread_id=run.run_id,
-                        fencing_token=ex.token,
-                        writes=[
-                            cpb.PendingWrite(
-                                checkpoint_id=ex.head_id,
-                                task_id=node_id,
-                                idx=0,
-                                channel=channel,
-                                value=json.dumps(value).encode(),
-                            )
-                        ],
-                        events=[event] if event else [],
-                        request_id=f"writes:{run.run_id}:{ex.token}:{ex.head_id}:{node_id}",
+                return
+            write = cpb.PendingWrite(
+                task_id=node_id, idx=0, channel=channel, value=json.dumps(value).encode()
+            )
+            ex.unwritten.append(_Unwritten(write, event, step_saves))
+            if ex.writer is None:
+                ex.writer = asyncio.ensure_future(self._write_together(ex))
+            writer = ex.writer
+        await asyncio.shield(writer)
+
+    async def _write_together(self, ex: Execution) -> None:
+        """Send the results waiting to be written, in one call, once the nodes finishing in
+        this same turn of the event loop have joined them."""
+        await asyncio.sleep(0)
+        run = ex.run
+        async with ex.gate.shared():
+            ex.writer = None  # results from now on go in a call of their own
+            items, ex.unwritten = ex.unwritten, []
+            events = [i.event for i in items if i.event is not None]
+            if not items:
+                return  # a checkpoint saved them meanwhile
+            if ex.running == 0 and all(i.step_saves for i in items):
+                ex.carry.extend(events)  # the step is over: its checkpoint, next, saves them
+                return
+            for i in items:
+                i.write.checkpoint_id = ex.head_id
+            await self._call(
+                self.calls.PutWrites,
+                cpb.PutWritesRequest(
+                    namespace=RUNS_NAMESPACE,
+                    thread_id=run.run_id,
+                    fencing_token=ex.token,
+                    writes=[i.write for i in items],
+                    events=events,
+                    request_id=(
+                        f"writes:{run.run_id}:{ex.token}:{ex.head_id}:"
+                        f"{items[0].write.task_id}:{len(items)}"
                     ),
-                )
+                ),
+            )
 
     async def _restore(self, run_id: str) -> tuple[RunState, str]:
         head = await self._call(
-            self.store.Restore,
+            self.calls.Restore,
             cpb.RestoreRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, include_writes=True),
         )
         run = RunState.from_json(head.checkpoint.state)
@@ -457,7 +522,7 @@ class RunExecutor:
     async def _acquire(self, run_id: str, owner: str) -> int:
         try:
             lease = await self._call(
-                self.store.AcquireLease,
+                self.calls.AcquireLease,
                 cpb.AcquireLeaseRequest(
                     namespace=RUNS_NAMESPACE,
                     thread_id=run_id,
@@ -471,7 +536,7 @@ class RunExecutor:
 
     async def _release(self, run_id: str, owner: str, token: int) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await self.store.ReleaseLease(
+            await self.calls.ReleaseLease(
                 cpb.ReleaseLeaseRequest(
                     namespace=RUNS_NAMESPACE, thread_id=run_id, owner=owner, fencing_token=token
                 ),
@@ -506,8 +571,9 @@ class RunExecutor:
         request_id: str = "",
         interrupt_before: list[str] | None = None,
         interrupt_after: list[str] | None = None,
-    ) -> RunState:
-        """Record a new run (its first checkpoint); `execute` then runs it.
+    ) -> Started:
+        """Record a new run (its first checkpoint, which takes the run's lease); `execute`
+        then runs it.
 
         A used `request_id` returns the run it started first; a used run id is refused
         (ALREADY_EXISTS), since a run's first checkpoint has a fixed id.
@@ -555,7 +621,7 @@ class RunExecutor:
         checkpoint_id: str,
         patch: dict[str, Any],
         new_run_id: str,
-    ) -> RunState:
+    ) -> Started:
         """A new run from a checkpoint of `source` (its first checkpoint's parent), with the
         patch applied; nodes done at that checkpoint stay done. The original is untouched."""
         run_id = source.run_id
@@ -584,12 +650,12 @@ class RunExecutor:
         request_id: str = "",
         parent_id: str = "",
         metadata: dict[str, str] | None = None,
-    ) -> RunState:
+    ) -> Started:
         checkpoint = _run_checkpoint(workflow, run, cpb.TRIGGER_MANUAL, name, metadata)
         checkpoint.checkpoint_id = start_checkpoint_id(run.run_id)
         checkpoint.parent_id = parent_id
         response = await self._call(
-            self.store.Save,
+            self.calls.Save,
             cpb.SaveRequest(
                 checkpoint=checkpoint,
                 keep_last=workflow.keep_last,
@@ -599,11 +665,15 @@ class RunExecutor:
                 workflow_version=run.version,
                 request_id=f"start:{request_id}" if request_id else "",
                 events=[status_event("PENDING", total_nodes=len(workflow.nodes))],
+                # The lease in the same commit: the run starts here without another call.
+                lease_owner=self.owner,
+                lease_ttl_seconds=self.lease_ttl,
             ),
         )
         if response.checkpoint.thread_id != run.run_id:  # the request was used: its run
-            return await self.load(response.checkpoint.thread_id)
-        return run
+            return Started(await self.load(response.checkpoint.thread_id), 0)
+        thread = response.thread if response.HasField("thread") else None
+        return Started(run, response.fencing_token, thread)
 
     async def continue_thread(
         self,
@@ -693,21 +763,24 @@ class RunExecutor:
     # ---- executing --------------------------------------------------------------------
 
     async def execute(
-        self, workflow: Workflow, run_id: str, started: RunState | None = None
+        self, workflow: Workflow, run_id: str, started: Started | None = None
     ) -> RunState:
         """Run to the end, a pause, an approval or a failure, under a lease; continues from
         the head checkpoint. Returns at once if the run is not RUNNING or PENDING.
 
-        `started`: the run as `start` recorded it. It stands for the head only under the
-        run's first lease (token 1): any change from outside would have taken a lease first.
+        `started`: the run as `start` recorded it, under the lease its first checkpoint took.
+        It stands for the head only under that lease (token 1): any change from outside would
+        have taken a lease first. Without it, the lease is taken here.
         """
-        try:
-            token = await self._acquire(run_id, self.owner)
-        except LeaseHeld as exc:
-            raise LeaseLostError(str(exc)) from exc
+        token = started.token if started is not None else 0
+        if not token:
+            try:
+                token = await self._acquire(run_id, self.owner)
+            except LeaseHeld as exc:
+                raise LeaseLostError(str(exc)) from exc
         try:
             if started is not None and token == 1:
-                run, head_id = started, start_checkpoint_id(run_id)
+                run, head_id = started.run, start_checkpoint_id(run_id)
             else:
                 run, head_id = await self._restore(run_id)
             ex = self._execution(workflow, run, head_id, token)
@@ -746,7 +819,7 @@ class RunExecutor:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
             try:
-                await self.store.RenewLease(
+                await self.calls.RenewLease(
                     cpb.RenewLeaseRequest(
                         namespace=RUNS_NAMESPACE,
                         thread_id=ex.run.run_id,
@@ -962,7 +1035,7 @@ class RunExecutor:
 
     async def _publish_events(self, ex: Execution, events: list[cpb.NewEvent]) -> None:
         await self._call(
-            self.store.Publish,
+            self.calls.Publish,
             cpb.PublishRequest(
                 namespace=RUNS_NAMESPACE,
                 thread_id=ex.run.run_id,
@@ -985,7 +1058,9 @@ class RunExecutor:
         a node held back by a pause is neither done nor failed."""
         if node.when and not expressions.evaluate(node.when, state):
             ex.running -= 1
-            await self._write(ex, node.id, SKIPPED_CHANNEL, True, _done_event(ex, node))
+            await self._write(
+                ex, node.id, SKIPPED_CHANNEL, True, _done_event(ex, node), step_saves=may_defer
+            )
             return node.id, ""
         policy = node.retry
         attempt = 0
@@ -1036,7 +1111,9 @@ class RunExecutor:
         ex.running -= 1
         completed = _done_event(ex, node, attempt=attempt, duration_seconds=duration, output=output)
         deferred = may_defer and ex.running == 0  # the step's checkpoint comes next
-        await self._write(ex, node.id, OUTPUT_CHANNEL, output, completed, deferred=deferred)
+        await self._write(
+            ex, node.id, OUTPUT_CHANNEL, output, completed, deferred=deferred, step_saves=may_defer
+        )
         if pb.CHECKPOINT_TRIGGER_NODE_COMPLETED in ex.workflow.triggers:
             await self._save(ex, cpb.TRIGGER_NODE_COMPLETED, name=node.id, status=False)
         return node.id, ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,8 +14,8 @@ from checkpoint_svc import logs
 from checkpoint_svc.interceptors import RejectMalformedRequests
 from checkpoint_svc.server import (
     EXCLUSIVE_PORT,
-    GIL_SWITCH_INTERVAL,
     listen,
+    run,
     serve_metrics,
 )
 from engine_svc.config import Settings, parse_settings
@@ -70,10 +69,6 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     settings = parse_settings(argv)
     logs.configure("engine_svc", settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        pass
+    run(serve(settings))

@@ -16,7 +16,7 @@ from checkpoint_svc.servicer import tenant_of as store_tenant_of
 from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
-from engine_svc.executor import LeaseLostError, NotARun, RunState, StoreUnavailable
+from engine_svc.executor import LeaseLostError, NotARun, RunState, Started, StoreUnavailable
 from engine_svc.registry import RegistrationContended, WorkflowNotFound
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -153,6 +153,13 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    async def _started(self, tenant: str, started: Started) -> pb.Run:
+        """A new run, with its thread's row as its first checkpoint left it (or as it is now,
+        for a replayed start)."""
+        if started.thread is not None:
+            return run_to_pb(started.run, started.thread)
+        return await self._reply(tenant, started.run)
+
     async def _reply(self, tenant: str, run: RunState) -> pb.Run:
         """A run the engine just changed, with its thread row (status, head, times)."""
         return run_to_pb(run, await self.engine.thread(tenant, run.run_id))
@@ -182,7 +189,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartRunResponse:
         tenant = tenant_of(context)
-        run = await self.engine.start_run(
+        started = await self.engine.start_run(
             tenant,
             request.workflow_id,
             request.version,
@@ -192,7 +199,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             list(request.interrupt_before),
             list(request.interrupt_after),
         )
-        return pb.StartRunResponse(run=await self._reply(tenant, run))
+        return pb.StartRunResponse(run=await self._started(tenant, started))
 
     @translated
     async def ListWorkflowVersions(
@@ -255,14 +262,14 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         tenant = tenant_of(context)
         if not request.checkpoint_id:
             raise InvalidArgument("checkpoint_id: required", [("checkpoint_id", "required")])
-        run = await self.engine.fork_run(
+        started = await self.engine.fork_run(
             tenant,
             request.run_id,
             request.checkpoint_id,
             values.from_struct(request.state_patch, "state_patch"),
             request.new_run_id,
         )
-        return pb.ForkRunResponse(run=await self._reply(tenant, run))
+        return pb.ForkRunResponse(run=await self._started(tenant, started))
 
     @translated
     async def GetRun(

@@ -146,11 +146,13 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., EngineServiceProces
     started: list[EngineServiceProcess] = []
 
     def factory(
-        checkpoint: CheckpointServiceProcess, *extra_args: str,
+        checkpoint: CheckpointServiceProcess,
+        *extra_args: str,
         env: Mapping[str, str] | None = None,
     ) -> EngineServiceProcess:
-        proc = EngineServiceProcess(checkpoint.address, log_dir=tmp_path, extra_args=extra_args,
-                                    env=env)
+        proc = EngineServiceProcess(
+            checkpoint.address, log_dir=tmp_path, extra_args=extra_args, env=env
+        )
         started.append(proc)
         proc.start()
         return proc

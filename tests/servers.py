@@ -457,7 +457,11 @@ class PostgresServer:
                 ) from None
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
             self._as_postgres = [
-                "setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"
+                "setpriv",
+                f"--reuid={pw.pw_uid}",
+                f"--regid={pw.pw_gid}",
+                "--clear-groups",
+                "--",
             ]
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -853,8 +857,15 @@ class EngineServiceProcess(CheckpointServiceProcess):
         port: int | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__("", None, log_dir=log_dir, extra_args=extra_args, port=port, env=env,
-                         module="engine_svc")
+        super().__init__(
+            "",
+            None,
+            log_dir=log_dir,
+            extra_args=extra_args,
+            port=port,
+            env=env,
+            module="engine_svc",
+        )
         self.checkpoint_address = checkpoint_address
 
     @property

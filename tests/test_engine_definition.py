@@ -12,8 +12,9 @@ from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 
 def definition(nodes: list[dict], **extra) -> pb.WorkflowDefinition:
-    return json_format.ParseDict({"workflow_id": "wf", "nodes": nodes, **extra},
-                                 pb.WorkflowDefinition())
+    return json_format.ParseDict(
+        {"workflow_id": "wf", "nodes": nodes, **extra}, pb.WorkflowDefinition()
+    )
 
 
 def violations(msg: pb.WorkflowDefinition) -> dict[str, str]:
@@ -23,17 +24,41 @@ def violations(msg: pb.WorkflowDefinition) -> dict[str, str]:
 
 
 def test_a_valid_dag_parses_into_levels() -> None:
-    wf = parse(definition([
-        {"id": "fetch", "type": "http", "config": {"url": "https://example.test/data"}},
-        {"id": "check_a", "type": "transform", "depends_on": ["fetch"],
-         "config": {"expression": "len(fetch) > 0"}},
-        {"id": "check_b", "type": "sleep", "depends_on": ["fetch"], "config": {"seconds": 1}},
-        {"id": "approve", "type": "approval", "depends_on": ["check_a", "check_b"],
-         "config": {"prompt": "Deploy?"}, "critical": True},
-        {"id": "deploy", "type": "python", "depends_on": ["approve"],
-         "config": {"handler": "handlers.deploy:run"}, "when": "approve == true",
-         "retry": {"max_attempts": 3, "initial_backoff": "0.5s"}, "timeout": "30s"},
-    ]))
+    wf = parse(
+        definition(
+            [
+                {"id": "fetch", "type": "http", "config": {"url": "https://example.test/data"}},
+                {
+                    "id": "check_a",
+                    "type": "transform",
+                    "depends_on": ["fetch"],
+                    "config": {"expression": "len(fetch) > 0"},
+                },
+                {
+                    "id": "check_b",
+                    "type": "sleep",
+                    "depends_on": ["fetch"],
+                    "config": {"seconds": 1},
+                },
+                {
+                    "id": "approve",
+                    "type": "approval",
+                    "depends_on": ["check_a", "check_b"],
+                    "config": {"prompt": "Deploy?"},
+                    "critical": True,
+                },
+                {
+                    "id": "deploy",
+                    "type": "python",
+                    "depends_on": ["approve"],
+                    "config": {"handler": "handlers.deploy:run"},
+                    "when": "approve == true",
+                    "retry": {"max_attempts": 3, "initial_backoff": "0.5s"},
+                    "timeout": "30s",
+                },
+            ]
+        )
+    )
     assert wf.levels() == [["fetch"], ["check_a", "check_b"], ["approve"], ["deploy"]]
     deploy = wf.node("deploy")
     assert deploy.retry.max_attempts == 3 and deploy.retry.initial_backoff == 0.5
@@ -42,18 +67,23 @@ def test_a_valid_dag_parses_into_levels() -> None:
 
 
 def test_every_problem_is_reported_with_its_field() -> None:
-    found = violations(definition([
-        {"id": "a", "type": "noop", "depends_on": ["ghost"]},
-        {"id": "a", "type": "noop"},
-        {"id": "b", "type": "teleport"},
-        {"id": "c", "type": "sleep", "config": {"seconds": -1}},
-        {"id": "d", "type": "transform", "config": {"expression": "1 +"}},
-        {"id": "e", "type": "http", "config": {"url": "ftp://x", "method": "BREW"}},
-        {"id": "f", "type": "python", "config": {"handler": "no colon"}},
-        {"id": "g", "type": "approval"},
-        {"id": "h", "type": "noop", "when": "((", "retry": {"max_attempts": -1}},
-        {"id": "bad id!", "type": "noop"},
-    ], checkpoint={"triggers": ["CHECKPOINT_TRIGGER_TIME_BASED"]}))
+    found = violations(
+        definition(
+            [
+                {"id": "a", "type": "noop", "depends_on": ["ghost"]},
+                {"id": "a", "type": "noop"},
+                {"id": "b", "type": "teleport"},
+                {"id": "c", "type": "sleep", "config": {"seconds": -1}},
+                {"id": "d", "type": "transform", "config": {"expression": "1 +"}},
+                {"id": "e", "type": "http", "config": {"url": "ftp://x", "method": "BREW"}},
+                {"id": "f", "type": "python", "config": {"handler": "no colon"}},
+                {"id": "g", "type": "approval"},
+                {"id": "h", "type": "noop", "when": "((", "retry": {"max_attempts": -1}},
+                {"id": "bad id!", "type": "noop"},
+            ],
+            checkpoint={"triggers": ["CHECKPOINT_TRIGGER_TIME_BASED"]},
+        )
+    )
     assert found["nodes[0].depends_on[0]"] == "unknown node 'ghost'"
     assert found["nodes[1].id"] == "duplicate of nodes[0]"
     assert "unknown node type 'teleport'" in found["nodes[2].type"]
@@ -68,17 +98,22 @@ def test_every_problem_is_reported_with_its_field() -> None:
 
 
 def test_cycles_are_named() -> None:
-    found = violations(definition([
-        {"id": "a", "type": "noop", "depends_on": ["c"]},
-        {"id": "b", "type": "noop", "depends_on": ["a"]},
-        {"id": "c", "type": "noop", "depends_on": ["b"]},
-        {"id": "d", "type": "noop"},
-    ]))
+    found = violations(
+        definition(
+            [
+                {"id": "a", "type": "noop", "depends_on": ["c"]},
+                {"id": "b", "type": "noop", "depends_on": ["a"]},
+                {"id": "c", "type": "noop", "depends_on": ["b"]},
+                {"id": "d", "type": "noop"},
+            ]
+        )
+    )
     assert found["nodes"].startswith("cycle: ")
     assert set(found["nodes"][7:].split(" -> ")) == {"a", "b", "c"}
     assert find_cycle({"x": (), "y": ("x",)}) is None
     assert violations(definition([{"id": "s", "type": "noop", "depends_on": ["s"]}])) == {
-        "nodes[0].depends_on[0]": "a node cannot depend on itself"}
+        "nodes[0].depends_on[0]": "a node cannot depend on itself"
+    }
 
 
 def test_a_wide_and_deep_dag_has_its_levels() -> None:
@@ -103,8 +138,12 @@ def test_expressions_are_safe_and_useful() -> None:
     assert expressions.evaluate("sum(input['rows']) * 2", state) == 12
     assert expressions.evaluate("fetch['status'] == 200 and len(input['rows']) > 2", state)
     assert expressions.evaluate("state['fetch']['status']", state) == 200
-    for hostile in ("__import__('os').system('true')", "().__class__.__bases__",
-                    "open('/etc/passwd')", "input.__class__"):
+    for hostile in (
+        "__import__('os').system('true')",
+        "().__class__.__bases__",
+        "open('/etc/passwd')",
+        "input.__class__",
+    ):
         with pytest.raises(expressions.ExpressionError):
             expressions.evaluate(hostile, state)
     with pytest.raises(expressions.ExpressionError):

@@ -14,11 +14,18 @@ from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 def definition(seconds: float = 1, workflow_id: str = "etl") -> pb.WorkflowDefinition:
     return json_format.ParseDict(
-        {"workflow_id": workflow_id, "nodes": [
-            {"id": "extract", "type": "noop"},
-            {"id": "wait", "type": "sleep", "depends_on": ["extract"],
-             "config": {"seconds": seconds}},
-        ]},
+        {
+            "workflow_id": workflow_id,
+            "nodes": [
+                {"id": "extract", "type": "noop"},
+                {
+                    "id": "wait",
+                    "type": "sleep",
+                    "depends_on": ["extract"],
+                    "config": {"seconds": seconds},
+                },
+            ],
+        },
         pb.WorkflowDefinition(),
     )
 

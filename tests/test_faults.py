@@ -69,9 +69,16 @@ async def test_redis_stopped_mid_test_no_failed_save_then_recovery(
     await redis_server.astop()
     during = (await save(s, md, "r", {"phase": "during"})).checkpoint.checkpoint_id
     # Writes against a checkpoint whose write set Redis held before it went away.
-    await s.PutWrites(pb.PutWritesRequest(namespace=NS, thread_id="r", writes=[
-        pb.PendingWrite(checkpoint_id=before, task_id="t", idx=0, channel="c", value=b"1")
-    ]), metadata=md)
+    await s.PutWrites(
+        pb.PutWritesRequest(
+            namespace=NS,
+            thread_id="r",
+            writes=[
+                pb.PendingWrite(checkpoint_id=before, task_id="t", idx=0, channel="c", value=b"1")
+            ],
+        ),
+        metadata=md,
+    )
     await _wait_for_health(s, md, pb.SERVING_HEALTH_DEGRADED)
     await _wait_for_grpc_health(health, redis_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     got = await restore(s, md, "r")
@@ -90,7 +97,10 @@ async def test_redis_stopped_mid_test_no_failed_save_then_recovery(
     assert got.checkpoint.checkpoint_id == during != before
     old = await restore(s, md, "r", checkpoint_id=before, include_writes=True)
     assert [(w.task_id, w.value) for w in old.writes] == [("t", b"1")], "no stale write set"
-    after = (await save(s, md, "r", {"phase": "after"})).checkpoint.checkpoint_id
+    # Big enough to be cached (small states come back with SQL's answer itself).
+    after = (
+        await save(s, md, "r", {"phase": "after", "pad": "x" * 70_000})
+    ).checkpoint.checkpoint_id
     await channel.close()
     # A fresh process (empty memory) finds the new head through Redis again.
     await service.arestart()

@@ -290,7 +290,7 @@ async def test_typed_metadata_and_server_side_filters(stub) -> None:
     assert await listed(source='"loop"', step="2") == [loop2]
     assert [m["step"] for m in await listed(source='"loop"')] == [2, 1]
     assert await listed(score="42", ok="true") == [loop2]
-    assert await listed(step='"2"') == [], "the string \"2\" is not the number 2"
+    assert await listed(step='"2"') == [], 'the string "2" is not the number 2'
     assert await listed(step="3") == []
     assert await listed(step='"7"') == [{"source": "legacy", "step": "7"}]
     assert len(await listed()) == 4
@@ -302,16 +302,20 @@ async def test_typed_metadata_and_server_side_filters(stub) -> None:
     }  # fmt: skip
 
     for bad in ("[1]", "{oops", '{"x": NaN}', '{"x": "\\u0000"}'):
-        assert await code_of(
-            save(s, md, "m", cp={"metadata_json": bad})
-        ) == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert (
+            await code_of(save(s, md, "m", cp={"metadata_json": bad}))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        ), bad
     for bad in ("nope", "NaN"):
-        assert await code_of(
-            s.List(
-                pb.ListRequest(namespace=NS, thread_id="m", metadata_equals={"x": bad}),
-                metadata=md,
+        assert (
+            await code_of(
+                s.List(
+                    pb.ListRequest(namespace=NS, thread_id="m", metadata_equals={"x": bad}),
+                    metadata=md,
+                )
             )
-        ) == grpc.StatusCode.INVALID_ARGUMENT, bad
+            == grpc.StatusCode.INVALID_ARGUMENT
+        ), bad
 
 
 async def test_list_across_namespaces_before_and_with_writes(stub) -> None:
@@ -398,7 +402,7 @@ async def test_exact_parent(stub) -> None:
     assert orphan.parent_id == ""
     child = (await save(s, md, "p")).checkpoint
     assert child.parent_id == orphan.checkpoint_id
-    chosen = (await save(s, md, "p", cp={"parent_id": first.checkpoint_id}, exact_parent=True))
+    chosen = await save(s, md, "p", cp={"parent_id": first.checkpoint_id}, exact_parent=True)
     assert chosen.checkpoint.parent_id == first.checkpoint_id
 
 
@@ -510,3 +514,36 @@ async def test_copy_thread(stub) -> None:
         pb.CopyThreadRequest(source_thread_id="none", target_thread_id="x"), metadata=md
     )
     assert missing.threads_copied == 0
+
+
+async def test_a_save_may_take_the_lease_in_its_commit(stub) -> None:
+    """A run's first checkpoint takes its lease in the same commit (docs/api.md#save)."""
+    s, md = stub
+    first = await save(s, md, "leased", {"n": 0}, lease_owner="engine-a", lease_ttl_seconds=30)
+    assert first.fencing_token == 1
+    thread = (
+        await s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="leased"), metadata=md)
+    ).thread
+    assert thread.lease_owner == "engine-a" and thread.head_checkpoint_id == (
+        first.checkpoint.checkpoint_id
+    )
+    taken = save(s, md, "leased", {"n": 1}, lease_owner="engine-b", lease_ttl_seconds=30)
+    assert await code_of(taken) == grpc.StatusCode.FAILED_PRECONDITION
+    assert await code_of(save(s, md, "leased", {"n": 1})) == grpc.StatusCode.FAILED_PRECONDITION
+    ok = await save(s, md, "leased", {"n": 1}, fencing_token=first.fencing_token)
+    assert ok.fencing_token == 0  # took no lease
+    # Its holder may take it again (with its token): a new token fences the old one off.
+    again = await save(
+        s, md, "leased", {"n": 2}, lease_owner="engine-a", lease_ttl_seconds=30, fencing_token=1
+    )
+    assert again.fencing_token == 2
+    stale = save(s, md, "leased", {"n": 3}, fencing_token=first.fencing_token)
+    assert await code_of(stale) == grpc.StatusCode.FAILED_PRECONDITION
+    # A replayed request takes no lease; an ASYNC save takes none at all.
+    once = dict(lease_owner="engine-c", lease_ttl_seconds=30, request_id="lease-once")
+    fresh = await save(s, md, "other", {}, **once)
+    replay = await save(s, md, "other", {}, **once)
+    assert (fresh.fencing_token, replay.fencing_token) == (1, 0)
+    assert replay.checkpoint.checkpoint_id == fresh.checkpoint.checkpoint_id
+    lazy = save(s, md, "lazy", {}, lease_owner="x", durability=pb.DURABILITY_ASYNC)
+    assert await code_of(lazy) == grpc.StatusCode.INVALID_ARGUMENT

@@ -16,8 +16,13 @@ from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 @pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
 async def test_restore_after_restart_from_redis_then_sql(service, backend, tenant) -> None:
+    """States too big to come back with the query that names a checkpoint (the hot path on
+    PostgreSQL, docs/checkpoint-service.md) are what the caches hold."""
     channel, s, md = await checkpoint_stub(service.address, tenant)
-    ids = [(await save(s, md, "warm", {"i": i})).checkpoint.checkpoint_id for i in range(3)]
+    pad = "x" * 70_000
+    ids = [
+        (await save(s, md, "warm", {"i": i, "pad": pad})).checkpoint.checkpoint_id for i in range(3)
+    ]
     assert (await restore(s, md, "warm")).served_from == pb.TIER_MEMORY
     await channel.close()
 
@@ -25,7 +30,7 @@ async def test_restore_after_restart_from_redis_then_sql(service, backend, tenan
     channel, s, md = await checkpoint_stub(service.address, tenant)
     got = await restore(s, md, "warm", include_writes=True)
     assert got.served_from == pb.TIER_REDIS
-    assert got.checkpoint.checkpoint_id == ids[-1] and state_of(got) == {"i": 2}
+    assert got.checkpoint.checkpoint_id == ids[-1] and state_of(got) == {"i": 2, "pad": pad}
     await channel.close()
 
     await service.arestart()
@@ -35,9 +40,9 @@ async def test_restore_after_restart_from_redis_then_sql(service, backend, tenan
     channel, s, md = await checkpoint_stub(service.address, tenant)
     got = await restore(s, md, "warm")
     assert got.served_from == pb.TIER_SQL
-    assert got.checkpoint.checkpoint_id == ids[-1] and state_of(got) == {"i": 2}
+    assert got.checkpoint.checkpoint_id == ids[-1] and state_of(got) == {"i": 2, "pad": pad}
     older = await restore(s, md, "warm", checkpoint_id=ids[0])
-    assert older.served_from == pb.TIER_SQL and state_of(older) == {"i": 0}
+    assert older.served_from == pb.TIER_SQL and state_of(older) == {"i": 0, "pad": pad}
     # Read-through re-warms the tiers: the next read of the head is not from SQL.
     assert (await restore(s, md, "warm")).served_from != pb.TIER_SQL
     await channel.close()

@@ -7,10 +7,11 @@ one transaction, so that many concurrent Saves cost one commit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,8 +371,20 @@ class SqlTier:
                 isolation_level="AUTOCOMMIT",
             )
         self.for_update = "" if self.is_sqlite else " FOR UPDATE"
+        # PostgreSQL: batches and Restore on raw asyncpg (pg.py); SQLAlchemy for the rest.
+        self.hot = None
+        # States up to this size come back with the query naming a checkpoint, so caching
+        # them would save nothing (-1: every state is worth caching).
+        self.inline_state = -1
+        if not self.is_sqlite:
+            from checkpoint_svc.tiers.pg import INLINE_STATE_BYTES, PgHotPath  # builds on this
+
+            self.hot = PgHotPath(url)
+            self.inline_state = INLINE_STATE_BYTES
 
     async def close(self) -> None:
+        if self.hot is not None:
+            await self.hot.close()
         await self.writer.dispose()
         await self.reader.dispose()
 
@@ -485,9 +498,12 @@ class SqlTier:
 
     async def find_checkpoint(
         self, key: ThreadKey, checkpoint_id: str, include_writes: bool
-    ) -> tuple[Checkpoint, int, list[PendingWrite]] | None:
-        """The head (or the checkpoint with this id) without its state, the thread's event seq
-        if it is the head (its version, 0 otherwise), and its writes if asked: one query."""
+    ) -> tuple[Checkpoint, int, list[PendingWrite], bytes | None] | None:
+        """The head (or the checkpoint with this id), the thread's event seq if it is the head
+        (its version, 0 otherwise), its writes if asked, and its state if the query brought
+        it (PostgreSQL, small states): one query."""
+        if self.hot is not None:
+            return await self.hot.find_checkpoint(key, checkpoint_id, include_writes)
         if checkpoint_id:
             sql = FIND_CHECKPOINT_WITH_WRITES if include_writes else FIND_CHECKPOINT
             params = {**_key_params(key), "checkpoint_id": checkpoint_id}
@@ -504,10 +520,12 @@ class SqlTier:
             for r in rows
             if include_writes and r[13] is not None
         ]
-        return cp, rows[0][12], writes
+        return cp, rows[0][12], writes, None
 
     async def state_of(self, named: Checkpoint) -> bytes | None:
         """The state of that very checkpoint (None if it is gone, or is another by that id)."""
+        if self.hot is not None:
+            return await self.hot.state_of(named)
         params = {
             **_key_params(named.key),
             "checkpoint_id": named.checkpoint_id,
@@ -654,8 +672,15 @@ class SqlTier:
 
     # ---- writes ------------------------------------------------------------
 
-    def batch(self, conn: AsyncConnection, now: float) -> Batch:
-        return Batch(self, conn, now)
+    @contextlib.asynccontextmanager
+    async def open_batch(self, now: float) -> AsyncIterator[Batch]:
+        """A write transaction for a group-commit batch: the caller commits it."""
+        if self.hot is not None:
+            async with self.hot.open_batch(self, now) as batch:
+                yield batch
+            return
+        async with self.writer.connect() as conn:
+            yield Batch(self, conn, await conn.begin(), now)
 
     async def sweep(
         self, now: float, keep_last: int, request_ttl: float | None
@@ -730,9 +755,10 @@ class Batch:
     that raises a domain error must do so before changing anything.
     """
 
-    def __init__(self, sql: SqlTier, conn: AsyncConnection, now: float) -> None:
+    def __init__(self, sql: SqlTier, conn: Any, transaction: Any, now: float) -> None:
         self.sql = sql
         self.conn = conn
+        self._transaction = transaction
         self.now = now
         self.threads: dict[ThreadKey, Thread | None] = {}
         self.dirty: set[ThreadKey] = set()
@@ -760,9 +786,7 @@ class Batch:
         rows = await self._select_threads(wanted)
         missing = [k for k in wanted if k not in rows and k in create]
         if missing:
-            await self.conn.execute(
-                _sql(INSERT_THREAD), [{**_key_params(k), "now": self.now} for k in missing]
-            )
+            await self._insert_threads(missing)
             rows.update(await self._select_threads(missing))
             self.created.update(missing)
         for key in wanted:
@@ -775,6 +799,27 @@ class Batch:
                     thread.created_at = self.now
                     self.revived.add(key)
             self.threads[key] = thread
+
+    async def commit(self) -> None:
+        await self._transaction.commit()
+
+    async def rollback(self) -> None:
+        await self._transaction.rollback()
+
+    async def prefetch(
+        self, request_ids: list[tuple[str, str]], claimed: list[tuple[ThreadKey, str]]
+    ) -> None:
+        """Read ahead what the operations will ask (request ids, client-chosen checkpoint ids):
+        here they ask one at a time."""
+
+    async def _insert_threads(self, keys: list[ThreadKey]) -> None:
+        await self.conn.execute(
+            _sql(INSERT_THREAD), [{**_key_params(k), "now": self.now} for k in keys]
+        )
+
+    async def _delete_new_threads(self, keys: list[ThreadKey]) -> None:
+        for key in keys:
+            await self.conn.execute(_sql(DELETE_NEW_THREAD), _key_params(key))
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
         params: dict[str, Any] = {}
@@ -807,8 +852,10 @@ class Batch:
 
     async def drop_unwritten_threads(self) -> None:
         """Rows this batch created for operations that all failed their checks: not a thread."""
-        for key in sorted(self.created - self.written, key=_sort_key):
-            await self.conn.execute(_sql(DELETE_NEW_THREAD), _key_params(key))
+        unwritten = sorted(self.created - self.written, key=_sort_key)
+        if unwritten:
+            await self._delete_new_threads(unwritten)
+        for key in unwritten:
             self.threads[key] = None
         self.created.clear()
 
@@ -855,13 +902,19 @@ class Batch:
         row = (await self.conn.execute(_sql(CHECKPOINT_OR_WRITES_EXIST), params)).one()
         return bool(row[0]), writes or bool(row[1])
 
-    async def delete_thread(self, key: ThreadKey) -> int:
-        await self.flush()
+    async def _delete_thread_rows(self, key: ThreadKey) -> int:
+        """Delete the thread's checkpoints, writes and events and tombstone its row: the
+        number of checkpoints deleted."""
         params = _key_params(key)
         deleted = (await self.conn.execute(_sql(DELETE_THREAD_CHECKPOINTS), params)).rowcount
         for sql in DELETE_THREAD_ROWS:
             await self.conn.execute(_sql(sql), params)
         await self.conn.execute(_sql(TOMBSTONE_THREAD), {**params, "now": self.now})
+        return deleted
+
+    async def delete_thread(self, key: ThreadKey) -> int:
+        await self.flush()
+        deleted = await self._delete_thread_rows(key)
         self.threads[key] = None
         self.dirty.discard(key)
         self.heads.pop(key, None)
@@ -886,6 +939,16 @@ class Batch:
                 e.feed_seq = last - len(events) + 1 + offset
 
     async def flush(self) -> None:
+        """Send what the operations queued (see _write_queued); keep it for after commit."""
+        await self._write_queued()
+        self.flushed_checkpoints += self.checkpoints
+        self.flushed_writes += self.writes
+        self.flushed_events += self.events
+        self.checkpoints, self.writes, self.events = [], [], []
+        self.new_requests = {}
+        self.dirty = set()
+
+    async def _write_queued(self) -> None:
         c = self.conn
         if self.checkpoints:
             await c.execute(
@@ -912,12 +975,6 @@ class Batch:
         if self.dirty:
             rows = [self.threads[k] for k in sorted(self.dirty, key=_sort_key)]
             await c.execute(_sql(UPDATE_THREAD), [_thread_params(t) for t in rows if t is not None])
-        self.flushed_checkpoints += self.checkpoints
-        self.flushed_writes += self.writes
-        self.flushed_events += self.events
-        self.checkpoints, self.writes, self.events = [], [], []
-        self.new_requests = {}
-        self.dirty = set()
 
 
 def _checkpoint_params(cp: Checkpoint) -> dict[str, Any]:

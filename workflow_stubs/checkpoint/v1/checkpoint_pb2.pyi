@@ -91,6 +91,62 @@ SERVING_HEALTH_HEALTHY: ServingHealth
 SERVING_HEALTH_DEGRADED: ServingHealth
 SERVING_HEALTH_UNAVAILABLE: ServingHealth
 
+class SessionRequest(_message.Message):
+    __slots__ = ("call_id", "save", "put_writes", "publish", "restore", "acquire_lease", "renew_lease", "release_lease", "get_thread")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    SAVE_FIELD_NUMBER: _ClassVar[int]
+    PUT_WRITES_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRE_LEASE_FIELD_NUMBER: _ClassVar[int]
+    RENEW_LEASE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_FIELD_NUMBER: _ClassVar[int]
+    GET_THREAD_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    save: SaveRequest
+    put_writes: PutWritesRequest
+    publish: PublishRequest
+    restore: RestoreRequest
+    acquire_lease: AcquireLeaseRequest
+    renew_lease: RenewLeaseRequest
+    release_lease: ReleaseLeaseRequest
+    get_thread: GetThreadRequest
+    def __init__(self, call_id: _Optional[int] = ..., save: _Optional[_Union[SaveRequest, _Mapping]] = ..., put_writes: _Optional[_Union[PutWritesRequest, _Mapping]] = ..., publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., restore: _Optional[_Union[RestoreRequest, _Mapping]] = ..., acquire_lease: _Optional[_Union[AcquireLeaseRequest, _Mapping]] = ..., renew_lease: _Optional[_Union[RenewLeaseRequest, _Mapping]] = ..., release_lease: _Optional[_Union[ReleaseLeaseRequest, _Mapping]] = ..., get_thread: _Optional[_Union[GetThreadRequest, _Mapping]] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("call_id", "save", "put_writes", "publish", "restore", "acquire_lease", "renew_lease", "release_lease", "get_thread", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    SAVE_FIELD_NUMBER: _ClassVar[int]
+    PUT_WRITES_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRE_LEASE_FIELD_NUMBER: _ClassVar[int]
+    RENEW_LEASE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_FIELD_NUMBER: _ClassVar[int]
+    GET_THREAD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    save: SaveResponse
+    put_writes: PutWritesResponse
+    publish: PublishResponse
+    restore: RestoreResponse
+    acquire_lease: AcquireLeaseResponse
+    renew_lease: RenewLeaseResponse
+    release_lease: ReleaseLeaseResponse
+    get_thread: GetThreadResponse
+    error: CallError
+    def __init__(self, call_id: _Optional[int] = ..., save: _Optional[_Union[SaveResponse, _Mapping]] = ..., put_writes: _Optional[_Union[PutWritesResponse, _Mapping]] = ..., publish: _Optional[_Union[PublishResponse, _Mapping]] = ..., restore: _Optional[_Union[RestoreResponse, _Mapping]] = ..., acquire_lease: _Optional[_Union[AcquireLeaseResponse, _Mapping]] = ..., renew_lease: _Optional[_Union[RenewLeaseResponse, _Mapping]] = ..., release_lease: _Optional[_Union[ReleaseLeaseResponse, _Mapping]] = ..., get_thread: _Optional[_Union[GetThreadResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+
+class CallError(_message.Message):
+    __slots__ = ("code", "message", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    details: bytes
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[bytes] = ...) -> None: ...
+
 class Checkpoint(_message.Message):
     __slots__ = ("namespace", "thread_id", "checkpoint_id", "parent_id", "step", "state", "content_type", "trigger", "name", "completed_nodes", "progress_percent", "eta_seconds", "metadata", "created_at", "expires_at", "metadata_json")
     class MetadataEntry(_message.Message):
@@ -209,7 +265,7 @@ class Heartbeat(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
-    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last", "exact_parent")
+    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last", "exact_parent", "lease_owner", "lease_ttl_seconds")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +277,8 @@ class SaveRequest(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
     EXACT_PARENT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     checkpoint: Checkpoint
     expected_parent_id: str
     request_id: str
@@ -232,15 +290,21 @@ class SaveRequest(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[NewEvent]
     keep_last: int
     exact_parent: bool
-    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ..., exact_parent: _Optional[bool] = ...) -> None: ...
+    lease_owner: str
+    lease_ttl_seconds: float
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ..., exact_parent: _Optional[bool] = ..., lease_owner: _Optional[str] = ..., lease_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class SaveResponse(_message.Message):
-    __slots__ = ("checkpoint", "seq")
+    __slots__ = ("checkpoint", "seq", "fencing_token", "thread")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    THREAD_FIELD_NUMBER: _ClassVar[int]
     checkpoint: Checkpoint
     seq: int
-    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+    fencing_token: int
+    thread: Thread
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., seq: _Optional[int] = ..., fencing_token: _Optional[int] = ..., thread: _Optional[_Union[Thread, _Mapping]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("namespace", "thread_id", "checkpoint_id", "include_writes")

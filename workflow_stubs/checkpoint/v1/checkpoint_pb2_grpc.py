@@ -121,6 +121,11 @@ class CheckpointServiceStub:
                 request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/checkpoint.v1.CheckpointService/Session',
+                request_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.SessionRequest.SerializeToString,
+                response_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class CheckpointServiceServicer:
@@ -260,6 +265,19 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Session carries the hot calls of one client (an engine) on one
+        bidirectional stream: each request names a call and an id, and its
+        response, in any order, carries the same id. A call behaves exactly as its
+        unary RPC: answered after its commit, failing with the status the unary RPC
+        would end with. Calls of one stream run concurrently (and share group
+        commits). When the stream breaks, the calls in flight have no answer: the
+        client retries them (Saves and Publishes by request id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -347,6 +365,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoRequest.FromString,
                     response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=checkpoint_dot_v1_dot_checkpoint__pb2.SessionRequest.FromString,
+                    response_serializer=checkpoint_dot_v1_dot_checkpoint__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -810,6 +833,33 @@ class CheckpointService:
             '/checkpoint.v1.CheckpointService/GetServerInfo',
             checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoRequest.SerializeToString,
             checkpoint_dot_v1_dot_checkpoint__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/checkpoint.v1.CheckpointService/Session',
+            checkpoint_dot_v1_dot_checkpoint__pb2.SessionRequest.SerializeToString,
+            checkpoint_dot_v1_dot_checkpoint__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,443 @@
+"""The hot path on PostgreSQL: group-commit batches and Restore on raw asyncpg.
+
+SQLAlchemy keeps the schema, the migrations, SQLite and every statement that is not on a
+step's path. Here a batch costs five round trips whatever it holds (BEGIN, lock its threads,
+look up its request ids, one statement writing everything, COMMIT), and a Restore one, on
+statements asyncpg prepares once per connection with a generic plan
+(docs/checkpoint-service.md#the-hot-path-on-postgresql).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from checkpoint_svc.domain import Checkpoint, Event, PendingWrite, Thread, ThreadKey, ThreadStatus
+from checkpoint_svc.tiers.sql import Batch, SqlTier, _checkpoint_from_row, _sort_key
+
+# States up to this size come back with the Restore query itself; bigger ones are read from
+# the fastest cache holding them, then by a second query.
+INLINE_STATE_BYTES = 65536
+
+_THREAD_COLUMNS = """tenant, namespace, thread_id, head_id, status, workflow_id,
+    workflow_version, lease_owner, lease_expires_at, fencing_token, last_seq, created_at,
+    updated_at, deleted, keep_last"""
+_KEYS = "unnest($1::text[], $2::text[], $3::text[])"
+LOCK_THREADS = f"""
+SELECT {_THREAD_COLUMNS} FROM threads
+WHERE (tenant, namespace, thread_id) IN (SELECT * FROM {_KEYS})
+ORDER BY tenant, namespace, thread_id FOR UPDATE"""
+INSERT_THREADS = f"""
+INSERT INTO threads (tenant, namespace, thread_id, created_at, updated_at)
+SELECT k.*, $4, $4 FROM {_KEYS} AS k ON CONFLICT DO NOTHING"""
+DELETE_NEW_THREADS = f"""
+DELETE FROM threads WHERE (tenant, namespace, thread_id) IN (SELECT * FROM {_KEYS})"""
+FIND_REQUESTS = """
+SELECT tenant, request_id, kind, result FROM requests
+WHERE (tenant, request_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"""
+# Client-supplied checkpoint ids of a batch: taken already? writes for them committed first?
+CLAIMED_IDS = """
+SELECT k.tenant, k.namespace, k.thread_id, k.checkpoint_id,
+    EXISTS (SELECT 1 FROM checkpoints c WHERE c.tenant = k.tenant AND c.namespace = k.namespace
+        AND c.thread_id = k.thread_id AND c.checkpoint_id = k.checkpoint_id) AS taken,
+    EXISTS (SELECT 1 FROM writes w WHERE w.tenant = k.tenant AND w.namespace = k.namespace
+        AND w.thread_id = k.thread_id AND w.checkpoint_id = k.checkpoint_id) AS has_writes
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+    AS k(tenant, namespace, thread_id, checkpoint_id)"""
+
+# Everything a batch writes, in one statement: checkpoints, pending writes (kept once, or
+# replacing their slot), the tenants' feed rows bumped (locking them until COMMIT, so that
+# feed seqs are dense and in commit order), the events numbered from them, the request ids and
+# batch marker, and the threads moved. Its rows are the feeds' new last seqs.
+_WRITE_COLUMNS = """tenant, namespace, thread_id, checkpoint_id, task_id, idx, channel, value,
+    content_type, task_path"""
+_WRITES = f"""SELECT {_WRITE_COLUMNS} FROM unnest($18::text[], $19::text[], $20::text[],
+    $21::text[], $22::text[], $23::int4[], $24::text[], $25::bytea[], $26::text[], $27::text[],
+    $28::bool[]) AS w({_WRITE_COLUMNS}, replaces)"""
+_WRITE_SLOT = "(tenant, namespace, thread_id, checkpoint_id, task_id, idx)"
+FLUSH = f"""
+WITH new_checkpoints AS (
+    INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id, step, state,
+        content_type, trigger, name, completed_nodes, progress_percent, eta_seconds, metadata,
+        created_at, expires_at, state_size)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+        $6::int8[], $7::bytea[], $8::text[], $9::int4[], $10::text[], $11::text[],
+        $12::float8[], $13::float8[], $14::text[], $15::float8[], $16::float8[], $17::int8[])
+), kept_writes AS (
+    INSERT INTO writes ({_WRITE_COLUMNS}) {_WRITES} WHERE NOT w.replaces
+    ON CONFLICT {_WRITE_SLOT} DO NOTHING
+), replacing_writes AS (
+    INSERT INTO writes ({_WRITE_COLUMNS}) {_WRITES} WHERE w.replaces
+    ON CONFLICT {_WRITE_SLOT} DO UPDATE SET channel = excluded.channel,
+        value = excluded.value, content_type = excluded.content_type,
+        task_path = excluded.task_path
+), bumped AS (
+    INSERT INTO feeds (tenant, last_seq) SELECT * FROM unnest($29::text[], $30::int8[])
+    ON CONFLICT (tenant) DO UPDATE SET last_seq = feeds.last_seq + excluded.last_seq
+    RETURNING tenant, last_seq
+), new_events AS (
+    INSERT INTO events (tenant, namespace, thread_id, seq, feed_seq, type, time, payload,
+        terminal)
+    SELECT e.tenant, e.namespace, e.thread_id, e.seq, b.last_seq - e.back, e.type, e.time,
+        e.payload, e.terminal
+    FROM unnest($31::text[], $32::text[], $33::text[], $34::int8[], $35::int8[], $36::text[],
+        $37::float8[], $38::text[], $39::int4[])
+        AS e(tenant, namespace, thread_id, seq, back, type, time, payload, terminal)
+    JOIN bumped b ON b.tenant = e.tenant
+), new_requests AS (
+    INSERT INTO requests (tenant, request_id, kind, result, created_at)
+    SELECT r.*, $44 FROM unnest($40::text[], $41::text[], $42::text[], $43::text[]) AS r
+), moved AS (
+    UPDATE threads t SET head_id = u.head_id, status = u.status, workflow_id = u.workflow_id,
+        workflow_version = u.workflow_version, lease_owner = u.lease_owner,
+        lease_expires_at = u.lease_expires_at, fencing_token = u.fencing_token,
+        last_seq = u.last_seq, updated_at = u.updated_at, deleted = u.deleted,
+        keep_last = u.keep_last
+    FROM unnest($45::text[], $46::text[], $47::text[], $48::text[], $49::int4[], $50::text[],
+        $51::int8[], $52::text[], $53::float8[], $54::int8[], $55::int8[], $56::float8[],
+        $57::int4[], $58::int4[])
+        AS u(tenant, namespace, thread_id, head_id, status, workflow_id, workflow_version,
+            lease_owner, lease_expires_at, fencing_token, last_seq, updated_at, deleted,
+            keep_last)
+    WHERE t.tenant = u.tenant AND t.namespace = u.namespace AND t.thread_id = u.thread_id
+)
+SELECT tenant, last_seq FROM bumped"""
+
+# Restore: the checkpoint (the head, or one by id) with its metadata, its state when small,
+# and its pending writes aggregated in order: one row, one round trip.
+_RESTORED = """c.checkpoint_id, c.parent_id, c.step, c.content_type, c.trigger, c.name,
+    c.completed_nodes, c.progress_percent, c.eta_seconds, c.metadata, c.created_at,
+    c.expires_at, CASE WHEN c.state_size <= $4 THEN c.state END AS state, w.*"""
+_PENDING_WRITES = """LEFT JOIN LATERAL (
+    SELECT array_agg(w.task_id ORDER BY w.task_id, w.idx) AS write_tasks,
+        array_agg(w.idx ORDER BY w.task_id, w.idx) AS write_idxs,
+        array_agg(w.channel ORDER BY w.task_id, w.idx) AS write_channels,
+        array_agg(w.value ORDER BY w.task_id, w.idx) AS write_values,
+        array_agg(w.content_type ORDER BY w.task_id, w.idx) AS write_content_types,
+        array_agg(w.task_path ORDER BY w.task_id, w.idx) AS write_task_paths
+    FROM writes w WHERE $5 AND w.tenant = c.tenant AND w.namespace = c.namespace
+        AND w.thread_id = c.thread_id AND w.checkpoint_id = c.checkpoint_id) w ON true"""
+RESTORE_HEAD = f"""
+SELECT {_RESTORED}, t.last_seq AS version
+FROM threads t JOIN checkpoints c ON c.tenant = t.tenant AND c.namespace = t.namespace
+    AND c.thread_id = t.thread_id AND c.checkpoint_id = t.head_id
+{_PENDING_WRITES}
+WHERE t.tenant = $1 AND t.namespace = $2 AND t.thread_id = $3"""
+RESTORE_CHECKPOINT = f"""
+SELECT {_RESTORED}, 0::int8 AS version FROM checkpoints c
+{_PENDING_WRITES}
+WHERE c.tenant = $1 AND c.namespace = $2 AND c.thread_id = $3 AND c.checkpoint_id = $6"""
+SELECT_STATE = """
+SELECT state FROM checkpoints WHERE tenant = $1 AND namespace = $2 AND thread_id = $3
+    AND checkpoint_id = $4 AND created_at = $5"""
+DELETE_THREAD_CHECKPOINTS = """
+DELETE FROM checkpoints WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"""
+DELETE_THREAD_WRITES = "DELETE FROM writes WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"
+DELETE_THREAD_EVENTS = "DELETE FROM events WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"
+# The row stays as a tombstone (see sql.TOMBSTONE_THREAD).
+TOMBSTONE_THREAD = """
+UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', workflow_version = 0,
+    lease_owner = '', lease_expires_at = 0, updated_at = $4
+WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"""
+
+
+def libpq_url(url: str) -> str:
+    """The asyncpg DSN of a SQLAlchemy `postgresql+asyncpg://` URL."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows to columns: unnest() takes one array per column."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+def _keys(keys: Iterable[ThreadKey]) -> list[list[str]]:
+    return _columns([(k.tenant, k.namespace, k.thread_id) for k in keys], 3)
+
+
+def _thread_from_record(r: asyncpg.Record) -> Thread:
+    return Thread(
+        key=ThreadKey(r["tenant"], r["namespace"], r["thread_id"]),
+        head_id=r["head_id"],
+        status=ThreadStatus(r["status"]),
+        workflow_id=r["workflow_id"],
+        workflow_version=r["workflow_version"],
+        lease_owner=r["lease_owner"],
+        lease_expires_at=r["lease_expires_at"],
+        fencing_token=r["fencing_token"],
+        last_seq=r["last_seq"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        deleted=bool(r["deleted"]),
+        keep_last=r["keep_last"],
+    )
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to its pool: this module sets no session
+    state (asyncpg's default reset would cost a round trip per batch and per Restore; an
+    unfinished transaction is still rolled back)."""
+
+
+class PgHotPath:
+    """asyncpg pools of their own: one for batches, one for Restore (a burst of reads never
+    starves the group committer)."""
+
+    def __init__(self, url: str) -> None:
+        self.dsn = libpq_url(url)
+        self._writer: asyncpg.Pool | None = None
+        self._reader: asyncpg.Pool | None = None
+
+    async def _pool(self, size: int) -> asyncpg.Pool:
+        # min_size 0: creating a pool never waits for PostgreSQL (it may be down at start).
+        return await asyncpg.create_pool(
+            self.dsn,
+            min_size=0,
+            max_size=size,
+            timeout=2.0,
+            command_timeout=15.0,
+            # One plan per statement, made once: these statements take keys, not ranges.
+            server_settings={"plan_cache_mode": "force_generic_plan"},
+            reset=_keep_session,
+        )
+
+    async def writer(self) -> asyncpg.Pool:
+        if self._writer is None:
+            self._writer = await self._pool(4)
+        return self._writer
+
+    async def reader(self) -> asyncpg.Pool:
+        if self._reader is None:
+            self._reader = await self._pool(16)
+        return self._reader
+
+    async def close(self) -> None:
+        for pool in (self._writer, self._reader):
+            if pool is not None:
+                await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def open_batch(self, sql: SqlTier, now: float) -> AsyncIterator[Batch]:
+        async with (await self.writer()).acquire(timeout=5.0) as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            yield PgBatch(sql, conn, transaction, now)
+
+    async def find_checkpoint(
+        self, key: ThreadKey, checkpoint_id: str, include_writes: bool
+    ) -> tuple[Checkpoint, int, list[PendingWrite], bytes | None] | None:
+        args: list[Any] = [key.tenant, key.namespace, key.thread_id, INLINE_STATE_BYTES]
+        args.append(include_writes)
+        async with (await self.reader()).acquire(timeout=5.0) as conn:
+            if checkpoint_id:
+                row = await conn.fetchrow(RESTORE_CHECKPOINT, *args, checkpoint_id)
+            else:
+                row = await conn.fetchrow(RESTORE_HEAD, *args)
+        if row is None:
+            return None
+        cp = _checkpoint_from_row(key, row, with_state=False)
+        writes = [
+            PendingWrite(cp.checkpoint_id, *w)
+            for w in zip(
+                row["write_tasks"] or (),
+                row["write_idxs"] or (),
+                row["write_channels"] or (),
+                row["write_values"] or (),
+                row["write_content_types"] or (),
+                row["write_task_paths"] or (),
+                strict=True,
+            )
+        ]
+        return cp, row["version"], writes, row["state"]
+
+    async def state_of(self, named: Checkpoint) -> bytes | None:
+        key = named.key
+        async with (await self.reader()).acquire(timeout=5.0) as conn:
+            return await conn.fetchval(
+                SELECT_STATE,
+                key.tenant,
+                key.namespace,
+                key.thread_id,
+                named.checkpoint_id,
+                named.created_at,
+            )
+
+
+class PgBatch(Batch):
+    """A batch on one asyncpg connection: the same operations, fewer and cheaper statements."""
+
+    def __init__(self, sql: SqlTier, conn: Any, transaction: Any, now: float) -> None:
+        super().__init__(sql, conn, transaction, now)
+        # What prefetch() read: request ids (found or not), client-chosen checkpoint ids.
+        self._requests: dict[tuple[str, str], tuple[str, str]] = {}
+        self._looked_up: set[tuple[str, str]] = set()
+        self._claimed: dict[tuple[ThreadKey, str], tuple[bool, bool]] = {}
+
+    async def prefetch(
+        self, request_ids: list[tuple[str, str]], claimed: list[tuple[ThreadKey, str]]
+    ) -> None:
+        self._looked_up.update(request_ids)
+        if request_ids:
+            for r in await self.conn.fetch(FIND_REQUESTS, *_columns(request_ids, 2)):
+                self._requests[(r["tenant"], r["request_id"])] = (r["kind"], r["result"])
+        if claimed:
+            rows = [(k.tenant, k.namespace, k.thread_id, cid) for k, cid in claimed]
+            for r in await self.conn.fetch(CLAIMED_IDS, *_columns(rows, 4)):
+                key = ThreadKey(r["tenant"], r["namespace"], r["thread_id"])
+                self._claimed[(key, r["checkpoint_id"])] = (r["taken"], r["has_writes"])
+
+    async def find_request(self, tenant: str, request_id: str) -> tuple[str, str] | None:
+        if (tenant, request_id) in self.new_requests:
+            return self.new_requests[(tenant, request_id)]
+        if (tenant, request_id) in self._looked_up:
+            return self._requests.get((tenant, request_id))
+        row = await self.conn.fetchrow(FIND_REQUESTS, [tenant], [request_id])
+        return (row["kind"], row["result"]) if row else None
+
+    async def checkpoint_or_writes_exist(
+        self, key: ThreadKey, checkpoint_id: str
+    ) -> tuple[bool, bool]:
+        in_batch = any(c.key == key and c.checkpoint_id == checkpoint_id for c in self.checkpoints)
+        writes = any(k == key and w.checkpoint_id == checkpoint_id for k, w in self.writes)
+        if in_batch:
+            return True, writes
+        found = self._claimed.get((key, checkpoint_id))
+        if found is None:
+            args = [[key.tenant], [key.namespace], [key.thread_id], [checkpoint_id]]
+            r = await self.conn.fetchrow(CLAIMED_IDS, *args)
+            found = (r["taken"], r["has_writes"])
+        return found[0], writes or found[1]
+
+    async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
+        rows = await self.conn.fetch(LOCK_THREADS, *_keys(keys))
+        threads = (_thread_from_record(r) for r in rows)
+        return {t.key: t for t in threads}
+
+    async def _insert_threads(self, keys: list[ThreadKey]) -> None:
+        await self.conn.execute(INSERT_THREADS, *_keys(keys), self.now)
+
+    async def _delete_new_threads(self, keys: list[ThreadKey]) -> None:
+        await self.conn.execute(DELETE_NEW_THREADS, *_keys(keys))
+
+    async def _delete_thread_rows(self, key: ThreadKey) -> int:
+        c, k = self.conn, (key.tenant, key.namespace, key.thread_id)
+        status = await c.execute(DELETE_THREAD_CHECKPOINTS, *k)
+        await c.execute(DELETE_THREAD_WRITES, *k)
+        await c.execute(DELETE_THREAD_EVENTS, *k)
+        await c.execute(TOMBSTONE_THREAD, *k, self.now)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def _write_queued(self) -> None:
+        if not (self.checkpoints or self.writes or self.events or self.new_requests or self.dirty):
+            return
+        by_tenant: dict[str, list[Event]] = {}
+        for e in self.events:
+            by_tenant.setdefault(e.key.tenant, []).append(e)
+        tenants = sorted(by_tenant)  # feed rows locked in one order by every replica
+        events = [e for t in tenants for e in by_tenant[t]]
+        backs = [len(by_tenant[t]) - 1 - i for t in tenants for i in range(len(by_tenant[t]))]
+        threads = [self.threads[k] for k in sorted(self.dirty, key=_sort_key)]
+        rows = await self.conn.fetch(
+            FLUSH,
+            *_columns([_checkpoint_row(cp) for cp in self.checkpoints], 17),
+            *_columns(_write_rows(self.writes), 11),
+            tenants,
+            [len(by_tenant[t]) for t in tenants],
+            *_columns(
+                [
+                    (
+                        e.key.tenant,
+                        e.key.namespace,
+                        e.key.thread_id,
+                        e.seq,
+                        back,
+                        e.type,
+                        e.time,
+                        json.dumps(e.payload),
+                        int(e.terminal),
+                    )
+                    for e, back in zip(events, backs, strict=True)
+                ],
+                9,
+            ),
+            *_columns([(t, r, k, res) for (t, r), (k, res) in self.new_requests.items()], 4),
+            self.now,
+            *_columns([_thread_row(t) for t in threads if t is not None], 14),
+        )
+        last = {r["tenant"]: r["last_seq"] for r in rows}
+        for e, back in zip(events, backs, strict=True):
+            e.feed_seq = last[e.key.tenant] - back
+
+
+def _checkpoint_row(cp: Checkpoint) -> tuple[Any, ...]:
+    return (
+        cp.key.tenant,
+        cp.key.namespace,
+        cp.key.thread_id,
+        cp.checkpoint_id,
+        cp.parent_id,
+        cp.step,
+        cp.state,
+        cp.content_type,
+        int(cp.trigger),
+        cp.name,
+        json.dumps(cp.completed_nodes),
+        cp.progress_percent,
+        cp.eta_seconds,
+        json.dumps(cp.metadata),
+        cp.created_at,
+        cp.expires_at,
+        len(cp.state),
+    )
+
+
+def _write_rows(writes: list[tuple[ThreadKey, PendingWrite]]) -> list[tuple[Any, ...]]:
+    """One row per slot, as applying the writes one by one would leave it: a kept write
+    stays, a replacing one overwrites (one statement may not touch a row twice)."""
+    slots: dict[tuple[Any, ...], tuple[PendingWrite, bool]] = {}
+    for key, w in writes:
+        slot = (key, w.checkpoint_id, w.task_id, w.idx)
+        if slot not in slots:
+            slots[slot] = (w, w.upsert)
+        elif w.upsert:
+            slots[slot] = (w, True)
+    return [
+        (
+            key.tenant,
+            key.namespace,
+            key.thread_id,
+            w.checkpoint_id,
+            w.task_id,
+            w.idx,
+            w.channel,
+            w.value,
+            w.content_type,
+            w.task_path,
+            replaces,
+        )
+        for (key, *_), (w, replaces) in slots.items()
+    ]
+
+
+def _thread_row(t: Thread) -> tuple[Any, ...]:
+    return (
+        t.key.tenant,
+        t.key.namespace,
+        t.key.thread_id,
+        t.head_id,
+        int(t.status),
+        t.workflow_id,
+        t.workflow_version,
+        t.lease_owner,
+        t.lease_expires_at,
+        t.fencing_token,
+        t.last_seq,
+        t.updated_at,
+        int(t.deleted),
+        t.keep_last,
+    )

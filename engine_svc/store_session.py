@@ -1,0 +1,155 @@
+"""The engine's hot store calls on one Session stream per tenant (docs/engine.md#store-calls).
+
+Each method takes a request and returns a response as the stub's unary method does, and
+fails the same way (`grpc.aio.AioRpcError`, its details trailer included), so the callers'
+retries and error handling do not change. A broken stream fails every call in flight with
+UNAVAILABLE (their answers are lost, not refused: Saves and Publishes are retried by request
+id) and the next call opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
+
+log = logging.getLogger(__name__)
+
+_DETAILS_KEY = "grpc-status-details-bin"
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_of(error: cpb.CallError) -> grpc.aio.AioRpcError:
+    """A Session call's error as its unary call would have raised it."""
+    trailing = grpc.aio.Metadata()
+    if error.details:
+        trailing.add(_DETAILS_KEY, error.details)
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=error.message)
+
+
+def _unavailable(why: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why
+    )
+
+
+class _Stream:
+    """One open Session call and the calls waiting for their answers on it."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.call = call
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.write_lock = asyncio.Lock()  # one write at a time on a gRPC stream
+        self.reader: asyncio.Task | None = None
+        self.broken = False
+
+
+class StoreSession:
+    """Save, PutWrites, Publish, Restore, GetThread and the lease calls of one tenant, on a
+    Session stream of the store; the stub's other calls stay unary."""
+
+    def __init__(self, *, stub: cpb_grpc.CheckpointServiceStub, metadata: Any) -> None:
+        self._stub = stub
+        self._md = metadata
+        self._ids = itertools.count(1)
+        self._stream: _Stream | None = None
+        self._closed = False
+        self.Save = self._method("save")
+        self.PutWrites = self._method("put_writes")
+        self.Publish = self._method("publish")
+        self.Restore = self._method("restore")
+        self.AcquireLease = self._method("acquire_lease")
+        self.RenewLease = self._method("renew_lease")
+        self.ReleaseLease = self._method("release_lease")
+        self.GetThread = self._method("get_thread")
+
+    def _method(self, kind: str) -> Callable[..., Awaitable[Any]]:
+        # The stub's signature (metadata: the session's own; timeout: seconds per call).
+        async def method(request: Any, *, metadata: Any = None, timeout: float | None = None):  # noqa: ASYNC109
+            return await self.call(kind, request, timeout)
+
+        return method
+
+    def _open(self) -> _Stream:
+        if self._stream is None or self._stream.broken:
+            stream = _Stream(self._stub.Session(metadata=self._md))
+            stream.reader = asyncio.create_task(self._read(stream), name="store-session")
+            self._stream = stream
+        return self._stream
+
+    async def call(self, kind: str, request: Any, seconds: float | None) -> Any:
+        """One call: its response, or the AioRpcError the unary call would raise."""
+        if self._closed:
+            raise _unavailable("the engine is shutting down")
+        stream = self._open()
+        call_id = next(self._ids)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        stream.waiting[call_id] = future
+        try:
+            try:
+                async with stream.write_lock:
+                    await stream.call.write(cpb.SessionRequest(call_id=call_id, **{kind: request}))
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                self._break(stream, f"store session broken: {exc}")
+            return await asyncio.wait_for(future, seconds)
+        except TimeoutError:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="deadline exceeded on the store session",
+            ) from None
+        finally:
+            stream.waiting.pop(call_id, None)
+
+    async def _read(self, stream: _Stream) -> None:
+        why = "store session ended"
+        try:
+            async for response in stream.call:
+                future = stream.waiting.pop(response.call_id, None)
+                if future is None or future.done():
+                    continue  # its caller gave up (deadline, cancellation)
+                kind = response.WhichOneof("result")
+                if kind == "error":
+                    future.set_exception(error_of(response.error))
+                else:
+                    future.set_result(getattr(response, kind))
+        except grpc.aio.AioRpcError as exc:
+            why = f"store session broken: {exc.code().name} {exc.details()}"
+        except asyncio.CancelledError:
+            why = "store session closed"
+            raise
+        finally:
+            self._break(stream, why)
+
+    def _break(self, stream: _Stream, why: str) -> None:
+        """The stream is gone: every call on it fails with UNAVAILABLE, to be retried."""
+        stream.broken = True
+        for future in stream.waiting.values():
+            if not future.done():
+                future.set_exception(_unavailable(why))
+        stream.waiting.clear()
+        if stream is self._stream:
+            self._stream = None
+        if not stream.call.done():
+            stream.call.cancel()
+
+    async def close(self) -> None:
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None and stream.reader is not None:
+            stream.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stream.reader
+
+
+__all__ = ["StoreSession", "error_of"]
