@@ -43,7 +43,7 @@ from langgraph.graph import END, START, StateGraph
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from bench import servers
+from bench import floors, servers
 from workflow_client.saver import CheckpointServiceSaver
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -670,6 +670,14 @@ def render(results: Results, args: argparse.Namespace) -> str:
             if ph:
                 parts = ", ".join(f"{k} {ours.phase_median_ms(k):.2f}" for k in ph)
                 out.append(f"   ours, where the time goes (median ms): {parts}")
+                fl = results.env.get("floors")
+                if fl and fl.get("commit_ms"):
+                    floor = fl["grpc_stream_ms"] + fl["commit_ms"]
+                    out.append(
+                        f"   per step {ours.phase_median_ms('per_step'):.2f} ms = "
+                        f"{ours.phase_median_ms('per_step') / floor:.1f}x the floor of one "
+                        f"stream round trip and one commit ({floor:.2f} ms)"
+                    )
         if ours is None or not theirs:
             out.extend(_render_costs(results.costs.get(workload, {}), STEPS[workload]))
             out.append("   ratio: n/a (a side is missing; see errors)")
@@ -693,6 +701,8 @@ def render(results: Results, args: argparse.Namespace) -> str:
         out.append("")
     if len(results.series.get("chain", {})) > 2:
         out.append("DBOS is compared by its faster variant (by median): async or sync workflow.")
+    if results.env.get("floors"):
+        out.append(floors.Floors(**results.env["floors"]).line())
     out.append("ratio < 1: ours faster. Ours crosses two gRPC services (engine -> checkpoint")
     out.append("store -> PostgreSQL); LangGraph and DBOS run in the bench process.")
     if results.errors:
@@ -846,6 +856,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"services' code: {results.env['code']}; engine_svc --store-calls {args.store_calls}",
             flush=True,
         )
+        machine = asyncio.run(floors.measure(admin_url))
+        results.env["floors"] = asdict(machine)
+        print(machine.line(), flush=True)
         load = os.getloadavg()[0]
         if load > 0.5:
             print(

@@ -31,6 +31,7 @@ from tenacity import (
 from checkpoint_svc import metrics
 from checkpoint_svc.domain import ThreadKey
 from checkpoint_svc.errors import AlreadyExists, InvalidArgument, StoreError, TierUnavailable
+from checkpoint_svc.tiers.pg import ChangedSinceSeen
 from checkpoint_svc.tiers.sql import Batch, SqlTier
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ SQL_ERRORS: tuple[type[Exception], ...] = (
 
 class Operation(Protocol):
     creates: bool
+    # Its changes are all queued in the batch (none sent by apply): a batch of such operations
+    # may be checked and written in one statement.
+    in_one_statement: bool
     weight: int  # its share of a batch (BATCH_WEIGHT), see ops.py
     request_id: str  # "" if none: the batch reads every request id of its operations at once
     claimed_id: str  # a checkpoint id the client chose, read at once likewise
@@ -390,10 +394,39 @@ class GroupCommitter:
         raise AssertionError("unreachable")
 
     async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
+        """One attempt: in one statement if it can be (docs/checkpoint-service.md#the-hot-
+        path-on-postgresql), else the long way; the threads as it left them remembered."""
         ops = [i.op for i in items]
+        keys = {op.key for op in ops}
+        if self.sql.in_one_statement(keys) and all(
+            op.in_one_statement and not op.claimed_id for op in ops
+        ):
+            try:
+                batch, results = await self._apply(ops, in_one_statement=True)
+                if all(ok for ok, _ in results):
+                    self.sql.remember(batch)
+                    return batch, results
+                # Refused on what this replica saw: the long way says whether SQL agrees.
+            except ChangedSinceSeen:
+                pass
+            except BaseException:
+                self.sql.forget(keys)
+                raise
+            self.sql.forget(keys)
+        try:
+            batch, results = await self._apply(ops, in_one_statement=False)
+        except BaseException:
+            self.sql.forget(keys)
+            raise
+        self.sql.remember(batch)
+        return batch, results
+
+    async def _apply(
+        self, ops: list[Operation], *, in_one_statement: bool
+    ) -> tuple[Batch, list[tuple[bool, Any]]]:
         results: list[tuple[bool, Any]] = []
         batch_id = uuid.uuid4().hex
-        async with self.sql.open_batch(time.time()) as batch:
+        async with self.sql.open_batch(time.time(), in_one_statement) as batch:
             try:
                 await batch.lock(
                     (op.key for op in ops), create={op.key for op in ops if op.creates}
@@ -414,6 +447,8 @@ class GroupCommitter:
                 with contextlib.suppress(Exception):
                     await batch.rollback()
                 raise
+            if in_one_statement and not all(ok for ok, _ in results):
+                return batch, results  # nothing sent: _once runs them the long way
             try:
                 await batch.commit()
             except (TimeoutError, *SQL_ERRORS, OSError) as exc:

@@ -83,6 +83,7 @@ class SaveOp:
     client_supplied_id: bool = False
     explicit_parent: str = ""  # as requested; empty means "the head at commit time"
     creates: bool = True
+    in_one_statement: ClassVar[bool] = True
 
     @property
     def key(self) -> ThreadKey:
@@ -192,6 +193,7 @@ class PutWritesOp:
     # Writes may come before their thread's first checkpoint (a new LangGraph subgraph).
     creates: bool = True
     claimed_id: ClassVar[str] = ""
+    in_one_statement: ClassVar[bool] = True
 
     @property
     def weight(self) -> int:
@@ -228,6 +230,7 @@ class PublishOp:
     fencing_token: int = 0
     creates: bool = True
     claimed_id: ClassVar[str] = ""
+    in_one_statement: ClassVar[bool] = True
 
     @property
     def weight(self) -> int:
@@ -256,6 +259,7 @@ class AcquireLeaseOp:
     weight: int = 1
     request_id: ClassVar[str] = ""
     claimed_id: ClassVar[str] = ""
+    in_one_statement: ClassVar[bool] = True
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -281,6 +285,7 @@ class RenewLeaseOp:
     weight: int = 1
     request_id: ClassVar[str] = ""
     claimed_id: ClassVar[str] = ""
+    in_one_statement: ClassVar[bool] = True
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -303,6 +308,7 @@ class ReleaseLeaseOp:
     weight: int = 1
     request_id: ClassVar[str] = ""
     claimed_id: ClassVar[str] = ""
+    in_one_statement: ClassVar[bool] = True
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -325,6 +331,7 @@ class DeleteThreadOp:
     weight: int = HEAVY_WEIGHT
     request_id: ClassVar[str] = ""
     claimed_id: ClassVar[str] = ""
+    in_one_statement: ClassVar[bool] = False  # it deletes as it goes
 
     async def apply(self, batch: Batch) -> int:
         _existing(batch, self.key)

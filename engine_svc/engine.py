@@ -41,7 +41,7 @@ from engine_svc.registry import (
     WorkflowNotFound,
     WorkflowRegistry,
 )
-from engine_svc.store_session import StoreSession
+from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb

@@ -1,5 +1,5 @@
 """The Session stream: the hot calls on one bidirectional stream behave as their unary RPCs,
-and the engine's adapter (engine_svc/store_session.py) survives a store that goes away."""
+and the clients' adapter (workflow_client/store_session.py) survives a store that goes away."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from engine_svc.store_session import StoreSession
 from tests.requests import NS, checkpoint, code_of
 from tests.servers import checkpoint_stub
+from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 

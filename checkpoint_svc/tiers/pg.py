@@ -9,7 +9,9 @@ statements asyncpg prepares once per connection with a generic plan
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -60,7 +62,7 @@ _WRITES = f"""SELECT {_WRITE_COLUMNS} FROM unnest($18::text[], $19::text[], $20:
     $21::text[], $22::text[], $23::int4[], $24::text[], $25::bytea[], $26::text[], $27::text[],
     $28::bool[]) AS w({_WRITE_COLUMNS}, replaces)"""
 _WRITE_SLOT = "(tenant, namespace, thread_id, checkpoint_id, task_id, idx)"
-FLUSH = f"""
+_FLUSH = f"""
 WITH new_checkpoints AS (
     INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id, step, state,
         content_type, trigger, name, completed_nodes, progress_percent, eta_seconds, metadata,
@@ -100,13 +102,44 @@ WITH new_checkpoints AS (
         keep_last = u.keep_last
     FROM unnest($45::text[], $46::text[], $47::text[], $48::text[], $49::int4[], $50::text[],
         $51::int8[], $52::text[], $53::float8[], $54::int8[], $55::int8[], $56::float8[],
-        $57::int4[], $58::int4[])
+        $57::int4[], $58::int4[]{{seen_arrays}})
         AS u(tenant, namespace, thread_id, head_id, status, workflow_id, workflow_version,
             lease_owner, lease_expires_at, fencing_token, last_seq, updated_at, deleted,
-            keep_last)
+            keep_last{{seen_columns}})
     WHERE t.tenant = u.tenant AND t.namespace = u.namespace AND t.thread_id = u.thread_id
+        {{seen_check}}
+    RETURNING 1
 )
-SELECT tenant, last_seq FROM bumped"""
+SELECT tenant, last_seq FROM bumped{{conflict}}"""
+# Inside a transaction that locked the threads first.
+FLUSH = _FLUSH.format(seen_arrays="", seen_columns="", seen_check="", conflict="")
+# On its own, committing as it ends: every thread of the batch is updated only if its row is
+# still as this replica last saw it (its operations were checked against that row). If one
+# is not, 1/0 fails the statement and nothing of it is written; the batch then runs again
+# the long way (PgBatch.commit).
+FLUSH_IF_UNCHANGED = _FLUSH.format(
+    seen_arrays=""",
+        $59::text[], $60::int4[], $61::text[], $62::int8[], $63::text[], $64::float8[],
+        $65::int8[], $66::int8[], $67::float8[], $68::int4[], $69::int4[]""",
+    seen_columns=""",
+            seen_head_id, seen_status, seen_workflow_id, seen_workflow_version,
+            seen_lease_owner, seen_lease_expires_at, seen_fencing_token, seen_last_seq,
+            seen_updated_at, seen_deleted, seen_keep_last""",
+    seen_check="""AND t.head_id = u.seen_head_id AND t.status = u.seen_status
+        AND t.workflow_id = u.seen_workflow_id AND t.workflow_version = u.seen_workflow_version
+        AND t.lease_owner = u.seen_lease_owner AND t.lease_expires_at = u.seen_lease_expires_at
+        AND t.fencing_token = u.seen_fencing_token AND t.last_seq = u.seen_last_seq
+        AND t.updated_at = u.seen_updated_at AND t.deleted = u.seen_deleted
+        AND t.keep_last = u.seen_keep_last""",
+    conflict="""
+UNION ALL SELECT NULL, 1 / ((SELECT count(*) FROM moved) = $70)::int""",
+)
+# What FLUSH_IF_UNCHANGED fails with when a thread changed: division_by_zero, by design.
+CHANGED_SINCE_SEEN = "22012"
+# A request id used already (a retry) or a checkpoint id taken: the long way tells which.
+UNIQUE_VIOLATION = "23505"
+# Threads this replica committed last, as it left them, for FLUSH_IF_UNCHANGED to check.
+SEEN_THREADS_MAX = 10_000
 
 # Restore: the checkpoint (the head, or one by id) with its metadata, its state when small,
 # and its pending writes aggregated in order: one row, one round trip.
@@ -192,6 +225,28 @@ class PgHotPath:
         self.dsn = libpq_url(url)
         self._writer: asyncpg.Pool | None = None
         self._reader: asyncpg.Pool | None = None
+        # The threads this replica's batches committed last, as they left them (newest last).
+        self.seen: collections.OrderedDict[ThreadKey, Thread] = collections.OrderedDict()
+
+    def saw_all(self, keys: Iterable[ThreadKey]) -> bool:
+        return all(k in self.seen for k in keys)
+
+    def remember(self, batch: Batch) -> None:
+        """After a commit: the batch's threads as it left them (a hint, checked on use)."""
+        for key in batch.deleted:
+            self.seen.pop(key, None)
+        for key, thread in batch.threads.items():
+            if thread is None or thread.deleted:
+                self.seen.pop(key, None)
+            else:
+                self.seen[key] = dataclasses.replace(thread)
+                self.seen.move_to_end(key)
+        while len(self.seen) > SEEN_THREADS_MAX:
+            self.seen.popitem(last=False)
+
+    def forget(self, keys: Iterable[ThreadKey]) -> None:
+        for key in keys:
+            self.seen.pop(key, None)
 
     async def _pool(self, size: int) -> asyncpg.Pool:
         # min_size 0: creating a pool never waits for PostgreSQL (it may be down at start).
@@ -222,8 +277,16 @@ class PgHotPath:
                 await pool.close()
 
     @contextlib.asynccontextmanager
-    async def open_batch(self, sql: SqlTier, now: float) -> AsyncIterator[Batch]:
+    async def open_batch(
+        self, sql: SqlTier, now: float, in_one_statement: bool = False
+    ) -> AsyncIterator[Batch]:
+        """A batch in a transaction that locks its threads first; `in_one_statement`: one
+        that checks its operations against the threads as this replica saw them last and
+        writes everything in one statement at commit (ChangedSinceSeen if a thread moved)."""
         async with (await self.writer()).acquire(timeout=5.0) as conn:
+            if in_one_statement:
+                yield PgBatch(sql, conn, None, now, seen=self.seen)
+                return
             transaction = conn.transaction()
             await transaction.start()
             yield PgBatch(sql, conn, transaction, now)
@@ -268,20 +331,63 @@ class PgHotPath:
             )
 
 
+class ChangedSinceSeen(Exception):
+    """A batch in one statement met a thread that changed since this replica saw it (or a
+    request id or checkpoint id taken): nothing was written; run it the long way."""
+
+
 class PgBatch(Batch):
     """A batch on one asyncpg connection: the same operations, fewer and cheaper statements."""
 
-    def __init__(self, sql: SqlTier, conn: Any, transaction: Any, now: float) -> None:
+    def __init__(
+        self,
+        sql: SqlTier,
+        conn: Any,
+        transaction: Any,
+        now: float,
+        *,
+        seen: dict[ThreadKey, Thread] | None = None,
+    ) -> None:
         super().__init__(sql, conn, transaction, now)
         # What prefetch() read: request ids (found or not), client-chosen checkpoint ids.
         self._requests: dict[tuple[str, str], tuple[str, str]] = {}
         self._looked_up: set[tuple[str, str]] = set()
         self._claimed: dict[tuple[ThreadKey, str], tuple[bool, bool]] = {}
+        # In one statement (no transaction): the rows the operations are checked against,
+        # the statement's arguments once flushed.
+        self._seen = seen
+        self._unchanged: dict[ThreadKey, tuple[Any, ...]] = {}
+        self._statement: tuple[list[Any], list[Event], list[int]] | None = None
+
+    async def commit(self) -> None:
+        if self._seen is None:
+            await self._transaction.commit()
+            return
+        if self._statement is None:
+            return
+        args, events, backs = self._statement
+        threads = [k for k, t in self.threads.items() if t is not None]
+        seen = _columns([self._unchanged[k] for k in threads], 11)
+        try:
+            rows = await self.conn.fetch(FLUSH_IF_UNCHANGED, *args, *seen, len(threads))
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate in (CHANGED_SINCE_SEEN, UNIQUE_VIOLATION):
+                raise ChangedSinceSeen(str(exc)) from exc
+            raise
+        self._number(rows, events, backs)
+
+    async def rollback(self) -> None:
+        if self._seen is None:
+            await self._transaction.rollback()
 
     async def prefetch(
         self, request_ids: list[tuple[str, str]], claimed: list[tuple[ThreadKey, str]]
     ) -> None:
         self._looked_up.update(request_ids)
+        if self._seen is not None:
+            # Not read: a request id used already makes the statement fail (unique), and
+            # the batch then runs the long way, which answers it as the replay it is.
+            return
         if request_ids:
             for r in await self.conn.fetch(FIND_REQUESTS, *_columns(request_ids, 2)):
                 self._requests[(r["tenant"], r["request_id"])] = (r["kind"], r["result"])
@@ -314,6 +420,10 @@ class PgBatch(Batch):
         return found[0], writes or found[1]
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
+        if self._seen is not None:
+            copies = {k: dataclasses.replace(self._seen[k]) for k in keys}
+            self._unchanged.update({k: _thread_row(t)[3:] for k, t in copies.items()})
+            return copies
         rows = await self.conn.fetch(LOCK_THREADS, *_keys(keys))
         threads = (_thread_from_record(r) for r in rows)
         return {t.key: t for t in threads}
@@ -341,9 +451,10 @@ class PgBatch(Batch):
         tenants = sorted(by_tenant)  # feed rows locked in one order by every replica
         events = [e for t in tenants for e in by_tenant[t]]
         backs = [len(by_tenant[t]) - 1 - i for t in tenants for i in range(len(by_tenant[t]))]
-        threads = [self.threads[k] for k in sorted(self.dirty, key=_sort_key)]
-        rows = await self.conn.fetch(
-            FLUSH,
+        # In one statement every thread is written, so that every one is checked.
+        written = self.threads if self._seen is not None else sorted(self.dirty, key=_sort_key)
+        threads = [self.threads[k] for k in written]
+        args = [
             *_columns([_checkpoint_row(cp) for cp in self.checkpoints], 17),
             *_columns(_write_rows(self.writes), 11),
             tenants,
@@ -368,8 +479,18 @@ class PgBatch(Batch):
             *_columns([(t, r, k, res) for (t, r), (k, res) in self.new_requests.items()], 4),
             self.now,
             *_columns([_thread_row(t) for t in threads if t is not None], 14),
-        )
-        last = {r["tenant"]: r["last_seq"] for r in rows}
+        ]
+        if self._seen is not None:
+            if self._statement is not None:
+                raise AssertionError("a batch in one statement is flushed once")
+            self._statement = (args, events, backs)
+            return
+        self._number(await self.conn.fetch(FLUSH, *args), events, backs)
+
+    @staticmethod
+    def _number(rows: Sequence[asyncpg.Record], events: list[Event], backs: list[int]) -> None:
+        """Each event's feed seq, from its tenant's last seq after the batch."""
+        last = {r["tenant"]: r["last_seq"] for r in rows if r["tenant"] is not None}
         for e, back in zip(events, backs, strict=True):
             e.feed_seq = last[e.key.tenant] - back
 

@@ -672,11 +672,23 @@ class SqlTier:
 
     # ---- writes ------------------------------------------------------------
 
+    def in_one_statement(self, keys: Iterable[ThreadKey]) -> bool:
+        """Whether a batch of these threads may be written in one statement (pg.py)."""
+        return self.hot is not None and self.hot.saw_all(keys)
+
+    def remember(self, batch: Batch) -> None:
+        if self.hot is not None:
+            self.hot.remember(batch)
+
+    def forget(self, keys: Iterable[ThreadKey]) -> None:
+        if self.hot is not None:
+            self.hot.forget(keys)
+
     @contextlib.asynccontextmanager
-    async def open_batch(self, now: float) -> AsyncIterator[Batch]:
+    async def open_batch(self, now: float, in_one_statement: bool = False) -> AsyncIterator[Batch]:
         """A write transaction for a group-commit batch: the caller commits it."""
         if self.hot is not None:
-            async with self.hot.open_batch(self, now) as batch:
+            async with self.hot.open_batch(self, now, in_one_statement) as batch:
                 yield batch
             return
         async with self.writer.connect() as conn:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -31,13 +31,19 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from workflow_client.connection import Connection
 from workflow_client.errors import from_rpc_error
+from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as pb_grpc
 
 _PAGE = 500
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
 class CheckpointServiceSaver(BaseCheckpointSaver[str]):
@@ -51,13 +57,18 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         namespace_prefix: str = "lg:",
         timeout: float = 30.0,
         serde: SerializerProtocol | None = None,
+        session: bool = True,
     ) -> None:
+        """`session`: the async puts and gets on one Session stream (about half the CPU of
+        unary calls on both sides); False sends them as unary calls."""
         super().__init__(serde=serde)
         self.connection = Connection(address, tenant=tenant, timeout=timeout)
         self.prefix = namespace_prefix
         self._aio: grpc.aio.Channel | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._sync: grpc.Channel | None = None
+        self._use_session = session
+        self._session: StoreSession | None = None
 
     # ---- channels (one per kind: an asyncio channel belongs to its event loop) ----------
 
@@ -71,8 +82,37 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
             self._aio, self._aio_loop = self.connection.aio_channel(), loop
         return pb_grpc.CheckpointServiceStub(self._aio)
 
+    @property
+    def _acalls(self) -> Any:
+        """Save, PutWrites and Restore: on this loop's Session stream, or the stub's."""
+        stub = self._astub
+        if not self._use_session:
+            return stub
+        if self._session is None:
+            self._session = StoreSession(stub=stub, metadata=self.connection.metadata)
+        return self._session
+
+    async def _hot(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A call on the session, retried while the store is UNAVAILABLE (what gRPC's retry
+        policy does for the unary calls; each of these calls is safe to repeat)."""
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or not self._use_session:
+                raise
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_unavailable),
+            stop=stop_after_attempt(4),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable")
+
     def _drop_aio(self) -> None:
         old, old_loop = self._aio, self._aio_loop
+        self._session = None  # it belonged to that loop, with its channel
         self._aio = self._aio_loop = None
         if old is None or old_loop is None:
             return
@@ -97,6 +137,9 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
     async def aclose(self) -> None:
         if self._aio is not None:
             if self._aio_loop is asyncio.get_running_loop():
+                if self._session is not None:
+                    await self._session.close()
+                    self._session = None
                 await self._aio.close()
                 self._aio = self._aio_loop = None
             else:
@@ -267,7 +310,7 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
     ) -> RunnableConfig:
         request, saved = self._save_request(config, checkpoint, metadata)
         try:
-            await self._astub.Save(request, **self._options())
+            await self._hot(lambda: self._acalls.Save(request, **self._options()))
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:  # a retry that had landed
                 raise from_rpc_error(exc) from exc
@@ -282,16 +325,16 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
     ) -> None:
         if not writes:
             return
+        request = self._writes_request(config, writes, task_id, task_path)
         try:
-            await self._astub.PutWrites(
-                self._writes_request(config, writes, task_id, task_path), **self._options()
-            )
+            await self._hot(lambda: self._acalls.PutWrites(request, **self._options()))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         try:
-            got = await self._astub.Restore(self._restore_request(config), **self._options())
+            request = self._restore_request(config)
+            got = await self._hot(lambda: self._acalls.Restore(request, **self._options()))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

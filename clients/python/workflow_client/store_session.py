@@ -1,4 +1,5 @@
-"""The engine's hot store calls on one Session stream per tenant (docs/engine.md#store-calls).
+"""Hot store calls on one Session stream (docs/api.md#session): the engine's, per tenant
+(docs/engine.md#store-calls), and the LangGraph saver's.
 
 Each method takes a request and returns a response as the stub's unary method does, and
 fails the same way (`grpc.aio.AioRpcError`, its details trailer included), so the callers'
@@ -55,7 +56,8 @@ class _Stream:
 
 class StoreSession:
     """Save, PutWrites, Publish, Restore, GetThread and the lease calls of one tenant, on a
-    Session stream of the store; the stub's other calls stay unary."""
+    Session stream of the store; the stub's other calls stay unary. It belongs to the event
+    loop it was first used in, like its channel."""
 
     def __init__(self, *, stub: cpb_grpc.CheckpointServiceStub, metadata: Any) -> None:
         self._stub = stub
