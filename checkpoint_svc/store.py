@@ -22,6 +22,7 @@ from checkpoint_svc.commit import (
     as_store_error,
     describe,
     is_connectivity_error,
+    is_transient,
     sql_retrying,
 )
 from checkpoint_svc.config import Settings
@@ -173,6 +174,13 @@ class CheckpointStore:
 
     async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
+            try:  # the first attempt without the retry machinery: most reads need no more
+                result = await call()
+                self.sql.up = True
+                return result
+            except (TimeoutError, *SQL_ERRORS, OSError) as exc:
+                if not is_transient(exc):
+                    raise
             async for attempt in sql_retrying():
                 with attempt:
                     result = await call()

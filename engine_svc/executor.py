@@ -1072,21 +1072,32 @@ class RunExecutor:
             if not announced:
                 await self._publish_events(ex, self._started(ex, [node.id]))
             started = time.monotonic()
+
+            async def once() -> Any:
+                nonlocal attempt
+                attempt += 1
+                return await asyncio.wait_for(self.runner.run(call, node, state), node.timeout)
+
             try:
-                async for trying in AsyncRetrying(
-                    stop=stop_after_attempt(policy.max_attempts),
-                    wait=wait_exponential(
-                        multiplier=policy.initial_backoff,
-                        max=policy.max_backoff,
-                        exp_base=policy.multiplier,
-                    ),
-                    reraise=True,
-                ):
-                    with trying:
-                        attempt += 1
-                        output = await asyncio.wait_for(
-                            self.runner.run(call, node, state), node.timeout
-                        )
+                try:  # the first attempt without the retry machinery: most nodes need no more
+                    output = await once()
+                except Exception:
+                    if policy.max_attempts <= 1:
+                        raise
+                    # The same waits as one AsyncRetrying over every attempt: initial_backoff,
+                    # then growing by `multiplier`, at most max_backoff.
+                    await asyncio.sleep(min(policy.initial_backoff, policy.max_backoff))
+                    async for trying in AsyncRetrying(
+                        stop=stop_after_attempt(policy.max_attempts - 1),
+                        wait=wait_exponential(
+                            multiplier=policy.initial_backoff * policy.multiplier,
+                            max=policy.max_backoff,
+                            exp_base=policy.multiplier,
+                        ),
+                        reraise=True,
+                    ):
+                        with trying:
+                            output = await once()
             except Exception as exc:  # the node's failure, not the engine's
                 ex.running -= 1
                 metrics.NODES.labels(node.type, "failed").inc()
