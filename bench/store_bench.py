@@ -41,6 +41,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from bench import floors, servers
+from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 
 NAMESPACE = "bench"
@@ -140,14 +141,19 @@ class Store(Protocol):
 class GrpcStore:
     """checkpoint_svc, called the way an engine would: grpc.aio, SYNC durability."""
 
-    def __init__(self, name: str, target: str) -> None:
+    def __init__(self, name: str, target: str, session: bool) -> None:
         self.name = name
         self.channel = grpc.aio.insecure_channel(target, options=servers.GRPC_OPTIONS)
         self.stub = checkpoint_pb2_grpc.CheckpointServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        # Save and Restore as the engine and the LangGraph saver send them: concurrent callers
+        # share one Session stream (--store-calls session), like an engine's runs; or unary.
+        self.calls: Any = StoreSession(stub=self.stub, metadata=TENANT_MD) if session else self.stub
 
     async def close(self) -> None:
         """Close the channel."""
+        if isinstance(self.calls, StoreSession):
+            await self.calls.close()
         await self.channel.close()
 
     async def save_loop(self, thread_id: str, stop: Callable[[int], bool]) -> list[float]:
@@ -166,7 +172,7 @@ class GrpcStore:
                 durability=checkpoint_pb2.DURABILITY_SYNC,
             )
             t0 = time.perf_counter()
-            await self.stub.Save(req, metadata=TENANT_MD)
+            await self.calls.Save(req, metadata=TENANT_MD)
             lat.append((time.perf_counter() - t0) * 1000)
             i += 1
         return lat
@@ -177,7 +183,7 @@ class GrpcStore:
 
     async def restore_head(self, thread_id: str) -> str:
         """Restore with include_writes, like LangGraph's aget_tuple."""
-        resp = await self.stub.Restore(
+        resp = await self.calls.Restore(
             checkpoint_pb2.RestoreRequest(
                 namespace=NAMESPACE, thread_id=thread_id, include_writes=True
             ),
@@ -406,7 +412,7 @@ async def measure(
     pool: AsyncConnectionPool[Any] | None = None
     try:
         for name, target in ours.items():
-            gs = GrpcStore(name, target)
+            gs = GrpcStore(name, target, args.store_calls == "session")
             grpc_stores.append(gs)
             stores[name] = gs
         if lg_url is not None:
@@ -751,6 +757,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="if > 0, run each throughput configuration this many seconds instead",
     )
     p.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    p.add_argument(
+        "--store-calls",
+        choices=["session", "unary"],
+        default="session",
+        help="our Save and Restore: on a Session stream per client (as the engine and the "
+        "LangGraph saver send them), or unary",
+    )
     p.add_argument("--restores", type=int, default=1000, help="timed head reads per store")
     p.add_argument("--list-reps", type=int, default=20, help="timed full listings per store")
     p.add_argument("--json", type=Path, help="write raw figures here")

@@ -371,6 +371,16 @@ class GroupCommitter:
 
     async def _attempt(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
         """Commit with bounded retries; never re-run a batch whose COMMIT may have landed."""
+        try:  # the first attempt without the retry machinery: most batches need no more
+            return await self._once(items)
+        except _AmbiguousCommit as lost:
+            if await self._landed(lost.batch_id):
+                return lost.batch_and_results  # type: ignore[attr-defined]
+            if not is_transient(lost.cause):
+                raise lost.cause from None
+        except (TimeoutError, *SQL_ERRORS, OSError) as exc:
+            if not is_transient(exc):
+                raise
         async for attempt in sql_retrying():
             with attempt:
                 try:
@@ -398,9 +408,7 @@ class GroupCommitter:
         path-on-postgresql), else the long way; the threads as it left them remembered."""
         ops = [i.op for i in items]
         keys = {op.key for op in ops}
-        if self.sql.in_one_statement(keys) and all(
-            op.in_one_statement and not op.claimed_id for op in ops
-        ):
+        if self._in_one_statement(ops):
             try:
                 batch, results = await self._apply(ops, in_one_statement=True)
                 if all(ok for ok, _ in results):
@@ -420,6 +428,22 @@ class GroupCommitter:
             raise
         self.sql.remember(batch)
         return batch, results
+
+    def _in_one_statement(self, ops: list[Operation]) -> bool:
+        """Whether a batch can be checked and written in one statement: every thread either
+        as this replica left it, or new to SQL (then the statement inserts it, and fails if
+        it was not new); no operation that deletes, or needs a thread to exist, or a
+        client-chosen checkpoint id checked on a thread that has checkpoints."""
+        if not self.sql.has_one_statement_batches:
+            return False
+        for op in ops:
+            if not op.in_one_statement:
+                return False
+            if not self.sql.knows(op.key) and not op.creates:
+                return False
+            if op.claimed_id and self.sql.knows(op.key):
+                return False
+        return True
 
     async def _apply(
         self, ops: list[Operation], *, in_one_statement: bool

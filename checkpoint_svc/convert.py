@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from checkpoint_svc.domain import (
     Checkpoint,
     Event,
-    NewEvent,
     PendingWrite,
     Thread,
     ThreadKey,
@@ -143,7 +144,37 @@ def event_from_pb(msg: pb.Event, tenant: str) -> Event:
     )
 
 
-def new_event_from_pb(msg: pb.NewEvent) -> NewEvent:
-    return NewEvent(
-        type=msg.type, payload=json_format.MessageToDict(msg.payload), terminal=msg.terminal
-    )
+class NotPlain(ValueError):
+    """A Struct that JSON cannot hold as it is: too deep, or a NaN or infinity in it."""
+
+
+def plain_struct(struct: struct_pb2.Struct, max_depth: int) -> dict[str, Any]:
+    """A Struct as json_format.MessageToDict gives it, checked in the same walk: nested at
+    most `max_depth` levels (the Struct itself is 1), every number finite."""
+    return _plain_fields(struct, 1, max_depth)
+
+
+def _plain_fields(struct: struct_pb2.Struct, depth: int, max_depth: int) -> dict[str, Any]:
+    if depth > max_depth:
+        raise NotPlain(f"nested deeper than {max_depth} levels")
+    return {k: _plain_value(v, depth, max_depth) for k, v in struct.fields.items()}
+
+
+def _plain_value(value: struct_pb2.Value, depth: int, max_depth: int) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise NotPlain("must hold only finite numbers")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _plain_fields(value.struct_value, depth + 1, max_depth)
+    if kind == "list_value":
+        if depth + 1 > max_depth:
+            raise NotPlain(f"nested deeper than {max_depth} levels")
+        return [_plain_value(v, depth + 1, max_depth) for v in value.list_value.values]
+    return None

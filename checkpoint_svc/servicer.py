@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from checkpoint_svc import convert
-from checkpoint_svc.domain import SaveCommand, ThreadKey, ThreadStatus, Tier, Trigger
+from checkpoint_svc.domain import NewEvent, SaveCommand, ThreadKey, ThreadStatus, Tier, Trigger
 from checkpoint_svc.errors import (
     AlreadyExists,
     HeadMoved,
@@ -230,29 +230,13 @@ def _timestamp(violations: list[tuple[str, str]], field: str, msg: Any, name: st
 MAX_PAYLOAD_DEPTH = 30
 
 
-def _struct_depth(struct: Any) -> int:
-    deepest, stack = 0, [(struct, 1)]
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        children = item.fields.values() if hasattr(item, "fields") else item.values
-        for v in children:
-            kind = v.WhichOneof("kind")
-            if kind == "struct_value":
-                stack.append((v.struct_value, depth + 1))
-            elif kind == "list_value":
-                stack.append((v.list_value, depth + 1))
-    return deepest
-
-
-def _payload(violations: list[tuple[str, str]], field: str, struct: Any) -> None:
-    if _struct_depth(struct) > MAX_PAYLOAD_DEPTH:
-        violations.append((field, f"nested deeper than {MAX_PAYLOAD_DEPTH} levels"))
-        return
+def _payload(violations: list[tuple[str, str]], field: str, struct: Any) -> dict[str, Any]:
+    """The payload as stored (checked and converted in one walk); {} if it cannot be."""
     try:
-        json_format.MessageToDict(struct)
-    except (ValueError, json_format.Error):
-        violations.append((field, "must hold only finite numbers"))
+        return convert.plain_struct(struct, MAX_PAYLOAD_DEPTH)
+    except convert.NotPlain as exc:
+        violations.append((field, str(exc)))
+        return {}
 
 
 def _raise_if(violations: list[tuple[str, str]]) -> None:
@@ -289,13 +273,17 @@ def _work_at_most(field: str, items: Any, limit: int) -> None:
         )
 
 
-def _events(violations: list[tuple[str, str]], events: Any) -> None:
+def _events(violations: list[tuple[str, str]], events: Any) -> list[NewEvent]:
+    """The events checked, as stored (meaningful only if no violation was found)."""
     _work_at_most("events", events, MAX_EVENTS_PER_REQUEST)
+    checked = []
     for i, e in enumerate(events):
         if not e.type:
             violations.append((f"events[{i}].type", "required"))
         _text(violations, f"events[{i}].type", e.type, 256)
-        _payload(violations, f"events[{i}].payload", e.payload)
+        payload = _payload(violations, f"events[{i}].payload", e.payload)
+        checked.append(NewEvent(type=e.type, payload=payload, terminal=e.terminal))
+    return checked
 
 
 def _enum(violations: list[tuple[str, str]], field: str, value: int, enum: Any) -> None:
@@ -387,7 +375,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             violations.append(("lease_ttl_seconds", f"must be within 0..{MAX_LEASE_SECONDS:.0f}"))
         if request.lease_owner and request.durability == pb.DURABILITY_ASYNC:
             violations.append(("lease_owner", "a lease is taken only by a durable (SYNC) Save"))
-        _events(violations, request.events)
+        events = _events(violations, request.events)
         _raise_if(violations)
         cp = convert.checkpoint_from_pb(msg, key.tenant)
         cmd = SaveCommand(
@@ -398,7 +386,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             status=ThreadStatus(request.status),
             workflow_id=request.workflow_id,
             workflow_version=request.workflow_version,
-            events=[convert.new_event_from_pb(e) for e in request.events],
+            events=events,
             keep_last=request.keep_last,
             exact_parent=request.exact_parent,
             lease_owner=request.lease_owner,
@@ -524,14 +512,14 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             _text(violations, f"writes[{i}].channel", w.channel, 1024)
             _text(violations, f"writes[{i}].task_path", w.task_path, 4096)
             _text(violations, f"writes[{i}].content_type", w.content_type, 256)
-        _events(violations, request.events)
+        events = _events(violations, request.events)
         _check_id(violations, "request_id", request.request_id, False, 256)
         _raise_if(violations)
         written, seqs = await self.store.put_writes(
             key,
             [convert.write_from_pb(w) for w in request.writes],
             request.fencing_token,
-            [convert.new_event_from_pb(e) for e in request.events],
+            events,
             request.request_id,
         )
         return pb.PutWritesResponse(written=written, seqs=seqs)
@@ -544,12 +532,12 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         violations: list[tuple[str, str]] = []
         if not request.events:
             violations.append(("events", "at least one event"))
-        _events(violations, request.events)
+        events = _events(violations, request.events)
         _check_id(violations, "request_id", request.request_id, False, 256)
         _raise_if(violations)
         seqs = await self.store.publish(
             key,
-            [convert.new_event_from_pb(e) for e in request.events],
+            events,
             request.request_id,
             request.fencing_token,
         )

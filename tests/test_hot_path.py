@@ -97,3 +97,36 @@ async def test_two_replicas_saving_one_thread_lose_nothing(store, other) -> None
     assert set(acknowledged) <= set(chain), "an acknowledged save is off the chain"
     events = await store.sql.events_after(KEY.tenant, KEY, 0, 1000)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_thread_taken_for_new_that_exists_is_written_the_long_way(store, other) -> None:
+    """A batch takes a thread this replica never saw for new and inserts it in its one
+    statement; if another replica made it (or left a tombstone), the insert fails it whole
+    and the long way writes it on top of the row that is there."""
+    key = ThreadKey("t1", "runs", "made-elsewhere")
+    theirs = await other.save(
+        SaveCommand(checkpoint=Checkpoint(key=key, checkpoint_id="", state=b"{}"))
+    )
+    lease = await other.acquire_lease(key, "engine-b", 30.0)
+    mine = SaveCommand(checkpoint=Checkpoint(key=key, checkpoint_id="", state=b"{}"))
+    with pytest.raises(LeaseLost):  # SQL's row says leased: never taken for new
+        await store.save(mine)
+    ok = await store.save(
+        SaveCommand(
+            checkpoint=Checkpoint(key=key, checkpoint_id="", state=b"{}"),
+            fencing_token=lease.fencing_token,
+        )
+    )
+    assert ok.checkpoint.parent_id == theirs.checkpoint.checkpoint_id
+    # Deleted there (a tombstone keeps its seq and token): written again here, it goes on.
+    gone = ThreadKey("t1", "runs", "deleted-elsewhere")
+    await other.save(SaveCommand(checkpoint=Checkpoint(key=gone, checkpoint_id="", state=b"{}")))
+    await other.delete_thread(gone)
+    again = await store.save(
+        SaveCommand(checkpoint=Checkpoint(key=gone, checkpoint_id="", state=b"{}"))
+    )
+    assert again.checkpoint.parent_id == "" and again.seq > 1
+    for k in (key, gone):
+        events = await store.sql.events_after(k.tenant, k, 0, 100)
+        assert [e.seq for e in events] == list(range(events[0].seq, events[0].seq + len(events)))

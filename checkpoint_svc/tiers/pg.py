@@ -81,7 +81,7 @@ WITH new_checkpoints AS (
     FROM unnest($5::events[]) AS e JOIN bumped b ON b.tenant = e.tenant
 ), new_requests AS (
     INSERT INTO requests SELECT * FROM unnest($6::requests[])
-), moved AS (
+){{new_threads}}, moved AS (
     UPDATE threads t SET head_id = u.head_id, status = u.status, workflow_id = u.workflow_id,
         workflow_version = u.workflow_version, lease_owner = u.lease_owner,
         lease_expires_at = u.lease_expires_at, fencing_token = u.fencing_token,
@@ -94,12 +94,16 @@ WITH new_checkpoints AS (
 )
 SELECT tenant, last_seq FROM bumped{{conflict}}"""
 # Inside a transaction that locked the threads first.
-FLUSH = _FLUSH.format(seen_rows="", seen_check="", conflict="")
+FLUSH = _FLUSH.format(new_threads="", seen_rows="", seen_check="", conflict="")
 # On its own, committing as it ends: every thread of the batch is updated only if its row is
 # still as this replica last saw it ($8, in the order of $7: its operations were checked
-# against that row). If one is not, 1/0 fails the statement and nothing of it is written;
-# the batch then runs again the long way (PgBatch.commit).
+# against that row), and the threads it takes for new ($10) are inserted (so a row there
+# already fails the statement: unique). If one is not, 1/0 fails the statement and nothing
+# of it is written; the batch then runs again the long way (PgBatch.commit).
 FLUSH_IF_UNCHANGED = _FLUSH.format(
+    new_threads=""", new_threads AS (
+    INSERT INTO threads SELECT * FROM unnest($10::threads[])
+)""",
     seen_rows="""
         JOIN unnest($8::threads[]) WITH ORDINALITY AS s ON s.ordinality = u.ordinality""",
     seen_check="""AND t.head_id = s.head_id AND t.status = s.status
@@ -194,6 +198,9 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     unfinished transaction is still rolled back)."""
 
 
+_SPARE_MAX = 2  # the two lanes of group commit
+
+
 class PgHotPath:
     """asyncpg pools of their own: one for batches, one for Restore (a burst of reads never
     starves the group committer)."""
@@ -204,9 +211,13 @@ class PgHotPath:
         self._reader: asyncpg.Pool | None = None
         # The threads this replica's batches committed last, as they left them (newest last).
         self.seen: collections.OrderedDict[ThreadKey, Thread] = collections.OrderedDict()
+        # Writer connections kept between batches (one per lane): a pool's acquire and
+        # release cost more than a small batch's Python work.
+        self._spare: list[asyncpg.Connection] = []
 
-    def saw_all(self, keys: Iterable[ThreadKey]) -> bool:
-        return all(k in self.seen for k in keys)
+    def knows(self, key: ThreadKey) -> bool:
+        """Whether this replica has the thread's row as its last batch left it."""
+        return key in self.seen
 
     def remember(self, batch: Batch) -> None:
         """After a commit: the batch's threads as it left them (a hint, checked on use)."""
@@ -249,6 +260,10 @@ class PgHotPath:
         return self._reader
 
     async def close(self) -> None:
+        if self._writer is not None:
+            for conn in self._spare:
+                await self._writer.release(conn)
+        self._spare.clear()
         for pool in (self._writer, self._reader):
             if pool is not None:
                 await pool.close()
@@ -260,13 +275,22 @@ class PgHotPath:
         """A batch in a transaction that locks its threads first; `in_one_statement`: one
         that checks its operations against the threads as this replica saw them last and
         writes everything in one statement at commit (ChangedSinceSeen if a thread moved)."""
-        async with (await self.writer()).acquire(timeout=5.0) as conn:
+        pool = await self.writer()
+        conn = self._spare.pop() if self._spare else await pool.acquire(timeout=5.0)
+        try:
             if in_one_statement:
                 yield PgBatch(sql, conn, None, now, seen=self.seen)
-                return
-            transaction = conn.transaction()
-            await transaction.start()
-            yield PgBatch(sql, conn, transaction, now)
+            else:
+                transaction = conn.transaction()
+                await transaction.start()
+                yield PgBatch(sql, conn, transaction, now)
+        except BaseException:
+            await pool.release(conn)  # resets it (an open transaction rolled back) or drops it
+            raise
+        if conn.is_closed() or conn.is_in_transaction() or len(self._spare) >= _SPARE_MAX:
+            await pool.release(conn)
+        else:
+            self._spare.append(conn)
 
     async def find_checkpoint(
         self, key: ThreadKey, checkpoint_id: str, include_writes: bool
@@ -334,6 +358,7 @@ class PgBatch(Batch):
         # the statement's arguments once flushed.
         self._seen = seen
         self._unchanged: dict[ThreadKey, tuple[Any, ...]] = {}
+        self._new: set[ThreadKey] = set()  # taken for new (not in seen): inserted, checked
         self._statement: tuple[list[Any], list[Event], list[int]] | None = None
 
     async def commit(self) -> None:
@@ -343,10 +368,11 @@ class PgBatch(Batch):
         if self._statement is None:
             return
         args, events, backs = self._statement
-        threads = [k for k, t in self.threads.items() if t is not None]
-        seen = [self._unchanged[k] for k in threads]
+        known = [k for k, t in self.threads.items() if t is not None and k not in self._new]
+        seen = [self._unchanged[k] for k in known]
+        created = [_thread_row(self.threads[k]) for k in self._new if self.threads[k]]
         try:
-            rows = await self.conn.fetch(FLUSH_IF_UNCHANGED, *args, seen, len(threads))
+            rows = await self.conn.fetch(FLUSH_IF_UNCHANGED, *args, seen, len(known), created)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate in (CHANGED_SINCE_SEEN, UNIQUE_VIOLATION):
                 raise ChangedSinceSeen(str(exc)) from exc
@@ -389,6 +415,8 @@ class PgBatch(Batch):
         writes = any(k == key and w.checkpoint_id == checkpoint_id for k, w in self.writes)
         if in_batch:
             return True, writes
+        if key in self._new:  # no row yet, so neither checkpoints nor writes (or: unique)
+            return False, writes
         found = self._claimed.get((key, checkpoint_id))
         if found is None:
             args = [[key.tenant], [key.namespace], [key.thread_id], [checkpoint_id]]
@@ -398,17 +426,27 @@ class PgBatch(Batch):
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
         if self._seen is not None:
-            copies = {k: dataclasses.replace(self._seen[k]) for k in keys}
+            known = [k for k in keys if k in self._seen]
+            copies = {k: dataclasses.replace(self._seen[k]) for k in known}
             self._unchanged.update({k: _thread_row(t) for k, t in copies.items()})
+            copies.update(
+                {k: Thread(k, created_at=self.now, updated_at=self.now) for k in self._new}
+            )
             return copies
         rows = await self.conn.fetch(LOCK_THREADS, *_keys(keys))
         threads = (_thread_from_record(r) for r in rows)
         return {t.key: t for t in threads}
 
     async def _insert_threads(self, keys: list[ThreadKey]) -> None:
+        if self._seen is not None:
+            self._new.update(keys)  # inserted by the statement, with the batch's changes
+            return
         await self.conn.execute(INSERT_THREADS, *_keys(keys), self.now)
 
     async def _delete_new_threads(self, keys: list[ThreadKey]) -> None:
+        if self._seen is not None:
+            self._new.difference_update(keys)
+            return
         await self.conn.execute(DELETE_NEW_THREADS, *_keys(keys))
 
     async def _delete_thread_rows(self, key: ThreadKey) -> int:
@@ -428,9 +466,12 @@ class PgBatch(Batch):
         tenants = sorted(by_tenant)  # feed rows locked in one order by every replica
         events = [e for t in tenants for e in by_tenant[t]]
         backs = [len(by_tenant[t]) - 1 - i for t in tenants for i in range(len(by_tenant[t]))]
-        # In one statement every thread is written, so that every one is checked.
-        written = self.threads if self._seen is not None else sorted(self.dirty, key=_sort_key)
-        threads = [self.threads[k] for k in written]
+        # In one statement every thread is written, so that every one is checked (the new
+        # ones are inserted instead: commit()).
+        if self._seen is not None:
+            threads = [t for k, t in self.threads.items() if k not in self._new]
+        else:
+            threads = [self.threads[k] for k in sorted(self.dirty, key=_sort_key)]
         writes = _write_rows(self.writes)
         args = [
             [_checkpoint_row(cp) for cp in self.checkpoints],

@@ -672,9 +672,13 @@ class SqlTier:
 
     # ---- writes ------------------------------------------------------------
 
-    def in_one_statement(self, keys: Iterable[ThreadKey]) -> bool:
-        """Whether a batch of these threads may be written in one statement (pg.py)."""
-        return self.hot is not None and self.hot.saw_all(keys)
+    def knows(self, key: ThreadKey) -> bool:
+        """Whether this replica has the thread's row as its last batch left it (pg.py)."""
+        return self.hot is not None and self.hot.knows(key)
+
+    @property
+    def has_one_statement_batches(self) -> bool:
+        return self.hot is not None
 
     def remember(self, batch: Batch) -> None:
         if self.hot is not None:
