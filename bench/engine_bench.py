@@ -426,6 +426,8 @@ async def account(
     for name, once in systems.items():
         if name not in results.series.get(workload, {}):
             continue  # it failed while timed
+        if name == UNARY:
+            continue  # its engine is another process than the one accounted for
         try:
             cost = await acct.cost(once, args.run_timeout)
         except Exception as exc:
@@ -528,11 +530,13 @@ async def measure_dag(
     lg_url: str,
     acct: Accountant | None,
     results: Results,
+    unary_engine: str | None = None,
 ) -> None:
     """Ours vs LangGraph on the 25 x 4 DAG; and the same StateGraph on our LangGraph saver
     (over checkpoint_svc) vs on AsyncPostgresSaver."""
     print(f"-- DAG {LEVELS} levels x {WIDTH} wide, noop nodes", flush=True)
     client = EngineClient(engine)
+    unary = EngineClient(unary_engine) if unary_engine else None
     ours_saver = CheckpointServiceSaver(store, tenant="bench-langgraph")
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         lg_url,
@@ -546,6 +550,8 @@ async def measure_dag(
         try:
             await client.register(dag_definition("bench-dag"))
             systems["ours"] = client.runner("bench-dag", LEVELS * WIDTH, LEVELS)
+            if unary is not None:
+                systems[UNARY] = unary.runner("bench-dag", LEVELS * WIDTH, LEVELS)
         except grpc.aio.AioRpcError as exc:
             results.errors["dag/ours"] = f"register: {_describe(exc)}"
         await pool.open(wait=True, timeout=30)
@@ -560,22 +566,32 @@ async def measure_dag(
             await show_feed(store, saver_threads[-1], ours_saver)
     finally:
         await client.close()
+        if unary is not None:
+            await unary.close()
         await pool.close()
         await ours_saver.aclose()
 
 
 async def measure_chain(
-    args: argparse.Namespace, engine: str, dbos_url: str, acct: Accountant | None, results: Results
+    args: argparse.Namespace,
+    engine: str,
+    dbos_url: str,
+    acct: Accountant | None,
+    results: Results,
+    unary_engine: str | None = None,
 ) -> None:
     """Ours vs DBOS on 100 sequential steps."""
     print(f"-- Chain of {CHAIN} sequential noop steps", flush=True)
     client = EngineClient(engine)
+    unary = EngineClient(unary_engine) if unary_engine else None
     shutdown: Callable[[], None] | None = None
     try:
         systems: dict[str, RunOnce] = {}
         try:
             await client.register(chain_definition("bench-chain"))
             systems["ours"] = client.runner("bench-chain", CHAIN, CHAIN)
+            if unary is not None:
+                systems[UNARY] = unary.runner("bench-chain", CHAIN, CHAIN)
         except grpc.aio.AioRpcError as exc:
             results.errors["chain/ours"] = f"register: {_describe(exc)}"
         try:
@@ -589,6 +605,8 @@ async def measure_chain(
         await account("chain", systems, acct, args, results)
     finally:
         await client.close()
+        if unary is not None:
+            await unary.close()
         if shutdown is not None:
             shutdown()
 
@@ -596,6 +614,10 @@ async def measure_chain(
 # ---------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------
+
+# A second engine_svc on the same store with --store-calls unary (--compare-unary): what the
+# Session stream is worth, measured in the same run.
+UNARY = "ours-unary"
 
 THEIRS = {"dag": ("LangGraph", ["langgraph"]), "chain": ("DBOS", ["dbos-async", "dbos-sync"])}
 TITLES = {
@@ -684,6 +706,14 @@ def render(results: Results, args: argparse.Namespace) -> str:
             out.append("")
             continue
         out.extend(_render_costs(results.costs.get(workload, {}), STEPS[workload]))
+        if UNARY in by_name:
+            plain = by_name[UNARY]
+            per_step = plain.phase_median_ms("per_step") if plain.runs[0].phases else math.nan
+            out.append(
+                f"   ratio ours (Session stream) / {UNARY}: median "
+                f"{ours.median_ms / plain.median_ms:.2f}x, min {ours.min_ms / plain.min_ms:.2f}x"
+                f" ({UNARY} per step {per_step:.2f} ms)"
+            )
         if "lg-our-saver" in by_name and "langgraph" in by_name:
             mine, pg = by_name["lg-our-saver"], by_name["langgraph"]
             out.append(
@@ -761,6 +791,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="session",
         help="engine_svc --store-calls: its saves on one Session stream, or unary",
     )
+    p.add_argument(
+        "--compare-unary",
+        action="store_true",
+        help=f"also time a second engine_svc with --store-calls unary ({UNARY}), interleaved",
+    )
     p.add_argument("--json", type=Path, help="write raw figures here")
     return p.parse_args(argv)
 
@@ -828,6 +863,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(engine.stop)
         print("starting engine_svc ...", flush=True)
         engine.start()
+        unary_engine: servers.EngineService | None = None
+        if args.compare_unary:
+            unary_engine = servers.EngineService(
+                store.target, workdir / "logs-unary", ("--store-calls", "unary")
+            )
+            stack.callback(unary_engine.stop)
+            print("starting engine_svc --store-calls unary ...", flush=True)
+            unary_engine.start()
         lg_url = new_db(LANGGRAPH_DB) if args.only in ("all", "dag") else ""
         dbos_url = new_db(DBOS_DB) if args.only in ("all", "chain") else ""
         acct: Accountant | None = None
@@ -868,10 +911,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
         async def measure() -> None:
+            second = unary_engine.target if unary_engine else None
             if lg_url:
-                await measure_dag(args, engine.target, store.target, lg_url, acct, results)
+                await measure_dag(args, engine.target, store.target, lg_url, acct, results, second)
             if dbos_url:
-                await measure_chain(args, engine.target, dbos_url, acct, results)
+                await measure_chain(args, engine.target, dbos_url, acct, results, second)
 
         asyncio.run(measure())
         results.env["loadavg_after"] = os.getloadavg()

@@ -252,9 +252,14 @@ class CheckpointStore:
             if state is None:  # deleted since it was named
                 raise self._not_found(key, checkpoint_id)
         cp.state = state
-        for cache in self._caches:  # read-through, into the tiers faster than the one found
+        # Read-through, into the tiers faster than the one found; a small state comes with
+        # SQL's answer, so only the single writer's memory (which answers alone) keeps it.
+        small = len(state) <= self.sql.inline_state
+        for cache in self._caches:
             if cache.tier >= tier:
                 break
+            if small and not (cache is self.memory and self.memory.answers_heads):
+                continue
             if cache is not self.memory or self.memory.generation == generation:
                 await cache.put_states([cp])  # (memory: unless something was deleted since)
         if not checkpoint_id and self.memory.generation == generation:
