@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +107,13 @@ class NodeRunner:
         if node.type == "noop":
             return None
         if node.type == "sleep":
-            await asyncio.sleep(float(cfg["seconds"]))
+            # At least that long by the monotonic clock: uvloop's timers have millisecond
+            # resolution and may fire a fraction of one early.
+            seconds, started = float(cfg["seconds"]), time.monotonic()
+            await asyncio.sleep(seconds)
+            short = seconds - (time.monotonic() - started)
+            if short > 0:
+                await asyncio.sleep(short + 0.001)
             return None
         if node.type == "transform":
             return expressions.evaluate(cfg["expression"], state)
