@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -31,10 +31,11 @@ from tenacity import (
 from checkpoint_svc import metrics
 from checkpoint_svc.domain import ThreadKey
 from checkpoint_svc.errors import AlreadyExists, InvalidArgument, StoreError, TierUnavailable
-from checkpoint_svc.tiers.pg import ChangedSinceSeen
+from checkpoint_svc.tiers.pg import ChangedSinceSeen, PgHotPath
 from checkpoint_svc.tiers.sql import Batch, SqlTier
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # PostgreSQL serialization failure and deadlock: safe to retry as a whole.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -101,6 +102,20 @@ def sql_retrying(budget_seconds: float = 2.0) -> AsyncRetrying:
         wait=wait_exponential(multiplier=0.02, max=0.5),
         reraise=True,
     )
+
+
+async def with_sql_retries(call: Callable[[], Awaitable[T]], budget_seconds: float = 2.0) -> T:
+    """`call`, retried as sql_retrying says while its errors are transient. The first attempt
+    goes without the retry machinery, which costs more than a small call; most need no more."""
+    try:
+        return await call()
+    except (TimeoutError, *SQL_ERRORS, OSError) as exc:
+        if not is_transient(exc):
+            raise
+    async for attempt in sql_retrying(budget_seconds):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")
 
 
 def describe(exc: BaseException) -> str:
@@ -371,79 +386,43 @@ class GroupCommitter:
 
     async def _attempt(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
         """Commit with bounded retries; never re-run a batch whose COMMIT may have landed."""
-        try:  # the first attempt without the retry machinery: most batches need no more
-            return await self._once(items)
-        except _AmbiguousCommit as lost:
-            if await self._landed(lost.batch_id):
-                return lost.batch_and_results  # type: ignore[attr-defined]
-            if not is_transient(lost.cause):
+
+        async def once() -> tuple[Batch, list[tuple[bool, Any]]]:
+            try:
+                return await self._once(items)
+            except _AmbiguousCommit as lost:
+                if await self._landed(lost.batch_id):
+                    return lost.batch_and_results  # type: ignore[attr-defined]
                 raise lost.cause from None
-        except (TimeoutError, *SQL_ERRORS, OSError) as exc:
-            if not is_transient(exc):
-                raise
-        async for attempt in sql_retrying():
-            with attempt:
-                try:
-                    return await self._once(items)
-                except _AmbiguousCommit as lost:
-                    if await self._landed(lost.batch_id):
-                        return lost.batch_and_results  # type: ignore[attr-defined]
-                    raise lost.cause from None
-        raise AssertionError("unreachable")
+
+        return await with_sql_retries(once)
 
     async def _landed(self, batch_id: str) -> bool:
         """Whether an ambiguous commit is durable, by its marker row; UNAVAILABLE if unknowable."""
         try:
-            async for attempt in sql_retrying():
-                with attempt:
-                    return await self.sql.batch_committed(batch_id)
+            return await with_sql_retries(lambda: self.sql.batch_committed(batch_id))
         except (TimeoutError, *SQL_ERRORS, OSError) as exc:
             raise TierUnavailable(
                 f"commit outcome unknown, SQL unreachable: {describe(exc)}"
             ) from exc
-        raise AssertionError("unreachable")
 
     async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
         """One attempt: in one statement if it can be (docs/checkpoint-service.md#the-hot-
         path-on-postgresql), else the long way; the threads as it left them remembered."""
         ops = [i.op for i in items]
-        keys = {op.key for op in ops}
-        if self._in_one_statement(ops):
-            try:
-                batch, results = await self._apply(ops, in_one_statement=True)
-                if all(ok for ok, _ in results):
-                    self.sql.remember(batch)
-                    return batch, results
-                # Refused on what this replica saw: the long way says whether SQL agrees.
-            except ChangedSinceSeen:
-                pass
-            except BaseException:
-                self.sql.forget(keys)
-                raise
-            self.sql.forget(keys)
+        hot = self.sql.hot
+        if hot is None:  # SQLite
+            return await self._apply(ops, in_one_statement=False)
         try:
-            batch, results = await self._apply(ops, in_one_statement=False)
+            if _in_one_statement(hot, ops):
+                try:
+                    return await self._apply(ops, in_one_statement=True)
+                except ChangedSinceSeen:
+                    hot.forget(op.key for op in ops)
+            return await self._apply(ops, in_one_statement=False)
         except BaseException:
-            self.sql.forget(keys)
+            hot.forget(op.key for op in ops)
             raise
-        self.sql.remember(batch)
-        return batch, results
-
-    def _in_one_statement(self, ops: list[Operation]) -> bool:
-        """Whether a batch can be checked and written in one statement: every thread either
-        as this replica left it, or new to SQL (then the statement inserts it, and fails if
-        it was not new); no operation that deletes, or needs a thread to exist, or a
-        client-chosen checkpoint id checked on a thread that has checkpoints."""
-        if not self.sql.has_one_statement_batches:
-            return False
-        for op in ops:
-            if not op.in_one_statement:
-                return False
-            if not self.sql.knows(op.key) and not op.creates:
-                return False
-            if op.claimed_id and self.sql.knows(op.key):
-                return False
-        return True
 
     async def _apply(
         self, ops: list[Operation], *, in_one_statement: bool
@@ -472,14 +451,33 @@ class GroupCommitter:
                     await batch.rollback()
                 raise
             if in_one_statement and not all(ok for ok, _ in results):
-                return batch, results  # nothing sent: _once runs them the long way
+                # Refused on what this replica saw: nothing sent; the long way says whether
+                # SQL agrees.
+                raise ChangedSinceSeen("an operation was refused on a remembered row")
             try:
                 await batch.commit()
             except (TimeoutError, *SQL_ERRORS, OSError) as exc:
                 lost = _AmbiguousCommit(batch_id, exc)
                 lost.batch_and_results = (batch, results)  # type: ignore[attr-defined]
                 raise lost from exc
+        if self.sql.hot is not None:
+            self.sql.hot.remember(batch)
         return batch, results
+
+
+def _in_one_statement(hot: PgHotPath, ops: list[Operation]) -> bool:
+    """Whether a batch can be checked and written in one statement: every thread either as
+    this replica left it, or new to SQL (then the statement inserts it, and fails if it was
+    not new); no operation that deletes, or needs a thread to exist, or a client-chosen
+    checkpoint id checked on a thread that has checkpoints."""
+    for op in ops:
+        if not op.in_one_statement:
+            return False
+        if not hot.knows(op.key) and not op.creates:
+            return False
+        if op.claimed_id and hot.knows(op.key):
+            return False
+    return True
 
 
 def _log_lost_write(future: asyncio.Future) -> None:

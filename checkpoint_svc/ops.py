@@ -77,13 +77,22 @@ async def _replay(batch: Batch, tenant: str, request_id: str, kind: str) -> dict
     return json.loads(found[1])
 
 
+class _Defaults:
+    """What an operation is unless it says otherwise (commit.Operation): no request id, no
+    client-chosen checkpoint id, and writable in one statement."""
+
+    __slots__ = ()
+    request_id: ClassVar[str] = ""
+    claimed_id: ClassVar[str] = ""
+    in_one_statement: ClassVar[bool] = True
+
+
 @dataclass(slots=True)
-class SaveOp:
+class SaveOp(_Defaults):
     cmd: SaveCommand
     client_supplied_id: bool = False
     explicit_parent: str = ""  # as requested; empty means "the head at commit time"
     creates: bool = True
-    in_one_statement: ClassVar[bool] = True
 
     @property
     def key(self) -> ThreadKey:
@@ -184,7 +193,7 @@ class SaveOp:
 
 
 @dataclass(slots=True)
-class PutWritesOp:
+class PutWritesOp(_Defaults):
     key: ThreadKey
     writes: list[PendingWrite]
     fencing_token: int = 0
@@ -192,8 +201,6 @@ class PutWritesOp:
     request_id: str = ""
     # Writes may come before their thread's first checkpoint (a new LangGraph subgraph).
     creates: bool = True
-    claimed_id: ClassVar[str] = ""
-    in_one_statement: ClassVar[bool] = True
 
     @property
     def weight(self) -> int:
@@ -223,14 +230,12 @@ class PutWritesOp:
 
 
 @dataclass(slots=True)
-class PublishOp:
+class PublishOp(_Defaults):
     key: ThreadKey
     events: list[NewEvent]
     request_id: str = ""
     fencing_token: int = 0
     creates: bool = True
-    claimed_id: ClassVar[str] = ""
-    in_one_statement: ClassVar[bool] = True
 
     @property
     def weight(self) -> int:
@@ -251,15 +256,12 @@ class PublishOp:
 
 
 @dataclass(slots=True)
-class AcquireLeaseOp:
+class AcquireLeaseOp(_Defaults):
     key: ThreadKey
     owner: str
     ttl: float
     creates: bool = True
     weight: int = 1
-    request_id: ClassVar[str] = ""
-    claimed_id: ClassVar[str] = ""
-    in_one_statement: ClassVar[bool] = True
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -276,16 +278,13 @@ class AcquireLeaseOp:
 
 
 @dataclass(slots=True)
-class RenewLeaseOp:
+class RenewLeaseOp(_Defaults):
     key: ThreadKey
     owner: str
     fencing_token: int
     ttl: float
     creates: bool = False
     weight: int = 1
-    request_id: ClassVar[str] = ""
-    claimed_id: ClassVar[str] = ""
-    in_one_statement: ClassVar[bool] = True
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -300,15 +299,12 @@ class RenewLeaseOp:
 
 
 @dataclass(slots=True)
-class ReleaseLeaseOp:
+class ReleaseLeaseOp(_Defaults):
     key: ThreadKey
     owner: str
     fencing_token: int
     creates: bool = False
     weight: int = 1
-    request_id: ClassVar[str] = ""
-    claimed_id: ClassVar[str] = ""
-    in_one_statement: ClassVar[bool] = True
 
     async def apply(self, batch: Batch) -> Thread:
         thread = _existing(batch, self.key)
@@ -324,13 +320,11 @@ class ReleaseLeaseOp:
 
 
 @dataclass(slots=True)
-class DeleteThreadOp:
+class DeleteThreadOp(_Defaults):
     key: ThreadKey
     creates: bool = False
     # Its work grows with the thread: never in a batch of small operations.
     weight: int = HEAVY_WEIGHT
-    request_id: ClassVar[str] = ""
-    claimed_id: ClassVar[str] = ""
     in_one_statement: ClassVar[bool] = False  # it deletes as it goes
 
     async def apply(self, batch: Batch) -> int:

@@ -317,13 +317,13 @@ def decode_token(token: str, parts: int) -> list[str]:
     return values[1:]
 
 
-def ttl_out_of_range(value: float) -> bool:
+def _ttl_out_of_range(value: float) -> bool:
     """A lease's seconds out of range (or NaN)."""
     return value < 0 or value > MAX_LEASE_SECONDS or value != value
 
 
 def _ttl(field: str, value: float) -> float:
-    if ttl_out_of_range(value):
+    if _ttl_out_of_range(value):
         raise InvalidArgument(
             f"{field} must be between 0 and {MAX_LEASE_SECONDS:.0f}",
             [(field, "out of range")],
@@ -371,7 +371,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         if msg.eta_seconds < 0:
             violations.append(("checkpoint.eta_seconds", "must not be negative"))
         _check_id(violations, "lease_owner", request.lease_owner, False)
-        if request.lease_owner and ttl_out_of_range(request.lease_ttl_seconds):
+        if request.lease_owner and _ttl_out_of_range(request.lease_ttl_seconds):
             violations.append(("lease_ttl_seconds", f"must be within 0..{MAX_LEASE_SECONDS:.0f}"))
         if request.lease_owner and request.durability == pb.DURABILITY_ASYNC:
             violations.append(("lease_owner", "a lease is taken only by a durable (SYNC) Save"))

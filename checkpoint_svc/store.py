@@ -22,8 +22,8 @@ from checkpoint_svc.commit import (
     as_store_error,
     describe,
     is_connectivity_error,
-    is_transient,
     sql_retrying,
+    with_sql_retries,
 )
 from checkpoint_svc.config import Settings
 from checkpoint_svc.domain import (
@@ -174,16 +174,7 @@ class CheckpointStore:
 
     async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            try:  # the first attempt without the retry machinery: most reads need no more
-                result = await call()
-                self.sql.up = True
-                return result
-            except (TimeoutError, *SQL_ERRORS, OSError) as exc:
-                if not is_transient(exc):
-                    raise
-            async for attempt in sql_retrying():
-                with attempt:
-                    result = await call()
+            result = await with_sql_retries(call)
             self.sql.up = True
             return result
         except (TimeoutError, *SQL_ERRORS, OSError) as exc:

@@ -338,7 +338,6 @@ class RunExecutor:
         # Saves, writes, publishes, restores and leases: on the tenant's Session stream if
         # there is one, else unary (docs/engine.md#store-calls).
         self.calls: Any = calls or store
-        self._session = calls
         self.tenant = tenant
         self.md = tenant_metadata(tenant)
         self.owner = owner
@@ -351,8 +350,8 @@ class RunExecutor:
     # ---- store calls ----------------------------------------------------------------
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if isinstance(self.calls, StoreSession):
+            await self.calls.close()
 
     async def _call(self, method: Any, request: Any) -> Any:
         """One store call, retried while the store is away (within the budget). Retried

@@ -19,19 +19,23 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from checkpoint_svc.domain import Checkpoint, Event, PendingWrite, Thread, ThreadKey, ThreadStatus
-from checkpoint_svc.tiers.sql import Batch, SqlTier, _checkpoint_from_row, _sort_key
+from checkpoint_svc.domain import Checkpoint, Event, PendingWrite, Thread, ThreadKey
+from checkpoint_svc.tiers.sql import (
+    THREAD_COLUMNS,
+    Batch,
+    SqlTier,
+    _checkpoint_from_row,
+    _sort_key,
+    _thread_from_row,
+)
 
 # States up to this size come back with the Restore query itself; bigger ones are read from
 # the fastest cache holding them, then by a second query.
 INLINE_STATE_BYTES = 65536
 
-_THREAD_COLUMNS = """tenant, namespace, thread_id, head_id, status, workflow_id,
-    workflow_version, lease_owner, lease_expires_at, fencing_token, last_seq, created_at,
-    updated_at, deleted, keep_last"""
 _KEYS = "unnest($1::text[], $2::text[], $3::text[])"
 LOCK_THREADS = f"""
-SELECT {_THREAD_COLUMNS} FROM threads
+SELECT tenant, namespace, thread_id, {THREAD_COLUMNS} FROM threads
 WHERE (tenant, namespace, thread_id) IN (SELECT * FROM {_KEYS})
 ORDER BY tenant, namespace, thread_id FOR UPDATE"""
 INSERT_THREADS = f"""
@@ -174,24 +178,6 @@ def _keys(keys: Iterable[ThreadKey]) -> list[list[str]]:
     return _columns([(k.tenant, k.namespace, k.thread_id) for k in keys], 3)
 
 
-def _thread_from_record(r: asyncpg.Record) -> Thread:
-    return Thread(
-        key=ThreadKey(r["tenant"], r["namespace"], r["thread_id"]),
-        head_id=r["head_id"],
-        status=ThreadStatus(r["status"]),
-        workflow_id=r["workflow_id"],
-        workflow_version=r["workflow_version"],
-        lease_owner=r["lease_owner"],
-        lease_expires_at=r["lease_expires_at"],
-        fencing_token=r["fencing_token"],
-        last_seq=r["last_seq"],
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        deleted=bool(r["deleted"]),
-        keep_last=r["keep_last"],
-    )
-
-
 async def _keep_session(_conn: asyncpg.Connection) -> None:
     """Nothing to reset when a connection goes back to its pool: this module sets no session
     state (asyncpg's default reset would cost a round trip per batch and per Restore; an
@@ -295,8 +281,7 @@ class PgHotPath:
     async def find_checkpoint(
         self, key: ThreadKey, checkpoint_id: str, include_writes: bool
     ) -> tuple[Checkpoint, int, list[PendingWrite], bytes | None] | None:
-        args: list[Any] = [key.tenant, key.namespace, key.thread_id, INLINE_STATE_BYTES]
-        args.append(include_writes)
+        args = [key.tenant, key.namespace, key.thread_id, INLINE_STATE_BYTES, include_writes]
         async with (await self.reader()).acquire(timeout=5.0) as conn:
             if checkpoint_id:
                 row = await conn.fetchrow(RESTORE_CHECKPOINT, *args, checkpoint_id)
@@ -434,7 +419,7 @@ class PgBatch(Batch):
             )
             return copies
         rows = await self.conn.fetch(LOCK_THREADS, *_keys(keys))
-        threads = (_thread_from_record(r) for r in rows)
+        threads = (_thread_from_row(ThreadKey(r[0], r[1], r[2]), tuple(r)[3:]) for r in rows)
         return {t.key: t for t in threads}
 
     async def _insert_threads(self, keys: list[ThreadKey]) -> None:

@@ -1,8 +1,10 @@
 """SQL tier: the durable record, on PostgreSQL (asyncpg) or SQLite (aiosqlite).
 
-Writes happen in batches (see commit.py): a `Batch` locks the thread rows it
+Writes happen in batches (see commit.py): a `Batch` reads the thread rows it
 touches in key order, buffers inserts, and flushes them with executemany in
-one transaction, so that many concurrent Saves cost one commit.
+one transaction, so that many concurrent Saves cost one commit. This is the
+SQLite batch (BEGIN IMMEDIATE holds the database's one write lock); on
+PostgreSQL pg.PgBatch does the same work in fewer statements, locking the rows.
 """
 
 from __future__ import annotations
@@ -370,7 +372,6 @@ class SqlTier:
                 connect_args=connect_args,
                 isolation_level="AUTOCOMMIT",
             )
-        self.for_update = "" if self.is_sqlite else " FOR UPDATE"
         # PostgreSQL: batches and Restore on raw asyncpg (pg.py); SQLAlchemy for the rest.
         self.hot = None
         # States up to this size come back with the query naming a checkpoint, so caching
@@ -672,22 +673,6 @@ class SqlTier:
 
     # ---- writes ------------------------------------------------------------
 
-    def knows(self, key: ThreadKey) -> bool:
-        """Whether this replica has the thread's row as its last batch left it (pg.py)."""
-        return self.hot is not None and self.hot.knows(key)
-
-    @property
-    def has_one_statement_batches(self) -> bool:
-        return self.hot is not None
-
-    def remember(self, batch: Batch) -> None:
-        if self.hot is not None:
-            self.hot.remember(batch)
-
-    def forget(self, keys: Iterable[ThreadKey]) -> None:
-        if self.hot is not None:
-            self.hot.forget(keys)
-
     @contextlib.asynccontextmanager
     async def open_batch(self, now: float, in_one_statement: bool = False) -> AsyncIterator[Batch]:
         """A write transaction for a group-commit batch: the caller commits it."""
@@ -795,7 +780,8 @@ class Batch:
         self.flushed_events: list[Event] = []
 
     async def lock(self, keys: Iterable[ThreadKey], create: set[ThreadKey]) -> None:
-        """Lock the thread rows of a batch in one statement, in key order (no deadlocks)."""
+        """Read (and lock, where the batch's kind locks rows) the thread rows of a batch in
+        one statement, in key order (no deadlocks)."""
         wanted = sorted(set(keys) - self.threads.keys(), key=_sort_key)
         if not wanted:
             return
@@ -843,7 +829,7 @@ class Batch:
         for i, k in enumerate(keys):
             tuples.append(f"(:t{i}, :n{i}, :h{i})")
             params[f"t{i}"], params[f"n{i}"], params[f"h{i}"] = k.tenant, k.namespace, k.thread_id
-        sql = SELECT_THREADS.format(keys=", ".join(tuples)) + self.sql.for_update
+        sql = SELECT_THREADS.format(keys=", ".join(tuples))
         result = await self.conn.execute(_sql(sql), params)
         out = {}
         for row in result.all():
