@@ -8,6 +8,9 @@ system in its own database:
   StateGraph of the same shape on AsyncPostgresSaver with durability="sync".
 - `chain`: 100 sequential no-op nodes, ours against a DBOS workflow of 100 @DBOS.step calls
   on a PostgreSQL system database (async and sync workflows; the faster one is compared).
+- `runs`: throughput of short runs, 16 clients each starting a 3-node chain and watching it to
+  its end, again and again, against 16 callers of a 3-step DBOS workflow (async workflows on
+  the bench's loop, sync ones on 16 threads): runs per second.
 
 Repetitions of the systems under comparison are interleaved (A, B, B, A, ...) so that a
 noisy neighbour slows both rather than one. It prints figures; it asserts nothing.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -52,6 +57,8 @@ from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
 
 LEVELS, WIDTH, CHAIN = 25, 4, 100
 TARGET = 0.5  # ours / theirs wall time, at most
+THREE, RUN_CLIENTS = 3, 16  # the `runs` workload: nodes per run, concurrent clients
+RUNS_TARGET = 1.0  # ours / theirs runs per second, at least
 # Not the store bench's names: both may share one --pg-url server.
 STORE_DB, LANGGRAPH_DB, DBOS_DB = (
     "engine_bench_store",
@@ -137,6 +144,16 @@ def chain_definition(workflow_id: str) -> pb.WorkflowDefinition:
     return pb.WorkflowDefinition(workflow_id=workflow_id, nodes=nodes)
 
 
+def three_definition(workflow_id: str) -> pb.WorkflowDefinition:
+    """A short run: 3 noop nodes, each depending on the one before."""
+    ids = [f"t{i}" for i in range(THREE)]
+    nodes = [
+        pb.Node(id=node, type="noop", depends_on=[ids[i - 1]] if i else [])
+        for i, node in enumerate(ids)
+    ]
+    return pb.WorkflowDefinition(workflow_id=workflow_id, nodes=nodes)
+
+
 class EngineClient:
     """A client of engine_svc, as an application would call it (grpc.aio, no tenant header)."""
 
@@ -151,6 +168,17 @@ class EngineClient:
     async def register(self, definition: pb.WorkflowDefinition) -> None:
         """RegisterWorkflow once per workload, outside the timing."""
         await self.stub.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition))
+
+    async def start_and_watch(self, workflow_id: str) -> None:
+        """StartRun, then WatchRun until the terminal event; RuntimeError unless COMPLETED."""
+        started = await self.stub.StartRun(pb.StartRunRequest(workflow_id=workflow_id))
+        async for item in self.stub.WatchRun(pb.WatchRunRequest(run_id=started.run.run_id)):
+            if item.HasField("event") and item.event.terminal:
+                if item.event.status != pb.RUN_STATUS_COMPLETED:
+                    status = pb.RunStatus.Name(item.event.status)
+                    raise RuntimeError(f"run {started.run.run_id} ended {status}")
+                return
+        raise RuntimeError(f"run {started.run.run_id}: WatchRun ended before its end")
 
     def runner(self, workflow_id: str, nodes: int, steps: int) -> RunOnce:
         """One timed run: StartRun, then WatchRun until the terminal event.
@@ -258,45 +286,60 @@ def langgraph_runner(graph: Any, threads: list[str] | None = None) -> RunOnce:
 # ---------------------------------------------------------------------------------------
 
 
-def dbos_setup(system_db_url: str) -> tuple[RunOnce, RunOnce, Callable[[], None]]:
-    """Register both workflows (async and sync, 100 distinct steps each) and launch DBOS.
+@dataclass
+class Dbos:
+    """DBOS launched with the bench's workflows: the chain (timed per run) and the 3-step
+    workflow (for runs per second), each async and sync."""
 
-    Returns (async runner, sync runner, shutdown). DBOS is a process-wide singleton with
-    background threads, so it lives only while its workload is measured.
-    """
-    from dbos import DBOS, DBOSConfig  # imported here: only the chain workload needs it
+    chain_async: RunOnce
+    chain_sync: RunOnce
+    three_async: Callable[[], Awaitable[int]]
+    three_sync: Callable[[], int]
+    shutdown: Callable[[], None]
 
-    def async_step(i: int) -> Callable[[], Awaitable[int]]:
+
+def dbos_setup(system_db_url: str) -> Dbos:
+    """Register the workflows (async and sync, distinct steps each) and launch DBOS. DBOS is
+    a process-wide singleton with background threads, so it lives only while its workloads
+    are measured."""
+    from dbos import DBOS, DBOSConfig  # imported here: only the DBOS workloads need it
+
+    def async_step(name: str, i: int) -> Callable[[], Awaitable[int]]:
         async def step() -> int:
             return i
 
-        return DBOS.step(name=f"bench_async_step_{i:03d}")(step)
+        return DBOS.step(name=f"bench_async_{name}_{i:03d}")(step)
 
-    def sync_step(i: int) -> Callable[[], int]:
+    def sync_step(name: str, i: int) -> Callable[[], int]:
         def step() -> int:
             return i
 
-        return DBOS.step(name=f"bench_sync_step_{i:03d}")(step)
+        return DBOS.step(name=f"bench_sync_{name}_{i:03d}")(step)
 
-    async_steps = [async_step(i) for i in range(CHAIN)]
-    sync_steps = [sync_step(i) for i in range(CHAIN)]
+    def workflows(name: str, steps: int) -> tuple[Callable[[], Awaitable[int]], Callable[[], int]]:
+        async_steps = [async_step(name, i) for i in range(steps)]
+        sync_steps = [sync_step(name, i) for i in range(steps)]
 
-    @DBOS.workflow(name="bench_chain_async")
-    async def chain_async() -> int:
-        done = 0
-        for step in async_steps:
-            await step()
-            done += 1
-        return done
+        @DBOS.workflow(name=f"bench_{name}_async")
+        async def run_async() -> int:
+            done = 0
+            for step in async_steps:
+                await step()
+                done += 1
+            return done
 
-    @DBOS.workflow(name="bench_chain_sync")
-    def chain_sync() -> int:
-        done = 0
-        for step in sync_steps:
-            step()
-            done += 1
-        return done
+        @DBOS.workflow(name=f"bench_{name}_sync")
+        def run_sync() -> int:
+            done = 0
+            for step in sync_steps:
+                step()
+                done += 1
+            return done
 
+        return run_async, run_sync
+
+    chain_async, chain_sync = workflows("chain", CHAIN)
+    three_async, three_sync = workflows("three", THREE)
     config: DBOSConfig = {
         "name": "engine-bench",
         "system_database_url": system_db_url,
@@ -331,7 +374,7 @@ def dbos_setup(system_db_url: str) -> tuple[RunOnce, RunOnce, Callable[[], None]
     def shutdown() -> None:
         DBOS.destroy(destroy_registry=True)
 
-    return run_async, run_sync, shutdown
+    return Dbos(run_async, run_sync, three_async, three_sync, shutdown)
 
 
 # ---------------------------------------------------------------------------------------
@@ -454,6 +497,8 @@ class Results:
     series: dict[str, dict[str, Series]] = field(default_factory=dict)
     costs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    # The `runs` workload: runs per second of each measuring window, by system.
+    rates: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _describe(exc: BaseException) -> str:
@@ -575,7 +620,7 @@ async def measure_dag(
 async def measure_chain(
     args: argparse.Namespace,
     engine: str,
-    dbos_url: str,
+    dbos: Dbos | None,
     acct: Accountant | None,
     results: Results,
     unary_engine: str | None = None,
@@ -584,7 +629,6 @@ async def measure_chain(
     print(f"-- Chain of {CHAIN} sequential noop steps", flush=True)
     client = EngineClient(engine)
     unary = EngineClient(unary_engine) if unary_engine else None
-    shutdown: Callable[[], None] | None = None
     try:
         systems: dict[str, RunOnce] = {}
         try:
@@ -594,21 +638,81 @@ async def measure_chain(
                 systems[UNARY] = unary.runner("bench-chain", CHAIN, CHAIN)
         except grpc.aio.AioRpcError as exc:
             results.errors["chain/ours"] = f"register: {_describe(exc)}"
-        try:
-            run_async, run_sync, shutdown = dbos_setup(dbos_url)
-            systems["dbos-async"] = run_async
-            systems["dbos-sync"] = run_sync
-        except Exception as exc:
-            results.errors["chain/dbos"] = f"launch: {_describe(exc)}"
-            print(f"  !! DBOS launch failed: {_describe(exc)}", flush=True)
+        if dbos is not None:
+            systems["dbos-async"] = dbos.chain_async
+            systems["dbos-sync"] = dbos.chain_sync
         await interleaved("chain", systems, args, results)
         await account("chain", systems, acct, args, results)
     finally:
         await client.close()
         if unary is not None:
             await unary.close()
-        if shutdown is not None:
-            shutdown()
+
+
+async def measure_runs(
+    args: argparse.Namespace, engine: str, dbos: Dbos | None, results: Results
+) -> None:
+    """Runs per second: 16 clients starting 3-node runs and watching each to its end, against
+    16 callers of a 3-step DBOS workflow; windows interleaved, the order reversed each time."""
+    print(f"-- Runs per second: {RUN_CLIENTS} clients, {THREE}-node runs", flush=True)
+    clients = [EngineClient(engine) for _ in range(RUN_CLIENTS)]
+    threads = concurrent.futures.ThreadPoolExecutor(RUN_CLIENTS, thread_name_prefix="dbos")
+    try:
+        systems: dict[str, list[Callable[[], Awaitable[Any]]]] = {}
+        try:
+            await clients[0].register(three_definition("bench-three"))
+            # Each caller on a channel of its own, as separate applications would be.
+            systems["ours"] = [functools.partial(c.start_and_watch, "bench-three") for c in clients]
+        except grpc.aio.AioRpcError as exc:
+            results.errors["runs/ours"] = f"register: {_describe(exc)}"
+        if dbos is not None:
+            loop = asyncio.get_running_loop()
+            systems["dbos-async"] = [dbos.three_async] * RUN_CLIENTS
+            systems["dbos-sync"] = [
+                functools.partial(loop.run_in_executor, threads, dbos.three_sync)
+            ] * RUN_CLIENTS
+        live = dict(systems)
+        for name, runs in list(live.items()):
+            try:  # warm-up: every caller once
+                await asyncio.wait_for(asyncio.gather(*(r() for r in runs)), args.run_timeout)
+            except Exception as exc:
+                results.errors[f"runs/{name}"] = f"warm-up: {_describe(exc)}"
+                del live[name]
+        for rep in range(args.reps):
+            order = list(live.items()) if rep % 2 == 0 else list(reversed(live.items()))
+            for name, runs in order:
+                if name not in live:
+                    continue
+                try:
+                    rate = await asyncio.wait_for(
+                        _rates(runs, args.runs_seconds), args.run_timeout + args.runs_seconds
+                    )
+                except Exception as exc:
+                    results.errors[f"runs/{name}"] = f"window {rep + 1}: {_describe(exc)}"
+                    del live[name]
+                    continue
+                results.rates.setdefault(name, []).append(rate)
+                print(f"   {name:12s} window {rep + 1}: {rate:8.1f} runs/s", flush=True)
+    finally:
+        threads.shutdown(wait=False)
+        for c in clients:
+            await c.close()
+
+
+async def _rates(runs: list[Callable[[], Awaitable[Any]]], seconds: float) -> float:
+    """Runs per second of one caller per entry of `runs`, for `seconds`."""
+    done = 0
+    t0 = time.perf_counter()
+    until = t0 + seconds
+
+    async def caller(run: Callable[[], Awaitable[Any]]) -> None:
+        nonlocal done
+        while time.perf_counter() < until:
+            await run()
+            done += 1
+
+    await asyncio.gather(*(caller(r) for r in runs))
+    return done / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -729,6 +833,7 @@ def render(results: Results, args: argparse.Namespace) -> str:
             f"target <= {TARGET}x: {verdict}"
         )
         out.append("")
+    out.extend(_render_rates(results, args))
     if len(results.series.get("chain", {})) > 2:
         out.append("DBOS is compared by its faster variant (by median): async or sync workflow.")
     if results.env.get("floors"):
@@ -742,12 +847,42 @@ def render(results: Results, args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def _render_rates(results: Results, args: argparse.Namespace) -> list[str]:
+    """The `runs` workload: runs per second by system, and ours against DBOS's better."""
+    if not results.rates:
+        return []
+    out = [
+        f"Runs per second, {RUN_CLIENTS} clients each starting a {THREE}-node run and "
+        f"watching it to its end ({args.reps} windows of {args.runs_seconds:g} s each):"
+    ]
+    for name, rates in results.rates.items():
+        listed = ", ".join(f"{r:.0f}" for r in rates)
+        out.append(
+            f"   {name:12s} median {statistics.median(rates):8.1f} runs/s  "
+            f"max {max(rates):8.1f}  (windows: {listed})"
+        )
+    theirs = {n: r for n, r in results.rates.items() if n.startswith("dbos")}
+    if "ours" in results.rates and theirs:
+        best = max(theirs, key=lambda n: statistics.median(theirs[n]))
+        ratio = statistics.median(results.rates["ours"]) / statistics.median(theirs[best])
+        verdict = "met" if ratio >= RUNS_TARGET else "MISSED"
+        out.append(
+            f"   ratio ours/DBOS [{best}] runs/s: median {ratio:.2f}x; "
+            f"target >= {RUNS_TARGET}x: {verdict}"
+        )
+    else:
+        out.append("   ratio: n/a (a side is missing; see errors)")
+    out.append("")
+    return out
+
+
 def to_json(results: Results, args: argparse.Namespace) -> dict[str, Any]:
     """Raw figures for later comparison."""
     return {
         "env": results.env,
         "params": {k: v for k, v in vars(args).items() if k not in ("json", "logs")},
         "costs": results.costs,
+        "rates": results.rates,
         "series": {
             w: {n: {"runs": [asdict(r) for r in s.runs]} for n, s in by.items()}
             for w, by in results.series.items()
@@ -765,10 +900,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """CLI."""
     p = argparse.ArgumentParser(
         prog="python -m bench engine",
-        description="engine_svc vs LangGraph (25x4 DAG) and DBOS (100-step chain) on one "
-        "PostgreSQL.",
+        description="engine_svc vs LangGraph (25x4 DAG) and DBOS (100-step chain, runs per "
+        "second of 3-node runs) on one PostgreSQL.",
     )
-    p.add_argument("--only", choices=["all", "dag", "chain"], default="all")
+    p.add_argument("--only", choices=["all", "dag", "chain", "runs"], default="all")
     p.add_argument("--reps", type=int, default=5, help="timed runs per system and workload")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first, per system")
     p.add_argument(
@@ -795,6 +930,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compare-unary",
         action="store_true",
         help=f"also time a second engine_svc with --store-calls unary ({UNARY}), interleaved",
+    )
+    p.add_argument(
+        "--runs-seconds",
+        type=float,
+        default=4.0,
+        help="the `runs` workload: seconds per measuring window (one per system and rep)",
     )
     p.add_argument("--json", type=Path, help="write raw figures here")
     return p.parse_args(argv)
@@ -872,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("starting engine_svc --store-calls unary ...", flush=True)
             unary_engine.start()
         lg_url = new_db(LANGGRAPH_DB) if args.only in ("all", "dag") else ""
-        dbos_url = new_db(DBOS_DB) if args.only in ("all", "chain") else ""
+        dbos_url = new_db(DBOS_DB) if args.only in ("all", "chain", "runs") else ""
         acct: Accountant | None = None
         if args.accounting:
             postmaster = None
@@ -914,8 +1055,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             second = unary_engine.target if unary_engine else None
             if lg_url:
                 await measure_dag(args, engine.target, store.target, lg_url, acct, results, second)
-            if dbos_url:
-                await measure_chain(args, engine.target, dbos_url, acct, results, second)
+            if not dbos_url:
+                return
+            dbos: Dbos | None = None
+            try:
+                dbos = dbos_setup(dbos_url)
+            except Exception as exc:
+                results.errors["dbos"] = f"launch: {_describe(exc)}"
+                print(f"  !! DBOS launch failed: {_describe(exc)}", flush=True)
+            try:
+                if args.only in ("all", "chain"):
+                    await measure_chain(args, engine.target, dbos, acct, results, second)
+                if args.only in ("all", "runs"):
+                    await measure_runs(args, engine.target, dbos, results)
+            finally:
+                if dbos is not None:
+                    dbos.shutdown()
 
         asyncio.run(measure())
         results.env["loadavg_after"] = os.getloadavg()

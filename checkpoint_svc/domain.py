@@ -156,6 +156,7 @@ class SaveCommand:
     exact_parent: bool = False  # parent_id as given, "" meaning none
     lease_owner: str = ""  # take the thread's lease for this owner in the same commit
     lease_ttl: float = 0.0
+    release_lease: bool = False  # let the lease go in the same commit (needs fencing_token)
 
 
 @dataclass(slots=True)

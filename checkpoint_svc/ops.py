@@ -10,7 +10,7 @@ import base64
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from checkpoint_svc.commit import HEAVY_WEIGHT
 from checkpoint_svc.convert import checkpoint_from_pb, checkpoint_to_pb
@@ -40,6 +40,16 @@ class SaveResult:
     replayed: bool = False
     fencing_token: int = 0  # of the lease the Save took (SaveCommand.lease_owner)
     thread: Thread | None = None  # the row as the Save left it (None when replayed)
+    time: float | None = None  # of the events appended (None if recorded without it)
+
+
+class Appended(NamedTuple):
+    """What PutWrites and Publish answer: writes stored (0 for Publish), the seqs of the
+    events appended, and their time (None if none, or recorded without it)."""
+
+    written: int
+    seqs: list[int]
+    time: float | None
 
 
 def check_fencing(thread: Thread, token: int, now: float) -> None:
@@ -116,7 +126,8 @@ class SaveOp(_Defaults):
         done = await _replay(batch, key.tenant, cmd.request_id, "save")
         if done is not None:  # the first result, as it was answered (even if pruned since)
             first = pb.Checkpoint.FromString(base64.b64decode(done["checkpoint"]))
-            return SaveResult(checkpoint_from_pb(first, key.tenant), done["seq"], replayed=True)
+            cp = checkpoint_from_pb(first, key.tenant)
+            return SaveResult(cp, done["seq"], replayed=True, time=done.get("time"))
         thread = _existing(batch, key)
         check_fencing(thread, cmd.fencing_token, batch.now)
         if cmd.expected_parent_id and cmd.expected_parent_id != thread.head_id:
@@ -153,6 +164,8 @@ class SaveOp(_Defaults):
             thread.fencing_token += 1
             thread.lease_owner = cmd.lease_owner
             thread.lease_expires_at = batch.now + cmd.lease_ttl
+        elif cmd.release_lease:
+            thread.lease_owner, thread.lease_expires_at = "", 0.0
         saved = batch.emit(
             thread,
             NewEvent(
@@ -185,11 +198,14 @@ class SaveOp(_Defaults):
                             checkpoint_to_pb(cp, include_state=False).SerializeToString()
                         ).decode(),
                         "seq": saved.seq,
+                        "time": batch.now,
                     }
                 ),
             )
         token = thread.fencing_token if cmd.lease_owner else 0
-        return SaveResult(cp, saved.seq, fencing_token=token, thread=dataclasses.replace(thread))
+        return SaveResult(
+            cp, saved.seq, fencing_token=token, thread=dataclasses.replace(thread), time=batch.now
+        )
 
 
 @dataclass(slots=True)
@@ -207,10 +223,10 @@ class PutWritesOp(_Defaults):
         stored = sum(len(w.value) for w in self.writes)
         return 1 + len(self.writes) + len(self.events) + stored // WEIGHT_BYTES
 
-    async def apply(self, batch: Batch) -> tuple[int, list[int]]:
+    async def apply(self, batch: Batch) -> Appended:
         done = await _replay(batch, self.key.tenant, self.request_id, "put_writes")
         if done is not None:
-            return done["written"], list(done["seqs"])
+            return Appended(done["written"], list(done["seqs"]), done.get("time"))
         thread = _existing(batch, self.key)
         check_fencing(thread, self.fencing_token, batch.now)
         batch.keep(thread)
@@ -219,14 +235,15 @@ class PutWritesOp(_Defaults):
             w.upsert = upsert
         batch.writes.extend((self.key, w) for w in self.writes)
         seqs = [batch.emit(thread, e).seq for e in self.events]
+        time = batch.now if seqs else None
         if self.request_id:
             batch.record_request(
                 self.key.tenant,
                 self.request_id,
                 "put_writes",
-                json.dumps({"written": len(self.writes), "seqs": seqs}),
+                json.dumps({"written": len(self.writes), "seqs": seqs, "time": time}),
             )
-        return len(self.writes), seqs
+        return Appended(len(self.writes), seqs, time)
 
 
 @dataclass(slots=True)
@@ -241,18 +258,21 @@ class PublishOp(_Defaults):
     def weight(self) -> int:
         return 1 + len(self.events)
 
-    async def apply(self, batch: Batch) -> list[int]:
+    async def apply(self, batch: Batch) -> Appended:
         done = await _replay(batch, self.key.tenant, self.request_id, "publish")
         if done is not None:
-            return list(done["seqs"])
+            return Appended(0, list(done["seqs"]), done.get("time"))
         thread = _existing(batch, self.key)
         check_fencing(thread, self.fencing_token, batch.now)
         seqs = [batch.emit(thread, e).seq for e in self.events]
         if self.request_id:
             batch.record_request(
-                self.key.tenant, self.request_id, "publish", json.dumps({"seqs": seqs})
+                self.key.tenant,
+                self.request_id,
+                "publish",
+                json.dumps({"seqs": seqs, "time": batch.now}),
             )
-        return seqs
+        return Appended(0, seqs, batch.now)
 
 
 @dataclass(slots=True)

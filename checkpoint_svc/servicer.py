@@ -375,6 +375,13 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             violations.append(("lease_ttl_seconds", f"must be within 0..{MAX_LEASE_SECONDS:.0f}"))
         if request.lease_owner and request.durability == pb.DURABILITY_ASYNC:
             violations.append(("lease_owner", "a lease is taken only by a durable (SYNC) Save"))
+        if request.release_lease:
+            if not request.fencing_token:
+                violations.append(("release_lease", "needs the lease's fencing_token"))
+            if request.lease_owner:
+                violations.append(("release_lease", "not with lease_owner"))
+            if request.durability == pb.DURABILITY_ASYNC:
+                violations.append(("release_lease", "only by a durable (SYNC) Save"))
         events = _events(violations, request.events)
         _raise_if(violations)
         cp = convert.checkpoint_from_pb(msg, key.tenant)
@@ -391,6 +398,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             exact_parent=request.exact_parent,
             lease_owner=request.lease_owner,
             lease_ttl=request.lease_ttl_seconds,
+            release_lease=request.release_lease,
         )
         durable = request.durability != pb.DURABILITY_ASYNC
         result = await self.store.save(cmd, durable=durable)
@@ -399,6 +407,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             seq=result.seq,
             fencing_token=result.fencing_token,
             thread=convert.thread_to_pb(result.thread) if result.thread else None,
+            events_time=convert.ts(result.time),
         )
 
     @translated
@@ -515,14 +524,16 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         events = _events(violations, request.events)
         _check_id(violations, "request_id", request.request_id, False, 256)
         _raise_if(violations)
-        written, seqs = await self.store.put_writes(
+        appended = await self.store.put_writes(
             key,
             [convert.write_from_pb(w) for w in request.writes],
             request.fencing_token,
             events,
             request.request_id,
         )
-        return pb.PutWritesResponse(written=written, seqs=seqs)
+        return pb.PutWritesResponse(
+            written=appended.written, seqs=appended.seqs, events_time=convert.ts(appended.time)
+        )
 
     @translated
     async def Publish(
@@ -535,13 +546,13 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         events = _events(violations, request.events)
         _check_id(violations, "request_id", request.request_id, False, 256)
         _raise_if(violations)
-        seqs = await self.store.publish(
+        appended = await self.store.publish(
             key,
             events,
             request.request_id,
             request.fencing_token,
         )
-        return pb.PublishResponse(seqs=seqs)
+        return pb.PublishResponse(seqs=appended.seqs, events_time=convert.ts(appended.time))
 
     @translated
     async def DeleteThread(

@@ -42,6 +42,7 @@ from checkpoint_svc.errors import NotFound, PayloadTooLarge, TierUnavailable
 from checkpoint_svc.feed import EventFeed, Heartbeat
 from checkpoint_svc.ops import (
     AcquireLeaseOp,
+    Appended,
     DeleteThreadOp,
     PublishOp,
     PutWritesOp,
@@ -305,8 +306,8 @@ class CheckpointStore:
         token: int,
         events: list[NewEvent] | None = None,
         request_id: str = "",
-    ) -> tuple[int, list[int]]:
-        """Store writes (and append events with them); (writes stored, event seqs)."""
+    ) -> Appended:
+        """Store writes (and append events with them)."""
         for w in writes:
             self._check_size(f"write {w.task_id}/{w.idx}", len(w.value))
         return await self.committer.submit(
@@ -317,7 +318,7 @@ class CheckpointStore:
 
     async def publish(
         self, key: ThreadKey, events: list[NewEvent], request_id: str, token: int
-    ) -> list[int]:
+    ) -> Appended:
         return await self.committer.submit(PublishOp(key, events, request_id, token))
 
     async def delete_thread(self, key: ThreadKey) -> int:

@@ -24,6 +24,7 @@ class Settings:
     owner: str = ""
     log_level: str = "INFO"
     store_calls: str = "session"
+    heartbeat_seconds: float = 5.0
 
 
 def _env(name: str, default: str) -> str:
@@ -120,6 +121,14 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         default=_env("ENGINE_STORE_CALLS", d.store_calls),
         help="how a run's saves, writes and leases reach the checkpoint service: on one "
         "Session stream per tenant, or as unary calls (env ENGINE_STORE_CALLS)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        dest="heartbeat_seconds",
+        type=float,
+        default=float(_env("ENGINE_HEARTBEAT", str(d.heartbeat_seconds))),
+        help="seconds between heartbeats on an idle WatchRun of a run this engine executes "
+        "(other runs' watchers get the checkpoint service's)",
     )
     settings = Settings(**vars(p.parse_args(argv)))
     if not settings.owner:

@@ -41,6 +41,7 @@ from engine_svc.registry import (
     WorkflowNotFound,
     WorkflowRegistry,
 )
+from engine_svc.run_feed import RunFeed, watch_response
 from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -273,7 +274,7 @@ class Engine:
         run = started.run
         if run.status == "PENDING":  # not a replayed request for a run under way
             # A copy: the reply shows the run as it started.
-            copy = Started(RunState.from_json(run.to_json()), started.token)
+            copy = started._replace(run=RunState.from_json(run.to_json()))
             self._launch(tenant, workflow, run.run_id, copy)
         return started
 
@@ -565,28 +566,53 @@ class Engine:
 
     async def watch_run(
         self, tenant: str, run_id: str, after_seq: int
-    ) -> AsyncIterator[cpb.StreamResponse]:
-        """The run's feed from `after_seq`, until the run is over. A FAILED run that is
-        resumed goes on, so the feed's own end-at-terminal is not enough: the thread says
-        whether a terminal event is the last one."""
+    ) -> AsyncIterator[pb.WatchRunResponse]:
+        """The run's feed from `after_seq`, until the run is over. While this engine executes
+        the run, its events come from the calls that appended them (RunFeed), else from the
+        store's Stream (docs/engine.md#watching-a-run). A FAILED run that is resumed goes on,
+        so the store's own end-at-terminal is not enough: the thread says whether a terminal
+        event is the last one."""
         md = tenant_metadata(tenant)
-        await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
-        end_at: int | None = None
-        async for item in self.store.Stream(
-            cpb.StreamRequest(
-                namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=after_seq, follow=True
-            ),
-            metadata=md,
-        ):
-            yield item
-            if not item.HasField("event"):
-                continue
-            if item.event.terminal and end_at is None:
-                thread = await self.thread(tenant, run_id)
-                if cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_") in TERMINAL:
-                    end_at = thread.last_seq
-            if end_at is not None and item.event.seq >= end_at:
+        if self._feed(tenant, run_id) is None:
+            await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
+        cursor = after_seq
+        while True:
+            feed = self._feed(tenant, run_id)
+            if feed is not None and feed.holds(cursor):
+                async for watched in feed.follow(cursor, self.settings.heartbeat_seconds):
+                    if watched.HasField("event"):
+                        cursor = watched.event.seq
+                    yield watched
+                if feed.ended_at(cursor):
+                    return
+            # What the feed here cannot give: the store has it (and switches back once the
+            # feed here holds what comes next).
+            end_at: int | None = None
+            async for item in self.store.Stream(
+                cpb.StreamRequest(
+                    namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=cursor, follow=True
+                ),
+                metadata=md,
+            ):
+                yield watch_response(item)
+                if not item.HasField("event"):
+                    continue
+                cursor = item.event.seq
+                if item.event.terminal and end_at is None:
+                    thread = await self.thread(tenant, run_id)
+                    status = cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_")
+                    if status in TERMINAL:
+                        end_at = thread.last_seq
+                if end_at is not None and cursor >= end_at:
+                    return
+                if end_at is None and (feed := self._feed(tenant, run_id)) and feed.holds(cursor):
+                    break
+            else:
                 return
+
+    def _feed(self, tenant: str, run_id: str) -> RunFeed | None:
+        executor = self._executors.get(tenant)
+        return executor.feeds.get(run_id) if executor is not None else None
 
     # ---- recovery ------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from checkpoint_svc.servicer import TENANT_HEADER
 from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
+from engine_svc.run_feed import RunFeed
 from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -76,11 +77,13 @@ def start_checkpoint_id(run_id: str) -> str:
 
 class Started(NamedTuple):
     """A run as its first checkpoint recorded it, the token of the lease that checkpoint
-    took for this engine and its thread's row then (0 and None: a replayed StartRun)."""
+    took for this engine and its thread's row then (0 and None: a replayed StartRun), and
+    that Save (its events open the run's feed here)."""
 
     run: RunState
     token: int
     thread: cpb.Thread | None = None
+    save: tuple[cpb.SaveRequest, cpb.SaveResponse] | None = None
 
 
 class LeaseLostError(RuntimeError):
@@ -270,31 +273,87 @@ class Execution:
     # Results waiting to be sent together (RunExecutor._write), and the task sending them.
     unwritten: list[_Unwritten] = field(default_factory=list)
     writer: asyncio.Future | None = None
+    released: bool = False  # its last checkpoint let the lease go (no ReleaseLease needed)
     announced: set[str] = field(default_factory=set)  # node.started sent ahead of their step
-    _steps_key: tuple[int, int] = (-1, -1)
-    _steps_value: int = 0
+    # What is done, ready and left per level, kept up to date as nodes finish (_sync), so that
+    # the ready set and the ETA cost O(1) per event, not a walk over the workflow.
+    _seen: tuple[int, int] = field(default=(-1, -1), init=False)
+    _done: set[str] = field(default_factory=set, init=False)
+    _missing: dict[str, int] = field(default_factory=dict, init=False)
+    _ready: set[str] = field(default_factory=set, init=False)
+    _left: list[int] = field(default_factory=list, init=False)
+    _steps_left: int = field(default=0, init=False)
+    _duration_sum: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        nodes = self.workflow.nodes
+        self._spec = {n.id: n for n in nodes}
+        self._position = {n.id: i for i, n in enumerate(nodes)}
+        self._level_of = {n: i for i, level in enumerate(self.levels) for n in level}
+        self._dependents: dict[str, list[str]] = {n.id: [] for n in nodes}
+        for n in nodes:
+            for d in set(n.depends_on):
+                self._dependents[d].append(n.id)
+        self._duration_sum = sum(self.run.durations.values())
+
+    def _sync(self) -> None:
+        """Take in the nodes done since the last call. The run's completed and skipped lists
+        only grow while it executes; the first time, or if one shrank, count from scratch."""
+        run = self.run
+        seen = (len(run.completed), len(run.skipped))
+        if seen == self._seen:
+            return
+        if self._seen[0] < 0 or seen[0] < self._seen[0] or seen[1] < self._seen[1]:
+            done = run.done()
+            self._done = {n for n in done if n in self._spec}
+            self._missing = {
+                n.id: sum(1 for d in set(n.depends_on) if d not in done)
+                for n in self.workflow.nodes
+            }
+            self._ready = {n for n, k in self._missing.items() if k == 0 and n not in done}
+            self._left = [sum(1 for n in level if n not in done) for level in self.levels]
+            self._steps_left = sum(math.ceil(k / self.parallel) for k in self._left)
+        else:
+            for node in (*run.completed[self._seen[0] :], *run.skipped[self._seen[1] :]):
+                self._mark(node)
+        self._seen = seen
+
+    def _mark(self, node: str) -> None:
+        if node in self._done or node not in self._spec:
+            return
+        self._done.add(node)
+        self._ready.discard(node)
+        level, p = self._level_of[node], self.parallel
+        before = math.ceil(self._left[level] / p)
+        self._left[level] -= 1
+        self._steps_left += math.ceil(self._left[level] / p) - before
+        for dependent in self._dependents[node]:
+            self._missing[dependent] -= 1
+            if self._missing[dependent] == 0 and dependent not in self._done:
+                self._ready.add(dependent)
+
+    def ready(self) -> list[NodeSpec]:
+        """Nodes not done whose dependencies all are, in the workflow's order."""
+        self._sync()
+        return [self._spec[n] for n in sorted(self._ready, key=self._position.__getitem__)]
+
+    def all_done(self) -> bool:
+        self._sync()
+        return len(self._done) == len(self._spec)
+
+    def finished(self, node_id: str, seconds: float) -> None:
+        """A node's duration, for the ETA."""
+        durations = self.run.durations
+        self._duration_sum += seconds - durations.get(node_id, 0.0)
+        durations[node_id] = seconds
 
     def eta(self) -> float:
         """Seconds left: the mean observed node duration per remaining (bounded) step."""
         run = self.run
         if not run.durations:
             return 0.0
-        mean = sum(run.durations.values()) / len(run.durations)
-        return round(self._steps_left() * mean, 3)
-
-    def _steps_left(self) -> int:
-        # Memoized on what is done so far: events ask for it many times per step.
-        key = (len(self.run.completed), len(self.run.skipped))
-        if key != self._steps_key:
-            done = self.run.done()
-            self._steps_key, self._steps_value = (
-                key,
-                sum(
-                    math.ceil(sum(1 for n in level if n not in done) / self.parallel)
-                    for level in self.levels
-                ),
-            )
-        return self._steps_value
+        self._sync()
+        return round(self._steps_left * self._duration_sum / len(run.durations), 3)
 
     def progress(self) -> dict[str, Any]:
         """The progress fields of events and checkpoints."""
@@ -346,6 +405,8 @@ class RunExecutor:
         self.max_parallel = max_parallel
         self.store_retry_seconds = store_retry_seconds
         self.live: dict[str, Execution] = {}  # run id -> this engine's execution of it
+        # run id -> the events its execution here appended, for WatchRun (run_feed.py)
+        self.feeds: dict[str, RunFeed] = {}
 
     # ---- store calls ----------------------------------------------------------------
 
@@ -389,8 +450,10 @@ class RunExecutor:
         events: list[cpb.NewEvent] | None = None,
         status: bool = True,
         workflow_version: int = 0,
+        release: bool = False,
     ) -> str:
-        """A checkpoint of the run as it is now; the new head. Holds node writes back meanwhile."""
+        """A checkpoint of the run as it is now; the new head. Holds node writes back meanwhile.
+        `release`: the execution ends with it, and it lets the lease go in the same commit."""
         run = ex.run
         async with ex.gate.exclusive():
             run.eta_seconds = ex.eta()
@@ -411,13 +474,17 @@ class RunExecutor:
                 events=events,
                 # Unique per (head, token): a retry after a lost answer gets the first result.
                 request_id=f"save:{run.run_id}:{ex.token}:{ex.head_id}",
+                release_lease=release,
             )
             try:
                 saved = await self._call(self.calls.Save, request)
             except BaseException:
                 ex.unwritten = absorbed + ex.unwritten  # still to be written
                 raise
+            if feed := self.feeds.get(run.run_id):
+                feed.saved(request, saved)
             ex.carry.clear()
+            ex.released = release
             ex.head_id = saved.checkpoint.checkpoint_id
             metrics.CHECKPOINTS.labels(cpb.Trigger.Name(trigger).removeprefix("TRIGGER_")).inc()
             return ex.head_id
@@ -477,7 +544,7 @@ class RunExecutor:
                 return
             for i in items:
                 i.write.checkpoint_id = ex.head_id
-            await self._call(
+            written = await self._call(
                 self.calls.PutWrites,
                 cpb.PutWritesRequest(
                     namespace=RUNS_NAMESPACE,
@@ -491,6 +558,8 @@ class RunExecutor:
                     ),
                 ),
             )
+            if events and (feed := self.feeds.get(run.run_id)):
+                feed.appended(events, written.seqs, written.events_time)
 
     async def _restore(self, run_id: str) -> tuple[RunState, str]:
         head = await self._call(
@@ -653,26 +722,24 @@ class RunExecutor:
         checkpoint = _run_checkpoint(workflow, run, cpb.TRIGGER_MANUAL, name, metadata)
         checkpoint.checkpoint_id = start_checkpoint_id(run.run_id)
         checkpoint.parent_id = parent_id
-        response = await self._call(
-            self.calls.Save,
-            cpb.SaveRequest(
-                checkpoint=checkpoint,
-                keep_last=workflow.keep_last,
-                expected_parent_id="",
-                status=cpb.THREAD_STATUS_PENDING,
-                workflow_id=workflow.workflow_id,
-                workflow_version=run.version,
-                request_id=f"start:{request_id}" if request_id else "",
-                events=[status_event("PENDING", total_nodes=len(workflow.nodes))],
-                # The lease in the same commit: the run starts here without another call.
-                lease_owner=self.owner,
-                lease_ttl_seconds=self.lease_ttl,
-            ),
+        request = cpb.SaveRequest(
+            checkpoint=checkpoint,
+            keep_last=workflow.keep_last,
+            expected_parent_id="",
+            status=cpb.THREAD_STATUS_PENDING,
+            workflow_id=workflow.workflow_id,
+            workflow_version=run.version,
+            request_id=f"start:{request_id}" if request_id else "",
+            events=[status_event("PENDING", total_nodes=len(workflow.nodes))],
+            # The lease in the same commit: the run starts here without another call.
+            lease_owner=self.owner,
+            lease_ttl_seconds=self.lease_ttl,
         )
+        response = await self._call(self.calls.Save, request)
         if response.checkpoint.thread_id != run.run_id:  # the request was used: its run
             return Started(await self.load(response.checkpoint.thread_id), 0)
         thread = response.thread if response.HasField("thread") else None
-        return Started(run, response.fencing_token, thread)
+        return Started(run, response.fencing_token, thread, (request, response))
 
     async def continue_thread(
         self,
@@ -771,12 +838,25 @@ class RunExecutor:
         It stands for the head only under that lease (token 1): any change from outside would
         have taken a lease first. Without it, the lease is taken here.
         """
+        # Before any await: a watcher of a run just started finds its feed here.
+        feed = self.feeds[run_id] = RunFeed(namespace=RUNS_NAMESPACE, run_id=run_id)
+        if started is not None and started.save is not None:
+            feed.saved(*started.save)
+        try:
+            return await self._execute(workflow, run_id, started)
+        finally:
+            feed.close()
+            if self.feeds.get(run_id) is feed:
+                del self.feeds[run_id]
+
+    async def _execute(self, workflow: Workflow, run_id: str, started: Started | None) -> RunState:
         token = started.token if started is not None else 0
         if not token:
             try:
                 token = await self._acquire(run_id, self.owner)
             except LeaseHeld as exc:
                 raise LeaseLostError(str(exc)) from exc
+        ex: Execution | None = None
         try:
             if started is not None and token == 1:
                 run, head_id = started.run, start_checkpoint_id(run_id)
@@ -812,11 +892,14 @@ class RunExecutor:
                 metrics.RUNS_EXECUTING.dec()
                 metrics.RUNS_ENDED.labels(ex.run.status).inc()
         finally:
-            await self._release(run_id, self.owner, token)
+            if ex is None or not ex.released:
+                await self._release(run_id, self.owner, token)
 
     async def _renew(self, ex: Execution, work: asyncio.Task | None) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
+            if ex.released:
+                return
             try:
                 await self.calls.RenewLease(
                     cpb.RenewLeaseRequest(
@@ -831,6 +914,8 @@ class RunExecutor:
                 )
             except grpc.aio.AioRpcError as exc:
                 _reraise_cancel(exc)
+                if ex.released:
+                    return  # its last checkpoint let the lease go meanwhile
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and work is not None:
                     log.warning("lease lost; stopping run", extra={"run_id": ex.run.run_id})
                     work.cancel()
@@ -898,28 +983,19 @@ class RunExecutor:
         run.status = "CANCELLED"
         run.error = f"cancelled: {reason or 'no reason given'}"
         event = status_event("CANCELLED", control_id=control_id, **ex.progress())
-        await self._save(ex, cpb.TRIGGER_INTERRUPT, name="cancel", events=[event])
+        await self._save(ex, cpb.TRIGGER_INTERRUPT, name="cancel", events=[event], release=True)
         return run
 
     async def _paused(self, ex: Execution) -> RunState:
         why, control_id = ex.pause or ("", "")
         run = ex.run
         if ex.shutdown:  # another engine (or this one, restarted) goes on from here at once
-            await self._save(ex, cpb.TRIGGER_PAUSE, name="engine-shutdown")
+            await self._save(ex, cpb.TRIGGER_PAUSE, name="engine-shutdown", release=True)
             return run
         run.status = "PAUSED"
         event = status_event("PAUSED", control_id=control_id, reason=why, **ex.progress())
-        await self._save(ex, cpb.TRIGGER_PAUSE, name="pause", events=[event])
+        await self._save(ex, cpb.TRIGGER_PAUSE, name="pause", events=[event], release=True)
         return run
-
-    @staticmethod
-    def _ready(ex: Execution) -> list[NodeSpec]:
-        done = ex.run.done()
-        return [
-            n
-            for n in ex.workflow.nodes
-            if n.id not in done and all(d in done for d in n.depends_on)
-        ]
 
     async def _steps(self, ex: Execution) -> RunState:
         run, workflow = ex.run, ex.workflow
@@ -935,7 +1011,7 @@ class RunExecutor:
         while True:
             if ex.pause is not None:
                 return await self._paused(ex)
-            ready = self._ready(ex)
+            ready = ex.ready()
             if not ready:
                 break
             runnable = [n for n in ready if n.type != "approval"]
@@ -947,7 +1023,9 @@ class RunExecutor:
                 run.status = "WAITING"
                 run.waiting_node, run.waiting_for = node.id, str(node.config.get("prompt", ""))
                 event = status_event("WAITING", node_id=node.id, **ex.progress())
-                await self._save(ex, cpb.TRIGGER_INTERRUPT, name=node.id, events=[event])
+                await self._save(
+                    ex, cpb.TRIGGER_INTERRUPT, name=node.id, events=[event], release=True
+                )
                 return run  # nothing holds a task or a lease while it waits
             held = [
                 f"before:{n.id}"
@@ -981,7 +1059,7 @@ class RunExecutor:
                 run.status = "FAILED"
                 run.error = "; ".join(f"{k}: {v}" for k, v in failures.items())
                 event = status_event("FAILED", error=run.error, **ex.progress())
-                await self._save(ex, cpb.TRIGGER_ERROR, name="error", events=[event])
+                await self._save(ex, cpb.TRIGGER_ERROR, name="error", events=[event], release=True)
                 return run
             hit = [
                 f"after:{n.id}"
@@ -992,14 +1070,14 @@ class RunExecutor:
             ]
             if hit:
                 return await self._breakpoint(ex, hit)
-            if len(run.done()) == len(workflow.nodes):
+            if ex.all_done():
                 break
             if step_checkpoints:
                 following: list[str] = []
                 if ex.pause is None:
                     following = [
                         n.id
-                        for n in self._ready(ex)
+                        for n in ex.ready()
                         if n.type != "approval"
                         and not n.when
                         and not (n.critical and before_critical)
@@ -1011,7 +1089,7 @@ class RunExecutor:
                 )
         run.status = "COMPLETED"
         event = status_event("COMPLETED", **ex.progress())
-        await self._save(ex, cpb.TRIGGER_STEP_COMPLETED, events=[event])
+        await self._save(ex, cpb.TRIGGER_STEP_COMPLETED, events=[event], release=True)
         return run
 
     async def _breakpoint(self, ex: Execution, keys: list[str]) -> RunState:
@@ -1021,7 +1099,7 @@ class RunExecutor:
         run.status = "PAUSED"
         name = ",".join(keys)
         event = status_event("PAUSED", reason="breakpoint", breakpoint=name, **ex.progress())
-        await self._save(ex, cpb.TRIGGER_INTERRUPT, name=name, events=[event])
+        await self._save(ex, cpb.TRIGGER_INTERRUPT, name=name, events=[event], release=True)
         return run
 
     @staticmethod
@@ -1033,7 +1111,7 @@ class RunExecutor:
         ]
 
     async def _publish_events(self, ex: Execution, events: list[cpb.NewEvent]) -> None:
-        await self._call(
+        published = await self._call(
             self.calls.Publish,
             cpb.PublishRequest(
                 namespace=RUNS_NAMESPACE,
@@ -1043,6 +1121,8 @@ class RunExecutor:
                 request_id=f"publish:{ex.run.run_id}:{ex.token}:{time.time_ns()}",
             ),
         )
+        if feed := self.feeds.get(ex.run.run_id):
+            feed.appended(events, published.seqs, published.events_time)
 
     async def _node(
         self,
@@ -1075,7 +1155,8 @@ class RunExecutor:
             async def once() -> Any:
                 nonlocal attempt
                 attempt += 1
-                return await asyncio.wait_for(self.runner.run(call, node, state), node.timeout)
+                async with asyncio.timeout(node.timeout):  # no task of its own, unlike wait_for
+                    return await self.runner.run(call, node, state)
 
             try:
                 try:  # the first attempt without the retry machinery: most nodes need no more
@@ -1115,7 +1196,7 @@ class RunExecutor:
                 await self._publish_events(ex, [failed])
                 return node.id, error
         duration = time.monotonic() - started
-        ex.run.durations[node.id] = round(duration, 6)
+        ex.finished(node.id, round(duration, 6))
         metrics.NODES.labels(node.type, "completed").inc()
         metrics.NODE_SECONDS.labels(node.type).observe(duration)
         ex.running -= 1

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
 from grpc_status import rpc_status
 
 from checkpoint_svc.errors import InvalidArgument
@@ -110,50 +109,6 @@ def run_checkpoint_to_pb(c: cpb.Checkpoint) -> pb.RunCheckpoint:
         msg.state.update(run.state())
         msg.status = pb.RunStatus.Value(f"RUN_STATUS_{run.status}")
     return msg
-
-
-def event_to_pb(item: cpb.StreamResponse) -> pb.WatchRunResponse:
-    if item.HasField("heartbeat"):
-        return pb.WatchRunResponse(
-            heartbeat=pb.Heartbeat(time=item.heartbeat.time, last_seq=item.heartbeat.last_seq)
-        )
-    ev = item.event
-    # The fields read straight from the Struct (a JSON round trip of it cost more than the
-    # rest of the event).
-    fields = ev.payload.fields
-
-    def text(name: str) -> str:
-        return fields[name].string_value if name in fields else ""
-
-    def number(name: str) -> float:
-        return fields[name].number_value if name in fields else 0.0
-
-    status = text("status")
-    event = pb.RunEvent(
-        seq=ev.seq,
-        type=ev.type,
-        time=ev.time,
-        status=pb.RunStatus.Value(f"RUN_STATUS_{status}") if status else 0,
-        node_id=text("node_id"),
-        attempt=int(number("attempt")),
-        error=text("error"),
-        completed_nodes=int(number("completed_nodes")),
-        total_nodes=int(number("total_nodes")),
-        terminal=ev.terminal,
-        eta_seconds=number("eta_seconds"),
-    )
-    if "output" in fields:
-        event.output.CopyFrom(fields["output"])
-    if "duration_seconds" in fields:
-        seconds = number("duration_seconds")
-        event.duration.CopyFrom(
-            duration_pb2.Duration(nanos=int(seconds % 1 * 1e9), seconds=int(seconds))
-        )
-    if "progress_percent" in fields:
-        event.progress_percent = number("progress_percent")
-    elif event.total_nodes:
-        event.progress_percent = 100.0 * event.completed_nodes / event.total_nodes
-    return pb.WatchRunResponse(event=event)
 
 
 class EngineServicer(pb_grpc.EngineServiceServicer):
@@ -355,6 +310,6 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             async for item in self.engine.watch_run(
                 tenant_of(context), request.run_id, request.after_seq
             ):
-                yield event_to_pb(item)
+                yield item
         except _TRANSLATED as exc:
             await _abort(context, exc)

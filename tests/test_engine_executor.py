@@ -127,7 +127,8 @@ async def test_a_run_taken_over_after_a_crash_reruns_no_completed_node(stub, ten
     first = RunExecutor(s, tenant, "engine-1", RUNNER, lease_ttl=1.0)
     await first.start(wf, 1, "run-crash", {})
     task = asyncio.create_task(first.execute(wf, "run-crash"))
-    await asyncio.sleep(0.35)  # a few steps in
+    while len(engine_handlers.EXECUTIONS) < 5:  # noqa: ASYNC110 (a few steps in)
+        await asyncio.sleep(0.005)
     task.cancel()  # the engine dies mid-step
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -547,3 +547,29 @@ async def test_a_save_may_take_the_lease_in_its_commit(stub) -> None:
     assert replay.checkpoint.checkpoint_id == fresh.checkpoint.checkpoint_id
     lazy = save(s, md, "lazy", {}, lease_owner="x", durability=pb.DURABILITY_ASYNC)
     assert await code_of(lazy) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_save_may_let_the_lease_go_in_its_commit(stub) -> None:
+    """A run's last checkpoint lets its lease go in the same commit (docs/api.md)."""
+    s, md = stub
+    first = await save(s, md, "done", {"n": 0}, lease_owner="engine-a", lease_ttl_seconds=30)
+    for bad in (
+        dict(release_lease=True),  # no token
+        dict(release_lease=True, fencing_token=1, lease_owner="engine-a", lease_ttl_seconds=9),
+        dict(release_lease=True, fencing_token=1, durability=pb.DURABILITY_ASYNC),
+    ):
+        assert await code_of(save(s, md, "done", {}, **bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    stale = save(s, md, "done", {"n": 1}, fencing_token=7, release_lease=True)
+    assert await code_of(stale) == grpc.StatusCode.FAILED_PRECONDITION
+    last = await save(
+        s, md, "done", {"n": 1}, fencing_token=first.fencing_token, release_lease=True
+    )
+    assert last.thread.lease_owner == "" and last.thread.fencing_token == first.fencing_token
+    thread = (
+        await s.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="done"), metadata=md)
+    ).thread
+    assert thread.lease_owner == "" and thread.head_checkpoint_id == last.checkpoint.checkpoint_id
+    # Free now: anyone may write, or take it (with a new token).
+    await save(s, md, "done", {"n": 2})
+    again = await save(s, md, "done", {"n": 3}, lease_owner="engine-b", lease_ttl_seconds=30)
+    assert again.fencing_token == first.fencing_token + 1

@@ -265,7 +265,7 @@ class Heartbeat(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
-    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last", "exact_parent", "lease_owner", "lease_ttl_seconds")
+    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last", "exact_parent", "lease_owner", "lease_ttl_seconds", "release_lease")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +279,7 @@ class SaveRequest(_message.Message):
     EXACT_PARENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_FIELD_NUMBER: _ClassVar[int]
     checkpoint: Checkpoint
     expected_parent_id: str
     request_id: str
@@ -292,19 +293,22 @@ class SaveRequest(_message.Message):
     exact_parent: bool
     lease_owner: str
     lease_ttl_seconds: float
-    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ..., exact_parent: _Optional[bool] = ..., lease_owner: _Optional[str] = ..., lease_ttl_seconds: _Optional[float] = ...) -> None: ...
+    release_lease: bool
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ..., exact_parent: _Optional[bool] = ..., lease_owner: _Optional[str] = ..., lease_ttl_seconds: _Optional[float] = ..., release_lease: _Optional[bool] = ...) -> None: ...
 
 class SaveResponse(_message.Message):
-    __slots__ = ("checkpoint", "seq", "fencing_token", "thread")
+    __slots__ = ("checkpoint", "seq", "fencing_token", "thread", "events_time")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     THREAD_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_TIME_FIELD_NUMBER: _ClassVar[int]
     checkpoint: Checkpoint
     seq: int
     fencing_token: int
     thread: Thread
-    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., seq: _Optional[int] = ..., fencing_token: _Optional[int] = ..., thread: _Optional[_Union[Thread, _Mapping]] = ...) -> None: ...
+    events_time: _timestamp_pb2.Timestamp
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., seq: _Optional[int] = ..., fencing_token: _Optional[int] = ..., thread: _Optional[_Union[Thread, _Mapping]] = ..., events_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("namespace", "thread_id", "checkpoint_id", "include_writes")
@@ -420,12 +424,14 @@ class PutWritesRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., writes: _Optional[_Iterable[_Union[PendingWrite, _Mapping]]] = ..., fencing_token: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PutWritesResponse(_message.Message):
-    __slots__ = ("written", "seqs")
+    __slots__ = ("written", "seqs", "events_time")
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_TIME_FIELD_NUMBER: _ClassVar[int]
     written: int
     seqs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, written: _Optional[int] = ..., seqs: _Optional[_Iterable[int]] = ...) -> None: ...
+    events_time: _timestamp_pb2.Timestamp
+    def __init__(self, written: _Optional[int] = ..., seqs: _Optional[_Iterable[int]] = ..., events_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class NewEvent(_message.Message):
     __slots__ = ("type", "payload", "terminal")
@@ -452,10 +458,12 @@ class PublishRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
-    __slots__ = ("seqs",)
+    __slots__ = ("seqs", "events_time")
     SEQS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_TIME_FIELD_NUMBER: _ClassVar[int]
     seqs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seqs: _Optional[_Iterable[int]] = ...) -> None: ...
+    events_time: _timestamp_pb2.Timestamp
+    def __init__(self, seqs: _Optional[_Iterable[int]] = ..., events_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DeleteThreadRequest(_message.Message):
     __slots__ = ("namespace", "thread_id", "namespace_prefix", "allow_missing")

@@ -1,0 +1,162 @@
+"""WatchRun from the engine that executes the run: its events come from the calls that
+appended them, not read back from the store's Stream, and are the same events the store's
+Stream gives, seq for seq (docs/engine.md#watching-a-run)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from tests.engine_client import definition, engine_stub, watch
+from tests.servers import checkpoint_stub, free_port
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+def _stream_watchers(metrics_port: int) -> float:
+    """Open Stream calls on the store, as its /metrics says."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return float(re.search(r"^checkpoint_stream_watchers (\S+)$", text, re.M).group(1))
+
+
+async def test_the_executing_engine_serves_the_stores_events_without_its_stream(
+    service_factory, backend, engine_factory, tenant
+) -> None:
+    metrics_port = free_port()
+    service = service_factory(backend, "--metrics-port", str(metrics_port))
+    here, elsewhere = engine_factory(service), engine_factory(service)
+    channel, s, md = await engine_stub(here, tenant)
+    other_channel, other, _ = await engine_stub(elsewhere, tenant)
+    nodes = [
+        {"id": "first", "type": "transform", "config": {"expression": "input['x'] * 2"}},
+        *(
+            {"id": f"p{i}", "type": "transform", "depends_on": ["first"],
+             "config": {"expression": f"first + {i}"}}
+            for i in range(3)
+        ),
+        {"id": "never", "type": "noop", "depends_on": ["first"], "when": "first > 100"},
+        {"id": "nap", "type": "sleep", "depends_on": ["p0", "p1", "p2"],
+         "config": {"seconds": 1.0}},
+        {"id": "last", "type": "transform", "depends_on": ["nap"],
+         "config": {"expression": "p2 + 1"}},
+    ]  # fmt: skip
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md)
+    started = await s.StartRun(
+        pb.StartRunRequest(
+            workflow_id="wf", input=json_format.ParseDict({"x": 3}, struct_pb2.Struct())
+        ),
+        metadata=md,
+    )
+    run_id = started.run.run_id
+    local: list[pb.RunEvent] = []
+    napping = asyncio.Event()
+
+    async def follow_here() -> None:
+        async for item in s.WatchRun(pb.WatchRunRequest(run_id=run_id), metadata=md):
+            if item.HasField("event"):
+                local.append(item.event)
+                if item.event.type == "node.started" and item.event.node_id == "nap":
+                    napping.set()
+
+    watcher = asyncio.create_task(follow_here())
+    await asyncio.wait_for(napping.wait(), 20)
+    # Mid-run, with a watcher open on the engine running it: the only Stream open on the
+    # store is that engine's own control feed.
+    assert await asyncio.to_thread(_stream_watchers, metrics_port) == 1
+    await asyncio.wait_for(watcher, 20)
+    from_store = await asyncio.wait_for(watch(other, md, run_id), 20)
+    assert [e.seq for e in local] == list(range(1, len(local) + 1))
+    assert local[-1].terminal and local[-1].status == pb.RUN_STATUS_COMPLETED
+    kinds = {e.type for e in local}
+    assert {"checkpoint.saved", "node.started", "node.completed", "node.skipped"} <= kinds
+    assert [json_format.MessageToDict(e) for e in local] == [
+        json_format.MessageToDict(e) for e in from_store
+    ]
+    # The same from the middle of the run, as a watcher that reconnects asks for it.
+    middle = len(local) // 2
+    assert await asyncio.wait_for(watch(s, md, run_id, after=middle), 20) == local[middle:]
+    await channel.close()
+    await other_channel.close()
+
+
+async def test_a_watcher_gets_every_event_across_an_approval_and_events_of_others(
+    service, engine_factory, tenant
+) -> None:
+    """Events the engine did not append (another client's, while the run waits and while it
+    runs) reach the watcher in their place; heartbeats come while a node runs."""
+    engine = engine_factory(service, "--heartbeat", "0.2")
+    channel, s, md = await engine_stub(engine, tenant)
+    store_channel, store, _ = await checkpoint_stub(service.address, tenant)
+    nodes = [
+        {"id": "a", "type": "noop"},
+        {"id": "ask", "type": "approval", "depends_on": ["a"], "config": {"prompt": "go?"}},
+        {"id": "nap", "type": "sleep", "depends_on": ["ask"], "config": {"seconds": 1.0}},
+        {"id": "z", "type": "noop", "depends_on": ["nap"]},
+    ]
+    await s.RegisterWorkflow(pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md)
+    run_id = (await s.StartRun(pb.StartRunRequest(workflow_id="wf"), metadata=md)).run.run_id
+    items: list[pb.WatchRunResponse] = []
+    waiting, napping = asyncio.Event(), asyncio.Event()
+
+    async def follow() -> None:
+        async for item in s.WatchRun(pb.WatchRunRequest(run_id=run_id), metadata=md):
+            items.append(item)
+            if item.event.status == pb.RUN_STATUS_WAITING:
+                waiting.set()
+            if item.event.type == "node.started" and item.event.node_id == "nap":
+                napping.set()
+
+    watcher = asyncio.create_task(follow())
+
+    async def note(text: str, token: int = 0) -> None:
+        event = cpb.NewEvent(type="note.added")
+        event.payload.update({"text": text})
+        await store.Publish(
+            cpb.PublishRequest(
+                namespace="runs", thread_id=run_id, events=[event], fencing_token=token
+            ),
+            metadata=md,
+        )
+
+    async def thread() -> cpb.Thread:
+        got = await store.GetThread(
+            cpb.GetThreadRequest(namespace="runs", thread_id=run_id), metadata=md
+        )
+        return got.thread
+
+    await asyncio.wait_for(waiting.wait(), 20)
+    while (await thread()).lease_owner:  # noqa: ASYNC110 (the engine lets the waiting run go)
+        await asyncio.sleep(0.01)
+    await note("while it waits")
+    await s.ResumeRun(
+        pb.ResumeRunRequest(run_id=run_id, value=struct_pb2.Value(bool_value=True)), metadata=md
+    )
+    await asyncio.wait_for(napping.wait(), 20)
+    await note("while it runs", (await thread()).fencing_token)  # a seq the engine skips
+    await asyncio.wait_for(watcher, 30)
+    events = [i.event for i in items if i.HasField("event")]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in events].count("note.added") == 2
+    assert events[-1].terminal and events[-1].status == pb.RUN_STATUS_COMPLETED
+    stored = []
+    async for item in store.Stream(
+        cpb.StreamRequest(namespace="runs", thread_id=run_id), metadata=md
+    ):
+        stored.append(item.event)
+    assert [(e.seq, e.type) for e in events] == [(e.seq, e.type) for e in stored]
+    beats = [i.heartbeat for i in items if i.HasField("heartbeat")]
+    nap_started = next(e.seq for e in events if e.node_id == "nap")
+    assert any(b.last_seq >= nap_started for b in beats), "no heartbeat while the node ran"
+    for i, item in enumerate(items):
+        if item.HasField("heartbeat"):
+            before = [x.event.seq for x in items[:i] if x.HasField("event")]
+            assert item.heartbeat.last_seq == (before[-1] if before else 0)
+    await channel.close()
+    await store_channel.close()
