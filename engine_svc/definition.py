@@ -71,6 +71,37 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Shape:
+    """A workflow's graph as its executions read it, worked out once per definition."""
+
+    levels: tuple[tuple[str, ...], ...]
+    """Nodes grouped by depth: a node's level is one more than its deepest dependency."""
+    spec: dict[str, NodeSpec]
+    """Each node by id."""
+    position: dict[str, int]
+    """Each node's place in the definition (the order of a step's nodes)."""
+    level_of: dict[str, int]
+    """Each node's level."""
+    dependents: dict[str, tuple[str, ...]]
+    """The nodes that depend on each node."""
+
+    @classmethod
+    def of(cls, nodes: tuple[NodeSpec, ...]) -> Shape:
+        levels = topological_levels({n.id: n.depends_on for n in nodes})
+        dependents: dict[str, list[str]] = {n.id: [] for n in nodes}
+        for n in nodes:
+            for d in set(n.depends_on):
+                dependents[d].append(n.id)
+        return cls(
+            levels=tuple(tuple(level) for level in levels),
+            spec={n.id: n for n in nodes},
+            position={n.id: i for i, n in enumerate(nodes)},
+            level_of={n: i for i, level in enumerate(levels) for n in level},
+            dependents={k: tuple(v) for k, v in dependents.items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Workflow:
     workflow_id: str
     nodes: tuple[NodeSpec, ...]
@@ -80,13 +111,17 @@ class Workflow:
     keep_last: int = 0
     max_parallel: int = 0
     ttl: float | None = None  # seconds each run checkpoint is kept
+    shape: Shape = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", Shape.of(self.nodes))
 
     def node(self, node_id: str) -> NodeSpec:
         return next(n for n in self.nodes if n.id == node_id)
 
     def levels(self) -> list[list[str]]:
         """Nodes grouped by depth: a node's level is one more than its deepest dependency."""
-        return topological_levels({n.id: n.depends_on for n in self.nodes})
+        return [list(level) for level in self.shape.levels]
 
 
 def topological_levels(deps: dict[str, tuple[str, ...]]) -> list[list[str]]:

@@ -272,7 +272,7 @@ class Engine:
             raise
         await self._note_tenant(tenant)
         run = started.run
-        if run.status == "PENDING":  # not a replayed request for a run under way
+        if started.token or run.status == "PENDING":  # not a replayed start of a run under way
             # A copy: the reply shows the run as it started.
             copy = started._replace(run=RunState.from_json(run.to_json()))
             self._launch(tenant, workflow, run.run_id, copy)
@@ -435,6 +435,8 @@ class Engine:
                     published = await self._publish_control(
                         tenant, run_id, action, payload, control_id
                     )
+                    if live := executor.live.get(run_id):  # executed here: read it at once
+                        live.follow_control.set()
                 while True:  # events until ours, a status change, or a second gone
                     left = deadline - time.monotonic()
                     if left <= 0:

@@ -41,6 +41,7 @@ from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from engine_svc.run_feed import RunFeed
+from engine_svc.run_json import RunJson
 from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -55,6 +56,9 @@ SKIPPED_CHANNEL = "skipped"
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _CALL_TIMEOUT = 10.0  # seconds per store call; the retry budget covers longer outages
+# How far into an execution the engine starts following the run's control feed: PauseRun,
+# CancelRun and CheckpointRun wait in the feed until then (docs/engine.md#steering-a-run).
+CONTROL_FOLLOW_AFTER = 0.25
 
 __all__ = ["NodeFailed", "NodeRunner", "RunExecutor", "RunState"]
 
@@ -78,12 +82,13 @@ def start_checkpoint_id(run_id: str) -> str:
 class Started(NamedTuple):
     """A run as its first checkpoint recorded it, the token of the lease that checkpoint
     took for this engine and its thread's row then (0 and None: a replayed StartRun), and
-    that Save (its events open the run's feed here)."""
+    that Save (its events open the run's feed here; they announce the first nodes)."""
 
     run: RunState
     token: int
     thread: cpb.Thread | None = None
     save: tuple[cpb.SaveRequest, cpb.SaveResponse] | None = None
+    announced: frozenset[str] = frozenset()  # nodes whose node.started that Save carried
 
 
 class LeaseLostError(RuntimeError):
@@ -140,6 +145,7 @@ class RunState:
         return set(self.completed) | set(self.skipped)
 
     def to_json(self) -> bytes:
+        """As a checkpoint holds it (an execution encodes it piece by piece: run_json.py)."""
         return json.dumps(self.__dict__).encode()  # asdict would deep-copy every output
 
     @classmethod
@@ -261,7 +267,6 @@ class Execution:
     head_id: str
     token: int
     parallel: int
-    levels: list[list[str]]
     gate: WriteGate = field(default_factory=WriteGate)
     pause: tuple[str, str] | None = None  # (why, control id) once a pause is asked for
     shutdown: bool = False  # the pause is the engine's own: leave the run RUNNING
@@ -274,6 +279,8 @@ class Execution:
     unwritten: list[_Unwritten] = field(default_factory=list)
     writer: asyncio.Future | None = None
     released: bool = False  # its last checkpoint let the lease go (no ReleaseLease needed)
+    follow_control: asyncio.Event = field(default_factory=asyncio.Event)  # asked here: follow now
+    state_json: RunJson = field(default_factory=RunJson)  # its checkpoints' state, encoded
     announced: set[str] = field(default_factory=set)  # node.started sent ahead of their step
     # What is done, ready and left per level, kept up to date as nodes finish (_sync), so that
     # the ready set and the ETA cost O(1) per event, not a walk over the workflow.
@@ -286,14 +293,10 @@ class Execution:
     _duration_sum: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        nodes = self.workflow.nodes
-        self._spec = {n.id: n for n in nodes}
-        self._position = {n.id: i for i, n in enumerate(nodes)}
-        self._level_of = {n: i for i, level in enumerate(self.levels) for n in level}
-        self._dependents: dict[str, list[str]] = {n.id: [] for n in nodes}
-        for n in nodes:
-            for d in set(n.depends_on):
-                self._dependents[d].append(n.id)
+        shape = self.workflow.shape
+        self._spec, self._position = shape.spec, shape.position
+        self._level_of, self._dependents = shape.level_of, shape.dependents
+        self._levels = shape.levels
         self._duration_sum = sum(self.run.durations.values())
 
     def _sync(self) -> None:
@@ -311,7 +314,7 @@ class Execution:
                 for n in self.workflow.nodes
             }
             self._ready = {n for n, k in self._missing.items() if k == 0 and n not in done}
-            self._left = [sum(1 for n in level if n not in done) for level in self.levels]
+            self._left = [sum(1 for n in level if n not in done) for level in self._levels]
             self._steps_left = sum(math.ceil(k / self.parallel) for k in self._left)
         else:
             for node in (*run.completed[self._seen[0] :], *run.skipped[self._seen[1] :]):
@@ -346,6 +349,7 @@ class Execution:
         durations = self.run.durations
         self._duration_sum += seconds - durations.get(node_id, 0.0)
         durations[node_id] = seconds
+        self.state_json.put("durations", node_id, seconds)
 
     def eta(self) -> float:
         """Seconds left: the mean observed node duration per remaining (bounded) step."""
@@ -461,7 +465,7 @@ class RunExecutor:
             # Results not sent yet are in this checkpoint's state: it saves their events too.
             absorbed, ex.unwritten = ex.unwritten, []
             events = [*ex.carry, *(i.event for i in absorbed if i.event), *(events or [])]
-            checkpoint = _run_checkpoint(ex.workflow, run, trigger, name, metadata)
+            checkpoint = _run_checkpoint(ex, trigger, name, metadata)
             checkpoint.progress_percent = progress["progress_percent"]
             checkpoint.eta_seconds = run.eta_seconds
             request = cpb.SaveRequest(
@@ -486,7 +490,7 @@ class RunExecutor:
             ex.carry.clear()
             ex.released = release
             ex.head_id = saved.checkpoint.checkpoint_id
-            metrics.CHECKPOINTS.labels(cpb.Trigger.Name(trigger).removeprefix("TRIGGER_")).inc()
+            metrics.checkpoints(trigger).inc()
             return ex.head_id
 
     async def _write(
@@ -512,6 +516,7 @@ class RunExecutor:
         async with ex.gate.shared():
             if channel == OUTPUT_CHANNEL:
                 run.outputs[node_id] = value
+                ex.state_json.put("outputs", node_id, value)
                 run.completed.append(node_id)
             else:
                 run.skipped.append(node_id)
@@ -626,7 +631,7 @@ class RunExecutor:
 
     def _execution(self, workflow: Workflow, run: RunState, head_id: str, token: int) -> Execution:
         parallel = workflow.max_parallel or self.max_parallel
-        return Execution(workflow, run, head_id, token, parallel, workflow.levels())
+        return Execution(workflow, run, head_id, token, parallel)
 
     # ---- starting, resuming and steering -----------------------------------------------
 
@@ -719,18 +724,26 @@ class RunExecutor:
         parent_id: str = "",
         metadata: dict[str, str] | None = None,
     ) -> Started:
-        checkpoint = _run_checkpoint(workflow, run, cpb.TRIGGER_MANUAL, name, metadata)
+        """The run's first checkpoint, taking its lease for this engine, which executes it at
+        once: so the run is RUNNING from here, and the node.started events of its first step
+        come with this checkpoint, not in a call of their own (docs/engine.md#checkpoints)."""
+        ex = self._execution(workflow, run, "", 0)
+        announced = self._announceable(ex)
+        pending = status_event("PENDING", total_nodes=len(workflow.nodes))
+        run.status = "RUNNING"
+        events = [pending, status_event("RUNNING", **ex.progress()), *self._started(ex, announced)]
+        checkpoint = _run_checkpoint(ex, cpb.TRIGGER_MANUAL, name, metadata)
         checkpoint.checkpoint_id = start_checkpoint_id(run.run_id)
         checkpoint.parent_id = parent_id
         request = cpb.SaveRequest(
             checkpoint=checkpoint,
             keep_last=workflow.keep_last,
             expected_parent_id="",
-            status=cpb.THREAD_STATUS_PENDING,
+            status=cpb.THREAD_STATUS_RUNNING,
             workflow_id=workflow.workflow_id,
             workflow_version=run.version,
             request_id=f"start:{request_id}" if request_id else "",
-            events=[status_event("PENDING", total_nodes=len(workflow.nodes))],
+            events=events,
             # The lease in the same commit: the run starts here without another call.
             lease_owner=self.owner,
             lease_ttl_seconds=self.lease_ttl,
@@ -739,7 +752,7 @@ class RunExecutor:
         if response.checkpoint.thread_id != run.run_id:  # the request was used: its run
             return Started(await self.load(response.checkpoint.thread_id), 0)
         thread = response.thread if response.HasField("thread") else None
-        return Started(run, response.fencing_token, thread, (request, response))
+        return Started(run, response.fencing_token, thread, (request, response), announced)
 
     async def continue_thread(
         self,
@@ -863,6 +876,8 @@ class RunExecutor:
             else:
                 run, head_id = await self._restore(run_id)
             ex = self._execution(workflow, run, head_id, token)
+            if started is not None and token == 1:
+                ex.announced = set(started.announced)
             if run.status not in ("PENDING", "RUNNING"):
                 return run
             self.live[run_id] = ex
@@ -923,8 +938,14 @@ class RunExecutor:
                 # The store is away: keep trying; writes are fenced if someone took over.
 
     async def _control(self, ex: Execution, steps: asyncio.Task) -> None:
-        """Follow the run's control feed from the last request handled, and act on each."""
+        """Follow the run's control feed from the last request handled, and act on each.
+        Only from CONTROL_FOLLOW_AFTER into the execution, or once this engine was asked
+        (follow_control): a short run opens no stream, and a request made on another engine
+        before then waits in the feed until it is read."""
         run = ex.run
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONTROL_FOLLOW_AFTER):
+                await ex.follow_control.wait()
         while True:
             try:
                 async for item in self.store.Stream(
@@ -1073,16 +1094,7 @@ class RunExecutor:
             if ex.all_done():
                 break
             if step_checkpoints:
-                following: list[str] = []
-                if ex.pause is None:
-                    following = [
-                        n.id
-                        for n in ex.ready()
-                        if n.type != "approval"
-                        and not n.when
-                        and not (n.critical and before_critical)
-                        and n.id not in run.interrupt_before
-                    ][: ex.parallel]
+                following = self._announceable(ex) if ex.pause is None else []
                 ex.announced = set(following)
                 await self._save(
                     ex, cpb.TRIGGER_STEP_COMPLETED, events=self._started(ex, following)
@@ -1101,6 +1113,21 @@ class RunExecutor:
         event = status_event("PAUSED", reason="breakpoint", breakpoint=name, **ex.progress())
         await self._save(ex, cpb.TRIGGER_INTERRUPT, name=name, events=[event], release=True)
         return run
+
+    @staticmethod
+    def _announceable(ex: Execution) -> list[str]:
+        """The nodes the next step starts at once, whose node.started may go out ahead with
+        a checkpoint: ready, not approvals, without a condition or a checkpoint or breakpoint
+        before them, within max_parallel."""
+        before_critical = pb.CHECKPOINT_TRIGGER_BEFORE_CRITICAL in ex.workflow.triggers
+        return [
+            n.id
+            for n in ex.ready()
+            if n.type != "approval"
+            and not n.when
+            and not (n.critical and before_critical)
+            and n.id not in ex.run.interrupt_before
+        ][: ex.parallel]
 
     @staticmethod
     def _started(ex: Execution, node_ids: list[str]) -> list[cpb.NewEvent]:
@@ -1180,7 +1207,7 @@ class RunExecutor:
                             output = await once()
             except Exception as exc:  # the node's failure, not the engine's
                 ex.running -= 1
-                metrics.NODES.labels(node.type, "failed").inc()
+                metrics.nodes(node.type, "failed").inc()
                 if isinstance(exc, TimeoutError):
                     error = f"timed out after {node.timeout:g}s"
                 else:
@@ -1197,8 +1224,8 @@ class RunExecutor:
                 return node.id, error
         duration = time.monotonic() - started
         ex.finished(node.id, round(duration, 6))
-        metrics.NODES.labels(node.type, "completed").inc()
-        metrics.NODE_SECONDS.labels(node.type).observe(duration)
+        metrics.nodes(node.type, "completed").inc()
+        metrics.node_seconds(node.type).observe(duration)
         ex.running -= 1
         completed = _done_event(ex, node, attempt=attempt, duration_seconds=duration, output=output)
         deferred = may_defer and ex.running == 0  # the step's checkpoint comes next
@@ -1218,20 +1245,21 @@ def _done_event(ex: Execution, node: NodeSpec, **payload: Any) -> Callable[[], c
 
 
 def _run_checkpoint(
-    workflow: Workflow, run: RunState, trigger: int, name: str, metadata: dict[str, str] | None
+    ex: Execution, trigger: int, name: str, metadata: dict[str, str] | None
 ) -> cpb.Checkpoint:
     """A checkpoint of the run as it is now, as every save of a run sends it."""
+    run = ex.run
     return cpb.Checkpoint(
         namespace=RUNS_NAMESPACE,
         thread_id=run.run_id,
-        state=run.to_json(),
+        state=ex.state_json.encode(run.__dict__),
         content_type="application/json",
         step=run.step,
         trigger=trigger,
         name=name,
         completed_nodes=run.completed,
         metadata=metadata or {},
-        expires_at=_expiry(workflow),
+        expires_at=_expiry(ex.workflow),
     )
 
 

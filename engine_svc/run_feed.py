@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,8 +28,11 @@ _TERMINAL = frozenset(
     {cpb.THREAD_STATUS_COMPLETED, cpb.THREAD_STATUS_FAILED, cpb.THREAD_STATUS_CANCELLED}
 )
 
-# An event as held: built into WatchRun's message only if a watcher asks for it.
-_Held = pb.WatchRunResponse | Callable[[], pb.WatchRunResponse]
+# An event as held: as its call sent it (a Save's answer standing for its "checkpoint.saved"),
+# with its time and whether it ended the run, until a watcher asks for it; then as WatchRun
+# gives it.
+_Pending = tuple[cpb.NewEvent | cpb.SaveResponse, Timestamp, bool]
+_Held = pb.WatchRunResponse | _Pending
 
 
 class RunFeed:
@@ -61,13 +64,8 @@ class RunFeed:
         """A Save's events: "checkpoint.saved" at its seq, then the request's own."""
         if not response.HasField("events_time") or not response.HasField("thread"):
             return  # a replayed answer: those seqs are the store's to give
-        status = response.thread.status
-        self.terminal = status in _TERMINAL
-        events: list[cpb.NewEvent | Callable[[], cpb.NewEvent]] = [
-            lambda: _checkpoint_saved(response, status),
-            *request.events,
-        ]
-        self._record(response.seq, events, response.events_time, self.terminal)
+        self.terminal = response.thread.status in _TERMINAL
+        self._record(response.seq, [response, *request.events], response.events_time, self.terminal)
 
     def appended(
         self, events: Sequence[cpb.NewEvent], seqs: Sequence[int], when: Timestamp
@@ -86,33 +84,20 @@ class RunFeed:
     def _record(
         self,
         first_seq: int,
-        events: Sequence[cpb.NewEvent | Callable[[], cpb.NewEvent]],
+        events: Sequence[cpb.NewEvent | cpb.SaveResponse],
         when: Timestamp,
         ends_run: bool,
     ) -> None:
         last = first_seq + len(events) - 1
-        for i, event in enumerate(events):
-            seq = first_seq + i
-            self._held[seq] = self._builder(seq, event, when, ends_run and seq == last)
+        held = self._held
+        for seq, event in enumerate(events, first_seq):
+            held[seq] = (event, when, ends_run and seq == last)
         self.first = min(self.first or first_seq, first_seq)
         self.high = max(self.high, last)
         while len(self._held) > self.limit:
             self._held.pop(self.first, None)
             self.first += 1
         self._wake()
-
-    @staticmethod
-    def _builder(
-        seq: int,
-        event: cpb.NewEvent | Callable[[], cpb.NewEvent],
-        when: Timestamp,
-        terminal: bool,
-    ) -> Callable[[], pb.WatchRunResponse]:
-        def build() -> pb.WatchRunResponse:
-            new = event() if callable(event) else event
-            return run_event(seq, new.type, when, new.payload, terminal or new.terminal)
-
-        return build
 
     # ---- what watchers read -------------------------------------------------------------
 
@@ -130,7 +115,11 @@ class RunFeed:
         held = self._held.get(seq)
         if held is None or isinstance(held, pb.WatchRunResponse):
             return held
-        built = self._held[seq] = held()  # once, whoever watches
+        event, when, terminal = held
+        new = _checkpoint_saved(event) if isinstance(event, cpb.SaveResponse) else event
+        built = self._held[seq] = run_event(  # once, whoever watches
+            seq, new.type, when, new.payload, terminal or new.terminal
+        )
         return built
 
     async def follow(
@@ -185,7 +174,7 @@ class RunFeed:
                 waiter.set_result(None)
 
 
-def _checkpoint_saved(response: cpb.SaveResponse, status: int) -> cpb.NewEvent:
+def _checkpoint_saved(response: cpb.SaveResponse) -> cpb.NewEvent:
     """The "checkpoint.saved" event the store appended for a Save, as its feed holds it
     (docs/engine.md#watching-a-run)."""
     cp = response.checkpoint
@@ -197,7 +186,7 @@ def _checkpoint_saved(response: cpb.SaveResponse, status: int) -> cpb.NewEvent:
             "step": cp.step,
             "trigger": cpb.Trigger.Name(cp.trigger).removeprefix("TRIGGER_"),
             "name": cp.name,
-            "status": cpb.ThreadStatus.Name(status).removeprefix("THREAD_STATUS_"),
+            "status": cpb.ThreadStatus.Name(response.thread.status).removeprefix("THREAD_STATUS_"),
             "progress_percent": cp.progress_percent,
             "eta_seconds": cp.eta_seconds,
             "completed_nodes": len(cp.completed_nodes),

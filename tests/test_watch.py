@@ -43,7 +43,7 @@ async def test_the_executing_engine_serves_the_stores_events_without_its_stream(
         ),
         {"id": "never", "type": "noop", "depends_on": ["first"], "when": "first > 100"},
         {"id": "nap", "type": "sleep", "depends_on": ["p0", "p1", "p2"],
-         "config": {"seconds": 1.0}},
+         "config": {"seconds": 1.5}},
         {"id": "last", "type": "transform", "depends_on": ["nap"],
          "config": {"expression": "p2 + 1"}},
     ]  # fmt: skip
@@ -67,6 +67,7 @@ async def test_the_executing_engine_serves_the_stores_events_without_its_stream(
 
     watcher = asyncio.create_task(follow_here())
     await asyncio.wait_for(napping.wait(), 20)
+    await asyncio.sleep(0.6)  # the engine follows the run's control feed by now
     # Mid-run, with a watcher open on the engine running it: the only Stream open on the
     # store is that engine's own control feed.
     assert await asyncio.to_thread(_stream_watchers, metrics_port) == 1
