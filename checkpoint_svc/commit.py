@@ -468,14 +468,15 @@ class GroupCommitter:
 def _in_one_statement(hot: PgHotPath, ops: list[Operation]) -> bool:
     """Whether a batch can be checked and written in one statement: every thread either as
     this replica left it, or new to SQL (then the statement inserts it, and fails if it was
-    not new); no operation that deletes, or needs a thread to exist, or a client-chosen
-    checkpoint id checked on a thread that has checkpoints."""
+    not new); no operation that deletes, or needs a thread to exist, or (unless the hot path
+    may: PgHotPath.claims_in_one_statement) a client-chosen checkpoint id checked on a thread
+    that has checkpoints."""
     for op in ops:
         if not op.in_one_statement:
             return False
         if not hot.knows(op.key) and not op.creates:
             return False
-        if op.claimed_id and hot.knows(op.key):
+        if op.claimed_id and hot.knows(op.key) and not hot.claims_in_one_statement:
             return False
     return True
 

@@ -87,6 +87,10 @@ class CheckpointStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sql = SqlTier(settings.db_url)
+        if self.sql.hot is not None:
+            # Writes committed before their checkpoint matter only to a memory tier that
+            # answers heads: otherwise a claimed id needs no look-up of its own.
+            self.sql.hot.claims_in_one_statement = not settings.memory_answers_heads
         self.memory = MemoryTier(
             int(settings.memory_mib * 1024 * 1024), answers_heads=settings.memory_answers_heads
         )

@@ -153,3 +153,38 @@ def test_a_cancelled_astream_then_a_second_event_loop(service, tenant) -> None:
     assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["values"]["done"] == ["first", "slow", "last"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_writes_put_together_are_stored_as_each_task_put_them(service, tenant) -> None:
+    """A step's tasks put their writes in the same turn of the loop, and they go to the store
+    in one call: each task's writes still land as if put alone, special writes (an error)
+    still replace their slot, and another checkpoint's writes stay apart."""
+    saver = CheckpointServiceSaver(service.address, tenant=tenant)
+    try:
+        config = {"configurable": {"thread_id": "together", "checkpoint_ns": ""}}
+        first = await saver.aput(config, empty_checkpoint(), {}, {})
+        second = await saver.aput(first, empty_checkpoint(), {}, {})
+        await asyncio.gather(
+            *(
+                saver.aput_writes(second, [("out", i), ("log", f"task {i}")], f"t{i}")
+                for i in range(4)
+            ),
+            saver.aput_writes(second, [("__error__", "first")], "failing"),
+            saver.aput_writes(first, [("late", True)], "older"),
+        )
+        await asyncio.gather(
+            saver.aput_writes(second, [("out", "again")], "t0"),  # kept once, not replaced
+            saver.aput_writes(second, [("__error__", "second")], "failing"),  # replaces
+        )
+        got = await saver.aget_tuple(second)
+        writes = sorted((task, channel, value) for task, channel, value in got.pending_writes)
+        assert writes == sorted(
+            [(f"t{i}", "out", i) for i in range(4)]
+            + [(f"t{i}", "log", f"task {i}") for i in range(4)]
+            + [("failing", "__error__", "second")]
+        )
+        older = await saver.aget_tuple(first)
+        assert older.pending_writes == [("older", "late", True)]
+    finally:
+        await saver.aclose()

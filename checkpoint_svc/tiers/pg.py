@@ -200,6 +200,10 @@ class PgHotPath:
         # Writer connections kept between batches (one per lane): a pool's acquire and
         # release cost more than a small batch's Python work.
         self._spare: list[asyncpg.Connection] = []
+        # Whether a batch saving a client-chosen checkpoint id on a remembered thread may go
+        # in one statement (the checkpoints' primary key refuses a taken id, and the batch
+        # then runs the long way, which says so); not when early writes must be known.
+        self.claims_in_one_statement = True
 
     def knows(self, key: ThreadKey) -> bool:
         """Whether this replica has the thread's row as its last batch left it."""
@@ -401,6 +405,8 @@ class PgBatch(Batch):
         if in_batch:
             return True, writes
         if key in self._new:  # no row yet, so neither checkpoints nor writes (or: unique)
+            return False, writes
+        if self._seen is not None:  # in one statement: a taken id fails it (unique)
             return False, writes
         found = self._claimed.get((key, checkpoint_id))
         if found is None:

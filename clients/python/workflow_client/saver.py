@@ -42,6 +42,11 @@ from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as pb_grpc
 _PAGE = 500
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
@@ -69,6 +74,10 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         self._sync: grpc.Channel | None = None
         self._use_session = session
         self._session: StoreSession | None = None
+        # Writes of one checkpoint put in the same turn of an event loop, sent together (a
+        # step's tasks finish together): by loop, thread, namespace, checkpoint and whether
+        # they are special (replacing) writes, the request collecting them and its sender.
+        self._unsent: dict[tuple[Any, ...], tuple[pb.PutWritesRequest, asyncio.Future]] = {}
 
     # ---- channels (one per kind: an asyncio channel belongs to its event loop) ----------
 
@@ -326,10 +335,35 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         if not writes:
             return
         request = self._writes_request(config, writes, task_id, task_path)
+        # The store replaces a request's slots only if all its writes are special ones: the
+        # two kinds never share a request.
+        special = all(w.idx < 0 for w in request.writes)
+        key = (
+            asyncio.get_running_loop(),
+            request.thread_id,
+            request.namespace,
+            request.writes[0].checkpoint_id,
+            special,
+        )
+        unsent = self._unsent.get(key)
+        if unsent is None:
+            sender = asyncio.ensure_future(self._send_writes(key, request))
+            sender.add_done_callback(_retrieved)  # its callers may all have gone
+            self._unsent[key] = (request, sender)
+        else:
+            unsent[0].writes.extend(request.writes)
+            sender = unsent[1]
         try:
-            await self._hot(lambda: self._acalls.PutWrites(request, **self._options()))
+            await asyncio.shield(sender)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    async def _send_writes(self, key: tuple[Any, ...], request: pb.PutWritesRequest) -> None:
+        """One PutWrites for the writes put in this turn of the loop (one task's, or all of
+        a step's): each caller's answer is this call's."""
+        await asyncio.sleep(0)
+        self._unsent.pop(key, None)  # writes from now on go in a call of their own
+        await self._hot(lambda: self._acalls.PutWrites(request, **self._options()))
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         try:
