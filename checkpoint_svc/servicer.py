@@ -113,7 +113,11 @@ def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
     """The call's one tenant: a second `x-tenant-id` is refused, never silently ignored
-    (which of two headers wins must not depend on the path a call takes)."""
+    (which of two headers wins must not depend on the path a call takes). A Session
+    stream's calls read it once."""
+    known = getattr(context, "known_tenant", None)
+    if known is not None:
+        return known
     values = [v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER]
     if not values:
         return DEFAULT_TENANT
@@ -128,6 +132,8 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
             f"bad {TENANT_HEADER} metadata {value[:64]!r}",
             [(TENANT_HEADER, "1-128 of A-Z a-z 0-9 . _ -, starting alphanumeric")],
         )
+    if hasattr(context, "known_tenant"):
+        context.known_tenant = value
     return value
 
 

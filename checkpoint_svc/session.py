@@ -48,6 +48,9 @@ class SessionCallContext:
 
     def __init__(self, stream: grpc.aio.ServicerContext) -> None:
         self._stream = stream
+        # The stream's tenant once a handler has read it (servicer.tenant_of): the same for
+        # every call on the stream.
+        self.known_tenant: str | None = None
 
     def invocation_metadata(self) -> Any:
         return self._stream.invocation_metadata()
@@ -92,7 +95,7 @@ async def serve_session(
                     )
                 )
             result = await handler_of(CALLS[kind])(
-                getattr(request, kind), SessionCallContext(stream)
+                getattr(request, kind), context
             )
             answer(pb.SessionResponse(call_id=request.call_id, **{kind: result}))
         except _CallEnded as ended:
@@ -119,6 +122,7 @@ async def serve_session(
         finally:
             answers.put_nowait(None)  # the client's side is closed (or broke)
 
+    context = SessionCallContext(stream)  # one for all the stream's calls
     reader = asyncio.create_task(read())
     closed = False
     try:
