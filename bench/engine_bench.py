@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -49,6 +49,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from bench import floors, servers
+from workflow_client.calls import events_of
 from workflow_client.saver import CheckpointServiceSaver
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -172,13 +173,21 @@ class EngineClient:
     async def start_and_watch(self, workflow_id: str) -> None:
         """StartRun, then WatchRun until the terminal event; RuntimeError unless COMPLETED."""
         started = await self.stub.StartRun(pb.StartRunRequest(workflow_id=workflow_id))
-        async for item in self.stub.WatchRun(pb.WatchRunRequest(run_id=started.run.run_id)):
-            if item.HasField("event") and item.event.terminal:
-                if item.event.status != pb.RUN_STATUS_COMPLETED:
-                    status = pb.RunStatus.Name(item.event.status)
+        async for ev in self.events(started.run.run_id):
+            if ev.terminal:
+                if ev.status != pb.RUN_STATUS_COMPLETED:
+                    status = pb.RunStatus.Name(ev.status)
                     raise RuntimeError(f"run {started.run.run_id} ended {status}")
                 return
         raise RuntimeError(f"run {started.run.run_id}: WatchRun ended before its end")
+
+    async def events(self, run_id: str) -> AsyncIterator[pb.RunEvent]:
+        """The run's events as the Python client's watch gets them (batched: a step's
+        events in one message)."""
+        request = pb.WatchRunRequest(run_id=run_id, batched=True)
+        async for item in self.stub.WatchRun(request):
+            for ev in events_of(item):
+                yield ev
 
     def runner(self, workflow_id: str, nodes: int, steps: int) -> RunOnce:
         """One timed run: StartRun, then WatchRun until the terminal event.
@@ -196,10 +205,7 @@ class EngineClient:
             t_started_wall = time.time()
             node_times: list[float] = []
             terminal: pb.RunEvent | None = None
-            async for item in self.stub.WatchRun(pb.WatchRunRequest(run_id=started.run.run_id)):
-                if not item.HasField("event"):
-                    continue
-                ev = item.event
+            async for ev in self.events(started.run.run_id):
                 if ev.type == "node.completed":
                     node_times.append(ev.time.ToNanoseconds() / 1e9)
                 if ev.terminal:

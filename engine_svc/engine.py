@@ -89,7 +89,7 @@ class Engine:
             ],
         )
         self.store = cpb_grpc.CheckpointServiceStub(self.channel)
-        self.registry = WorkflowRegistry(self.store)
+        self.registry = WorkflowRegistry(self.store, lambda tenant: self.executor(tenant).calls)
         self.runner = NodeRunner(
             set(settings.handlers),
             {"subworkflow": self._child_run, "rollback": self._rollback_node},
@@ -567,7 +567,7 @@ class Engine:
         return list(listed.threads), listed.next_page_token
 
     async def watch_run(
-        self, tenant: str, run_id: str, after_seq: int
+        self, tenant: str, run_id: str, after_seq: int, *, batched: bool = False
     ) -> AsyncIterator[pb.WatchRunResponse]:
         """The run's feed from `after_seq`, until the run is over. While this engine executes
         the run, its events come from the calls that appended them (RunFeed), else from the
@@ -581,8 +581,11 @@ class Engine:
         while True:
             feed = self._feed(tenant, run_id)
             if feed is not None and feed.holds(cursor):
-                async for watched in feed.follow(cursor, self.settings.heartbeat_seconds):
-                    if watched.HasField("event"):
+                beat = self.settings.heartbeat_seconds
+                async for watched in feed.follow(cursor, beat, batched=batched):
+                    if watched.HasField("events"):
+                        cursor = watched.events.events[-1].seq
+                    elif watched.HasField("event"):
                         cursor = watched.event.seq
                     yield watched
                 if feed.ended_at(cursor):
@@ -596,7 +599,10 @@ class Engine:
                 ),
                 metadata=md,
             ):
-                yield watch_response(item)
+                watched = watch_response(item)
+                if batched and watched.HasField("event"):
+                    watched = pb.WatchRunResponse(events=pb.RunEvents(events=[watched.event]))
+                yield watched
                 if not item.HasField("event"):
                     continue
                 cursor = item.event.seq

@@ -11,7 +11,9 @@ checkpoints are the history of which version was active, who changed it and why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import uuid6
@@ -26,6 +28,7 @@ from workflow_stubs.engine.v1 import engine_pb2 as pb
 WORKFLOWS_NAMESPACE = "workflows"
 _CONFLICTS = (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED)
 _ATTEMPTS = 10
+_READ_TIMEOUT = 30.0  # seconds a registry read waits for the store
 
 
 class RegistrationContended(RuntimeError):
@@ -75,8 +78,15 @@ _PARSED_MAX = 1024
 
 
 class WorkflowRegistry:
-    def __init__(self, store: cpb_grpc.CheckpointServiceStub) -> None:
+    def __init__(
+        self,
+        store: cpb_grpc.CheckpointServiceStub,
+        calls_of: Callable[[str], Any] | None = None,
+    ) -> None:
         self.store = store
+        # A tenant's hot calls (its Session stream, if the engine has one): StartRun reads
+        # the workflow's head there.
+        self._calls_of = calls_of
         # Definitions parsed from JSON, by tenant and fingerprint (their content): parsing a
         # 100-node definition costs about a millisecond, on every StartRun otherwise.
         self._parsed: dict[tuple[str, str], pb.WorkflowDefinition] = {}
@@ -221,7 +231,7 @@ class WorkflowRegistry:
     async def get(self, tenant: str, workflow_id: str, version: int = 0) -> StoredWorkflow:
         """A version of a workflow (0: the active one)."""
         md = tenant_metadata(tenant)
-        head = await self._head(md, workflow_id)
+        head = await self._head(md, workflow_id, tenant)
         if head is None:
             raise WorkflowNotFound(f"workflow {workflow_id!r} not found")
         active = int(head.checkpoint.metadata["version"])
@@ -238,12 +248,19 @@ class WorkflowRegistry:
                 self._parsed[key] = definition
         return StoredWorkflow(definition, int(found.checkpoint.metadata["version"]), active)
 
-    async def _head(self, md: tuple, workflow_id: str) -> cpb.RestoreResponse | None:
+    async def _head(
+        self, md: tuple, workflow_id: str, tenant: str = ""
+    ) -> cpb.RestoreResponse | None:
+        request = cpb.RestoreRequest(namespace=WORKFLOWS_NAMESPACE, thread_id=workflow_id)
+        calls = self._calls_of(tenant) if self._calls_of and tenant else self.store
         try:
-            return await self.store.Restore(
-                cpb.RestoreRequest(namespace=WORKFLOWS_NAMESPACE, thread_id=workflow_id),
-                metadata=md,
-            )
+            try:
+                return await calls.Restore(request, metadata=md, timeout=_READ_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                if calls is self.store or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            # The session broke (the store restarted): the unary call, with gRPC's retries.
+            return await self.store.Restore(request, metadata=md, timeout=_READ_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

@@ -23,6 +23,8 @@ EVENTS_HELD = 10_000
 # How long a watcher waits for a seq while later ones are here (the call that appended it has
 # not been answered yet) before it reads that seq from the store: someone else appended it.
 GAP_WAIT_SECONDS = 0.5
+# Events in one batched WatchRun response, at most.
+BATCH_MAX = 500
 
 _TERMINAL = frozenset(
     {cpb.THREAD_STATUS_COMPLETED, cpb.THREAD_STATUS_FAILED, cpb.THREAD_STATUS_CANCELLED}
@@ -123,11 +125,12 @@ class RunFeed:
         return built
 
     async def follow(
-        self, cursor: int, heartbeat_seconds: float
+        self, cursor: int, heartbeat_seconds: float, *, batched: bool = False
     ) -> AsyncIterator[pb.WatchRunResponse]:
-        """The events after `cursor` in order, and a heartbeat when idle that long. Ends when
-        the next one will not come here: the execution is over, it was let go (too far
-        behind), or it is missing while later ones are here."""
+        """The events after `cursor` in order (`batched`: all those here at once in one
+        response), and a heartbeat when idle that long. Ends when the next one will not come
+        here: the execution is over, it was let go (too far behind), or it is missing while
+        later ones are here."""
         idle_since = time.monotonic()
         missing_since: float | None = None
         while True:
@@ -135,7 +138,14 @@ class RunFeed:
             if item is not None:
                 cursor += 1
                 idle_since, missing_since = time.monotonic(), None
-                yield item
+                if not batched:
+                    yield item
+                    continue
+                together = [item.event]
+                while len(together) < BATCH_MAX and (more := self._item(cursor + 1)):
+                    together.append(more.event)
+                    cursor += 1
+                yield pb.WatchRunResponse(events=pb.RunEvents(events=together))
                 continue
             if self.closed or cursor + 1 < self.first:
                 return

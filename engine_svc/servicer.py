@@ -308,7 +308,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     ) -> AsyncIterator[pb.WatchRunResponse]:
         try:
             async for item in self.engine.watch_run(
-                tenant_of(context), request.run_id, request.after_seq
+                tenant_of(context), request.run_id, request.after_seq, batched=request.batched
             ):
                 yield item
         except _TRANSLATED as exc:

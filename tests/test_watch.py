@@ -65,14 +65,32 @@ async def test_the_executing_engine_serves_the_stores_events_without_its_stream(
                 if item.event.type == "node.started" and item.event.node_id == "nap":
                     napping.set()
 
+    responses: list[pb.WatchRunResponse] = []
+
+    async def follow_batched() -> None:
+        request = pb.WatchRunRequest(run_id=run_id, batched=True)
+        async for item in s.WatchRun(request, metadata=md):
+            responses.append(item)
+
     watcher = asyncio.create_task(follow_here())
+    batched = asyncio.create_task(follow_batched())
     await asyncio.wait_for(napping.wait(), 20)
     await asyncio.sleep(0.6)  # the engine follows the run's control feed by now
     # Mid-run, with a watcher open on the engine running it: the only Stream open on the
     # store is that engine's own control feed.
     assert await asyncio.to_thread(_stream_watchers, metrics_port) == 1
-    await asyncio.wait_for(watcher, 20)
+    await asyncio.wait_for(asyncio.gather(watcher, batched), 20)
     from_store = await asyncio.wait_for(watch(other, md, run_id), 20)
+    # Batched: the same events, a step's in one response.
+    assert not any(r.HasField("event") for r in responses)
+    together = [e for r in responses if r.HasField("events") for e in r.events.events]
+    assert together == local
+    assert sum(r.HasField("events") for r in responses) <= len(local) // 2
+    elsewhere_batched = []
+    async for r in other.WatchRun(pb.WatchRunRequest(run_id=run_id, batched=True), metadata=md):
+        elsewhere_batched += [e for e in r.events.events] if r.HasField("events") else []
+        assert not r.HasField("event")
+    assert elsewhere_batched == from_store
     assert [e.seq for e in local] == list(range(1, len(local) + 1))
     assert local[-1].terminal and local[-1].status == pb.RUN_STATUS_COMPLETED
     kinds = {e.type for e in local}

@@ -148,13 +148,13 @@ class AsyncEngineClient(_AsyncClient):
         while True:
             try:
                 async for item in self.stub.WatchRun(
-                    pb.WatchRunRequest(run_id=run_id, after_seq=last),
+                    pb.WatchRunRequest(run_id=run_id, after_seq=last, batched=True),
                     metadata=self.connection.metadata,
                 ):
                     failing_since = None
-                    if item.HasField("event"):
-                        last = item.event.seq
-                        yield item.event
+                    for event in calls.events_of(item):
+                        last = event.seq
+                        yield event
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:

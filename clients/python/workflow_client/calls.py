@@ -37,6 +37,13 @@ def plain(value: Any) -> Any:
     return value
 
 
+def events_of(item: pb.WatchRunResponse) -> list[pb.RunEvent]:
+    """The events of one WatchRun response: one, several (batched), or none (a heartbeat)."""
+    if item.HasField("events"):
+        return list(item.events.events)
+    return [item.event] if item.HasField("event") else []
+
+
 def state_of(run: pb.Run) -> dict[str, Any]:
     """A run's state as a dict: its input and each finished node's output."""
     return plain(json_format.MessageToDict(run.state))

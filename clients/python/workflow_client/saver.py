@@ -16,6 +16,7 @@ import contextlib
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -40,6 +41,16 @@ from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as pb_grpc
 
 _PAGE = 500
+
+
+@dataclass(slots=True)
+class _UnsentWrites:
+    """Writes put in this turn of the loop, the call sending them, and how many callers wait
+    for it (once none does, it is cancelled, as a call of their own would be)."""
+
+    request: pb.PutWritesRequest
+    sender: asyncio.Future
+    waiting: int = 0
 
 
 def _retrieved(future: asyncio.Future) -> None:
@@ -77,7 +88,7 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         # Writes of one checkpoint put in the same turn of an event loop, sent together (a
         # step's tasks finish together): by loop, thread, namespace, checkpoint and whether
         # they are special (replacing) writes, the request collecting them and its sender.
-        self._unsent: dict[tuple[Any, ...], tuple[pb.PutWritesRequest, asyncio.Future]] = {}
+        self._unsent: dict[tuple[Any, ...], _UnsentWrites] = {}
 
     # ---- channels (one per kind: an asyncio channel belongs to its event loop) ----------
 
@@ -349,12 +360,17 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         if unsent is None:
             sender = asyncio.ensure_future(self._send_writes(key, request))
             sender.add_done_callback(_retrieved)  # its callers may all have gone
-            self._unsent[key] = (request, sender)
+            unsent = self._unsent[key] = _UnsentWrites(request, sender)
         else:
-            unsent[0].writes.extend(request.writes)
-            sender = unsent[1]
+            unsent.request.writes.extend(request.writes)
+        unsent.waiting += 1
         try:
-            await asyncio.shield(sender)
+            await asyncio.shield(unsent.sender)
+        except asyncio.CancelledError:
+            unsent.waiting -= 1
+            if not unsent.waiting:  # nobody waits for it: cancelled with its callers
+                unsent.sender.cancel()
+            raise
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
 

@@ -141,13 +141,13 @@ class EngineClient(_Client):
         while True:
             try:
                 for item in self.stub.WatchRun(
-                    pb.WatchRunRequest(run_id=run_id, after_seq=last),
+                    pb.WatchRunRequest(run_id=run_id, after_seq=last, batched=True),
                     metadata=self.connection.metadata,
                 ):
                     failing_since = None
-                    if item.HasField("event"):
-                        last = item.event.seq
-                        yield item.event
+                    for event in calls.events_of(item):
+                        last = event.seq
+                        yield event
                 return
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
