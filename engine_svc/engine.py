@@ -101,6 +101,7 @@ class Engine:
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._not_runs: set[tuple[str, str]] = set()  # runs/ threads holding no run
         self._recovery: asyncio.Task | None = None
+        self._closing = False  # close() began: no run is launched again after its end
 
     def executor(self, tenant: str) -> RunExecutor:
         if tenant not in self._executors:
@@ -131,6 +132,7 @@ class Engine:
         run is checkpointed (still RUNNING, so another engine continues it at once) and its
         lease released. What is still running after the grace period is cut off; its
         unsaved nodes run again wherever the run continues."""
+        self._closing = True
         if self._recovery is not None:
             self._recovery.cancel()
         for executor in self._executors.values():
@@ -272,7 +274,9 @@ class Engine:
             raise
         await self._note_tenant(tenant)
         run = started.run
-        if started.token or run.status == "PENDING":  # not a replayed start of a run under way
+        # A replayed start (a retry whose first answer was lost, or a client's) of a run that
+        # has not ended is launched too: its execution takes the lease, or finds it held.
+        if started.token or run.status in ("PENDING", "RUNNING"):
             # A copy: the reply shows the run as it started.
             copy = started._replace(run=RunState.from_json(run.to_json()))
             self._launch(tenant, workflow, run.run_id, copy)
@@ -346,7 +350,15 @@ class Engine:
         self, tenant: str, workflow: Workflow, run_id: str, started: Started | None = None
     ) -> None:
         key = (tenant, run_id)
-        if key in self._running:
+        if (running := self._running.get(key)) is not None:
+            # Its execution here is ending (it let the lease go with its last checkpoint, and
+            # a resume took it since): run it again once that one is over, unless the engine
+            # is stopping (then another engine, or this one restarted, takes it over).
+            def again(_: asyncio.Task) -> None:
+                if not self._closing:
+                    self._launch(tenant, workflow, run_id)
+
+            running.add_done_callback(again)
             return
         self._not_runs.discard(key)  # a run started (or resumed) under that id now
         task = asyncio.create_task(
@@ -589,7 +601,11 @@ class Engine:
                         cursor = watched.event.seq
                     yield watched
                 if feed.ended_at(cursor):
-                    return
+                    # Ended here, unless it was resumed meanwhile: the thread says.
+                    thread = await self.thread(tenant, run_id)
+                    status = cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_")
+                    if status in TERMINAL and thread.last_seq <= cursor:
+                        return
             # What the feed here cannot give: the store has it (and switches back once the
             # feed here holds what comes next).
             end_at: int | None = None

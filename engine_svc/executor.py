@@ -876,7 +876,8 @@ class RunExecutor:
             else:
                 run, head_id = await self._restore(run_id)
             ex = self._execution(workflow, run, head_id, token)
-            if started is not None and token == 1:
+            if started is not None and head_id == start_checkpoint_id(run_id):
+                # Still at its first checkpoint: the node.started that it carried stand.
                 ex.announced = set(started.announced)
             if run.status not in ("PENDING", "RUNNING"):
                 return run

@@ -188,3 +188,28 @@ async def test_writes_put_together_are_stored_as_each_task_put_them(service, ten
         assert older.pending_writes == [("older", "late", True)]
     finally:
         await saver.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_writes_cancelled_before_they_are_sent_leave_nothing_behind(service, tenant) -> None:
+    """A task cancelled in the turn it put its writes (a sibling failed): the writes put
+    after it for the same checkpoint (the step run again) are stored, not refused; and a
+    fan-out bigger than one call takes goes in several."""
+    saver = CheckpointServiceSaver(service.address, tenant=tenant)
+    try:
+        config = {"configurable": {"thread_id": "cancelled", "checkpoint_ns": ""}}
+        saved = await saver.aput(config, empty_checkpoint(), {}, {})
+        put = asyncio.ensure_future(saver.aput_writes(saved, [("out", 1)], "t1"))
+        await asyncio.sleep(0)
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        await saver.aput_writes(saved, [("out", 2)], "t1")
+        await asyncio.gather(
+            *(saver.aput_writes(saved, [("fan", i), ("log", i)], f"f{i}") for i in range(600))
+        )
+        got = await saver.aget_tuple(saved)
+        assert ("t1", "out", 2) in got.pending_writes
+        assert len(got.pending_writes) == 1 + 1200
+    finally:
+        await saver.aclose()

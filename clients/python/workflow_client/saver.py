@@ -50,7 +50,13 @@ class _UnsentWrites:
 
     request: pb.PutWritesRequest
     sender: asyncio.Future
+    size: int = 0  # bytes of their values
     waiting: int = 0
+
+
+# What one PutWrites sent together carries at most (the store takes up to 1000 writes a call).
+_WRITES_PER_CALL = 500
+_WRITE_BYTES_PER_CALL = 4 * 1024 * 1024
 
 
 def _retrieved(future: asyncio.Future) -> None:
@@ -357,12 +363,19 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
             special,
         )
         unsent = self._unsent.get(key)
-        if unsent is None:
+        size = sum(len(w.value) for w in request.writes)
+        if (
+            unsent is None
+            or unsent.sender.done()
+            or len(unsent.request.writes) + len(request.writes) > _WRITES_PER_CALL
+            or unsent.size + size > _WRITE_BYTES_PER_CALL
+        ):
             sender = asyncio.ensure_future(self._send_writes(key, request))
             sender.add_done_callback(_retrieved)  # its callers may all have gone
-            unsent = self._unsent[key] = _UnsentWrites(request, sender)
+            unsent = self._unsent[key] = _UnsentWrites(request, sender, size)
         else:
             unsent.request.writes.extend(request.writes)
+            unsent.size += size
         unsent.waiting += 1
         try:
             await asyncio.shield(unsent.sender)
@@ -370,6 +383,8 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
             unsent.waiting -= 1
             if not unsent.waiting:  # nobody waits for it: cancelled with its callers
                 unsent.sender.cancel()
+                if self._unsent.get(key) is unsent:  # and nobody joins it any more
+                    del self._unsent[key]
             raise
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
