@@ -59,6 +59,10 @@ _WRITES_PER_CALL = 500
 _WRITE_BYTES_PER_CALL = 4 * 1024 * 1024
 
 
+# How long the end of an event loop waits for gRPC's last completions of its calls.
+_DRAIN_SECONDS = 0.2
+
+
 def _retrieved(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -91,6 +95,7 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         self._sync: grpc.Channel | None = None
         self._use_session = session
         self._session: StoreSession | None = None
+        self._guard: asyncio.Task | None = None  # closes the channel when its loop ends
         # Writes of one checkpoint put in the same turn of an event loop, sent together (a
         # step's tasks finish together): by loop, thread, namespace, checkpoint and whether
         # they are special (replacing) writes, the request collecting them and its sender.
@@ -106,7 +111,27 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
             # used here: open one for this loop, and let the old one go with its loop.
             self._drop_aio()
             self._aio, self._aio_loop = self.connection.aio_channel(), loop
+            self._guard = loop.create_task(self._close_with_loop(self._aio), name="saver-guard")
         return pb_grpc.CheckpointServiceStub(self._aio)
+
+    async def _close_with_loop(self, channel: grpc.aio.Channel) -> None:
+        """At the end of this channel's event loop (asyncio.run cancels every task before it
+        closes the loop): close the session and the channel while the loop still runs, and
+        give gRPC a moment to deliver the last completions of the calls that cancelling
+        cut off. grpc.aio's completion queue is the process's: a completion of a closed
+        loop's call, delivered while another loop runs, makes it call into the closed one
+        ("Event loop is closed")."""
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if self._aio is channel:
+                session, self._session = self._session, None
+                self._aio = self._aio_loop = None
+                if session is not None:
+                    await session.close()
+                await channel.close()
+                await asyncio.sleep(_DRAIN_SECONDS)
+            raise
 
     @property
     def _acalls(self) -> Any:
@@ -168,6 +193,9 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
                     self._session = None
                 await self._aio.close()
                 self._aio = self._aio_loop = None
+                if self._guard is not None:
+                    self._guard.cancel()  # nothing left for it to close
+                    self._guard = None
             else:
                 self._drop_aio()
         self.close()
