@@ -600,11 +600,10 @@ class Engine:
                     elif watched.HasField("event"):
                         cursor = watched.event.seq
                     yield watched
+                # Ended here, unless it was resumed meanwhile: the thread says.
                 if feed.ended_at(cursor):
-                    # Ended here, unless it was resumed meanwhile: the thread says.
-                    thread = await self.thread(tenant, run_id)
-                    status = cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_")
-                    if status in TERMINAL and thread.last_seq <= cursor:
+                    end = await self._end_of(tenant, run_id)
+                    if end is not None and end <= cursor:
                         return
             # What the feed here cannot give: the store has it (and switches back once the
             # feed here holds what comes next).
@@ -615,24 +614,24 @@ class Engine:
                 ),
                 metadata=md,
             ):
-                watched = watch_response(item)
-                if batched and watched.HasField("event"):
-                    watched = pb.WatchRunResponse(events=pb.RunEvents(events=[watched.event]))
-                yield watched
+                yield watch_response(item, batched=batched)
                 if not item.HasField("event"):
                     continue
                 cursor = item.event.seq
                 if item.event.terminal and end_at is None:
-                    thread = await self.thread(tenant, run_id)
-                    status = cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_")
-                    if status in TERMINAL:
-                        end_at = thread.last_seq
+                    end_at = await self._end_of(tenant, run_id)
                 if end_at is not None and cursor >= end_at:
                     return
                 if end_at is None and (feed := self._feed(tenant, run_id)) and feed.holds(cursor):
                     break
             else:
                 return
+
+    async def _end_of(self, tenant: str, run_id: str) -> int | None:
+        """The last seq of the run's feed if the run has ended (its thread is terminal)."""
+        thread = await self.thread(tenant, run_id)
+        status = cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_")
+        return thread.last_seq if status in TERMINAL else None
 
     def _feed(self, tenant: str, run_id: str) -> RunFeed | None:
         executor = self._executors.get(tenant)

@@ -205,14 +205,18 @@ def _checkpoint_saved(response: cpb.SaveResponse) -> cpb.NewEvent:
     return event
 
 
-def watch_response(item: cpb.StreamResponse) -> pb.WatchRunResponse:
-    """An item of the store's Stream of a run, as WatchRun gives it."""
+def watch_response(item: cpb.StreamResponse, *, batched: bool = False) -> pb.WatchRunResponse:
+    """An item of the store's Stream of a run, as WatchRun gives it (`batched`: an event as
+    a batch of one)."""
     if item.HasField("heartbeat"):
         return pb.WatchRunResponse(
             heartbeat=pb.Heartbeat(time=item.heartbeat.time, last_seq=item.heartbeat.last_seq)
         )
     ev = item.event
-    return run_event(ev.seq, ev.type, ev.time, ev.payload, ev.terminal)
+    watched = run_event(ev.seq, ev.type, ev.time, ev.payload, ev.terminal)
+    if batched:
+        return pb.WatchRunResponse(events=pb.RunEvents(events=[watched.event]))
+    return watched
 
 
 def run_event(
