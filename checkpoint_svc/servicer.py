@@ -361,8 +361,10 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _text(violations, "workflow_id", request.workflow_id, 256)
         _at_most("checkpoint.completed_nodes", msg.completed_nodes, MAX_COMPLETED_NODES)
         _at_most("checkpoint.metadata", msg.metadata, MAX_METADATA_ENTRIES)
-        for i, node in enumerate(msg.completed_nodes):
-            _text(violations, f"checkpoint.completed_nodes[{i}]", node, 256)
+        nodes = msg.completed_nodes
+        if nodes and (max(map(len, nodes)) > 256 or "\x00" in "".join(nodes)):
+            for i, node in enumerate(nodes):  # only now: to name each bad one
+                _text(violations, f"checkpoint.completed_nodes[{i}]", node, 256)
         for k, v in msg.metadata.items():
             _text(violations, f"checkpoint.metadata[{k[:40]!r}]", k + v, 65536)
         if msg.metadata_json:

@@ -4,7 +4,8 @@ A call on the stream costs about half the CPU of the same unary RPC on both side
 set-up, metadata or status per call), and the calls of one stream run concurrently, so the
 Saves of all of an engine's runs share group commits. Each call runs through the very
 handler of its unary RPC, with the stream's metadata, and answers with what that handler
-returns or the status it ends with (docs/api.md#session).
+returns or the status it ends with. Calls sent together in one message, and answers ready
+together, travel as one message's `batch` (docs/api.md#session).
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
+# The stream metadata by which a client says it reads answers in batches (older clients do
+# not: each of their answers goes alone).
+BATCHES_HEADER = "x-session-batches"
+# Calls one message may carry (its own and its batch's): RESOURCE_EXHAUSTED beyond, which
+# ends the stream (docs/checkpoint-service.md#limits).
+MAX_CALLS_PER_MESSAGE = 1000
+# Answers in one message, at most: how many, and up to how many bytes (a bigger answer goes
+# alone, uncopied; the client's receive limit stays far away).
+BATCH_MAX_CALLS = 64
+BATCH_MAX_BYTES = 1 << 20
 # The unary handler of each call a SessionRequest may carry, by its oneof field name.
 CALLS = {
     "save": "Save",
@@ -84,19 +95,18 @@ async def serve_session(
         unanswered -= 1  # with the put, in one step: the loop below never misses the last
         answers.put_nowait(response)
 
-    async def run(request: pb.SessionRequest) -> None:
+    async def run(request: pb.SessionRequest, batched: bool) -> None:
         kind = request.WhichOneof("call")
         try:
-            if kind is None:
+            if kind is None or (batched and request.batch):
+                why = "must name a call" if kind is None else "in a batch carries no batch"
                 raise _CallEnded(
                     pb.CallError(
                         code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                        message="a SessionRequest must name a call",
+                        message=f"a SessionRequest {why}",
                     )
                 )
-            result = await handler_of(CALLS[kind])(
-                getattr(request, kind), context
-            )
+            result = await handler_of(CALLS[kind])(getattr(request, kind), context)
             answer(pb.SessionResponse(call_id=request.call_id, **{kind: result}))
         except _CallEnded as ended:
             answer(pb.SessionResponse(call_id=request.call_id, error=ended.error))
@@ -107,37 +117,77 @@ async def serve_session(
             error = pb.CallError(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
             answer(pb.SessionResponse(call_id=request.call_id, error=error))
 
-    async def read() -> None:
+    def start(request: pb.SessionRequest, batched: bool = False) -> None:
         nonlocal unanswered
+        unanswered += 1
+        task = asyncio.create_task(run(request, batched))
+        calls.add(task)
+        task.add_done_callback(calls.discard)
+
+    async def read() -> None:
         try:
             async for request in requests:
                 if not isinstance(request, pb.SessionRequest):  # malformed bytes
                     await stream.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}"
                     )
-                unanswered += 1
-                task = asyncio.create_task(run(request))
-                calls.add(task)
-                task.add_done_callback(calls.discard)
+                batch = request.batch
+                if not batch:
+                    start(request)
+                    continue
+                own = request.WhichOneof("call") is not None
+                if len(batch) + own > MAX_CALLS_PER_MESSAGE:
+                    await stream.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"a Session message carries at most {MAX_CALLS_PER_MESSAGE} calls",
+                    )
+                if own:
+                    start(request)
+                for call in batch:
+                    start(call, batched=True)
         finally:
             answers.put_nowait(None)  # the client's side is closed (or broke)
 
     context = SessionCallContext(stream)  # one for all the stream's calls
+    batches = (BATCHES_HEADER, "1") in tuple(stream.invocation_metadata() or ())
     reader = asyncio.create_task(read())
     closed = False
+
+    def ended(item: pb.SessionResponse | None) -> bool:
+        """Whether it is the end of the client's side (re-raised if reading failed)."""
+        nonlocal closed
+        if item is not None:
+            return False
+        closed = True
+        if reader.done() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]
+        return True
+
     try:
         while not (closed and unanswered == 0):
             item = await answers.get()
-            if item is None:
-                closed = True
-                if reader.done() and reader.exception() is not None:
-                    raise reader.exception()  # type: ignore[misc]
-            else:
-                yield item
+            if ended(item):
+                continue
+            assert item is not None
+            # The answers ready by now go with it, while the message stays small.
+            size = item.ByteSize()
+            while batches and not answers.empty() and len(item.batch) < BATCH_MAX_CALLS - 1:
+                more = answers.get_nowait()
+                if ended(more):
+                    continue
+                assert more is not None
+                more_size = more.ByteSize()
+                if size + more_size > BATCH_MAX_BYTES:
+                    yield item
+                    item, size = more, more_size
+                else:
+                    item.batch.append(more)
+                    size += more_size
+            yield item
     finally:
         reader.cancel()
         for task in list(calls):
             task.cancel()
 
 
-__all__ = ["CALLS", "SessionCallContext", "serve_session"]
+__all__ = ["BATCHES_HEADER", "CALLS", "SessionCallContext", "serve_session"]

@@ -39,6 +39,18 @@ async def test_invalid_requests_name_the_bad_fields(stub) -> None:
     assert err.value.code() == INVALID
     fields = _violations(err.value)
     assert "checkpoint.thread_id" in fields and "checkpoint.trigger" in fields
+    # Each bad completed node by its index (the good ones not named).
+    nodes = ["ok", "nul\x00", "ok too", "n" * 257]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.Save(
+            pb.SaveRequest(
+                checkpoint=pb.Checkpoint(namespace=NS, thread_id="t", completed_nodes=nodes)
+            ),
+            metadata=md,
+        )
+    assert err.value.code() == INVALID
+    named = {f for f in _violations(err.value) if f.startswith("checkpoint.completed_nodes")}
+    assert named == {"checkpoint.completed_nodes[1]", "checkpoint.completed_nodes[3]"}
 
     cases = [
         s.Save(pb.SaveRequest(checkpoint=pb.Checkpoint(thread_id="x\x00y")), metadata=md),

@@ -94,6 +94,11 @@ def _fill(msg: Message, rng: random.Random, depth: int = 0) -> None:
         if field.message_type is not None:
             if depth > 4:
                 continue
+            if field.message_type.full_name == msg.DESCRIPTOR.full_name:  # holds its own kind
+                # (SessionRequest.batch): a few, nested once; not 50^4 requests in one
+                if depth >= 2:
+                    continue
+                count = min(count, 3)
             for _ in range(count):
                 child = getattr(msg, field.name).add() if repeated else getattr(msg, field.name)
                 if repeated or rng.random() < 0.9:

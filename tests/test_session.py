@@ -11,9 +11,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from checkpoint_svc.session import MAX_CALLS_PER_MESSAGE
 from tests.requests import NS, checkpoint, code_of
 from tests.servers import checkpoint_stub
-from workflow_client.store_session import StoreSession
+from workflow_client.store_session import BATCHES_HEADER, StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 
@@ -79,6 +80,129 @@ async def test_a_request_naming_no_call_fails_alone(service, tenant) -> None:
     assert answers[2].save.checkpoint.thread_id == "ok"
     assert await call.read() is grpc.aio.EOF
     await channel.close()
+
+
+async def _answers(call: grpc.aio.StreamStreamCall, count: int) -> tuple[dict, int]:
+    """`count` answers by call id, read off however many messages carried them."""
+    answers: dict[int, pb.SessionResponse] = {}
+    messages = 0
+    while len(answers) < count:
+        message = await call.read()
+        assert message is not grpc.aio.EOF
+        messages += 1
+        for answer in (message, *message.batch):
+            if answer.WhichOneof("result") is not None:
+                answers[answer.call_id] = answer
+    return answers, messages
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_calls_sent_together_are_each_answered(service, tenant) -> None:
+    """A message's batch: every call in it runs as if it came alone. Answers come in batches
+    only to a client that says it reads them (BATCHES_HEADER); to others, one by one."""
+    channel, stub, md = await checkpoint_stub(service.address, tenant)
+    try:
+        for batches in (True, False):
+            call = stub.Session(metadata=(*md, (BATCHES_HEADER, "1")) if batches else md)
+            thread = f"together-{batches}"
+            calls = [
+                pb.SessionRequest(call_id=2, save=_save(thread, {"n": 2})),
+                pb.SessionRequest(call_id=3, save=_save(f"{thread}-b", {"n": 3})),
+                pb.SessionRequest(call_id=4),  # names no call: fails alone
+                pb.SessionRequest(
+                    call_id=5, restore=pb.RestoreRequest(namespace=NS, thread_id="no-such")
+                ),
+            ]
+            await call.write(
+                pb.SessionRequest(call_id=1, save=_save(thread, {"n": 1}), batch=calls)
+            )
+            # Only a batch, no call of its own: nothing is answered for call id 0.
+            later = [
+                pb.SessionRequest(call_id=10 + i, save=_save(f"{thread}-{i}", {}))
+                for i in range(30)
+            ]
+            await call.write(pb.SessionRequest(batch=later))
+            answers, messages = await asyncio.wait_for(_answers(call, 35), 20)
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert sorted(answers) == [1, 2, 3, 4, 5, *range(10, 40)]
+            assert answers[1].save.checkpoint.thread_id == thread
+            assert answers[3].save.checkpoint.thread_id == f"{thread}-b"
+            assert answers[4].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert answers[5].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert answers[39].save.checkpoint.thread_id == f"{thread}-29"
+            # In the order they were sent: the second Save of the thread came after the first.
+            assert answers[2].save.checkpoint.parent_id == answers[1].save.checkpoint.checkpoint_id
+            if batches:
+                assert messages < 35, "answers ready together were not sent together"
+            else:
+                assert messages == 35
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_batch_is_bounded_and_flat(service, tenant) -> None:
+    """A call in a batch with a batch of its own fails alone (its batch is not run); a
+    message of more than MAX_CALLS_PER_MESSAGE calls ends the stream RESOURCE_EXHAUSTED."""
+    channel, stub, md = await checkpoint_stub(service.address, tenant)
+    try:
+        call = stub.Session(metadata=md)
+        nested = pb.SessionRequest(
+            call_id=2,
+            save=_save("nested", {}),
+            batch=[pb.SessionRequest(call_id=3, save=_save("never", {}))],
+        )
+        await call.write(pb.SessionRequest(call_id=1, save=_save("flat", {}), batch=[nested]))
+        answers, _ = await asyncio.wait_for(_answers(call, 2), 20)
+        assert answers[1].save.checkpoint.thread_id == "flat"
+        assert answers[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "batch" in answers[2].error.message
+        never = await code_of(
+            stub.GetThread(pb.GetThreadRequest(namespace=NS, thread_id="never"), metadata=md)
+        )
+        assert never == grpc.StatusCode.NOT_FOUND
+        many = [
+            pb.SessionRequest(
+                call_id=10 + i, get_thread=pb.GetThreadRequest(namespace=NS, thread_id="flat")
+            )
+            for i in range(MAX_CALLS_PER_MESSAGE + 1)
+        ]
+        await call.write(pb.SessionRequest(batch=many))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while await asyncio.wait_for(call.read(), 20) is not grpc.aio.EOF:
+                pass
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_the_client_sends_calls_made_together_in_one_message(service, tenant) -> None:
+    """StoreSession: calls made while a message is being written go in the next one."""
+    channel, stub, md = await checkpoint_stub(service.address, tenant)
+    session = StoreSession(stub=stub, metadata=md)
+    try:
+        await session.Save(_save("first", {}))
+        stream = session._stream
+        assert stream is not None
+        written: list[pb.SessionRequest] = []
+        write = stream.call.write
+
+        async def counted(message: pb.SessionRequest) -> None:
+            written.append(message)
+            await write(message)
+
+        stream.call.write = counted  # the real call, its messages counted
+        saves = await asyncio.gather(
+            *(session.Save(_save(f"t-{i}", {"i": i}), timeout=10) for i in range(50))
+        )
+        assert [r.checkpoint.thread_id for r in saves] == [f"t-{i}" for i in range(50)]
+        assert sum(1 + len(m.batch) for m in written) == 50
+        assert len(written) < 50, "calls made together were sent one message each"
+    finally:
+        await session.close()
+        await channel.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

@@ -5,12 +5,14 @@ Each method takes a request and returns a response as the stub's unary method do
 fails the same way (`grpc.aio.AioRpcError`, its details trailer included), so the callers'
 retries and error handling do not change. A broken stream fails every call in flight with
 UNAVAILABLE (their answers are lost, not refused: Saves and Publishes are retried by request
-id) and the next call opens a new stream.
+id) and the next call opens a new stream. Calls made while a message is being written go
+together in the next one (a SessionRequest's `batch`), and answers may come the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -26,6 +28,12 @@ log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# The stream metadata saying this client reads answers in batches (docs/api.md#session).
+BATCHES_HEADER = "x-session-batches"
+# Calls in one message, at most: how many, and up to how many bytes (a bigger call goes
+# alone, uncopied; the store's receive limit stays far away).
+BATCH_MAX_CALLS = 64
+BATCH_MAX_BYTES = 1 << 20
 
 
 def error_of(error: cpb.CallError) -> grpc.aio.AioRpcError:
@@ -49,7 +57,8 @@ class _Stream:
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
         self.call = call
         self.waiting: dict[int, asyncio.Future] = {}
-        self.write_lock = asyncio.Lock()  # one write at a time on a gRPC stream
+        self.unsent: collections.deque[cpb.SessionRequest] = collections.deque()  # next message
+        self.sender: asyncio.Task | None = None  # writing (one write at a time on a stream)
         self.reader: asyncio.Task | None = None
         self.broken = False
 
@@ -83,7 +92,8 @@ class StoreSession:
 
     def _open(self) -> _Stream:
         if self._stream is None or self._stream.broken:
-            stream = _Stream(self._stub.Session(metadata=self._md))
+            metadata = (*tuple(self._md or ()), (BATCHES_HEADER, "1"))
+            stream = _Stream(self._stub.Session(metadata=metadata))
             stream.reader = asyncio.create_task(self._read(stream), name="store-session")
             self._stream = stream
         return self._stream
@@ -96,12 +106,10 @@ class StoreSession:
         call_id = next(self._ids)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         stream.waiting[call_id] = future
+        stream.unsent.append(cpb.SessionRequest(call_id=call_id, **{kind: request}))
+        if stream.sender is None:
+            stream.sender = asyncio.create_task(self._send(stream), name="store-session-send")
         try:
-            try:
-                async with stream.write_lock:
-                    await stream.call.write(cpb.SessionRequest(call_id=call_id, **{kind: request}))
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                self._break(stream, f"store session broken: {exc}")
             async with asyncio.timeout(seconds):  # cheaper than wait_for: no waiter of its own
                 return await future
         except TimeoutError:
@@ -114,18 +122,37 @@ class StoreSession:
         finally:
             stream.waiting.pop(call_id, None)
 
+    async def _send(self, stream: _Stream) -> None:
+        """Write the calls waiting to be sent, those that came meanwhile in one message."""
+        unsent, waiting = stream.unsent, stream.waiting
+        try:
+            while unsent and not stream.broken:
+                message = unsent.popleft()
+                if message.call_id not in waiting:
+                    continue  # its caller gave up before it was sent: it is not
+                size = message.ByteSize()
+                while unsent and len(message.batch) < BATCH_MAX_CALLS - 1:
+                    more = unsent[0]
+                    if more.call_id not in waiting:
+                        unsent.popleft()
+                        continue
+                    size += more.ByteSize()
+                    if size > BATCH_MAX_BYTES:
+                        break
+                    message.batch.append(unsent.popleft())
+                await stream.call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self._break(stream, f"store session broken: {exc}")
+        finally:
+            stream.sender = None
+
     async def _read(self, stream: _Stream) -> None:
         why = "store session ended"
         try:
             async for response in stream.call:
-                future = stream.waiting.pop(response.call_id, None)
-                if future is None or future.done():
-                    continue  # its caller gave up (deadline, cancellation)
-                kind = response.WhichOneof("result")
-                if kind == "error":
-                    future.set_exception(error_of(response.error))
-                else:
-                    future.set_result(getattr(response, kind))
+                self._answer(stream, response)
+                for answer in response.batch:
+                    self._answer(stream, answer)
         except grpc.aio.AioRpcError as exc:
             why = f"store session broken: {exc.code().name} {exc.details()}"
         except asyncio.CancelledError:
@@ -134,9 +161,23 @@ class StoreSession:
         finally:
             self._break(stream, why)
 
+    @staticmethod
+    def _answer(stream: _Stream, response: cpb.SessionResponse) -> None:
+        kind = response.WhichOneof("result")
+        if kind is None:
+            return  # a message carrying only a batch
+        future = stream.waiting.pop(response.call_id, None)
+        if future is None or future.done():
+            return  # its caller gave up (deadline, cancellation)
+        if kind == "error":
+            future.set_exception(error_of(response.error))
+        else:
+            future.set_result(getattr(response, kind))
+
     def _break(self, stream: _Stream, why: str) -> None:
         """The stream is gone: every call on it fails with UNAVAILABLE, to be retried."""
         stream.broken = True
+        stream.unsent.clear()
         for future in stream.waiting.values():
             if not future.done():
                 future.set_exception(_unavailable(why))
@@ -149,6 +190,8 @@ class StoreSession:
     async def close(self) -> None:
         self._closed = True
         stream, self._stream = self._stream, None
+        if stream is not None and stream.sender is not None:
+            stream.sender.cancel()
         if stream is not None and stream.reader is not None:
             stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

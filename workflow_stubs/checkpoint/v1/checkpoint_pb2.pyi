@@ -92,7 +92,7 @@ SERVING_HEALTH_DEGRADED: ServingHealth
 SERVING_HEALTH_UNAVAILABLE: ServingHealth
 
 class SessionRequest(_message.Message):
-    __slots__ = ("call_id", "save", "put_writes", "publish", "restore", "acquire_lease", "renew_lease", "release_lease", "get_thread")
+    __slots__ = ("call_id", "save", "put_writes", "publish", "restore", "acquire_lease", "renew_lease", "release_lease", "get_thread", "batch")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     SAVE_FIELD_NUMBER: _ClassVar[int]
     PUT_WRITES_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class SessionRequest(_message.Message):
     RENEW_LEASE_FIELD_NUMBER: _ClassVar[int]
     RELEASE_LEASE_FIELD_NUMBER: _ClassVar[int]
     GET_THREAD_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     save: SaveRequest
     put_writes: PutWritesRequest
@@ -111,10 +112,11 @@ class SessionRequest(_message.Message):
     renew_lease: RenewLeaseRequest
     release_lease: ReleaseLeaseRequest
     get_thread: GetThreadRequest
-    def __init__(self, call_id: _Optional[int] = ..., save: _Optional[_Union[SaveRequest, _Mapping]] = ..., put_writes: _Optional[_Union[PutWritesRequest, _Mapping]] = ..., publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., restore: _Optional[_Union[RestoreRequest, _Mapping]] = ..., acquire_lease: _Optional[_Union[AcquireLeaseRequest, _Mapping]] = ..., renew_lease: _Optional[_Union[RenewLeaseRequest, _Mapping]] = ..., release_lease: _Optional[_Union[ReleaseLeaseRequest, _Mapping]] = ..., get_thread: _Optional[_Union[GetThreadRequest, _Mapping]] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[SessionRequest]
+    def __init__(self, call_id: _Optional[int] = ..., save: _Optional[_Union[SaveRequest, _Mapping]] = ..., put_writes: _Optional[_Union[PutWritesRequest, _Mapping]] = ..., publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., restore: _Optional[_Union[RestoreRequest, _Mapping]] = ..., acquire_lease: _Optional[_Union[AcquireLeaseRequest, _Mapping]] = ..., renew_lease: _Optional[_Union[RenewLeaseRequest, _Mapping]] = ..., release_lease: _Optional[_Union[ReleaseLeaseRequest, _Mapping]] = ..., get_thread: _Optional[_Union[GetThreadRequest, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[SessionRequest, _Mapping]]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("call_id", "save", "put_writes", "publish", "restore", "acquire_lease", "renew_lease", "release_lease", "get_thread", "error")
+    __slots__ = ("call_id", "save", "put_writes", "publish", "restore", "acquire_lease", "renew_lease", "release_lease", "get_thread", "error", "batch")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     SAVE_FIELD_NUMBER: _ClassVar[int]
     PUT_WRITES_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class SessionResponse(_message.Message):
     RELEASE_LEASE_FIELD_NUMBER: _ClassVar[int]
     GET_THREAD_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     save: SaveResponse
     put_writes: PutWritesResponse
@@ -135,7 +138,8 @@ class SessionResponse(_message.Message):
     release_lease: ReleaseLeaseResponse
     get_thread: GetThreadResponse
     error: CallError
-    def __init__(self, call_id: _Optional[int] = ..., save: _Optional[_Union[SaveResponse, _Mapping]] = ..., put_writes: _Optional[_Union[PutWritesResponse, _Mapping]] = ..., publish: _Optional[_Union[PublishResponse, _Mapping]] = ..., restore: _Optional[_Union[RestoreResponse, _Mapping]] = ..., acquire_lease: _Optional[_Union[AcquireLeaseResponse, _Mapping]] = ..., renew_lease: _Optional[_Union[RenewLeaseResponse, _Mapping]] = ..., release_lease: _Optional[_Union[ReleaseLeaseResponse, _Mapping]] = ..., get_thread: _Optional[_Union[GetThreadResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[SessionResponse]
+    def __init__(self, call_id: _Optional[int] = ..., save: _Optional[_Union[SaveResponse, _Mapping]] = ..., put_writes: _Optional[_Union[PutWritesResponse, _Mapping]] = ..., publish: _Optional[_Union[PublishResponse, _Mapping]] = ..., restore: _Optional[_Union[RestoreResponse, _Mapping]] = ..., acquire_lease: _Optional[_Union[AcquireLeaseResponse, _Mapping]] = ..., renew_lease: _Optional[_Union[RenewLeaseResponse, _Mapping]] = ..., release_lease: _Optional[_Union[ReleaseLeaseResponse, _Mapping]] = ..., get_thread: _Optional[_Union[GetThreadResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[SessionResponse, _Mapping]]] = ...) -> None: ...
 
 class CallError(_message.Message):
     __slots__ = ("code", "message", "details")
