@@ -58,7 +58,8 @@ class _Stream:
         self.call = call
         self.waiting: dict[int, asyncio.Future] = {}
         self.unsent: collections.deque[cpb.SessionRequest] = collections.deque()  # next message
-        self.sender: asyncio.Task | None = None  # writing (one write at a time on a stream)
+        self.wake = asyncio.Event()  # calls to send
+        self.sender: asyncio.Task | None = None  # the one writer (one write at a time)
         self.reader: asyncio.Task | None = None
         self.broken = False
 
@@ -95,6 +96,7 @@ class StoreSession:
             metadata = (*tuple(self._md or ()), (BATCHES_HEADER, "1"))
             stream = _Stream(self._stub.Session(metadata=metadata))
             stream.reader = asyncio.create_task(self._read(stream), name="store-session")
+            stream.sender = asyncio.create_task(self._send(stream), name="store-session-send")
             self._stream = stream
         return self._stream
 
@@ -106,9 +108,9 @@ class StoreSession:
         call_id = next(self._ids)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         stream.waiting[call_id] = future
-        stream.unsent.append(cpb.SessionRequest(call_id=call_id, **{kind: request}))
-        if stream.sender is None:
-            stream.sender = asyncio.create_task(self._send(stream), name="store-session-send")
+        message = cpb.SessionRequest(call_id=call_id, **{kind: request})
+        stream.unsent.append(message)
+        stream.wake.set()
         try:
             async with asyncio.timeout(seconds):  # cheaper than wait_for: no waiter of its own
                 return await future
@@ -123,10 +125,15 @@ class StoreSession:
             stream.waiting.pop(call_id, None)
 
     async def _send(self, stream: _Stream) -> None:
-        """Write the calls waiting to be sent, those that came meanwhile in one message."""
+        """Write the calls waiting to be sent: those made while a message was being written
+        (or in the same turn of the event loop) go together in the next one."""
         unsent, waiting = stream.unsent, stream.waiting
         try:
-            while unsent and not stream.broken:
+            while not stream.broken:
+                if not unsent:
+                    stream.wake.clear()
+                    await stream.wake.wait()
+                    continue
                 message = unsent.popleft()
                 if message.call_id not in waiting:
                     continue  # its caller gave up before it was sent: it is not
@@ -143,8 +150,6 @@ class StoreSession:
                 await stream.call.write(message)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._break(stream, f"store session broken: {exc}")
-        finally:
-            stream.sender = None
 
     async def _read(self, stream: _Stream) -> None:
         why = "store session ended"
@@ -178,6 +183,8 @@ class StoreSession:
         """The stream is gone: every call on it fails with UNAVAILABLE, to be retried."""
         stream.broken = True
         stream.unsent.clear()
+        if stream.sender is not None and stream.sender is not asyncio.current_task():
+            stream.sender.cancel()
         for future in stream.waiting.values():
             if not future.done():
                 future.set_exception(_unavailable(why))
@@ -190,12 +197,13 @@ class StoreSession:
     async def close(self) -> None:
         self._closed = True
         stream, self._stream = self._stream, None
-        if stream is not None and stream.sender is not None:
-            stream.sender.cancel()
-        if stream is not None and stream.reader is not None:
-            stream.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await stream.reader
+        if stream is None:
+            return
+        for task in (stream.sender, stream.reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 __all__ = ["StoreSession", "error_of"]
