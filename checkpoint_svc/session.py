@@ -22,8 +22,9 @@ from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
-# The stream metadata by which a client says it reads answers in batches (older clients do
-# not: each of their answers goes alone).
+# The metadata by which each side says it reads batches: the client's in its call (older
+# clients do not: each of their answers goes alone), the store's in its first headers (a
+# client sends batched calls only to a store that says so).
 BATCHES_HEADER = "x-session-batches"
 # Calls one message may carry (its own and its batch's): RESOURCE_EXHAUSTED beyond, which
 # ends the stream (docs/checkpoint-service.md#limits).
@@ -150,32 +151,30 @@ async def serve_session(
 
     context = SessionCallContext(stream)  # one for all the stream's calls
     batches = (BATCHES_HEADER, "1") in tuple(stream.invocation_metadata() or ())
+    await stream.send_initial_metadata(((BATCHES_HEADER, "1"),))
     reader = asyncio.create_task(read())
     closed = False
 
-    def ended(item: pb.SessionResponse | None) -> bool:
-        """Whether it is the end of the client's side (re-raised if reading failed)."""
-        nonlocal closed
-        if item is not None:
-            return False
-        closed = True
-        if reader.done() and reader.exception() is not None:
+    def check_reading() -> None:
+        """Once the client's side ended: re-raise what broke the reading, if anything did."""
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
-        return True
 
     try:
-        while not (closed and unanswered == 0):
+        # Until the client's side is closed and every answer is sent, not merely made.
+        while not (closed and unanswered == 0 and answers.empty()):
             item = await answers.get()
-            if ended(item):
+            if item is None:
+                closed = True
+                check_reading()
                 continue
-            assert item is not None
             # The answers ready by now go with it, while the message stays small.
             size = item.ByteSize()
             while batches and not answers.empty() and len(item.batch) < BATCH_MAX_CALLS - 1:
                 more = answers.get_nowait()
-                if ended(more):
+                if more is None:
+                    closed = True  # checked once what is gathered is sent
                     continue
-                assert more is not None
                 more_size = more.ByteSize()
                 if size + more_size > BATCH_MAX_BYTES:
                     yield item
@@ -184,6 +183,8 @@ async def serve_session(
                     item.batch.append(more)
                     size += more_size
             yield item
+            if closed:
+                check_reading()
     finally:
         reader.cancel()
         for task in list(calls):

@@ -141,6 +141,26 @@ async def test_calls_sent_together_are_each_answered(service, tenant) -> None:
         await channel.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_client_that_closes_its_side_gets_every_answer(service, tenant) -> None:
+    """Calls in flight when the client half-closes are all answered before the stream ends,
+    with batched answers and without."""
+    channel, stub, md = await checkpoint_stub(service.address, tenant)
+    try:
+        for batches in (False, True):
+            call = stub.Session(metadata=(*md, (BATCHES_HEADER, "1")) if batches else md)
+            for i in range(200):
+                await call.write(pb.SessionRequest(call_id=i + 1, save=_save(f"hc-{i}", {})))
+            await call.done_writing()
+            answered: set[int] = set()
+            while (message := await asyncio.wait_for(call.read(), 20)) is not grpc.aio.EOF:
+                answered.update(a.call_id for a in (message, *message.batch))
+            assert answered == set(range(1, 201)), f"{200 - len(answered)} answers lost"
+            assert await call.code() == grpc.StatusCode.OK
+    finally:
+        await channel.close()
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_a_batch_is_bounded_and_flat(service, tenant) -> None:
     """A call in a batch with a batch of its own fails alone (its batch is not run); a
@@ -168,6 +188,13 @@ async def test_a_batch_is_bounded_and_flat(service, tenant) -> None:
             )
             for i in range(MAX_CALLS_PER_MESSAGE + 1)
         ]
+        # As many as a message may carry, its own call among them: all answered.
+        full = many[1:MAX_CALLS_PER_MESSAGE]
+        await call.write(pb.SessionRequest(call_id=9, get_thread=many[0].get_thread, batch=full))
+        answers, _ = await asyncio.wait_for(_answers(call, MAX_CALLS_PER_MESSAGE), 30)
+        assert sorted(answers) == [9, *range(11, 10 + MAX_CALLS_PER_MESSAGE)]
+        assert all(a.get_thread.thread.thread_id == "flat" for a in answers.values())
+        # One more: the stream ends.
         await call.write(pb.SessionRequest(batch=many))
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             while await asyncio.wait_for(call.read(), 20) is not grpc.aio.EOF:

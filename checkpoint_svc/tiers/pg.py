@@ -204,6 +204,7 @@ class PgHotPath:
         # release cost more than a small batch's Python work.
         self._spare: list[asyncpg.Connection] = []
         self._spare_readers: list[asyncpg.Connection] = []
+        self._closing = False  # close() began: connections go back to their pools
         # Whether a batch saving a client-chosen checkpoint id on a remembered thread may go
         # in one statement (the checkpoints' primary key refuses a taken id, and the batch
         # then runs the long way, which says so); not when early writes must be known.
@@ -254,6 +255,7 @@ class PgHotPath:
         return self._reader
 
     async def close(self) -> None:
+        self._closing = True
         if self._writer is not None:
             for conn in self._spare:
                 await self._writer.release(conn)
@@ -285,7 +287,8 @@ class PgHotPath:
         except BaseException:
             await pool.release(conn)  # resets it (an open transaction rolled back) or drops it
             raise
-        if conn.is_closed() or conn.is_in_transaction() or len(self._spare) >= _SPARE_MAX:
+        kept = len(self._spare) < _SPARE_MAX and not self._closing
+        if conn.is_closed() or conn.is_in_transaction() or not kept:
             await pool.release(conn)
         else:
             self._spare.append(conn)
@@ -294,7 +297,12 @@ class PgHotPath:
     async def _reading(self) -> AsyncIterator[asyncpg.Connection]:
         """A reader connection: a spare one if there is, else one from the pool."""
         pool = await self.reader()
-        conn = self._spare_readers.pop() if self._spare_readers else None
+        conn = None
+        while self._spare_readers and conn is None:
+            conn = self._spare_readers.pop()
+            if conn.is_closed():  # the server went away meanwhile: the pool replaces it
+                await pool.release(conn)
+                conn = None
         if conn is None:
             conn = await pool.acquire(timeout=5.0)
         try:
@@ -302,7 +310,7 @@ class PgHotPath:
         except BaseException:
             await pool.release(conn)  # resets it or drops it
             raise
-        if conn.is_closed() or len(self._spare_readers) >= _SPARE_READERS_MAX:
+        if self._closing or conn.is_closed() or len(self._spare_readers) >= _SPARE_READERS_MAX:
             await pool.release(conn)
         else:
             self._spare_readers.append(conn)

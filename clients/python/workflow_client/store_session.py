@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-# The stream metadata saying this client reads answers in batches (docs/api.md#session).
+# The metadata saying a side reads batches (docs/api.md#session): this client's in its call;
+# the store's in its first headers, before which calls go one per message.
 BATCHES_HEADER = "x-session-batches"
 # Calls in one message, at most: how many, and up to how many bytes (a bigger call goes
 # alone, uncopied; the store's receive limit stays far away).
@@ -59,6 +60,7 @@ class _Stream:
         self.waiting: dict[int, asyncio.Future] = {}
         self.unsent: collections.deque[cpb.SessionRequest] = collections.deque()  # next message
         self.wake = asyncio.Event()  # calls to send
+        self.batches = False  # the store said it reads batched calls
         self.sender: asyncio.Task | None = None  # the one writer (one write at a time)
         self.reader: asyncio.Task | None = None
         self.broken = False
@@ -106,9 +108,9 @@ class StoreSession:
             raise _unavailable("the engine is shutting down")
         stream = self._open()
         call_id = next(self._ids)
+        message = cpb.SessionRequest(call_id=call_id, **{kind: request})
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         stream.waiting[call_id] = future
-        message = cpb.SessionRequest(call_id=call_id, **{kind: request})
         stream.unsent.append(message)
         stream.wake.set()
         try:
@@ -138,7 +140,7 @@ class StoreSession:
                 if message.call_id not in waiting:
                     continue  # its caller gave up before it was sent: it is not
                 size = message.ByteSize()
-                while unsent and len(message.batch) < BATCH_MAX_CALLS - 1:
+                while stream.batches and unsent and len(message.batch) < BATCH_MAX_CALLS - 1:
                     more = unsent[0]
                     if more.call_id not in waiting:
                         unsent.popleft()
@@ -150,10 +152,17 @@ class StoreSession:
                 await stream.call.write(message)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._break(stream, f"store session broken: {exc}")
+        except Exception as exc:  # our bug: no call may wait for a writer that is gone
+            log.exception("store session writer failed")
+            self._break(stream, f"store session writer failed: {exc}")
 
     async def _read(self, stream: _Stream) -> None:
         why = "store session ended"
         try:
+            headers = await stream.call.initial_metadata()
+            stream.batches = any(
+                key == BATCHES_HEADER and value == "1" for key, value in headers or ()
+            )
             async for response in stream.call:
                 self._answer(stream, response)
                 for answer in response.batch:
