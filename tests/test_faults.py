@@ -119,6 +119,7 @@ async def test_sql_down_fails_saves_fast_with_unavailable_then_recovers(
 ) -> None:
     channel, s, md = await checkpoint_stub(service.address, tenant)
     await save(s, md, "q", {"i": 0})
+    await restore(s, md, "q")  # a reader connection kept: it is dead once the server restarts
     await postgres_server.astop()
     try:
         started = time.monotonic()
