@@ -285,6 +285,7 @@ class CheckpointService:
     workdir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0  # serve Prometheus metrics there (0: off)
 
     @property
     def target(self) -> str:
@@ -311,6 +312,8 @@ class CheckpointService:
             cmd += ["--single-writer", "yes" if self.single_writer else "no"]
         if self.redis_url:
             cmd += ["--redis", self.redis_url]
+        if self.metrics_port:
+            cmd += ["--metrics-port", str(self.metrics_port)]
         return cmd
 
     def start(self, timeout: float = 60.0) -> None:

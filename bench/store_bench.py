@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -141,8 +142,9 @@ class Store(Protocol):
 class GrpcStore:
     """checkpoint_svc, called the way an engine would: grpc.aio, SYNC durability."""
 
-    def __init__(self, name: str, target: str, session: bool) -> None:
+    def __init__(self, name: str, target: str, session: bool, metrics_url: str = "") -> None:
         self.name = name
+        self.metrics_url = metrics_url  # its /metrics, for the commits a phase made
         self.channel = grpc.aio.insecure_channel(target, options=servers.GRPC_OPTIONS)
         self.stub = checkpoint_pb2_grpc.CheckpointServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -176,6 +178,25 @@ class GrpcStore:
             lat.append((time.perf_counter() - t0) * 1000)
             i += 1
         return lat
+
+    async def commits(self) -> tuple[float, float, float] | None:
+        """Group commits so far: (transactions, operations, seconds spent committing)."""
+        if not self.metrics_url:
+            return None
+
+        def read() -> str:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+                return r.read().decode()
+
+        values = {}
+        for line in (await asyncio.to_thread(read)).splitlines():
+            name, _, value = line.partition(" ")
+            values[name] = value
+        return (
+            float(values.get("checkpoint_commits_total", 0)),
+            float(values.get("checkpoint_committed_operations_total", 0)),
+            float(values.get("checkpoint_commit_seconds_sum", 0)),
+        )
 
     async def ping(self) -> None:
         """A health Check: the gRPC round trip with no storage work behind it."""
@@ -401,7 +422,7 @@ async def _guard(results: Results, store: str, what: str, coro: Awaitable[None])
 
 async def measure(
     args: argparse.Namespace,
-    ours: dict[str, str],
+    ours: dict[str, tuple[str, str]],
     lg_url: str | None,
     results: Results,
 ) -> None:
@@ -411,8 +432,8 @@ async def measure(
     grpc_stores: list[GrpcStore] = []
     pool: AsyncConnectionPool[Any] | None = None
     try:
-        for name, target in ours.items():
-            gs = GrpcStore(name, target, args.store_calls == "session")
+        for name, (target, metrics_url) in ours.items():
+            gs = GrpcStore(name, target, args.store_calls == "session", metrics_url)
             grpc_stores.append(gs)
             stores[name] = gs
         if lg_url is not None:
@@ -438,14 +459,21 @@ async def measure(
                     continue  # identical to "langgraph" with one client
 
                 async def one(store: Store = store, name: str = name, c: int = clients) -> None:
+                    before = await store.commits() if isinstance(store, GrpcStore) else None
                     fig, threads = await run_saves(
                         store, c, args.saves, args.duration, f"{run_id}-{name}"
                     )
                     results.saves.setdefault(name, {})[c] = fig
                     save_threads[name] = threads
+                    after = await store.commits() if isinstance(store, GrpcStore) else None
+                    batches = ""
+                    if before is not None and after is not None and after[0] > before[0]:
+                        n, ops, secs = (a - b for a, b in zip(after, before, strict=True))
+                        # How group commit went: one tenant's batches commit one at a time.
+                        batches = f", {ops / n:.1f} saves per commit, {secs / n * 1e3:.2f} ms each"
                     print(
                         f"   {name:17s} {fig.per_second:9.1f} saves/s "
-                        f"(n={fig.saves}, p50 {percentile(fig.latencies_ms, 50):.2f} ms)",
+                        f"(n={fig.saves}, p50 {percentile(fig.latencies_ms, 50):.2f} ms{batches})",
                         flush=True,
                     )
 
@@ -813,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             created_dbs.append(name)
             return servers.create_database(admin_url, name)
 
-        ours: dict[str, str] = {}
+        ours: dict[str, tuple[str, str]] = {}
         if args.only in ("all", "ours"):
             redis_url = args.redis_url
             if redis_url is None:
@@ -829,12 +857,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     redis_url if with_redis else None,
                     single_writer,
                     workdir / "logs",
+                    metrics_port=servers.free_port(),
                 )
                 stack.callback(svc.stop)
                 print(f"starting checkpoint_svc [{name}] ...", flush=True)
                 try:
                     svc.start()
-                    ours[name] = svc.target
+                    ours[name] = (svc.target, f"http://127.0.0.1:{svc.metrics_port}/metrics")
                 except (servers.ServerError, OSError) as exc:
                     results.errors[name] = f"start: {exc}"
                     print(f"  !! {exc}", flush=True)
