@@ -169,7 +169,7 @@ async def serve_session(
                 check_reading()
                 continue
             # The answers ready by now go with it, while the message stays small.
-            size = item.ByteSize()
+            size = item.ByteSize() if batches else 0
             while batches and not answers.empty() and len(item.batch) < BATCH_MAX_CALLS - 1:
                 more = answers.get_nowait()
                 if more is None:

@@ -276,7 +276,7 @@ class PgHotPath:
         that checks its operations against the threads as this replica saw them last and
         writes everything in one statement at commit (ChangedSinceSeen if a thread moved)."""
         pool = await self.writer()
-        conn = self._spare.pop() if self._spare else await pool.acquire(timeout=5.0)
+        conn = await self._take(pool, self._spare)
         try:
             if in_one_statement:
                 yield PgBatch(sql, conn, None, now, seen=self.seen)
@@ -287,33 +287,43 @@ class PgHotPath:
         except BaseException:
             await pool.release(conn)  # resets it (an open transaction rolled back) or drops it
             raise
-        kept = len(self._spare) < _SPARE_MAX and not self._closing
-        if conn.is_closed() or conn.is_in_transaction() or not kept:
-            await pool.release(conn)
-        else:
-            self._spare.append(conn)
+        await self._give_back(pool, self._spare, _SPARE_MAX, conn)
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[asyncpg.Connection]:
         """A reader connection: a spare one if there is, else one from the pool."""
         pool = await self.reader()
-        conn = None
-        while self._spare_readers and conn is None:
-            conn = self._spare_readers.pop()
-            if conn.is_closed():  # the server went away meanwhile: the pool replaces it
-                await pool.release(conn)
-                conn = None
-        if conn is None:
-            conn = await pool.acquire(timeout=5.0)
+        conn = await self._take(pool, self._spare_readers)
         try:
             yield conn
         except BaseException:
             await pool.release(conn)  # resets it or drops it
             raise
-        if self._closing or conn.is_closed() or len(self._spare_readers) >= _SPARE_READERS_MAX:
-            await pool.release(conn)
+        await self._give_back(pool, self._spare_readers, _SPARE_READERS_MAX, conn)
+
+    @staticmethod
+    async def _take(pool: asyncpg.Pool, spares: list[asyncpg.Connection]) -> asyncpg.Connection:
+        """A kept connection that is still open, else one from the pool."""
+        while spares:
+            conn = spares.pop()
+            if not conn.is_closed():
+                return conn
+            await pool.release(conn)  # the server went away meanwhile: the pool replaces it
+        return await pool.acquire(timeout=5.0)
+
+    async def _give_back(
+        self,
+        pool: asyncpg.Pool,
+        spares: list[asyncpg.Connection],
+        most: int,
+        conn: asyncpg.Connection,
+    ) -> None:
+        """Keep a connection for the next use, or return it to its pool."""
+        idle = not conn.is_closed() and not conn.is_in_transaction()
+        if idle and len(spares) < most and not self._closing:
+            spares.append(conn)
         else:
-            self._spare_readers.append(conn)
+            await pool.release(conn)
 
     async def find_checkpoint(
         self, key: ThreadKey, checkpoint_id: str, include_writes: bool

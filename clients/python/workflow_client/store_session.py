@@ -136,20 +136,21 @@ class StoreSession:
                     stream.wake.clear()
                     await stream.wake.wait()
                     continue
-                message = unsent.popleft()
-                if message.call_id not in waiting:
-                    continue  # its caller gave up before it was sent: it is not
-                size = message.ByteSize()
-                while stream.batches and unsent and len(message.batch) < BATCH_MAX_CALLS - 1:
-                    more = unsent[0]
-                    if more.call_id not in waiting:
-                        unsent.popleft()
+                calls: list[cpb.SessionRequest] = []
+                size = 0
+                while unsent and len(calls) < BATCH_MAX_CALLS:
+                    if unsent[0].call_id not in waiting:
+                        unsent.popleft()  # its caller gave up before it was sent: it is not
                         continue
-                    size += more.ByteSize()
-                    if size > BATCH_MAX_BYTES:
+                    if calls and not stream.batches:
                         break
-                    message.batch.append(unsent.popleft())
-                await stream.call.write(message)
+                    size += unsent[0].ByteSize() if stream.batches else 0
+                    if calls and size > BATCH_MAX_BYTES:
+                        break
+                    calls.append(unsent.popleft())
+                if calls:
+                    calls[0].batch.extend(calls[1:])
+                    await stream.call.write(calls[0])
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._break(stream, f"store session broken: {exc}")
         except Exception as exc:  # our bug: no call may wait for a writer that is gone
