@@ -33,6 +33,9 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     LeaseLostError: grpc.StatusCode.ABORTED,  # the run changed under us: try again
     RegistrationContended: grpc.StatusCode.ABORTED,
+    # A call on the store channel after the engine closed it: the engine is stopping, and
+    # the client goes on with another engine (or this one, restarted).
+    grpc.aio.UsageError: grpc.StatusCode.UNAVAILABLE,
 }
 _TRANSLATED = (DefinitionInvalid, InvalidArgument, grpc.aio.AioRpcError, *_CODES)
 
@@ -44,7 +47,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort_with_status(rpc_status.to_status(status_for(exc)))
     if isinstance(exc, grpc.aio.AioRpcError):  # the store's answer, passed on
         await context.abort(exc.code(), bounded(exc.details() or ""))
-    message = f"not a run ({exc})" if isinstance(exc, NotARun) else str(exc)
+    message = str(exc)
+    if isinstance(exc, NotARun):
+        message = f"not a run ({exc})"
+    elif isinstance(exc, grpc.aio.UsageError):
+        message = f"the engine is stopping ({exc})"
     await context.abort(_CODES[type(exc)], bounded(message))
 
 

@@ -5,16 +5,22 @@ Stream gives, seq for seq (docs/engine.md#watching-a-run)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import urllib.request
 
+import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from engine_svc.config import Settings
+from engine_svc.engine import Engine
+from engine_svc.servicer import EngineServicer
 from tests.engine_client import definition, engine_stub, watch
 from tests.servers import checkpoint_stub, free_port
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
+from workflow_stubs.engine.v1 import engine_pb2_grpc
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
@@ -179,3 +185,31 @@ async def test_a_watcher_gets_every_event_across_an_approval_and_events_of_other
             assert item.heartbeat.last_seq == (before[-1] if before else 0)
     await channel.close()
     await store_channel.close()
+
+
+async def test_a_watch_cut_off_by_the_engine_stopping_fails_unavailable(service, tenant) -> None:
+    """A watcher's stream cut off by a stopping engine (its store channel closed under the
+    watch) fails UNAVAILABLE, which clients reconnect on, not UNKNOWN."""
+    settings = Settings()
+    settings.checkpoint_addr = service.address
+    settings.recovery_interval_seconds = 0
+    engine = Engine(settings)
+    server = grpc.aio.server()
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(engine), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await engine.start()
+    await server.start()
+    try:
+        await engine.channel.close()  # as the engine's close() does while it still serves
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = engine_pb2_grpc.EngineServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                async for _ in stub.WatchRun(
+                    pb.WatchRunRequest(run_id="r-1"), metadata=(("x-tenant-id", tenant),)
+                ):
+                    pass
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value.details()
+    finally:
+        await server.stop(0)
+        with contextlib.suppress(Exception):
+            await engine.close()
