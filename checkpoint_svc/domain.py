@@ -157,6 +157,8 @@ class SaveCommand:
     lease_owner: str = ""  # take the thread's lease for this owner in the same commit
     lease_ttl: float = 0.0
     release_lease: bool = False  # let the lease go in the same commit (needs fencing_token)
+    # Commit only if that other thread's head is that checkpoint (else RequiredHeadMoved).
+    required_head: tuple[ThreadKey, str] | None = None
 
 
 @dataclass(slots=True)

@@ -24,6 +24,13 @@ class HeadMoved(StoreError):
     """The thread's head is not the parent the Save expected (ABORTED)."""
 
 
+class RequiredHeadMoved(HeadMoved):
+    """Another thread's head, which the Save required, is not the one named (ABORTED, with
+    the reason REQUIRED_HEAD_MOVED)."""
+
+    reason = "REQUIRED_HEAD_MOVED"
+
+
 class LeaseLost(StoreError):
     """A stale fencing token, or a lease held by someone else (FAILED_PRECONDITION)."""
 

@@ -23,7 +23,14 @@ from checkpoint_svc.domain import (
     ThreadKey,
     Trigger,
 )
-from checkpoint_svc.errors import AlreadyExists, HeadMoved, InvalidArgument, LeaseLost, NotFound
+from checkpoint_svc.errors import (
+    AlreadyExists,
+    HeadMoved,
+    InvalidArgument,
+    LeaseLost,
+    NotFound,
+    RequiredHeadMoved,
+)
 from checkpoint_svc.tiers import is_special_write
 from checkpoint_svc.tiers.sql import Batch
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
@@ -135,6 +142,13 @@ class SaveOp(_Defaults):
                 f"head moved: expected parent {cmd.expected_parent_id}, "
                 f"head is {thread.head_id or '(none)'}"
             )
+        if cmd.required_head is not None:
+            other, head = cmd.required_head
+            if (found := await batch.head_of(other, head)) != head:
+                raise RequiredHeadMoved(
+                    f"the head of {other.namespace}/{other.thread_id} is {found or '(none)'}, "
+                    f"not {head} as required"
+                )
         if cmd.lease_owner and thread.lease_held(batch.now):
             if thread.lease_owner != cmd.lease_owner:
                 raise LeaseLost(

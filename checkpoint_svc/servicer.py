@@ -30,6 +30,7 @@ from checkpoint_svc.errors import (
     LeaseLost,
     NotFound,
     PayloadTooLarge,
+    RequiredHeadMoved,
     StoreError,
     TierUnavailable,
 )
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TENANT_HEADER = "x-tenant-id"
 DEFAULT_TENANT = "default"
+ERROR_DOMAIN = "checkpoint.v1"  # of the ErrorInfo details the service's errors carry
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_LEASE_SECONDS = 24 * 3600.0
@@ -90,6 +92,10 @@ def status_for(exc: StoreError) -> status_pb2.Status:
                 ]
             )
         )
+        status.details.append(detail)
+    if isinstance(exc, RequiredHeadMoved):
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
         status.details.append(detail)
     return status
 
@@ -390,6 +396,18 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 violations.append(("release_lease", "not with lease_owner"))
             if request.durability == pb.DURABILITY_ASYNC:
                 violations.append(("release_lease", "only by a durable (SYNC) Save"))
+        required = None
+        if request.HasField("required_head"):
+            need = request.required_head
+            other = thread_key(
+                context, need.namespace, need.thread_id, "required_head.", violations
+            )
+            _check_checkpoint_id(violations, "required_head.checkpoint_id", need.checkpoint_id)
+            if not need.checkpoint_id:
+                violations.append(("required_head.checkpoint_id", "required"))
+            if request.durability == pb.DURABILITY_ASYNC:
+                violations.append(("required_head", "only for a durable (SYNC) Save"))
+            required = (other, need.checkpoint_id)
         events = _events(violations, request.events)
         _raise_if(violations)
         cp = convert.checkpoint_from_pb(msg, key.tenant)
@@ -407,6 +425,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             lease_owner=request.lease_owner,
             lease_ttl=request.lease_ttl_seconds,
             release_lease=request.release_lease,
+            required_head=required,
         )
         durable = request.durability != pb.DURABILITY_ASYNC
         result = await self.store.save(cmd, durable=durable)

@@ -26,6 +26,8 @@ _DETAILS_KEY = "grpc-status-details-bin"
 # clients do not: each of their answers goes alone), the store's in its first headers (a
 # client sends batched calls only to a store that says so).
 BATCHES_HEADER = "x-session-batches"
+# Also in the first headers: this store checks SaveRequest.required_head (docs/api.md#session).
+REQUIRED_HEAD_HEADER = "x-checks-required-head"
 # Calls one message may carry (its own and its batch's): RESOURCE_EXHAUSTED beyond, which
 # ends the stream (docs/checkpoint-service.md#limits).
 MAX_CALLS_PER_MESSAGE = 1000
@@ -151,7 +153,7 @@ async def serve_session(
 
     context = SessionCallContext(stream)  # one for all the stream's calls
     batches = (BATCHES_HEADER, "1") in tuple(stream.invocation_metadata() or ())
-    await stream.send_initial_metadata(((BATCHES_HEADER, "1"),))
+    await stream.send_initial_metadata(((BATCHES_HEADER, "1"), (REQUIRED_HEAD_HEADER, "1")))
     reader = asyncio.create_task(read())
     closed = False
 
@@ -191,4 +193,4 @@ async def serve_session(
             task.cancel()
 
 
-__all__ = ["BATCHES_HEADER", "CALLS", "SessionCallContext", "serve_session"]
+__all__ = ["BATCHES_HEADER", "CALLS", "REQUIRED_HEAD_HEADER", "SessionCallContext", "serve_session"]

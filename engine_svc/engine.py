@@ -30,6 +30,7 @@ from engine_svc.executor import (
     RunState,
     Started,
     StoreUnavailable,
+    WorkflowChanged,
     check_control,
     tenant_metadata,
 )
@@ -217,8 +218,39 @@ class Engine:
         interrupt_after: list[str] | None = None,
     ) -> Started:
         """Start a run; with the id of a COMPLETED run of the same workflow, start it again
-        on top of that run's state (a thread that remembers)."""
-        stored = await self.registry.get(tenant, workflow_id, version)
+        on top of that run's state (a thread that remembers).
+
+        A new run of the active version starts on this engine's copy of it, if it has one and
+        the store checks it in the run's first checkpoint (docs/engine.md#starting-a-run):
+        without reading the workflow first. If the copy is old, the workflow is read and the
+        start made again."""
+        args = (tenant, workflow_id, version, run_input, run_id, request_id)
+        breaks = (interrupt_before, interrupt_after)
+        try:
+            return await self._start_run(*args, *breaks, on_copy=True)
+        except WorkflowChanged:  # another engine registered or rolled back meanwhile
+            self.registry.forget(tenant, workflow_id)
+            return await self._start_run(*args, *breaks, on_copy=False)
+
+    async def _start_run(
+        self,
+        tenant: str,
+        workflow_id: str,
+        version: int,
+        run_input: dict[str, Any],
+        run_id: str,
+        request_id: str,
+        interrupt_before: list[str] | None,
+        interrupt_after: list[str] | None,
+        *,
+        on_copy: bool,
+    ) -> Started:
+        executor = self.executor(tenant)
+        cached = None
+        new_run = not run_id or bool(request_id)  # else it may continue a COMPLETED run
+        if on_copy and new_run and not version and executor.checks_required_heads():
+            cached = self.registry.cached(tenant, workflow_id)
+        stored = cached or await self.registry.get(tenant, workflow_id, version)
         workflow = self._parsed(tenant, stored)
         ids = {n.id for n in workflow.nodes}
         unknown = [
@@ -231,9 +263,10 @@ class Engine:
             if node not in ids
         ]
         if unknown:
+            if cached is not None:  # the copy may be old: check against the current version
+                raise WorkflowChanged("breakpoints unknown to the cached version")
             listed = "; ".join(f"{f}: {d}" for f, d in unknown)
             raise InvalidArgument(f"breakpoints name unknown nodes: {listed}", unknown)
-        executor = self.executor(tenant)
         if run_id and not request_id and await self._run_exists(tenant, run_id):
             existing = await executor.load(run_id)
             if existing.status != "COMPLETED" or existing.workflow_id != workflow_id:
@@ -247,17 +280,18 @@ class Engine:
             )
             self._launch(tenant, workflow, run_id)
             return Started(run, 0)
-        run_id = run_id or str(uuid6.uuid7())
+        new_id = run_id or str(uuid6.uuid7())
         first = executor.start(
             workflow,
             stored.version,
-            run_id,
+            new_id,
             run_input,
             request_id,
             interrupt_before,
             interrupt_after,
+            stored.requirement() if cached is not None else None,
         )
-        return await self._begin(tenant, workflow, run_id, first)
+        return await self._begin(tenant, workflow, new_id, first)
 
     async def _begin(
         self, tenant: str, workflow: Workflow, run_id: str, first: Awaitable[Started]

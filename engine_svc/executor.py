@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -42,7 +44,7 @@ from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from engine_svc.run_feed import RunFeed
 from engine_svc.run_json import RunJson
-from workflow_client.store_session import StoreSession
+from workflow_client.store_session import REQUIRED_HEAD_HEADER, StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -103,6 +105,26 @@ class StoreUnavailable(RuntimeError):
     """The checkpoint service stayed away past the retry budget. The run stops where its last
     save left it (it never runs on without saving); recovery continues it when the store is
     back."""
+
+
+class WorkflowChanged(RuntimeError):
+    """A run's first checkpoint required the workflow's head this engine had cached, and the
+    head had moved (another engine registered or rolled back): nothing was written."""
+
+
+# The reason in the ErrorInfo of the store's ABORTED for a required head that moved.
+_REQUIRED_HEAD_MOVED = "REQUIRED_HEAD_MOVED"
+
+
+def _required_head_moved(exc: grpc.aio.AioRpcError) -> bool:
+    if exc.code() != grpc.StatusCode.ABORTED:
+        return False
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.reason == _REQUIRED_HEAD_MOVED:
+            return True
+    return False
 
 
 class NotARun(ValueError):
@@ -418,6 +440,11 @@ class RunExecutor:
         if isinstance(self.calls, StoreSession):
             await self.calls.close()
 
+    def checks_required_heads(self) -> bool:
+        """Whether the store this executor's Saves go to checks SaveRequest.required_head
+        (said in the first headers of its Session stream)."""
+        return isinstance(self.calls, StoreSession) and self.calls.store_says(REQUIRED_HEAD_HEADER)
+
     async def _call(self, method: Any, request: Any) -> Any:
         """One store call, retried while the store is away (within the budget). Retried
         Saves and Publishes carry request ids and PutWrites are upserts, so a retry after a
@@ -644,12 +671,14 @@ class RunExecutor:
         request_id: str = "",
         interrupt_before: list[str] | None = None,
         interrupt_after: list[str] | None = None,
+        required_head: cpb.RequiredHead | None = None,
     ) -> Started:
         """Record a new run (its first checkpoint, which takes the run's lease); `execute`
         then runs it.
 
         A used `request_id` returns the run it started first; a used run id is refused
-        (ALREADY_EXISTS), since a run's first checkpoint has a fixed id.
+        (ALREADY_EXISTS), since a run's first checkpoint has a fixed id. With
+        `required_head` (the workflow's, as cached), WorkflowChanged if it moved.
         """
         run = RunState(
             run_id,
@@ -660,7 +689,9 @@ class RunExecutor:
             interrupt_before=list(interrupt_before or []),
             interrupt_after=list(interrupt_after or []),
         )
-        return await self._first_checkpoint(workflow, run, "start", request_id=request_id)
+        return await self._first_checkpoint(
+            workflow, run, "start", request_id=request_id, required_head=required_head
+        )
 
     async def at_checkpoint(self, run_id: str, checkpoint_id: str) -> RunState:
         """The run as one of its checkpoints holds it (without later pending writes)."""
@@ -723,6 +754,7 @@ class RunExecutor:
         request_id: str = "",
         parent_id: str = "",
         metadata: dict[str, str] | None = None,
+        required_head: cpb.RequiredHead | None = None,
     ) -> Started:
         """The run's first checkpoint, taking its lease for this engine, which executes it at
         once: so the run is RUNNING from here, and the node.started events of its first step
@@ -747,8 +779,14 @@ class RunExecutor:
             # The lease in the same commit: the run starts here without another call.
             lease_owner=self.owner,
             lease_ttl_seconds=self.lease_ttl,
+            required_head=required_head,
         )
-        response = await self._call(self.calls.Save, request)
+        try:
+            response = await self._call(self.calls.Save, request)
+        except grpc.aio.AioRpcError as exc:
+            if required_head is not None and _required_head_moved(exc):
+                raise WorkflowChanged(exc.details()) from exc
+            raise
         if response.checkpoint.thread_id != run.run_id:  # the request was used: its run
             return Started(await self.load(response.checkpoint.thread_id), 0)
         thread = response.thread if response.HasField("thread") else None

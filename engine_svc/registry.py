@@ -68,6 +68,18 @@ class StoredWorkflow:
     definition: pb.WorkflowDefinition
     version: int
     active_version: int
+    # The workflow thread's head as read, when this is the active version ("" otherwise): a
+    # run started on a cached copy requires it in its first checkpoint (SaveRequest.
+    # required_head), so the copy is never used once another engine changed it.
+    head_id: str = ""
+
+    def requirement(self) -> cpb.RequiredHead:
+        """The workflow thread's head as this copy was read, for a Save to require."""
+        return cpb.RequiredHead(
+            namespace=WORKFLOWS_NAMESPACE,
+            thread_id=self.definition.workflow_id,
+            checkpoint_id=self.head_id,
+        )
 
 
 def version_id(version: int) -> str:
@@ -90,6 +102,16 @@ class WorkflowRegistry:
         # Definitions parsed from JSON, by tenant and fingerprint (their content): parsing a
         # 100-node definition costs about a millisecond, on every StartRun otherwise.
         self._parsed: dict[tuple[str, str], pb.WorkflowDefinition] = {}
+        # The active version of each workflow as last read, by tenant and workflow id.
+        self._active: dict[tuple[str, str], StoredWorkflow] = {}
+
+    def cached(self, tenant: str, workflow_id: str) -> StoredWorkflow | None:
+        """The active version as this engine last read it: maybe not current, so only for
+        a Save that requires its `head_id`."""
+        return self._active.get((tenant, workflow_id))
+
+    def forget(self, tenant: str, workflow_id: str) -> None:
+        self._active.pop((tenant, workflow_id), None)
 
     async def register(self, tenant: str, definition: pb.WorkflowDefinition) -> Registered:
         """Validate (DefinitionInvalid) and store; an unchanged definition is not a new version."""
@@ -122,6 +144,7 @@ class WorkflowRegistry:
                 checkpoint=checkpoint,
                 expected_parent_id=head.checkpoint.checkpoint_id if head else "",
             )
+            self.forget(tenant, definition.workflow_id)
             try:
                 await self.store.Save(request, metadata=md)
             except grpc.aio.AioRpcError as exc:
@@ -165,6 +188,7 @@ class WorkflowRegistry:
             request = cpb.SaveRequest(
                 checkpoint=checkpoint, expected_parent_id=head.checkpoint.checkpoint_id
             )
+            self.forget(tenant, workflow_id)
             try:
                 await self.store.Save(request, metadata=md)
             except grpc.aio.AioRpcError as exc:
@@ -246,7 +270,13 @@ class WorkflowRegistry:
                 if len(self._parsed) >= _PARSED_MAX:
                     self._parsed.clear()
                 self._parsed[key] = definition
-        return StoredWorkflow(definition, int(found.checkpoint.metadata["version"]), active)
+        if found is not head:
+            return StoredWorkflow(definition, int(found.checkpoint.metadata["version"]), active)
+        stored = StoredWorkflow(definition, active, active, head.checkpoint.checkpoint_id)
+        if len(self._active) >= _PARSED_MAX:
+            self._active.clear()
+        self._active[(tenant, workflow_id)] = stored
+        return stored
 
     async def _head(
         self, md: tuple, workflow_id: str, tenant: str = ""

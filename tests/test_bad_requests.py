@@ -211,3 +211,36 @@ async def test_reflection_lists_the_services(service, tenant) -> None:
         break
     assert "checkpoint.v1.CheckpointService" in names and "grpc.health.v1.Health" in names
     await channel.close()
+
+
+async def test_a_required_head_is_checked_and_its_refusal_says_why(stub) -> None:
+    """SaveRequest.required_head: a bad one names its fields; one that moved is ABORTED with
+    the ErrorInfo reason REQUIRED_HEAD_MOVED, and nothing is written."""
+    s, md = stub
+    await s.Save(
+        pb.SaveRequest(checkpoint=pb.Checkpoint(namespace="workflows", thread_id="w")),
+        metadata=md,
+    )
+
+    def start(run: str, need: pb.RequiredHead, **fields: object) -> pb.SaveRequest:
+        cp = pb.Checkpoint(namespace=NS, thread_id=run)
+        return pb.SaveRequest(checkpoint=cp, required_head=need, **fields)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        bad = pb.RequiredHead(namespace="workflows", thread_id="", checkpoint_id="")
+        await s.Save(start("r1", bad, durability=pb.DURABILITY_ASYNC), metadata=md)
+    assert err.value.code() == INVALID
+    assert {
+        "required_head.thread_id",
+        "required_head.checkpoint_id",
+        "required_head",
+    } <= _violations(err.value).keys()
+    moved = pb.RequiredHead(namespace="workflows", thread_id="w", checkpoint_id="not-the-head")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.Save(start("r1", moved), metadata=md)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    status = rpc_status.from_call(err.value)
+    info = error_details_pb2.ErrorInfo()
+    assert status is not None and status.details[0].Unpack(info)
+    assert (info.reason, info.domain) == ("REQUIRED_HEAD_MOVED", "checkpoint.v1")
+    assert await code_of(restore(s, md, "r1")) == grpc.StatusCode.NOT_FOUND

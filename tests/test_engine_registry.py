@@ -7,7 +7,9 @@ import asyncio
 import pytest
 from google.protobuf import json_format
 
+from engine_svc.config import Settings
 from engine_svc.definition import DefinitionInvalid
+from engine_svc.engine import Engine
 from engine_svc.registry import WorkflowNotFound, WorkflowRegistry
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
@@ -77,3 +79,47 @@ async def test_an_invalid_definition_is_not_stored(stub, tenant) -> None:
     assert "nodes[1].config.seconds" in dict(err.value.violations)
     with pytest.raises(WorkflowNotFound):
         await registry.get(tenant, "etl")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_runs_start_on_the_active_version_whichever_engine_changed_it(
+    service, tenant
+) -> None:
+    """An engine starts runs on its copy of the active version without reading it first;
+    once another engine registered or rolled back, the store refuses the copy in the run's
+    first checkpoint and the run starts on the version active now."""
+    a, b = _engine(service, "engine-a"), _engine(service, "engine-b")
+    reads = 0
+    read = a.registry.get
+
+    async def counted(*args, **kwargs):
+        nonlocal reads
+        reads += 1
+        return await read(*args, **kwargs)
+
+    a.registry.get = counted  # type: ignore[method-assign]
+    try:
+        await a.register(tenant, definition(0))
+        assert (await a.start_run(tenant, "etl", 0, {}, "", "")).run.version == 1
+        assert reads == 1
+        assert (await a.start_run(tenant, "etl", 0, {}, "", "")).run.version == 1
+        assert reads == 1, "the second start read the workflow again"
+        await b.register(tenant, definition(0.001))
+        assert (await a.start_run(tenant, "etl", 0, {}, "", "")).run.version == 2
+        assert reads == 2
+        await b.rollback(tenant, "etl", 1, "canary failed", "test")
+        started = await a.start_run(tenant, "etl", 0, {}, "", "")
+        assert started.run.version == 1
+        thread = await a.thread(tenant, started.run.run_id)
+        assert thread.workflow_version == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _engine(service, owner: str) -> Engine:
+    settings = Settings()
+    settings.checkpoint_addr = service.address
+    settings.recovery_interval_seconds = 0
+    settings.owner = owner
+    return Engine(settings)

@@ -11,7 +11,7 @@ import pytest
 
 from checkpoint_svc.config import Settings
 from checkpoint_svc.domain import Checkpoint, NewEvent, SaveCommand, ThreadKey
-from checkpoint_svc.errors import HeadMoved, LeaseLost
+from checkpoint_svc.errors import HeadMoved, LeaseLost, NotFound, RequiredHeadMoved
 from checkpoint_svc.store import CheckpointStore
 
 KEY = ThreadKey("t1", "runs", "shared")
@@ -130,3 +130,71 @@ async def test_a_thread_taken_for_new_that_exists_is_written_the_long_way(store,
     for k in (key, gone):
         events = await store.sql.events_after(k.tenant, k, 0, 100)
         assert [e.seq for e in events] == list(range(events[0].seq, events[0].seq + len(events)))
+
+
+WORKFLOW = ThreadKey("t1", "workflows", "wf")
+
+
+def _start(run_id: str, head: str, workflow: ThreadKey = WORKFLOW) -> SaveCommand:
+    """A run's first checkpoint, requiring the workflow's head as the engine cached it."""
+    key = ThreadKey("t1", "runs", run_id)
+    return SaveCommand(
+        checkpoint=Checkpoint(key=key, checkpoint_id="", state=b"{}"),
+        required_head=(workflow, head),
+        events=[NewEvent("run.started")],
+    )
+
+
+def _version(checkpoint_id: str) -> SaveCommand:
+    return SaveCommand(
+        checkpoint=Checkpoint(key=WORKFLOW, checkpoint_id=checkpoint_id, state=b"{}")
+    )
+
+
+async def _nothing_written(store: CheckpointStore, run_id: str) -> None:
+    key = ThreadKey("t1", "runs", run_id)
+    with pytest.raises(NotFound):
+        await store.restore(key)
+    assert await store.sql.events_after(key.tenant, key, 0, 10) == []
+
+
+async def test_a_save_requiring_another_threads_head_commits_only_while_it_is_there(
+    store,
+) -> None:
+    """SaveCommand.required_head: committed while that thread's head is the one named;
+    refused (RequiredHeadMoved), with nothing written, once it moved, also when the move
+    came earlier in the same batch, and for a thread that has no head."""
+    await store.save(_version("v1"))
+    ok = await store.save(_start("r1", "v1"))
+    assert ok.seq == 1
+    await store.save(_version("v2"))
+    with pytest.raises(RequiredHeadMoved):
+        await store.save(_start("r2", "v1"))
+    await _nothing_written(store, "r2")
+    await store.save(_start("r2", "v2"))
+    # Queued together, so one batch: the head moves to v3 before the start is checked.
+    moved, refused = await asyncio.gather(
+        store.save(_version("v3")), store.save(_start("r3", "v2")), return_exceptions=True
+    )
+    assert not isinstance(moved, BaseException), moved
+    assert isinstance(refused, RequiredHeadMoved), refused
+    await _nothing_written(store, "r3")
+    with pytest.raises(RequiredHeadMoved):
+        await store.save(_start("r4", "v1", ThreadKey("t1", "workflows", "missing")))
+    await _nothing_written(store, "r4")
+    # The tenant's feed stayed dense through the refusals.
+    feed = await store.sql.events_after("t1", None, 0, 100)
+    assert [e.feed_seq for e in feed] == list(range(1, len(feed) + 1))
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_required_head_moved_by_another_replica_is_seen_in_sql(store, other) -> None:
+    """This replica wrote the workflow's head last and remembers it; another replica moves
+    it: a start requiring the old head goes in one statement, which SQL refuses."""
+    await store.save(_version("v1"))
+    await store.save(_start("r1", "v1"))
+    await other.save(_version("v2"))
+    with pytest.raises(RequiredHeadMoved):
+        await store.save(_start("r2", "v1"))
+    await _nothing_written(store, "r2")
+    assert (await store.save(_start("r2", "v2"))).seq == 1

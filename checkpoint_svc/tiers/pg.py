@@ -43,6 +43,7 @@ INSERT INTO threads (tenant, namespace, thread_id, created_at, updated_at)
 SELECT k.*, $4, $4 FROM {_KEYS} AS k ON CONFLICT DO NOTHING"""
 DELETE_NEW_THREADS = f"""
 DELETE FROM threads WHERE (tenant, namespace, thread_id) IN (SELECT * FROM {_KEYS})"""
+SELECT_HEAD = "SELECT head_id FROM threads WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"
 FIND_REQUESTS = """
 SELECT tenant, request_id, kind, result FROM requests
 WHERE (tenant, request_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"""
@@ -104,9 +105,17 @@ FLUSH = _FLUSH.format(new_threads="", seen_rows="", seen_check="", conflict="")
 # against that row), and the threads it takes for new ($10) are inserted (so a row there
 # already fails the statement: unique). If one is not, 1/0 fails the statement and nothing
 # of it is written; the batch then runs again the long way (PgBatch.commit).
+# Likewise unless every head its Saves require of other threads ($11-$14: tenant, namespace,
+# thread id, head) is there.
 FLUSH_IF_UNCHANGED = _FLUSH.format(
     new_threads=""", new_threads AS (
     INSERT INTO threads SELECT * FROM unnest($10::threads[])
+), required AS (
+    SELECT 1 FROM threads t
+    JOIN unnest($11::text[], $12::text[], $13::text[], $14::text[])
+        AS r(tenant, namespace, thread_id, head_id)
+        ON t.tenant = r.tenant AND t.namespace = r.namespace AND t.thread_id = r.thread_id
+            AND t.head_id = r.head_id
 )""",
     seen_rows="""
         JOIN unnest($8::threads[]) WITH ORDINALITY AS s ON s.ordinality = u.ordinality""",
@@ -117,7 +126,8 @@ FLUSH_IF_UNCHANGED = _FLUSH.format(
         AND t.updated_at = s.updated_at AND t.deleted = s.deleted
         AND t.keep_last = s.keep_last""",
     conflict="""
-UNION ALL SELECT NULL, 1 / ((SELECT count(*) FROM moved) = $9)::int""",
+UNION ALL SELECT NULL, 1 / ((SELECT count(*) FROM moved) = $9
+    AND (SELECT count(*) FROM required) = cardinality($11::text[]))::int""",
 )
 # What FLUSH_IF_UNCHANGED fails with when a thread changed: division_by_zero, by design.
 CHANGED_SINCE_SEEN = "22012"
@@ -391,6 +401,8 @@ class PgBatch(Batch):
         self._seen = seen
         self._unchanged: dict[ThreadKey, tuple[Any, ...]] = {}
         self._new: set[ThreadKey] = set()  # taken for new (not in seen): inserted, checked
+        # Heads of other threads the Saves require (in one statement: checked by it).
+        self._required: dict[ThreadKey, str] = {}
         self._statement: tuple[list[Any], list[Event], list[int]] | None = None
 
     async def commit(self) -> None:
@@ -403,8 +415,12 @@ class PgBatch(Batch):
         known = [k for k, t in self.threads.items() if t is not None and k not in self._new]
         seen = [self._unchanged[k] for k in known]
         created = [_thread_row(self.threads[k]) for k in self._new if self.threads[k]]
+        required = _keys(self._required)
+        required.append(list(self._required.values()))
         try:
-            rows = await self.conn.fetch(FLUSH_IF_UNCHANGED, *args, seen, len(known), created)
+            rows = await self.conn.fetch(
+                FLUSH_IF_UNCHANGED, *args, seen, len(known), created, *required
+            )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate in (CHANGED_SINCE_SEEN, UNIQUE_VIOLATION):
                 raise ChangedSinceSeen(str(exc)) from exc
@@ -431,6 +447,14 @@ class PgBatch(Batch):
             for r in await self.conn.fetch(CLAIMED_IDS, *_columns(rows, 4)):
                 key = ThreadKey(r["tenant"], r["namespace"], r["thread_id"])
                 self._claimed[(key, r["checkpoint_id"])] = (r["taken"], r["has_writes"])
+
+    async def head_of(self, key: ThreadKey, required: str) -> str:
+        if key in self.threads:
+            return await super().head_of(key, required)
+        if self._seen is not None:  # the statement checks it (the first one asked, if two)
+            return self._required.setdefault(key, required)
+        head = await self.conn.fetchval(SELECT_HEAD, key.tenant, key.namespace, key.thread_id)
+        return head or ""
 
     async def find_request(self, tenant: str, request_id: str) -> tuple[str, str] | None:
         if (tenant, request_id) in self.new_requests:

@@ -209,6 +209,12 @@ ORDER BY feed_seq LIMIT :limit"""
 
 # Not a valid tenant id (tenants start with a letter or digit), so never a client's.
 BATCH_MARKER_TENANT = "~batch"
+# The head of a thread another thread's Save requires (SaveCommand.required_head); a
+# tombstone's is empty.
+SELECT_HEAD = (
+    "SELECT head_id FROM threads"
+    " WHERE tenant = :tenant AND namespace = :namespace AND thread_id = :thread_id"
+)
 SELECT_REQUEST = (
     "SELECT kind, result FROM requests WHERE tenant = :tenant AND request_id = :request_id"
 )
@@ -839,6 +845,16 @@ class Batch:
 
     def thread(self, key: ThreadKey) -> Thread | None:
         return self.threads.get(key)
+
+    async def head_of(self, key: ThreadKey, required: str) -> str:
+        """The head of a thread an operation requires to be `required` ("" if none): as
+        this batch has it if it holds the row (an operation before may have moved it), else
+        as committed. A plain read: a change committed after it orders after this batch."""
+        if key in self.threads:
+            thread = self.threads[key]
+            return thread.head_id if thread is not None else ""
+        row = (await self.conn.execute(_sql(SELECT_HEAD), _key_params(key))).first()
+        return row[0] if row is not None else ""
 
     def keep(self, thread: Thread) -> None:
         """An operation wrote under this row without changing it: keep it if just created,

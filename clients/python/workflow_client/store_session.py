@@ -31,6 +31,9 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # The metadata saying a side reads batches (docs/api.md#session): this client's in its call;
 # the store's in its first headers, before which calls go one per message.
 BATCHES_HEADER = "x-session-batches"
+# The store's first headers say which checks of a newer store it does: with this one it
+# checks SaveRequest.required_head (an older store would ignore the field).
+REQUIRED_HEAD_HEADER = "x-checks-required-head"
 # Calls in one message, at most: how many, and up to how many bytes (a bigger call goes
 # alone, uncopied; the store's receive limit stays far away).
 BATCH_MAX_CALLS = 64
@@ -61,6 +64,7 @@ class _Stream:
         self.unsent: collections.deque[cpb.SessionRequest] = collections.deque()  # next message
         self.wake = asyncio.Event()  # calls to send
         self.batches = False  # the store said it reads batched calls
+        self.headers: frozenset[tuple[str, str]] = frozenset()  # the store's first headers
         self.sender: asyncio.Task | None = None  # the one writer (one write at a time)
         self.reader: asyncio.Task | None = None
         self.broken = False
@@ -101,6 +105,12 @@ class StoreSession:
             stream.sender = asyncio.create_task(self._send(stream), name="store-session-send")
             self._stream = stream
         return self._stream
+
+    def store_says(self, header: str) -> bool:
+        """Whether the store of the open stream said `header: 1` in its first headers (False
+        before they came, or with no stream open)."""
+        stream = self._stream
+        return stream is not None and not stream.broken and (header, "1") in stream.headers
 
     async def call(self, kind: str, request: Any, seconds: float | None) -> Any:
         """One call: its response, or the AioRpcError the unary call would raise."""
@@ -160,10 +170,8 @@ class StoreSession:
     async def _read(self, stream: _Stream) -> None:
         why = "store session ended"
         try:
-            headers = await stream.call.initial_metadata()
-            stream.batches = any(
-                key == BATCHES_HEADER and value == "1" for key, value in headers or ()
-            )
+            stream.headers = frozenset(tuple(h) for h in await stream.call.initial_metadata() or ())
+            stream.batches = (BATCHES_HEADER, "1") in stream.headers
             async for response in stream.call:
                 self._answer(stream, response)
                 for answer in response.batch:
@@ -216,4 +224,4 @@ class StoreSession:
                     await task
 
 
-__all__ = ["StoreSession", "error_of"]
+__all__ = ["REQUIRED_HEAD_HEADER", "StoreSession", "error_of"]
