@@ -810,6 +810,11 @@ def render(results: Results, args: argparse.Namespace) -> str:
                         f"{ours.phase_median_ms('per_step') / floor:.1f}x the floor of one "
                         f"stream round trip and one commit ({floor:.2f} ms)"
                     )
+                    if relayed := fl.get("relayed_step_after_work_ms"):
+                        out.append(
+                            f"   = {ours.phase_median_ms('per_step') / relayed:.1f}x a bare "
+                            f"relayed step after {floors.WORK_MS:.0f} ms of work ({relayed:.2f} ms)"
+                        )
         if ours is None or not theirs:
             out.extend(_render_costs(results.costs.get(workload, {}), STEPS[workload]))
             out.append("   ratio: n/a (a side is missing; see errors)")
