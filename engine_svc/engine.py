@@ -37,6 +37,7 @@ from engine_svc.executor import (
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner, render
 from engine_svc.registry import (
     Registered,
+    RegistrationContended,
     StoredWorkflow,
     Versions,
     WorkflowNotFound,
@@ -60,6 +61,8 @@ _STORE_SERVICE_CONFIG = """{"methodConfig": [{
 # The engines' own records live under a reserved tenant: which tenants have runs, so that a
 # fresh replica knows where to look for runs to take over.
 SYSTEM_TENANT = "engine.system"
+# Starts of a run of the active version, at most, while other engines keep changing it.
+_START_ATTEMPTS = 5
 TENANTS_NAMESPACE = "tenants"
 
 __all__ = ["ControlTimeout", "Engine", "NotResumable", "RunExists"]
@@ -220,17 +223,22 @@ class Engine:
         """Start a run; with the id of a COMPLETED run of the same workflow, start it again
         on top of that run's state (a thread that remembers).
 
-        A new run of the active version starts on this engine's copy of it, if it has one and
-        the store checks it in the run's first checkpoint (docs/engine.md#starting-a-run):
-        without reading the workflow first. If the copy is old, the workflow is read and the
-        start made again."""
+        A new run of the active version requires, in its first checkpoint, the workflow's
+        head that the version came from, when the store checks it: so it starts on this
+        engine's copy without reading the workflow first, and never on a version that another
+        engine replaced before the checkpoint committed (docs/engine.md#starting-a-run). If
+        the head moved, the workflow is read and the start made again."""
         args = (tenant, workflow_id, version, run_input, run_id, request_id)
         breaks = (interrupt_before, interrupt_after)
-        try:
-            return await self._start_run(*args, *breaks, on_copy=True)
-        except WorkflowChanged:  # another engine registered or rolled back meanwhile
-            self.registry.forget(tenant, workflow_id)
-            return await self._start_run(*args, *breaks, on_copy=False)
+        for attempt in range(_START_ATTEMPTS):
+            try:
+                return await self._start_run(*args, *breaks, on_copy=attempt == 0)
+            except WorkflowChanged:  # another engine registered or rolled back meanwhile
+                self.registry.forget(tenant, workflow_id)
+        raise RegistrationContended(
+            f"could not start a run of {workflow_id}: it kept changing (registrations or "
+            "rollbacks) meanwhile"
+        )
 
     async def _start_run(
         self,
@@ -281,6 +289,8 @@ class Engine:
             self._launch(tenant, workflow, run_id)
             return Started(run, 0)
         new_id = run_id or str(uuid6.uuid7())
+        # The active version, from a copy or read just now: only while it is the active one.
+        checked = not version and bool(stored.head_id) and executor.checks_required_heads()
         first = executor.start(
             workflow,
             stored.version,
@@ -289,7 +299,7 @@ class Engine:
             request_id,
             interrupt_before,
             interrupt_after,
-            stored.requirement() if cached is not None else None,
+            stored.requirement() if checked else None,
         )
         return await self._begin(tenant, workflow, new_id, first)
 

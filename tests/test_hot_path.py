@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from checkpoint_svc.config import Settings
 from checkpoint_svc.domain import Checkpoint, NewEvent, SaveCommand, ThreadKey
 from checkpoint_svc.errors import HeadMoved, LeaseLost, NotFound, RequiredHeadMoved
 from checkpoint_svc.store import CheckpointStore
+from checkpoint_svc.tiers.pg import libpq_url
 
 KEY = ThreadKey("t1", "runs", "shared")
 
@@ -135,11 +137,13 @@ async def test_a_thread_taken_for_new_that_exists_is_written_the_long_way(store,
 WORKFLOW = ThreadKey("t1", "workflows", "wf")
 
 
-def _start(run_id: str, head: str, workflow: ThreadKey = WORKFLOW) -> SaveCommand:
+def _start(
+    run_id: str, head: str, workflow: ThreadKey = WORKFLOW, checkpoint_id: str = ""
+) -> SaveCommand:
     """A run's first checkpoint, requiring the workflow's head as the engine cached it."""
     key = ThreadKey("t1", "runs", run_id)
     return SaveCommand(
-        checkpoint=Checkpoint(key=key, checkpoint_id="", state=b"{}"),
+        checkpoint=Checkpoint(key=key, checkpoint_id=checkpoint_id, state=b"{}"),
         required_head=(workflow, head),
         events=[NewEvent("run.started")],
     )
@@ -198,3 +202,38 @@ async def test_a_required_head_moved_by_another_replica_is_seen_in_sql(store, ot
         await store.save(_start("r2", "v1"))
     await _nothing_written(store, "r2")
     assert (await store.save(_start("r2", "v2"))).seq == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("way", ["one statement", "the long way"])
+async def test_a_required_head_moved_by_a_batch_still_committing_is_seen(
+    store, backend, way
+) -> None:
+    """Another batch has moved the workflow's head and not committed yet (it holds the
+    thread's row and the tenant's feed row): a start requiring the old head waits for it,
+    then is refused, never committed after it on the old head."""
+    await store.save(_version("v1"))  # the checkpoint the head moves back to below
+    await store.save(_version("v2"))
+    chosen = ""
+    if way == "the long way":  # BEGIN, lock the run's thread, check, write, COMMIT
+        run = ThreadKey("t1", "runs", "r9")
+        await store.save(SaveCommand(checkpoint=Checkpoint(key=run, checkpoint_id="", state=b"{}")))
+        store.sql.hot.claims_in_one_statement = False  # a chosen id on a known thread: long
+        chosen = "start-r9"
+    conn = await asyncpg.connect(libpq_url(backend.db_url))
+    try:
+        moving = conn.transaction()
+        await moving.start()
+        await conn.execute(
+            "UPDATE threads SET head_id = 'v1' WHERE tenant = 't1' AND namespace = 'workflows'"
+            " AND thread_id = 'wf'"
+        )
+        await conn.execute("UPDATE feeds SET last_seq = last_seq WHERE tenant = 't1'")
+        start = asyncio.ensure_future(store.save(_start("r9", "v2", checkpoint_id=chosen)))
+        await asyncio.sleep(0.3)
+        assert not start.done(), "the start did not wait for the batch moving the head"
+        await moving.commit()
+        with pytest.raises(RequiredHeadMoved):
+            await start
+    finally:
+        await conn.close()

@@ -43,7 +43,9 @@ INSERT INTO threads (tenant, namespace, thread_id, created_at, updated_at)
 SELECT k.*, $4, $4 FROM {_KEYS} AS k ON CONFLICT DO NOTHING"""
 DELETE_NEW_THREADS = f"""
 DELETE FROM threads WHERE (tenant, namespace, thread_id) IN (SELECT * FROM {_KEYS})"""
-SELECT_HEAD = "SELECT head_id FROM threads WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"
+# FOR SHARE: a batch moving that head and not committed yet is waited for, and its head read.
+SELECT_HEAD = """
+SELECT head_id FROM threads WHERE tenant = $1 AND namespace = $2 AND thread_id = $3 FOR SHARE"""
 FIND_REQUESTS = """
 SELECT tenant, request_id, kind, result FROM requests
 WHERE (tenant, request_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"""
@@ -58,34 +60,30 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
     AS k(tenant, namespace, thread_id, checkpoint_id)"""
 
 # Everything a batch writes, in one statement: checkpoints, pending writes (kept once, or
-# replacing their slot), the tenants' feed rows bumped (locking them until COMMIT, so that
-# feed seqs are dense and in commit order), the events numbered from them, the request ids and
-# batch marker, and the threads moved. Its rows are the feeds' new last seqs. Each parameter
-# is an array of rows of its table's own type, in the table's column order (an event's
-# feed_seq carries how far from its tenant's last one it is): one parameter per table, not
-# one per column, which asyncpg encodes in a fraction of the time.
+# replacing their slot), the request ids and batch marker, the threads moved, then the
+# tenants' feed rows bumped (locking them until COMMIT, so that feed seqs are dense and in
+# commit order) and the events numbered from them. The statement's one row counts what each
+# part wrote (each count runs its part, in the order of the row's columns: the feed rows are
+# locked last, so another batch of the tenant waits on them only for this one's events and
+# commit) and gives the feeds' new last seqs. Each parameter is an array of rows of its
+# table's own type, in the table's column order (an event's feed_seq carries how far from its
+# tenant's last one it is): one parameter per table, not one per column, which asyncpg encodes
+# in a fraction of the time.
 _WRITE_SLOT = "(tenant, namespace, thread_id, checkpoint_id, task_id, idx)"
 _FLUSH = f"""
 WITH new_checkpoints AS (
-    INSERT INTO checkpoints SELECT * FROM unnest($1::checkpoints[])
+    INSERT INTO checkpoints SELECT * FROM unnest($1::checkpoints[]) RETURNING 1
 ), kept_writes AS (
     INSERT INTO writes SELECT * FROM unnest($2::writes[]) ON CONFLICT {_WRITE_SLOT} DO NOTHING
+    RETURNING 1
 ), replacing_writes AS (
     INSERT INTO writes SELECT * FROM unnest($3::writes[])
     ON CONFLICT {_WRITE_SLOT} DO UPDATE SET channel = excluded.channel,
         value = excluded.value, content_type = excluded.content_type,
         task_path = excluded.task_path
-), bumped AS (
-    INSERT INTO feeds SELECT * FROM unnest($4::feeds[])
-    ON CONFLICT (tenant) DO UPDATE SET last_seq = feeds.last_seq + excluded.last_seq
-    RETURNING tenant, last_seq
-), new_events AS (
-    INSERT INTO events
-    SELECT e.tenant, e.namespace, e.thread_id, e.seq, b.last_seq - e.feed_seq, e.type, e.time,
-        e.payload, e.terminal
-    FROM unnest($5::events[]) AS e JOIN bumped b ON b.tenant = e.tenant
+    RETURNING 1
 ), new_requests AS (
-    INSERT INTO requests SELECT * FROM unnest($6::requests[])
+    INSERT INTO requests SELECT * FROM unnest($6::requests[]) RETURNING 1
 ){{new_threads}}, moved AS (
     UPDATE threads t SET head_id = u.head_id, status = u.status, workflow_id = u.workflow_id,
         workflow_version = u.workflow_version, lease_owner = u.lease_owner,
@@ -96,27 +94,50 @@ WITH new_checkpoints AS (
     WHERE t.tenant = u.tenant AND t.namespace = u.namespace AND t.thread_id = u.thread_id
         {{seen_check}}
     RETURNING 1
+), bumped AS (
+    INSERT INTO feeds SELECT * FROM unnest($4::feeds[])
+    ON CONFLICT (tenant) DO UPDATE SET last_seq = feeds.last_seq + excluded.last_seq
+    RETURNING tenant, last_seq
+), new_events AS (
+    INSERT INTO events
+    SELECT e.tenant, e.namespace, e.thread_id, e.seq, b.last_seq - e.feed_seq, e.type, e.time,
+        e.payload, e.terminal
+    FROM unnest($5::events[]) AS e JOIN bumped b ON b.tenant = e.tenant
+    RETURNING 1
 )
-SELECT tenant, last_seq FROM bumped{{conflict}}"""
+SELECT (SELECT count(*) FROM new_checkpoints) AS checkpoints,
+    (SELECT count(*) FROM kept_writes) + (SELECT count(*) FROM replacing_writes) AS writes,
+    (SELECT count(*) FROM new_requests) AS requests,{{new_threads_count}}
+    (SELECT count(*) FROM moved) AS moved,{{conflict}}
+    (SELECT count(*) FROM new_events) AS events,
+    ARRAY(SELECT tenant FROM bumped ORDER BY tenant) AS tenants,
+    ARRAY(SELECT last_seq FROM bumped ORDER BY tenant) AS last_seqs"""
 # Inside a transaction that locked the threads first.
-FLUSH = _FLUSH.format(new_threads="", seen_rows="", seen_check="", conflict="")
+FLUSH = _FLUSH.format(
+    new_threads="", new_threads_count="", seen_rows="", seen_check="", conflict=""
+)
 # On its own, committing as it ends: every thread of the batch is updated only if its row is
 # still as this replica last saw it ($8, in the order of $7: its operations were checked
 # against that row), and the threads it takes for new ($10) are inserted (so a row there
-# already fails the statement: unique). If one is not, 1/0 fails the statement and nothing
-# of it is written; the batch then runs again the long way (PgBatch.commit).
-# Likewise unless every head its Saves require of other threads ($11-$14: tenant, namespace,
-# thread id, head) is there.
+# already fails the statement: unique). If one is not, 1/0 fails the statement (before the
+# feed rows are locked) and nothing of it is written; the batch then runs again the long way
+# (PgBatch.commit). Likewise unless every head its Saves require of other threads ($11-$14:
+# tenant, namespace, thread id, head) is there: read FOR SHARE, so that a batch moving one and
+# not committed yet is waited for and its new row checked (and before the feed rows, which
+# that batch locks after its threads: no deadlock).
 FLUSH_IF_UNCHANGED = _FLUSH.format(
     new_threads=""", new_threads AS (
-    INSERT INTO threads SELECT * FROM unnest($10::threads[])
+    INSERT INTO threads SELECT * FROM unnest($10::threads[]) RETURNING 1
 ), required AS (
     SELECT 1 FROM threads t
     JOIN unnest($11::text[], $12::text[], $13::text[], $14::text[])
         AS r(tenant, namespace, thread_id, head_id)
         ON t.tenant = r.tenant AND t.namespace = r.namespace AND t.thread_id = r.thread_id
             AND t.head_id = r.head_id
+    FOR SHARE OF t
 )""",
+    new_threads_count="""
+    (SELECT count(*) FROM new_threads) AS new_threads,""",
     seen_rows="""
         JOIN unnest($8::threads[]) WITH ORDINALITY AS s ON s.ordinality = u.ordinality""",
     seen_check="""AND t.head_id = s.head_id AND t.status = s.status
@@ -126,8 +147,8 @@ FLUSH_IF_UNCHANGED = _FLUSH.format(
         AND t.updated_at = s.updated_at AND t.deleted = s.deleted
         AND t.keep_last = s.keep_last""",
     conflict="""
-UNION ALL SELECT NULL, 1 / ((SELECT count(*) FROM moved) = $9
-    AND (SELECT count(*) FROM required) = cardinality($11::text[]))::int""",
+    1 / ((SELECT count(*) FROM moved) = $9
+        AND (SELECT count(*) FROM required) = cardinality($11::text[]))::int AS unchanged,""",
 )
 # What FLUSH_IF_UNCHANGED fails with when a thread changed: division_by_zero, by design.
 CHANGED_SINCE_SEEN = "22012"
@@ -418,14 +439,14 @@ class PgBatch(Batch):
         required = _keys(self._required)
         required.append(list(self._required.values()))
         try:
-            rows = await self.conn.fetch(
+            row = await self.conn.fetchrow(
                 FLUSH_IF_UNCHANGED, *args, seen, len(known), created, *required
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate in (CHANGED_SINCE_SEEN, UNIQUE_VIOLATION):
                 raise ChangedSinceSeen(str(exc)) from exc
             raise
-        self._number(rows, events, backs)
+        self._number(row, events, backs)
 
     async def rollback(self) -> None:
         if self._seen is None:
@@ -558,12 +579,12 @@ class PgBatch(Batch):
                 raise AssertionError("a batch in one statement is flushed once")
             self._statement = (args, events, backs)
             return
-        self._number(await self.conn.fetch(FLUSH, *args), events, backs)
+        self._number(await self.conn.fetchrow(FLUSH, *args), events, backs)
 
     @staticmethod
-    def _number(rows: Sequence[asyncpg.Record], events: list[Event], backs: list[int]) -> None:
+    def _number(row: asyncpg.Record, events: list[Event], backs: list[int]) -> None:
         """Each event's feed seq, from its tenant's last seq after the batch."""
-        last = {r["tenant"]: r["last_seq"] for r in rows if r["tenant"] is not None}
+        last = dict(zip(row["tenants"], row["last_seqs"], strict=True))
         for e, back in zip(events, backs, strict=True):
             e.feed_seq = last[e.key.tenant] - back
 
