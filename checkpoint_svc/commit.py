@@ -157,6 +157,10 @@ class _AmbiguousCommit(Exception):
 # never holds everyone else's back (docs/checkpoint-service.md#limits).
 BATCH_WEIGHT = 512
 HEAVY_WEIGHT = 64
+# On PostgreSQL two light lanes commit side by side (two connections, so both cores of the
+# server work): a batch formed while the other lane waits for work gives it the operations of
+# half its threads, once it has at least this many.
+SHARE_MIN = 16
 _RETRY_BACKOFF = (0.1, 2.0)  # write-behind retries while SQL is down: first and longest wait
 
 
@@ -166,6 +170,7 @@ class _Item:
     future: asyncio.Future
     behind: bool  # write-behind: acknowledged already, so retried until SQL takes it
     weight: int
+    lane: _Lane | None = None  # the lane it is queued in (it may be handed to another)
 
 
 @dataclass(eq=False)
@@ -181,6 +186,8 @@ class _Lane:
     retry: list[_Item] = field(default_factory=list)  # write-behind, waiting for SQL
     backoff: float = 0.0
     task: asyncio.Task | None = None
+    idle: bool = True  # its consumer waits for work (nothing queued, nothing committing)
+    batches: int = 0  # committed
 
 
 class GroupCommitter:
@@ -196,14 +203,14 @@ class GroupCommitter:
         self.sql = sql
         self._after_commit = after_commit
         self.batch_max = batch_max
-        self._light = _Lane("group-commit", asyncio.Queue(maxsize=queue_max))
         # One lane where a second would not help or is not allowed: SQLite has one writer at
         # a time, and a single writer's memory tier must see commits in their order.
-        self._heavy = (
-            None
-            if sql.is_sqlite or in_commit_order
-            else _Lane("group-commit-heavy", asyncio.Queue(maxsize=queue_max))
-        )
+        one = sql.is_sqlite or in_commit_order
+        self._lights = [
+            _Lane(name, asyncio.Queue(maxsize=queue_max))
+            for name in (["group-commit"] if one else ["group-commit", "group-commit-2"])
+        ]
+        self._heavy = None if one else _Lane("group-commit-heavy", asyncio.Queue(maxsize=queue_max))
         self._deadline: float | None = None  # set by close(): write-behind retries end then
         # Committed batches wait here, in commit order, for the caches and the feed; that
         # work overlaps the next batch's commit instead of delaying it.
@@ -219,8 +226,13 @@ class GroupCommitter:
         self.operations = 0
 
     @property
+    def light_lanes(self) -> list[_Lane]:
+        """The lanes of all but heavy operations: two on PostgreSQL, one on SQLite."""
+        return self._lights
+
+    @property
     def _lanes(self) -> list[_Lane]:
-        return [self._light] if self._heavy is None else [self._light, self._heavy]
+        return self._lights if self._heavy is None else [*self._lights, self._heavy]
 
     def start(self) -> None:
         for lane in self._lanes:
@@ -233,12 +245,12 @@ class GroupCommitter:
             raise TierUnavailable("the service is shutting down")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         item = _Item(op, future, behind=not wait, weight=op.weight)
-        lane = self._lane_for(item)
+        lane = item.lane = self._lane_for(item)
         key = op.key
         lane.pending[key] = lane.pending.get(key, 0) + 1
         self._unsettled += 1
         self._settled.clear()
-        future.add_done_callback(lambda _: self._settle(lane, key))
+        future.add_done_callback(lambda _: self._settle(item.lane, key))
         try:
             await lane.queue.put(item)
         except BaseException:  # cancelled while the queue was full: it was never queued
@@ -250,16 +262,44 @@ class GroupCommitter:
         return await future
 
     def _lane_for(self, item: _Item) -> _Lane:
-        """Heavy operations go to their own lane, unless their thread has operations waiting
-        in the other: then they follow those (either way round)."""
-        if self._heavy is None:
-            return self._light
+        """An operation follows its thread's operations not answered yet, so that they
+        commit in order; else a heavy one goes to its own lane, and a light one to a light
+        lane waiting for work, or the first."""
         key = item.op.key
-        if self._light.pending.get(key):
-            return self._light
-        if self._heavy.pending.get(key) or item.weight >= HEAVY_WEIGHT:
+        for lane in self._lanes:
+            if lane.pending.get(key):
+                return lane
+        if self._heavy is not None and item.weight >= HEAVY_WEIGHT:
             return self._heavy
-        return self._light
+        return next((lane for lane in self._lights if lane.idle), self._lights[0])
+
+    def _share(self, lane: _Lane, items: list[_Item]) -> list[_Item]:
+        """A light lane's batch, less what it hands to a light lane that waits for work:
+        the operations of the later half of its threads, each thread's all (none of them
+        left in this lane), so that each thread's operations still commit in order."""
+        other = next(
+            (o for o in self._lights if o is not lane and o.idle and o.queue.empty()), None
+        )
+        if other is None or lane not in self._lights or len(items) < SHARE_MIN:
+            return items
+        counts: dict[ThreadKey, int] = {}
+        for item in items:
+            counts[item.op.key] = counts.get(item.op.key, 0) + 1
+        keys = [k for k, n in counts.items() if lane.pending.get(k) == n]
+        given = set(keys[len(keys) - len(counts) // 2 :]) if len(counts) > 1 else set()
+        if not given:
+            return items
+        kept = []
+        for item in items:
+            if item.op.key not in given:
+                kept.append(item)
+                continue
+            item.lane = other
+            other.queue.put_nowait(item)  # its consumer waits: the queue is empty
+        for key in given:
+            other.pending[key] = lane.pending.pop(key)
+        other.idle = False
+        return kept
 
     def _settle(self, lane: _Lane, key: ThreadKey) -> None:
         left = lane.pending[key] - 1
@@ -293,7 +333,9 @@ class GroupCommitter:
             await asyncio.sleep(lane.backoff)
         items, lane.retry, lane.carry = lane.retry + lane.carry, [], []
         if not items:
+            lane.idle = lane.queue.empty()
             items = [await lane.queue.get()]
+            lane.idle = False
         weight = sum(i.weight for i in items)
         while len(items) < self.batch_max and weight < BATCH_WEIGHT:
             try:
@@ -305,7 +347,7 @@ class GroupCommitter:
                 break
             items.append(item)
             weight += item.weight
-        return items
+        return self._share(lane, items)
 
     async def _run(self, lane: _Lane) -> None:
         while True:
@@ -348,6 +390,7 @@ class GroupCommitter:
             return
         lane.backoff = 0.0
         self.sql.up = True
+        lane.batches += 1
         self.batches += 1
         self.operations += len(items)
         metrics.COMMITS.inc()

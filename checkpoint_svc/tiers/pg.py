@@ -215,7 +215,7 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     unfinished transaction is still rolled back)."""
 
 
-_SPARE_MAX = 2  # the two lanes of group commit
+_SPARE_MAX = 3  # the lanes of group commit (two light ones, one heavy)
 # Reader connections kept between reads: a pool's acquire and release (a task and a shield
 # each) cost about a third of a small Restore's time in this process.
 _SPARE_READERS_MAX = 4
