@@ -171,6 +171,7 @@ class _Item:
     behind: bool  # write-behind: acknowledged already, so retried until SQL takes it
     weight: int
     lane: _Lane | None = None  # the lane it is queued in (it may be handed to another)
+    settled: bool = False  # committed, refused or dropped (see GroupCommitter._settle)
 
 
 @dataclass(eq=False)
@@ -250,11 +251,11 @@ class GroupCommitter:
         lane.pending[key] = lane.pending.get(key, 0) + 1
         self._unsettled += 1
         self._settled.clear()
-        future.add_done_callback(lambda _: self._settle(item.lane, key))
         try:
             await lane.queue.put(item)
         except BaseException:  # cancelled while the queue was full: it was never queued
             future.cancel()
+            self._settle(item)
             raise
         if not wait:
             future.add_done_callback(_log_lost_write)
@@ -301,7 +302,14 @@ class GroupCommitter:
         other.idle = False
         return kept
 
-    def _settle(self, lane: _Lane, key: ThreadKey) -> None:
+    def _settle(self, item: _Item) -> None:
+        """Its operation was committed, refused or dropped: the next of its thread need no
+        longer follow it, and close() no longer waits for it. Not when its caller gives up:
+        a queued operation is committed all the same, before the next of its thread."""
+        if item.settled:
+            return
+        item.settled = True
+        lane, key = item.lane, item.op.key
         left = lane.pending[key] - 1
         if left:
             lane.pending[key] = left
@@ -359,6 +367,7 @@ class GroupCommitter:
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(TierUnavailable("internal commit failure"))
+                    self._settle(item)
 
     async def _commit(self, lane: _Lane, items: list[_Item]) -> None:
         started = time.monotonic()
@@ -375,11 +384,12 @@ class GroupCommitter:
                 self.sql.up, self.sql.detail = False, str(error)
             for item in items:
                 if item.future.done():
-                    continue
-                if unavailable and item.behind and self._retrying():
+                    self._settle(item)
+                elif unavailable and item.behind and self._retrying():
                     lane.retry.append(item)  # acknowledged: never dropped while SQL is down
                 else:
                     item.future.set_exception(error)
+                    self._settle(item)
             if lane.retry:
                 low, high = _RETRY_BACKOFF
                 lane.backoff = min(high, max(low, lane.backoff * 2))
@@ -414,12 +424,12 @@ class GroupCommitter:
             except Exception:  # caches are best effort; the data is committed
                 log.exception("after-commit hook failed")
             for item, (ok, value) in zip(items, results, strict=True):
-                if item.future.done():
-                    continue
-                if ok:
-                    item.future.set_result(value)
-                else:
-                    item.future.set_exception(value)
+                if not item.future.done():
+                    if ok:
+                        item.future.set_result(value)
+                    else:
+                        item.future.set_exception(value)
+                self._settle(item)
             if later is not None:
                 try:
                     await later

@@ -19,8 +19,11 @@ from checkpoint_svc.tiers.pg import libpq_url
 KEY = ThreadKey("t1", "runs", "shared")
 
 
-def _cmd(state: bytes = b"{}", **fields: object) -> SaveCommand:
-    return SaveCommand(checkpoint=Checkpoint(key=KEY, checkpoint_id="", state=state), **fields)
+def _cmd(
+    state: bytes = b"{}", step: int = 0, key: ThreadKey = KEY, **fields: object
+) -> SaveCommand:
+    cp = Checkpoint(key=key, checkpoint_id="", state=state, step=step)
+    return SaveCommand(checkpoint=cp, **fields)
 
 
 @pytest.fixture
@@ -265,3 +268,38 @@ async def test_two_lanes_keep_each_threads_saves_in_order(store) -> None:
             at = by_id[at.parent_id]
     feed = await store.sql.events_after("t1", None, 0, 10_000)
     assert [e.feed_seq for e in feed] == list(range(1, len(feed) + 1))
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_saves_given_up_on_still_commit_before_the_threads_next_one(store, backend) -> None:
+    """Two Saves of a thread whose callers gave up while they waited (one committing, one
+    queued behind it) are still committed, so the thread's next Save, which another lane
+    waiting for work could take at once, commits after them: it is the head."""
+    key = ThreadKey("t1", "runs", "given-up")
+    await store.save(_version("v1"))  # the tenant's feed row exists
+    conn = await asyncpg.connect(libpq_url(backend.db_url))
+    try:
+        holding = conn.transaction()
+        await holding.start()
+        await conn.execute("UPDATE feeds SET last_seq = last_seq WHERE tenant = 't1'")
+        first = asyncio.ensure_future(store.save(_cmd(b'{"n": 0}', step=0, key=key)))
+        await asyncio.sleep(0.3)  # its batch waits for the feed row
+        second = asyncio.ensure_future(store.save(_cmd(b'{"n": 1}', step=1, key=key)))
+        await asyncio.sleep(0.05)  # queued behind it
+        first.cancel()
+        second.cancel()
+        third = asyncio.ensure_future(store.save(_cmd(b'{"n": 2}', step=2, key=key)))
+        await asyncio.sleep(0.3)
+        # All three wait in the lane of the first (whose order is the thread's order).
+        waiting = [lane.pending.get(key, 0) for lane in store.committer.light_lanes]
+        assert sorted(waiting) == [0, 3], waiting
+        await holding.commit()
+        saved = await third
+    finally:
+        await conn.close()
+    head = (await store.restore(key)).checkpoint
+    assert head.checkpoint_id == saved.checkpoint.checkpoint_id, "a given-up Save came after"
+    listed, _ = await store.list(key, 10)
+    by_id = {c.checkpoint_id: c for c in listed}
+    assert [c.step for c in listed] == [2, 1, 0]
+    assert by_id[head.parent_id].step == 1 and by_id[by_id[head.parent_id].parent_id].step == 0

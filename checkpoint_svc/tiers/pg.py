@@ -123,8 +123,12 @@ FLUSH = _FLUSH.format(
 # feed rows are locked) and nothing of it is written; the batch then runs again the long way
 # (PgBatch.commit). Likewise unless every head its Saves require of other threads ($11-$14:
 # tenant, namespace, thread id, head) is there: read FOR SHARE, so that a batch moving one and
-# not committed yet is waited for and its new row checked (and before the feed rows, which
-# that batch locks after its threads: no deadlock).
+# not committed yet is waited for and its new row checked, and before the feed rows (which
+# that batch locks after its threads). The order of the parts is PostgreSQL's evaluation of
+# the row's columns, left to right; what the statement writes does not depend on it, only
+# how long it holds the feed rows. A required head is locked outside the key order of the
+# batch's own threads: a cycle that makes (two batches each moving the head the other
+# requires) PostgreSQL breaks after deadlock_timeout, and the batch is retried.
 FLUSH_IF_UNCHANGED = _FLUSH.format(
     new_threads=""", new_threads AS (
     INSERT INTO threads SELECT * FROM unnest($10::threads[]) RETURNING 1
