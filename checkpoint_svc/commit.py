@@ -204,14 +204,19 @@ class GroupCommitter:
         self.sql = sql
         self._after_commit = after_commit
         self.batch_max = batch_max
-        # One lane where a second would not help or is not allowed: SQLite has one writer at
-        # a time, and a single writer's memory tier must see commits in their order.
-        one = sql.is_sqlite or in_commit_order
+        # One lane where a second would not help: SQLite has one writer at a time. A single
+        # writer's memory tier must see each thread's commits in their order, which the lanes
+        # keep (a thread's operations go through one lane at a time); its heavy operations
+        # share the light lanes.
         self._lights = [
             _Lane(name, asyncio.Queue(maxsize=queue_max))
-            for name in (["group-commit"] if one else ["group-commit", "group-commit-2"])
+            for name in (["group-commit"] if sql.is_sqlite else ["group-commit", "group-commit-2"])
         ]
-        self._heavy = None if one else _Lane("group-commit-heavy", asyncio.Queue(maxsize=queue_max))
+        self._heavy = (
+            None
+            if sql.is_sqlite or in_commit_order
+            else _Lane("group-commit-heavy", asyncio.Queue(maxsize=queue_max))
+        )
         self._deadline: float | None = None  # set by close(): write-behind retries end then
         # Committed batches wait here, in commit order, for the caches and the feed; that
         # work overlaps the next batch's commit instead of delaying it.

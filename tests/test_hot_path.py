@@ -5,13 +5,14 @@ and written in one statement must never act on a row another replica changed sin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from checkpoint_svc.config import Settings
-from checkpoint_svc.domain import Checkpoint, NewEvent, SaveCommand, ThreadKey
+from checkpoint_svc.domain import Checkpoint, NewEvent, SaveCommand, ThreadKey, Tier
 from checkpoint_svc.errors import HeadMoved, LeaseLost, NotFound, RequiredHeadMoved
 from checkpoint_svc.store import CheckpointStore
 from checkpoint_svc.tiers.pg import libpq_url
@@ -242,11 +243,34 @@ async def test_a_required_head_moved_by_a_batch_still_committing_is_seen(
         await conn.close()
 
 
+@contextlib.asynccontextmanager
+async def _single_writer(backend) -> AsyncIterator[CheckpointStore]:
+    """The lone replica whose memory tier answers heads (--single-writer)."""
+    settings = Settings(db_url=backend.db_url, redis_url=None)
+    settings.sweep_interval_seconds = 0
+    settings.single_writer = True
+    writer = CheckpointStore(settings)
+    await writer.start()
+    try:
+        yield writer
+    finally:
+        await writer.close()
+
+
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-async def test_two_lanes_keep_each_threads_saves_in_order(store) -> None:
+@pytest.mark.parametrize("writer", ["a replica", "the single writer"])
+async def test_two_lanes_keep_each_threads_saves_in_order(store, backend, writer) -> None:
     """16 threads, each with three Saves queued at once, round after round: the batches are
     shared between the two light lanes, which commit side by side, and still each thread's
-    Saves commit in the order they came, its chain unbroken, the tenant's feed dense."""
+    Saves commit in the order they came, its chain unbroken, the tenant's feed dense; the
+    single writer's memory tier answers each thread's newest head."""
+    async with contextlib.AsyncExitStack() as stack:
+        if writer == "the single writer":  # the fixture's replica stays idle meanwhile
+            store = await stack.enter_async_context(_single_writer(backend))
+        await _saves_in_rounds(store, writer == "the single writer")
+
+
+async def _saves_in_rounds(store: CheckpointStore, from_memory: bool) -> None:
     threads = [ThreadKey("t1", "runs", f"lane-{i}") for i in range(16)]
 
     def step(key: ThreadKey, i: int) -> SaveCommand:
@@ -254,10 +278,16 @@ async def test_two_lanes_keep_each_threads_saves_in_order(store) -> None:
         return SaveCommand(checkpoint=cp, events=[NewEvent("step.saved", {"step": i})])
 
     for round_ in range(12):
-        await asyncio.gather(
+        saved = await asyncio.gather(
             *(store.save(step(key, 3 * round_ + j)) for key in threads for j in range(3))
         )
-    assert all(lane.batches for lane in store.committer.light_lanes), "one lane did all"
+        for i, key in enumerate(threads):
+            head = await store.restore(key)
+            assert head.checkpoint.checkpoint_id == saved[3 * i + 2].checkpoint.checkpoint_id
+            if from_memory:
+                assert head.served_from == Tier.MEMORY
+    lanes = store.committer.light_lanes
+    assert len(lanes) == 2 and all(lane.batches for lane in lanes), "one lane did all"
     for key in threads:
         listed, _ = await store.list(key, 1000)
         assert [c.step for c in listed] == list(range(35, -1, -1)), key
