@@ -38,6 +38,7 @@ from langgraph.checkpoint.base import (
     empty_checkpoint,
 )
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -188,14 +189,12 @@ class GrpcStore:
             with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
                 return r.read().decode()
 
-        values = {}
-        for line in (await asyncio.to_thread(read)).splitlines():
-            name, _, value = line.partition(" ")
-            values[name] = value
+        text = await asyncio.to_thread(read)
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
         return (
-            float(values.get("checkpoint_commits_total", 0)),
-            float(values.get("checkpoint_committed_operations_total", 0)),
-            float(values.get("checkpoint_commit_seconds_sum", 0)),
+            values.get("checkpoint_commits_total", 0.0),
+            values.get("checkpoint_committed_operations_total", 0.0),
+            values.get("checkpoint_commit_seconds_sum", 0.0),
         )
 
     async def ping(self) -> None:

@@ -9,6 +9,7 @@ operation retried alone, so one bad request cannot fail its neighbours.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -283,16 +284,16 @@ class GroupCommitter:
         """A light lane's batch, less what it hands to a light lane that waits for work:
         the operations of the later half of its threads, each thread's all (none of them
         left in this lane), so that each thread's operations still commit in order."""
+        if len(items) < SHARE_MIN or lane not in self._lights:
+            return items
         other = next(
             (o for o in self._lights if o is not lane and o.idle and o.queue.empty()), None
         )
-        if other is None or lane not in self._lights or len(items) < SHARE_MIN:
+        if other is None:
             return items
-        counts: dict[ThreadKey, int] = {}
-        for item in items:
-            counts[item.op.key] = counts.get(item.op.key, 0) + 1
+        counts = collections.Counter(item.op.key for item in items)
         keys = [k for k, n in counts.items() if lane.pending.get(k) == n]
-        given = set(keys[len(keys) - len(counts) // 2 :]) if len(counts) > 1 else set()
+        given = set(keys[len(keys) - len(counts) // 2 :])  # none of a lone thread
         if not given:
             return items
         kept = []

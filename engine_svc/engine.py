@@ -68,6 +68,19 @@ TENANTS_NAMESPACE = "tenants"
 __all__ = ["ControlTimeout", "Engine", "NotResumable", "RunExists"]
 
 
+def _unknown_breakpoints(
+    workflow: Workflow, before: list[str] | None, after: list[str] | None
+) -> list[tuple[str, str]]:
+    """Breakpoints naming nodes the workflow does not have, as (field, description)."""
+    ids = {n.id for n in workflow.nodes}
+    return [
+        (f"{name}[{i}]", f"unknown node {node!r}")
+        for name, nodes in (("interrupt_before", before), ("interrupt_after", after))
+        for i, node in enumerate(nodes or [])
+        if node not in ids
+    ]
+
+
 class RunExists(Exception):
     """StartRun with the id of an existing run (and no matching request_id)."""
 
@@ -228,80 +241,55 @@ class Engine:
         engine's copy without reading the workflow first, and never on a version that another
         engine replaced before the checkpoint committed (docs/engine.md#starting-a-run). If
         the head moved, the workflow is read and the start made again."""
-        args = (tenant, workflow_id, version, run_input, run_id, request_id)
-        breaks = (interrupt_before, interrupt_after)
-        for attempt in range(_START_ATTEMPTS):
+        executor = self.executor(tenant)
+        new_run = not run_id or bool(request_id)  # else it may continue a COMPLETED run
+        new_id = run_id or str(uuid6.uuid7())
+        for _ in range(_START_ATTEMPTS):
+            cached = None
+            if new_run and not version and executor.checks_required_heads():
+                cached = self.registry.cached(tenant, workflow_id)
+            stored = cached or await self.registry.get(tenant, workflow_id, version)
+            workflow = self._parsed(tenant, stored)
+            unknown = _unknown_breakpoints(workflow, interrupt_before, interrupt_after)
+            if unknown and cached is not None:  # the copy may be old: read the workflow
+                self.registry.forget(tenant, workflow_id)
+                continue
+            if unknown:
+                listed = "; ".join(f"{f}: {d}" for f, d in unknown)
+                raise InvalidArgument(f"breakpoints name unknown nodes: {listed}", unknown)
+            if not new_run and await self._run_exists(tenant, run_id):
+                existing = await executor.load(run_id)
+                if existing.status != "COMPLETED" or existing.workflow_id != workflow_id:
+                    raise RunExists(
+                        f"run {run_id!r} already exists ({existing.status}, workflow "
+                        f"{existing.workflow_id!r}); only a COMPLETED run of the same "
+                        "workflow can be continued"
+                    )
+                run = await executor.continue_thread(
+                    workflow, stored.version, run_id, run_input, interrupt_before, interrupt_after
+                )
+                self._launch(tenant, workflow, run_id)
+                return Started(run, 0)
+            # The active version, from a copy or read just now: only while it is the active one.
+            checked = not version and bool(stored.head_id) and executor.checks_required_heads()
+            first = executor.start(
+                workflow,
+                stored.version,
+                new_id,
+                run_input,
+                request_id,
+                interrupt_before,
+                interrupt_after,
+                stored.requirement() if checked else None,
+            )
             try:
-                return await self._start_run(*args, *breaks, on_copy=attempt == 0)
+                return await self._begin(tenant, workflow, new_id, first)
             except WorkflowChanged:  # another engine registered or rolled back meanwhile
                 self.registry.forget(tenant, workflow_id)
         raise RegistrationContended(
             f"could not start a run of {workflow_id}: it kept changing (registrations or "
             "rollbacks) meanwhile"
         )
-
-    async def _start_run(
-        self,
-        tenant: str,
-        workflow_id: str,
-        version: int,
-        run_input: dict[str, Any],
-        run_id: str,
-        request_id: str,
-        interrupt_before: list[str] | None,
-        interrupt_after: list[str] | None,
-        *,
-        on_copy: bool,
-    ) -> Started:
-        executor = self.executor(tenant)
-        cached = None
-        new_run = not run_id or bool(request_id)  # else it may continue a COMPLETED run
-        if on_copy and new_run and not version and executor.checks_required_heads():
-            cached = self.registry.cached(tenant, workflow_id)
-        stored = cached or await self.registry.get(tenant, workflow_id, version)
-        workflow = self._parsed(tenant, stored)
-        ids = {n.id for n in workflow.nodes}
-        unknown = [
-            (f"{name}[{i}]", f"unknown node {node!r}")
-            for name, nodes in (
-                ("interrupt_before", interrupt_before),
-                ("interrupt_after", interrupt_after),
-            )
-            for i, node in enumerate(nodes or [])
-            if node not in ids
-        ]
-        if unknown:
-            if cached is not None:  # the copy may be old: check against the current version
-                raise WorkflowChanged("breakpoints unknown to the cached version")
-            listed = "; ".join(f"{f}: {d}" for f, d in unknown)
-            raise InvalidArgument(f"breakpoints name unknown nodes: {listed}", unknown)
-        if run_id and not request_id and await self._run_exists(tenant, run_id):
-            existing = await executor.load(run_id)
-            if existing.status != "COMPLETED" or existing.workflow_id != workflow_id:
-                raise RunExists(
-                    f"run {run_id!r} already exists ({existing.status}, workflow "
-                    f"{existing.workflow_id!r}); only a COMPLETED run of the same workflow "
-                    "can be continued"
-                )
-            run = await executor.continue_thread(
-                workflow, stored.version, run_id, run_input, interrupt_before, interrupt_after
-            )
-            self._launch(tenant, workflow, run_id)
-            return Started(run, 0)
-        new_id = run_id or str(uuid6.uuid7())
-        # The active version, from a copy or read just now: only while it is the active one.
-        checked = not version and bool(stored.head_id) and executor.checks_required_heads()
-        first = executor.start(
-            workflow,
-            stored.version,
-            new_id,
-            run_input,
-            request_id,
-            interrupt_before,
-            interrupt_after,
-            stored.requirement() if checked else None,
-        )
-        return await self._begin(tenant, workflow, new_id, first)
 
     async def _begin(
         self, tenant: str, workflow: Workflow, run_id: str, first: Awaitable[Started]

@@ -108,7 +108,7 @@ class StoreUnavailable(RuntimeError):
 
 
 class WorkflowChanged(RuntimeError):
-    """A run's first checkpoint required the workflow's head this engine had cached, and the
+    """A run's first checkpoint required the workflow's head its version came from, and the
     head had moved (another engine registered or rolled back): nothing was written."""
 
 
@@ -678,7 +678,8 @@ class RunExecutor:
 
         A used `request_id` returns the run it started first; a used run id is refused
         (ALREADY_EXISTS), since a run's first checkpoint has a fixed id. With
-        `required_head` (the workflow's, as cached), WorkflowChanged if it moved.
+        `required_head` (the workflow's, as its version was read), WorkflowChanged if it
+        moved.
         """
         run = RunState(
             run_id,

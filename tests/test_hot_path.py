@@ -27,17 +27,27 @@ def _cmd(
     return SaveCommand(checkpoint=cp, **fields)
 
 
-@pytest.fixture
-async def other(backend) -> AsyncIterator[CheckpointStore]:
-    """A second replica on the same database."""
-    settings = Settings(db_url=backend.db_url, redis_url=backend.redis_url)
+@contextlib.asynccontextmanager
+async def _replica(
+    backend, redis_url: str | None, single_writer: bool | None = None
+) -> AsyncIterator[CheckpointStore]:
+    """Another store on the backend's database (the sweeper off)."""
+    settings = Settings(db_url=backend.db_url, redis_url=redis_url)
     settings.sweep_interval_seconds = 0
+    settings.single_writer = single_writer
     replica = CheckpointStore(settings)
     await replica.start()
     try:
         yield replica
     finally:
         await replica.close()
+
+
+@pytest.fixture
+async def other(backend) -> AsyncIterator[CheckpointStore]:
+    """A second replica on the same database."""
+    async with _replica(backend, backend.redis_url) as replica:
+        yield replica
 
 
 @pytest.mark.parametrize("backend", ["postgres", "postgres+redis"], indirect=True)
@@ -243,20 +253,6 @@ async def test_a_required_head_moved_by_a_batch_still_committing_is_seen(
         await conn.close()
 
 
-@contextlib.asynccontextmanager
-async def _single_writer(backend) -> AsyncIterator[CheckpointStore]:
-    """The lone replica whose memory tier answers heads (--single-writer)."""
-    settings = Settings(db_url=backend.db_url, redis_url=None)
-    settings.sweep_interval_seconds = 0
-    settings.single_writer = True
-    writer = CheckpointStore(settings)
-    await writer.start()
-    try:
-        yield writer
-    finally:
-        await writer.close()
-
-
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 @pytest.mark.parametrize("writer", ["a replica", "the single writer"])
 async def test_two_lanes_keep_each_threads_saves_in_order(store, backend, writer) -> None:
@@ -266,7 +262,7 @@ async def test_two_lanes_keep_each_threads_saves_in_order(store, backend, writer
     single writer's memory tier answers each thread's newest head."""
     async with contextlib.AsyncExitStack() as stack:
         if writer == "the single writer":  # the fixture's replica stays idle meanwhile
-            store = await stack.enter_async_context(_single_writer(backend))
+            store = await stack.enter_async_context(_replica(backend, None, single_writer=True))
         await _saves_in_rounds(store, writer == "the single writer")
 
 
