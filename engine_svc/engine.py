@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -23,16 +24,13 @@ from engine_svc.executor import (
     RUNS_NAMESPACE,
     TERMINAL,
     LeaseHeld,
-    LeaseLostError,
     NotARun,
     NotResumable,
     RunExecutor,
     RunState,
     Started,
-    StoreUnavailable,
     WorkflowChanged,
     check_control,
-    tenant_metadata,
 )
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner, render
 from engine_svc.registry import (
@@ -44,6 +42,16 @@ from engine_svc.registry import (
     WorkflowRegistry,
 )
 from engine_svc.run_feed import RunFeed, watch_response
+from engine_svc.store import (
+    ANSWER_RETRY_SECONDS,
+    AlreadyExists,
+    GrpcStore,
+    LeaseLost,
+    NotFound,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -52,11 +60,6 @@ from workflow_stubs.engine.v1 import engine_pb2 as pb
 log = logging.getLogger(__name__)
 
 _RESUMABLE = [cpb.THREAD_STATUS_PENDING, cpb.THREAD_STATUS_RUNNING]
-# Retry UNAVAILABLE through gRPC's own service config, not hand-written loops.
-_STORE_SERVICE_CONFIG = """{"methodConfig": [{
-  "name": [{"service": "checkpoint.v1.CheckpointService"}],
-  "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
-                  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
 
 # The engines' own records live under a reserved tenant: which tenants have runs, so that a
 # fresh replica knows where to look for runs to take over.
@@ -92,10 +95,10 @@ class ControlTimeout(Exception):
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # No retry policy on the channel: the store adapter (engine_svc/store.py) retries.
         self.channel = grpc.aio.insecure_channel(
             settings.checkpoint_addr,
             options=[
-                ("grpc.service_config", _STORE_SERVICE_CONFIG),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 # After a store restart, reconnect within a second or two, not gRPC's
@@ -105,8 +108,9 @@ class Engine:
                 ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
-        self.store = cpb_grpc.CheckpointServiceStub(self.channel)
-        self.registry = WorkflowRegistry(self.store, lambda tenant: self.executor(tenant).calls)
+        self._stub = cpb_grpc.CheckpointServiceStub(self.channel)
+        self._stores: dict[str, Store] = {}  # by tenant, for the calls someone waits on
+        self.registry = WorkflowRegistry(self.store)
         self.runner = NodeRunner(
             set(settings.handlers),
             {"subworkflow": self._child_run, "rollback": self._rollback_node},
@@ -123,22 +127,25 @@ class Engine:
     def executor(self, tenant: str) -> RunExecutor:
         if tenant not in self._executors:
             s = self.settings
-            calls = (
-                StoreSession(stub=self.store, metadata=tenant_metadata(tenant))
-                if s.store_calls == "session"
-                else None
-            )
+            store = GrpcStore(stub=self._stub, tenant=tenant, retry_seconds=s.store_retry_seconds)
+            if s.store_calls == "session":
+                session = StoreSession(stub=self._stub, metadata=store.metadata)
+                store = dataclasses.replace(store, session=session)
             self._executors[tenant] = RunExecutor(
-                self.store,
-                tenant,
-                s.owner,
-                self.runner,
-                s.lease_ttl_seconds,
-                s.max_parallel,
-                s.store_retry_seconds,
-                calls=calls,
+                store, tenant, s.owner, self.runner, s.lease_ttl_seconds, s.max_parallel
             )
         return self._executors[tenant]
+
+    def store(self, tenant: str) -> Store:
+        """The tenant's store for calls someone is waiting on (an RPC of the engine's): on
+        the tenant's session like a run's calls, retried for a moment only."""
+        if (store := self._stores.get(tenant)) is None:
+            if tenant == SYSTEM_TENANT:  # a few calls: no session of its own
+                store = GrpcStore(stub=self._stub, tenant=tenant)
+            else:
+                store = self.executor(tenant).store
+            store = self._stores[tenant] = store.with_retry(ANSWER_RETRY_SECONDS)
+        return store
 
     async def start(self) -> None:
         if self.settings.recovery_interval_seconds > 0:
@@ -246,7 +253,7 @@ class Engine:
         new_id = run_id or str(uuid6.uuid7())
         for _ in range(_START_ATTEMPTS):
             cached = None
-            if new_run and not version and executor.checks_required_heads():
+            if new_run and not version and executor.store.checks_required_heads():
                 cached = self.registry.cached(tenant, workflow_id)
             stored = cached or await self.registry.get(tenant, workflow_id, version)
             workflow = self._parsed(tenant, stored)
@@ -271,7 +278,9 @@ class Engine:
                 self._launch(tenant, workflow, run_id)
                 return Started(run, 0)
             # The active version, from a copy or read just now: only while it is the active one.
-            checked = not version and bool(stored.head_id) and executor.checks_required_heads()
+            checked = (
+                not version and bool(stored.head_id) and executor.store.checks_required_heads()
+            )
             first = executor.start(
                 workflow,
                 stored.version,
@@ -298,12 +307,8 @@ class Engine:
         it here."""
         try:
             started = await first
-        except LeaseLostError as exc:  # the first checkpoint's parent check: the run exists
+        except (LeaseLost, AlreadyExists) as exc:  # the run exists (its parent check, its id)
             raise RunExists(f"run {run_id!r} already exists") from exc
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                raise RunExists(f"run {run_id!r} already exists") from exc
-            raise
         await self._note_tenant(tenant)
         run = started.run
         # A replayed start (a retry whose first answer was lost, or a client's) of a run that
@@ -341,14 +346,13 @@ class Engine:
         """Record once that `tenant` has runs (idempotent across engines by request id)."""
         if tenant in self._noted:
             return
-        await self.store.Publish(
+        await self.store(SYSTEM_TENANT).publish(
             cpb.PublishRequest(
                 namespace=TENANTS_NAMESPACE,
                 thread_id=tenant,
                 events=[cpb.NewEvent(type="tenant.seen")],
                 request_id=f"tenant-seen:{tenant}",
-            ),
-            metadata=tenant_metadata(SYSTEM_TENANT),
+            )
         )
         self._noted.add(tenant)
         self.tenants.add(tenant)
@@ -356,11 +360,10 @@ class Engine:
     async def _discover_tenants(self) -> None:
         token = ""
         while True:
-            listed = await self.store.ListThreads(
+            listed = await self.store(SYSTEM_TENANT).list_threads(
                 cpb.ListThreadsRequest(
                     namespace=TENANTS_NAMESPACE, page_size=1000, page_token=token
-                ),
-                metadata=tenant_metadata(SYSTEM_TENANT),
+                )
             )
             self.tenants.update(t.thread_id for t in listed.threads)
             token = listed.next_page_token
@@ -372,10 +375,8 @@ class Engine:
         (a lease, a Publish on `runs/<id>`) is not a run yet, and may be started."""
         try:
             thread = await self.thread(tenant, run_id)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
+        except NotFound:
+            return False
         return bool(thread.head_checkpoint_id)
 
     def _launch(
@@ -405,7 +406,7 @@ class Engine:
         try:
             run = await self.executor(tenant).execute(workflow, run_id, started)
             log.info("run stopped", extra={"run_id": run_id, "status": run.status})
-        except LeaseLostError as exc:
+        except LeaseLost as exc:
             log.warning("run not executed here", extra={"run_id": run_id, "error": str(exc)})
         except NotARun as exc:  # someone else's data under runs/: never take it over again
             log.error("not a run", extra={"run_id": run_id, "error": str(exc)})
@@ -416,8 +417,8 @@ class Engine:
             # Nothing more runs without saving; recovery continues it when the store is back.
             log.error("checkpoint service unreachable; run stopped", extra={"run_id": run_id})
             log.debug("store error", extra={"error": str(exc)})
-        except grpc.aio.AioRpcError as exc:
-            log.warning("run not executed here", extra={"run_id": run_id, "error": exc.details()})
+        except StoreError as exc:
+            log.warning("run not executed here", extra={"run_id": run_id, "error": str(exc)})
         except Exception:
             log.exception("run crashed", extra={"run_id": run_id})
 
@@ -502,7 +503,7 @@ class Engine:
                         break
         finally:
             follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            with contextlib.suppress(asyncio.CancelledError, StoreError):
                 await follower
 
     async def _publish_control(
@@ -516,25 +517,23 @@ class Engine:
                 "deadline": time.time() + self.settings.control_wait_seconds,
             }
         )
-        published = await self.store.Publish(
+        published = await self.store(tenant).publish(
             cpb.PublishRequest(
                 namespace=CONTROL_NAMESPACE,
                 thread_id=run_id,
                 events=[event],
                 request_id=f"control:{control_id}",
-            ),
-            metadata=tenant_metadata(tenant),
+            )
         )
         return published.seqs[-1]
 
     async def _follow(
         self, tenant: str, run_id: str, after_seq: int, into: asyncio.Queue[cpb.Event]
     ) -> None:
-        async for item in self.store.Stream(
+        async for item in self.store(tenant).stream(
             cpb.StreamRequest(
                 namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=after_seq, follow=True
-            ),
-            metadata=tenant_metadata(tenant),
+            )
         ):
             if item.HasField("event"):
                 into.put_nowait(item.event)
@@ -587,26 +586,22 @@ class Engine:
 
     async def thread(self, tenant: str, run_id: str) -> cpb.Thread:
         """The run's thread row (status, head, times) without its state."""
-        md = tenant_metadata(tenant)
         return (
-            await self.store.GetThread(
-                cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id),
-                metadata=md,
+            await self.store(tenant).get_thread(
+                cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id)
             )
         ).thread
 
     async def list_runs(
         self, tenant: str, statuses: list[int], page_size: int, page_token: str
     ) -> tuple[list[cpb.Thread], str]:
-        md = tenant_metadata(tenant)
-        listed = await self.store.ListThreads(
+        listed = await self.store(tenant).list_threads(
             cpb.ListThreadsRequest(
                 namespace=RUNS_NAMESPACE,
                 statuses=statuses,
                 page_size=page_size,
                 page_token=page_token,
-            ),
-            metadata=md,
+            )
         )
         return list(listed.threads), listed.next_page_token
 
@@ -618,7 +613,6 @@ class Engine:
         store's Stream (docs/engine.md#watching-a-run). A FAILED run that is resumed goes on,
         so the store's own end-at-terminal is not enough: the thread says whether a terminal
         event is the last one."""
-        md = tenant_metadata(tenant)
         if self._feed(tenant, run_id) is None:
             await self.thread(tenant, run_id)  # NOT_FOUND for an unknown run
         cursor = after_seq
@@ -640,11 +634,10 @@ class Engine:
             # What the feed here cannot give: the store has it (and switches back once the
             # feed here holds what comes next).
             end_at: int | None = None
-            async for item in self.store.Stream(
+            async for item in self.store(tenant).stream(
                 cpb.StreamRequest(
                     namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=cursor, follow=True
-                ),
-                metadata=md,
+                )
             ):
                 yield watch_response(item, batched=batched)
                 if not item.HasField("event"):
@@ -675,32 +668,30 @@ class Engine:
         while True:
             try:
                 await self._discover_tenants()
-            except grpc.aio.AioRpcError as exc:
-                log.warning("tenant discovery failed", extra={"error": exc.details()})
+            except StoreError as exc:
+                log.warning("tenant discovery failed", extra={"error": str(exc)})
             for tenant in sorted(self.tenants):
                 try:
                     await self.recover(tenant)
-                except grpc.aio.AioRpcError as exc:
-                    log.warning("recovery scan failed", extra={"error": exc.details()})
+                except StoreError as exc:
+                    log.warning("recovery scan failed", extra={"error": str(exc)})
                 except Exception:  # the scan must outlive any one bad run
                     log.exception("recovery scan failed")
             await asyncio.sleep(self.settings.recovery_interval_seconds)
 
     async def recover(self, tenant: str) -> int:
         """Take over this tenant's unfinished runs whose lease is free or expired."""
-        md = tenant_metadata(tenant)
         orphans: list[cpb.Thread] = []
         token = ""
         while True:  # every page: runs skipped below must not hide the ones after them
-            listed = await self.store.ListThreads(
+            listed = await self.store(tenant).list_threads(
                 cpb.ListThreadsRequest(
                     namespace=RUNS_NAMESPACE,
                     statuses=_RESUMABLE,
                     lease_expired_only=True,
                     page_size=500,
                     page_token=token,
-                ),
-                metadata=md,
+                )
             )
             orphans += listed.threads
             token = listed.next_page_token

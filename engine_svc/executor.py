@@ -24,29 +24,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
+from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
 from checkpoint_svc.errors import InvalidArgument
-from checkpoint_svc.servicer import TENANT_HEADER
 from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from engine_svc.run_feed import RunFeed
 from engine_svc.run_json import RunJson
-from workflow_client.store_session import REQUIRED_HEAD_HEADER, StoreSession
+from engine_svc.store import LeaseLost, RequiredHeadMoved, Store, StoreError
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
-from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -56,18 +45,11 @@ CONTROL_NAMESPACE = "run-control"
 OUTPUT_CHANNEL = "output"
 SKIPPED_CHANNEL = "skipped"
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_CALL_TIMEOUT = 10.0  # seconds per store call; the retry budget covers longer outages
 # How far into an execution the engine starts following the run's control feed: PauseRun,
 # CancelRun and CheckpointRun wait in the feed until then (docs/engine.md#steering-a-run).
 CONTROL_FOLLOW_AFTER = 0.25
 
 __all__ = ["NodeFailed", "NodeRunner", "RunExecutor", "RunState"]
-
-
-def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
-    """The call metadata naming a tenant to the checkpoint service."""
-    return ((TENANT_HEADER, tenant),)
 
 
 def status_event(status: str, **extra: Any) -> cpb.NewEvent:
@@ -93,38 +75,13 @@ class Started(NamedTuple):
     announced: frozenset[str] = frozenset()  # nodes whose node.started that Save carried
 
 
-class LeaseLostError(RuntimeError):
-    """Another engine owns the run now; this one must stop touching it."""
-
-
 class LeaseHeld(RuntimeError):
     """Someone else holds the run's lease: ask them through the control feed."""
-
-
-class StoreUnavailable(RuntimeError):
-    """The checkpoint service stayed away past the retry budget. The run stops where its last
-    save left it (it never runs on without saving); recovery continues it when the store is
-    back."""
 
 
 class WorkflowChanged(RuntimeError):
     """A run's first checkpoint required the workflow's head its version came from, and the
     head had moved (another engine registered or rolled back): nothing was written."""
-
-
-# The reason in the ErrorInfo of the store's ABORTED for a required head that moved.
-_REQUIRED_HEAD_MOVED = "REQUIRED_HEAD_MOVED"
-
-
-def _required_head_moved(exc: grpc.aio.AioRpcError) -> bool:
-    if exc.code() != grpc.StatusCode.ABORTED:
-        return False
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info) and info.reason == _REQUIRED_HEAD_MOVED:
-            return True
-    return False
 
 
 class NotARun(ValueError):
@@ -393,43 +350,24 @@ class Execution:
         }
 
 
-def _reraise_cancel(exc: grpc.aio.AioRpcError) -> None:
-    """grpc.aio reports a call cut off by task cancellation as CANCELLED: that is our own
-    cancellation, and a loop that swallowed it would run on after its run ended."""
-    if exc.code() == grpc.StatusCode.CANCELLED:
-        raise asyncio.CancelledError from exc
-
-
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT
-
-
 class RunExecutor:
     """Starts, runs and steers the runs of one tenant."""
 
     def __init__(
         self,
-        store: cpb_grpc.CheckpointServiceStub,
+        store: Store,
         tenant: str,
         owner: str,
         runner: NodeRunner,
         lease_ttl: float = 10.0,
         max_parallel: int = 16,
-        store_retry_seconds: float = 30.0,
-        *,
-        calls: StoreSession | None = None,
     ) -> None:
-        self.store = store
-        # Saves, writes, publishes, restores and leases: on the tenant's Session stream if
-        # there is one, else unary (docs/engine.md#store-calls).
-        self.calls: Any = calls or store
+        self.store = store  # the tenant's, retried for --store-retry (docs/engine.md#store-calls)
         self.tenant = tenant
-        self.md = tenant_metadata(tenant)
         self.owner = owner
         self.runner = runner
         self.lease_ttl = lease_ttl
         self.max_parallel = max_parallel
-        self.store_retry_seconds = store_retry_seconds
         self.live: dict[str, Execution] = {}  # run id -> this engine's execution of it
         # run id -> the events its execution here appended, for WatchRun (run_feed.py)
         self.feeds: dict[str, RunFeed] = {}
@@ -437,39 +375,7 @@ class RunExecutor:
     # ---- store calls ----------------------------------------------------------------
 
     async def close(self) -> None:
-        if isinstance(self.calls, StoreSession):
-            await self.calls.close()
-
-    def checks_required_heads(self) -> bool:
-        """Whether the store this executor's Saves go to checks SaveRequest.required_head
-        (said in the first headers of its Session stream)."""
-        return isinstance(self.calls, StoreSession) and self.calls.store_says(REQUIRED_HEAD_HEADER)
-
-    async def _call(self, method: Any, request: Any) -> Any:
-        """One store call, retried while the store is away (within the budget). Retried
-        Saves and Publishes carry request ids and PutWrites are upserts, so a retry after a
-        lost answer applies nothing twice."""
-        try:
-            try:  # the first attempt without the retry machinery: most calls need no more
-                return await method(request, metadata=self.md, timeout=_CALL_TIMEOUT)
-            except grpc.aio.AioRpcError as exc:
-                if not _transient(exc):
-                    raise
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_transient),
-                stop=stop_after_delay(self.store_retry_seconds),
-                wait=wait_exponential(multiplier=0.2, max=3.0),
-                reraise=True,
-            ):
-                with attempt:
-                    return await method(request, metadata=self.md, timeout=_CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise LeaseLostError(exc.details()) from exc
-            if exc.code() in _TRANSIENT:
-                raise StoreUnavailable(exc.details()) from exc
-            raise
-        raise AssertionError("unreachable")
+        await self.store.close()
 
     async def _save(
         self,
@@ -508,7 +414,7 @@ class RunExecutor:
                 release_lease=release,
             )
             try:
-                saved = await self._call(self.calls.Save, request)
+                saved = await self.store.save(request)
             except BaseException:
                 ex.unwritten = absorbed + ex.unwritten  # still to be written
                 raise
@@ -576,8 +482,7 @@ class RunExecutor:
                 return
             for i in items:
                 i.write.checkpoint_id = ex.head_id
-            written = await self._call(
-                self.calls.PutWrites,
+            written = await self.store.put_writes(
                 cpb.PutWritesRequest(
                     namespace=RUNS_NAMESPACE,
                     thread_id=run.run_id,
@@ -588,15 +493,14 @@ class RunExecutor:
                         f"writes:{run.run_id}:{ex.token}:{ex.head_id}:"
                         f"{items[0].write.task_id}:{len(items)}"
                     ),
-                ),
+                )
             )
             if events and (feed := self.feeds.get(run.run_id)):
                 feed.appended(events, written.seqs, written.events_time)
 
     async def _restore(self, run_id: str) -> tuple[RunState, str]:
-        head = await self._call(
-            self.calls.Restore,
-            cpb.RestoreRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, include_writes=True),
+        head = await self.store.restore(
+            cpb.RestoreRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, include_writes=True)
         )
         run = RunState.from_json(head.checkpoint.state)
         for w in head.writes:  # nodes that finished after the last checkpoint
@@ -621,28 +525,24 @@ class RunExecutor:
 
     async def _acquire(self, run_id: str, owner: str) -> int:
         try:
-            lease = await self._call(
-                self.calls.AcquireLease,
+            lease = await self.store.acquire_lease(
                 cpb.AcquireLeaseRequest(
                     namespace=RUNS_NAMESPACE,
                     thread_id=run_id,
                     owner=owner,
                     ttl_seconds=self.lease_ttl,
-                ),
+                )
             )
-        except LeaseLostError as exc:
+        except LeaseLost as exc:
             raise LeaseHeld(str(exc)) from exc
         return lease.fencing_token
 
     async def _release(self, run_id: str, owner: str, token: int) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await self.calls.ReleaseLease(
-                cpb.ReleaseLeaseRequest(
-                    namespace=RUNS_NAMESPACE, thread_id=run_id, owner=owner, fencing_token=token
-                ),
-                metadata=self.md,
-                timeout=_CALL_TIMEOUT,
+        await self.store.release_lease(
+            cpb.ReleaseLeaseRequest(
+                namespace=RUNS_NAMESPACE, thread_id=run_id, owner=owner, fencing_token=token
             )
+        )
 
     @contextlib.asynccontextmanager
     async def _held(self, workflow: Workflow, run_id: str) -> AsyncIterator[Execution]:
@@ -696,26 +596,24 @@ class RunExecutor:
 
     async def at_checkpoint(self, run_id: str, checkpoint_id: str) -> RunState:
         """The run as one of its checkpoints holds it (without later pending writes)."""
-        source = await self._call(
-            self.store.Restore,
+        source = await self.store.restore(
             cpb.RestoreRequest(
                 namespace=RUNS_NAMESPACE, thread_id=run_id, checkpoint_id=checkpoint_id
-            ),
+            )
         )
         return RunState.from_json(source.checkpoint.state)
 
     async def history(
         self, run_id: str, include_state: bool, page_size: int, page_token: str
     ) -> tuple[list[cpb.Checkpoint], str]:
-        page = await self._call(
-            self.store.List,
+        page = await self.store.list_checkpoints(
             cpb.ListRequest(
                 namespace=RUNS_NAMESPACE,
                 thread_id=run_id,
                 page_size=page_size,
                 page_token=page_token,
                 include_state=include_state,
-            ),
+            )
         )
         return list(page.checkpoints), page.next_page_token
 
@@ -783,11 +681,9 @@ class RunExecutor:
             required_head=required_head,
         )
         try:
-            response = await self._call(self.calls.Save, request)
-        except grpc.aio.AioRpcError as exc:
-            if required_head is not None and _required_head_moved(exc):
-                raise WorkflowChanged(exc.details()) from exc
-            raise
+            response = await self.store.save(request)
+        except RequiredHeadMoved as exc:
+            raise WorkflowChanged(str(exc)) from exc
         if response.checkpoint.thread_id != run.run_id:  # the request was used: its run
             return Started(await self.load(response.checkpoint.thread_id), 0)
         thread = response.thread if response.HasField("thread") else None
@@ -907,7 +803,7 @@ class RunExecutor:
             try:
                 token = await self._acquire(run_id, self.owner)
             except LeaseHeld as exc:
-                raise LeaseLostError(str(exc)) from exc
+                raise LeaseLost(str(exc)) from exc
         ex: Execution | None = None
         try:
             if started is not None and token == 1:
@@ -956,22 +852,19 @@ class RunExecutor:
             if ex.released:
                 return
             try:
-                await self.calls.RenewLease(
+                await self.store.renew_lease(
                     cpb.RenewLeaseRequest(
                         namespace=RUNS_NAMESPACE,
                         thread_id=ex.run.run_id,
                         owner=self.owner,
                         fencing_token=ex.token,
                         ttl_seconds=self.lease_ttl,
-                    ),
-                    metadata=self.md,
-                    timeout=_CALL_TIMEOUT,
+                    )
                 )
-            except grpc.aio.AioRpcError as exc:
-                _reraise_cancel(exc)
+            except StoreError as exc:
                 if ex.released:
                     return  # its last checkpoint let the lease go meanwhile
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and work is not None:
+                if isinstance(exc, LeaseLost) and work is not None:
                     log.warning("lease lost; stopping run", extra={"run_id": ex.run.run_id})
                     work.cancel()
                     return
@@ -988,14 +881,13 @@ class RunExecutor:
                 await ex.follow_control.wait()
         while True:
             try:
-                async for item in self.store.Stream(
+                async for item in self.store.stream(
                     cpb.StreamRequest(
                         namespace=CONTROL_NAMESPACE,
                         thread_id=run.run_id,
                         after_seq=run.control_seq,
                         follow=True,
-                    ),
-                    metadata=self.md,
+                    )
                 ):
                     if not item.HasField("event"):
                         continue
@@ -1005,8 +897,7 @@ class RunExecutor:
                     if float(request.get("deadline", math.inf)) < time.time():
                         continue  # the asker gave up on it and said so
                     await self._on_control(ex, steps, ev.type, request)
-            except grpc.aio.AioRpcError as exc:
-                _reraise_cancel(exc)
+            except StoreError:
                 await asyncio.sleep(1.0)  # the store is away; resume from the last seq
 
     async def _on_control(
@@ -1178,15 +1069,14 @@ class RunExecutor:
         ]
 
     async def _publish_events(self, ex: Execution, events: list[cpb.NewEvent]) -> None:
-        published = await self._call(
-            self.calls.Publish,
+        published = await self.store.publish(
             cpb.PublishRequest(
                 namespace=RUNS_NAMESPACE,
                 thread_id=ex.run.run_id,
                 events=events,
                 fencing_token=ex.token,
                 request_id=f"publish:{ex.run.run_id}:{ex.token}:{time.time_ns()}",
-            ),
+            )
         )
         if feed := self.feeds.get(ex.run.run_id):
             feed.appended(events, published.seqs, published.events_time)

@@ -13,22 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import grpc
 import uuid6
 from google.protobuf import json_format
 
 from engine_svc.definition import fingerprint, parse
-from engine_svc.executor import tenant_metadata
+from engine_svc.store import AlreadyExists, Conflict, NotFound, Store
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
-from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 WORKFLOWS_NAMESPACE = "workflows"
-_CONFLICTS = (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED)
 _ATTEMPTS = 10
-_READ_TIMEOUT = 30.0  # seconds a registry read waits for the store
 
 
 class RegistrationContended(RuntimeError):
@@ -90,15 +85,8 @@ _PARSED_MAX = 1024
 
 
 class WorkflowRegistry:
-    def __init__(
-        self,
-        store: cpb_grpc.CheckpointServiceStub,
-        calls_of: Callable[[str], Any] | None = None,
-    ) -> None:
-        self.store = store
-        # A tenant's hot calls (its Session stream, if the engine has one): StartRun reads
-        # the workflow's head there.
-        self._calls_of = calls_of
+    def __init__(self, store_of: Callable[[str], Store]) -> None:
+        self._store_of = store_of  # a tenant's store
         # Definitions parsed from JSON, by tenant and fingerprint (their content): parsing a
         # 100-node definition costs about a millisecond, on every StartRun otherwise.
         self._parsed: dict[tuple[str, str], pb.WorkflowDefinition] = {}
@@ -116,10 +104,10 @@ class WorkflowRegistry:
     async def register(self, tenant: str, definition: pb.WorkflowDefinition) -> Registered:
         """Validate (DefinitionInvalid) and store; an unchanged definition is not a new version."""
         parse(definition)
-        md = tenant_metadata(tenant)
+        store = self._store_of(tenant)
         digest = fingerprint(definition)
         for _ in range(_ATTEMPTS):
-            head = await self._head(md, definition.workflow_id)
+            head = await self._head(store, definition.workflow_id)
             if head is not None and head.checkpoint.metadata.get("fingerprint") == digest:
                 active = int(head.checkpoint.metadata["version"])
                 return Registered(definition.workflow_id, active, created=False)
@@ -146,11 +134,9 @@ class WorkflowRegistry:
             )
             self.forget(tenant, definition.workflow_id)
             try:
-                await self.store.Save(request, metadata=md)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _CONFLICTS:
-                    continue  # another engine registered meanwhile: look again
-                raise
+                await store.save(request)
+            except (AlreadyExists, Conflict):
+                continue  # another engine registered meanwhile: look again
             return Registered(definition.workflow_id, version, created=True)
         raise RegistrationContended(
             f"could not register {definition.workflow_id}: too many concurrent registrations"
@@ -160,14 +146,14 @@ class WorkflowRegistry:
         self, tenant: str, workflow_id: str, version: int, reason: str, requested_by: str
     ) -> tuple[int, int]:
         """Make `version` the active one; (active, previous). New runs take it at once."""
-        md = tenant_metadata(tenant)
+        store = self._store_of(tenant)
         for _ in range(_ATTEMPTS):
-            head = await self._head(md, workflow_id)
+            head = await self._head(store, workflow_id)
             if head is None:
                 raise WorkflowNotFound(f"workflow {workflow_id!r} not found")
             meta = head.checkpoint.metadata
             previous, latest = int(meta["version"]), int(meta["latest_version"])
-            target = await self._version(md, workflow_id, version)
+            target = await self._version(store, workflow_id, version)
             checkpoint = cpb.Checkpoint(
                 namespace=WORKFLOWS_NAMESPACE,
                 thread_id=workflow_id,
@@ -190,31 +176,28 @@ class WorkflowRegistry:
             )
             self.forget(tenant, workflow_id)
             try:
-                await self.store.Save(request, metadata=md)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _CONFLICTS:
-                    continue  # a registration or rollback came in between: look again
-                raise
+                await store.save(request)
+            except (AlreadyExists, Conflict):
+                continue  # a registration or rollback came in between: look again
             return version, previous
         raise RegistrationContended(f"could not roll {workflow_id} back: too much contention")
 
     async def versions(self, tenant: str, workflow_id: str) -> Versions:
-        md = tenant_metadata(tenant)
-        head = await self._head(md, workflow_id)
+        store = self._store_of(tenant)
+        head = await self._head(store, workflow_id)
         if head is None:
             raise WorkflowNotFound(f"workflow {workflow_id!r} not found")
         found: list[tuple[int, object]] = []
         history: list[VersionChange] = []
         token = ""
         while True:
-            page = await self.store.List(
+            page = await store.list_checkpoints(
                 cpb.ListRequest(
                     namespace=WORKFLOWS_NAMESPACE,
                     thread_id=workflow_id,
                     page_size=1000,
                     page_token=token,
-                ),
-                metadata=md,
+                )
             )
             for c in page.checkpoints:
                 meta = c.metadata
@@ -236,32 +219,29 @@ class WorkflowRegistry:
                 break
         return Versions(int(head.checkpoint.metadata["version"]), found, history)
 
-    async def _version(self, md: tuple, workflow_id: str, version: int) -> cpb.RestoreResponse:
+    async def _version(self, store: Store, workflow_id: str, version: int) -> cpb.RestoreResponse:
         try:
-            return await self.store.Restore(
+            return await store.restore(
                 cpb.RestoreRequest(
                     namespace=WORKFLOWS_NAMESPACE,
                     thread_id=workflow_id,
                     checkpoint_id=version_id(version),
-                ),
-                metadata=md,
+                )
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                missing = f"workflow {workflow_id!r} has no version {version}"
-                raise WorkflowNotFound(missing) from exc
-            raise
+        except NotFound as exc:
+            missing = f"workflow {workflow_id!r} has no version {version}"
+            raise WorkflowNotFound(missing) from exc
 
     async def get(self, tenant: str, workflow_id: str, version: int = 0) -> StoredWorkflow:
         """A version of a workflow (0: the active one)."""
-        md = tenant_metadata(tenant)
-        head = await self._head(md, workflow_id, tenant)
+        store = self._store_of(tenant)
+        head = await self._head(store, workflow_id)
         if head is None:
             raise WorkflowNotFound(f"workflow {workflow_id!r} not found")
         active = int(head.checkpoint.metadata["version"])
         found = head
         if version and version != active:
-            found = await self._version(md, workflow_id, version)
+            found = await self._version(store, workflow_id, version)
         key = (tenant, found.checkpoint.metadata.get("fingerprint", ""))
         definition = self._parsed.get(key) if key[1] else None
         if definition is None:
@@ -278,20 +258,10 @@ class WorkflowRegistry:
         self._active[(tenant, workflow_id)] = stored
         return stored
 
-    async def _head(
-        self, md: tuple, workflow_id: str, tenant: str = ""
-    ) -> cpb.RestoreResponse | None:
-        request = cpb.RestoreRequest(namespace=WORKFLOWS_NAMESPACE, thread_id=workflow_id)
-        calls = self._calls_of(tenant) if self._calls_of and tenant else self.store
+    async def _head(self, store: Store, workflow_id: str) -> cpb.RestoreResponse | None:
         try:
-            try:
-                return await calls.Restore(request, metadata=md, timeout=_READ_TIMEOUT)
-            except grpc.aio.AioRpcError as exc:
-                if calls is self.store or exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-            # The session broke (the store restarted): the unary call, with gRPC's retries.
-            return await self.store.Restore(request, metadata=md, timeout=_READ_TIMEOUT)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+            return await store.restore(
+                cpb.RestoreRequest(namespace=WORKFLOWS_NAMESPACE, thread_id=workflow_id)
+            )
+        except NotFound:
+            return None

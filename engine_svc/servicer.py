@@ -15,8 +15,9 @@ from checkpoint_svc.servicer import tenant_of as store_tenant_of
 from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
-from engine_svc.executor import LeaseLostError, NotARun, RunState, Started, StoreUnavailable
+from engine_svc.executor import NotARun, RunState, Started
 from engine_svc.registry import RegistrationContended, WorkflowNotFound
+from engine_svc.store import LeaseLost, StoreError
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -30,14 +31,9 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     RunExists: grpc.StatusCode.ALREADY_EXISTS,
     NotResumable: grpc.StatusCode.FAILED_PRECONDITION,
     ControlTimeout: grpc.StatusCode.UNAVAILABLE,
-    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
-    LeaseLostError: grpc.StatusCode.ABORTED,  # the run changed under us: try again
     RegistrationContended: grpc.StatusCode.ABORTED,
-    # A call on the store channel after the engine closed it: the engine is stopping, and
-    # the client goes on with another engine (or this one, restarted).
-    grpc.aio.UsageError: grpc.StatusCode.UNAVAILABLE,
 }
-_TRANSLATED = (DefinitionInvalid, InvalidArgument, grpc.aio.AioRpcError, *_CODES)
+_TRANSLATED = (DefinitionInvalid, InvalidArgument, StoreError, *_CODES)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -45,13 +41,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         exc = InvalidArgument(f"invalid definition: {exc}", exc.violations)
     if isinstance(exc, InvalidArgument):
         await context.abort_with_status(rpc_status.to_status(status_for(exc)))
-    if isinstance(exc, grpc.aio.AioRpcError):  # the store's answer, passed on
-        await context.abort(exc.code(), bounded(exc.details() or ""))
-    message = str(exc)
-    if isinstance(exc, NotARun):
-        message = f"not a run ({exc})"
-    elif isinstance(exc, grpc.aio.UsageError):
-        message = f"the engine is stopping ({exc})"
+    if isinstance(exc, LeaseLost):  # the run changed under us: try again
+        await context.abort(grpc.StatusCode.ABORTED, bounded(str(exc)))
+    if isinstance(exc, StoreError):  # the store's answer, passed on (UNAVAILABLE: go on
+        await context.abort(exc.code, bounded(str(exc)))  # with another engine or later)
+    message = f"not a run ({exc})" if isinstance(exc, NotARun) else str(exc)
     await context.abort(_CODES[type(exc)], bounded(message))
 
 

@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from engine_svc.definition import parse
 from engine_svc.executor import RUNS_NAMESPACE, NodeRunner, RunExecutor
+from engine_svc.store import GrpcStore
 from tests import engine_handlers
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -47,7 +48,7 @@ async def test_a_25_by_4_dag_completes_with_the_right_state(stub, tenant) -> Non
         }
     )
     wf = workflow(nodes)
-    ex = RunExecutor(s, tenant, "engine-1", RUNNER)
+    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER)
     await ex.start(wf, 1, "run-grid", {"a": 2, "b": 3})
     run = await ex.execute(wf, "run-grid")
     assert run.status == "COMPLETED" and run.outputs["total"] == 5
@@ -87,7 +88,7 @@ async def test_when_false_skips_and_retries_then_succeed(stub, tenant) -> None:
             },
         ]
     )
-    ex = RunExecutor(s, tenant, "engine-1", RUNNER)
+    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER)
     await ex.start(wf, 1, "run-skip", {"n": 5})
     run = await ex.execute(wf, "run-skip")
     assert run.status == "COMPLETED"
@@ -111,7 +112,7 @@ async def test_retries_exhausted_fail_the_run_keeping_siblings(stub, tenant) -> 
             {"id": "after", "type": "noop", "depends_on": ["flaky"]},
         ]
     )
-    ex = RunExecutor(s, tenant, "engine-1", RUNNER)
+    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER)
     await ex.start(wf, 1, "run-fail", {})
     run = await ex.execute(wf, "run-fail")
     assert run.status == "FAILED" and "transient" in run.error
@@ -124,7 +125,7 @@ async def test_a_run_taken_over_after_a_crash_reruns_no_completed_node(stub, ten
     wf = workflow(
         grid(6, 2, {"type": "python", "config": {"handler": "tests.engine_handlers:step"}})
     )
-    first = RunExecutor(s, tenant, "engine-1", RUNNER, lease_ttl=1.0)
+    first = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER, lease_ttl=1.0)
     await first.start(wf, 1, "run-crash", {})
     task = asyncio.create_task(first.execute(wf, "run-crash"))
     while len(engine_handlers.EXECUTIONS) < 5:  # noqa: ASYNC110 (a few steps in)
@@ -141,7 +142,9 @@ async def test_a_run_taken_over_after_a_crash_reruns_no_completed_node(stub, ten
     assert 0 < len(saved) < 12
     runs_before = len(engine_handlers.EXECUTIONS)
 
-    second = RunExecutor(s, tenant, "engine-2", RUNNER, lease_ttl=1.0)
+    second = RunExecutor(
+        GrpcStore(stub=s, tenant=tenant), tenant, "engine-2", RUNNER, lease_ttl=1.0
+    )
     run = await second.execute(wf, "run-crash")
     assert run.status == "COMPLETED" and len(run.completed) == 12
     # Only the nodes whose outputs were not saved ran again.

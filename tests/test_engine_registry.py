@@ -11,6 +11,7 @@ from engine_svc.config import Settings
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import Engine
 from engine_svc.registry import WorkflowNotFound, WorkflowRegistry
+from engine_svc.store import GrpcStore
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 
@@ -35,7 +36,7 @@ def definition(seconds: float = 1, workflow_id: str = "etl") -> pb.WorkflowDefin
 @pytest.mark.parametrize("backend", ["sqlite", "postgres+redis"], indirect=True)
 async def test_versions_are_created_only_for_changes(stub, tenant) -> None:
     s, _ = stub
-    registry = WorkflowRegistry(s)
+    registry = WorkflowRegistry(lambda t: GrpcStore(stub=s, tenant=t))
     first = await registry.register(tenant, definition(1))
     assert (first.version, first.created) == (1, True)
     same = await registry.register(tenant, definition(1))
@@ -60,7 +61,7 @@ async def test_versions_are_created_only_for_changes(stub, tenant) -> None:
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_concurrent_registrations_get_distinct_versions(stub, tenant) -> None:
     s, _ = stub
-    registry = WorkflowRegistry(s)
+    registry = WorkflowRegistry(lambda t: GrpcStore(stub=s, tenant=t))
     results = await asyncio.gather(
         *(registry.register(tenant, definition(seconds)) for seconds in range(1, 6))
     )
@@ -72,7 +73,7 @@ async def test_concurrent_registrations_get_distinct_versions(stub, tenant) -> N
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_an_invalid_definition_is_not_stored(stub, tenant) -> None:
     s, _ = stub
-    registry = WorkflowRegistry(s)
+    registry = WorkflowRegistry(lambda t: GrpcStore(stub=s, tenant=t))
     bad = definition(-1)
     with pytest.raises(DefinitionInvalid) as err:
         await registry.register(tenant, bad)
