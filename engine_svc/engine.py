@@ -109,7 +109,7 @@ class Engine:
             ],
         )
         self._stub = cpb_grpc.CheckpointServiceStub(self.channel)
-        self._stores: dict[str, Store] = {}  # by tenant, for the calls someone waits on
+        self._stores: dict[tuple[str, bool], Store] = {}  # by tenant and session: store()
         self.registry = WorkflowRegistry(self.store)
         self.runner = NodeRunner(
             set(settings.handlers),
@@ -137,14 +137,14 @@ class Engine:
         return self._executors[tenant]
 
     def store(self, tenant: str) -> Store:
-        """The tenant's store for calls someone is waiting on (an RPC of the engine's): on
-        the tenant's session like a run's calls, retried for a moment only."""
-        if (store := self._stores.get(tenant)) is None:
-            if tenant == SYSTEM_TENANT:  # a few calls: no session of its own
-                store = GrpcStore(stub=self._stub, tenant=tenant)
-            else:
-                store = self.executor(tenant).store
-            store = self._stores[tenant] = store.with_retry(ANSWER_RETRY_SECONDS)
+        """The tenant's store for calls someone is waiting on (an RPC of the engine's),
+        retried for a moment only: on the tenant's session once it has one (its runs, or a
+        start, made it), unary before (a tenant only read here opens no stream)."""
+        executor = self._executors.get(tenant)
+        key = (tenant, executor is not None)
+        if (store := self._stores.get(key)) is None:
+            base = executor.store if executor else GrpcStore(stub=self._stub, tenant=tenant)
+            store = self._stores[key] = base.with_retry(ANSWER_RETRY_SECONDS)
         return store
 
     async def start(self) -> None:
@@ -634,23 +634,25 @@ class Engine:
             # What the feed here cannot give: the store has it (and switches back once the
             # feed here holds what comes next).
             end_at: int | None = None
-            async for item in self.store(tenant).stream(
-                cpb.StreamRequest(
-                    namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=cursor, follow=True
-                )
-            ):
-                yield watch_response(item, batched=batched)
-                if not item.HasField("event"):
-                    continue
-                cursor = item.event.seq
-                if item.event.terminal and end_at is None:
-                    end_at = await self._end_of(tenant, run_id)
-                if end_at is not None and cursor >= end_at:
+            request = cpb.StreamRequest(
+                namespace=RUNS_NAMESPACE, thread_id=run_id, after_seq=cursor, follow=True
+            )
+            # Closed on the way out, not when collected: the store's call ends at once.
+            async with contextlib.aclosing(self.store(tenant).stream(request)) as items:
+                async for item in items:
+                    yield watch_response(item, batched=batched)
+                    if not item.HasField("event"):
+                        continue
+                    cursor = item.event.seq
+                    if item.event.terminal and end_at is None:
+                        end_at = await self._end_of(tenant, run_id)
+                    if end_at is not None and cursor >= end_at:
+                        return
+                    feed = self._feed(tenant, run_id)
+                    if end_at is None and feed is not None and feed.holds(cursor):
+                        break
+                else:
                     return
-                if end_at is None and (feed := self._feed(tenant, run_id)) and feed.holds(cursor):
-                    break
-            else:
-                return
 
     async def _end_of(self, tenant: str, run_id: str) -> int | None:
         """The last seq of the run's feed if the run has ended (its thread is terminal)."""

@@ -131,6 +131,8 @@ class WorkflowRegistry:
             request = cpb.SaveRequest(
                 checkpoint=checkpoint,
                 expected_parent_id=head.checkpoint.checkpoint_id if head else "",
+                # A retry after a lost answer gets the first one, not a conflict with itself.
+                request_id=f"register:{uuid6.uuid7()}",
             )
             self.forget(tenant, definition.workflow_id)
             try:
@@ -172,7 +174,9 @@ class WorkflowRegistry:
                 },
             )
             request = cpb.SaveRequest(
-                checkpoint=checkpoint, expected_parent_id=head.checkpoint.checkpoint_id
+                checkpoint=checkpoint,
+                expected_parent_id=head.checkpoint.checkpoint_id,
+                request_id=f"rollback:{checkpoint.checkpoint_id}",  # unique: it holds a uuid7
             )
             self.forget(tenant, workflow_id)
             try:

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 CALL_SECONDS = 10.0  # one attempt's deadline; the retry budget covers longer outages
-# A call someone is waiting on (an engine RPC) retries for this long, at most.
+# How long a call someone is waiting on (an engine RPC) is retried after its first attempt.
 ANSWER_RETRY_SECONDS = 2.0
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # The reason in the ErrorInfo of the store's ABORTED for a required head that moved.
@@ -117,11 +117,12 @@ def _reason(exc: grpc.aio.AioRpcError) -> str:
 
 
 def _refusal(exc: grpc.aio.AioRpcError) -> BaseException:
-    """A failed call as the engine sees it. grpc.aio reports a call cut off by task
-    cancellation as CANCELLED: that is our own cancellation, and a loop that swallowed it
-    would run on after its run ended."""
+    """A failed call as the engine sees it. A call cut off while our task is being cancelled
+    is that cancellation (a loop that swallowed it would run on after its run ended); any
+    other CANCELLED is the store's (it stopped past its grace period)."""
     code = exc.code()
-    if code == grpc.StatusCode.CANCELLED:
+    task = asyncio.current_task()
+    if code == grpc.StatusCode.CANCELLED and task is not None and task.cancelling():
         return asyncio.CancelledError()
     kind = _BY_CODE.get(code, StoreError)
     if kind is Conflict and _reason(exc) == _REQUIRED_HEAD_MOVED:
@@ -135,9 +136,9 @@ def _transient(exc: BaseException) -> bool:
 
 class Store(Protocol):
     """The checkpoint service's calls the engine makes, for one tenant. Each fails with a
-    StoreError; a transient failure is retried within the store's budget first. Saves,
-    PutWrites and Publishes carry request ids, so a retry after a lost answer applies
-    nothing twice."""
+    StoreError (or CancelledError, when its task is cancelled); a transient failure is
+    retried within the store's budget first. The engine's Saves and Publishes carry request
+    ids and PutWrites are upserts, so a retry after a lost answer applies nothing twice."""
 
     async def save(self, request: cpb.SaveRequest) -> cpb.SaveResponse: ...
 
@@ -210,6 +211,10 @@ class GrpcStore:
         if self.session is not None:
             await self.session.close()
 
+    def _closed(self) -> bool:
+        """The session was closed (the engine is stopping): its calls fail at once."""
+        return self.session is not None and self.session.closed
+
     def _on(self, name: str) -> Any:
         """The call `name` on the session if it carries it, else the unary stub's."""
         return getattr(self.session if self.session is not None else self.stub, name)
@@ -219,10 +224,10 @@ class GrpcStore:
             try:  # the first attempt without the retry machinery: most calls need no more
                 return await method(request, metadata=self.metadata, timeout=self.call_seconds)
             except grpc.aio.AioRpcError as exc:
-                if not (retry and self.retry_seconds > 0 and _transient(exc)):
+                if not (retry and self.retry_seconds > 0 and _transient(exc)) or self._closed():
                     raise
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_transient),
+                retry=retry_if_exception(lambda e: _transient(e) and not self._closed()),
                 stop=stop_after_delay(self.retry_seconds),
                 wait=wait_exponential(multiplier=0.2, max=3.0),
                 reraise=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from google.protobuf import json_format
 
@@ -124,3 +125,41 @@ def _engine(service, owner: str) -> Engine:
     settings.recovery_interval_seconds = 0
     settings.owner = owner
     return Engine(settings)
+
+
+class _AnswerLost:
+    """The store's stub, except that the first Save's answer is lost after the store applied
+    it (a broken connection): the adapter sees UNAVAILABLE and sends it again."""
+
+    def __init__(self, stub) -> None:
+        self._stub = stub
+        self.lost = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._stub, name)
+
+    async def Save(self, request, **kwargs):
+        response = await self._stub.Save(request, **kwargs)
+        if not self.lost:
+            self.lost += 1
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "lost"
+            )
+        return response
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_registration_or_rollback_whose_answer_was_lost_happens_once(stub, tenant) -> None:
+    s, _ = stub
+    lossy = _AnswerLost(s)
+    registry = WorkflowRegistry(lambda t: GrpcStore(stub=lossy, tenant=t))
+    first = await registry.register(tenant, definition(1))
+    assert lossy.lost == 1
+    assert (first.version, first.created) == (1, True), "the retry saw its own version"
+    await registry.register(tenant, definition(2))
+    lossy.lost = 0
+    assert await registry.rollback(tenant, "etl", 1, "bad", "me") == (1, 2)
+    assert lossy.lost == 1
+    versions = await registry.versions(tenant, "etl")
+    assert [c.kind for c in versions.history] == ["rollback", "registered", "registered"]
+    assert (versions.active, versions.history[0].previous_version) == (1, 2)

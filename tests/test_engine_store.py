@@ -5,7 +5,10 @@ longer, over the Session stream and unary alike."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -129,3 +132,35 @@ async def test_a_store_that_comes_back_within_the_budget_answers(
             assert [i.event.type for i in items if i.HasField("event")] == ["checkpoint.saved"]
         finally:
             await store.close()
+
+
+async def test_a_closed_session_fails_at_once_and_a_left_stream_ends_the_stores_call(
+    service_factory, backend, tenant
+) -> None:
+    metrics_port = free_port()
+    service = service_factory(backend, "--metrics-port", str(metrics_port))
+    async with grpc.aio.insecure_channel(service.address, options=GRPC_TEST_OPTIONS) as channel:
+        store = _store(channel, tenant, True, retry_seconds=20.0)
+        await store.save(cpb.SaveRequest(checkpoint=checkpoint("a", {"i": 1})))
+        request = cpb.StreamRequest(namespace=NS, thread_id="a", follow=True)
+        async with contextlib.aclosing(store.stream(request)) as items:
+            async for item in items:
+                if item.HasField("event"):
+                    assert _stream_watchers(metrics_port) == 1
+                    break
+        deadline = time.monotonic() + 5
+        while _stream_watchers(metrics_port) != 0:  # the store saw the call end
+            assert time.monotonic() < deadline, "the stream left open on the store"
+            await asyncio.sleep(0.05)
+        await store.close()  # as the engine does when it stops
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.save(cpb.SaveRequest(checkpoint=checkpoint("a", {"i": 2})))
+        assert time.monotonic() - started < 1.0, "a closed session's call was retried"
+
+
+def _stream_watchers(metrics_port: int) -> float:
+    """Open Stream calls on the store, as its /metrics says."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return float(re.search(r"^checkpoint_stream_watchers (\S+)$", text, re.M).group(1))

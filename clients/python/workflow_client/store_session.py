@@ -106,6 +106,11 @@ class StoreSession:
             self._stream = stream
         return self._stream
 
+    @property
+    def closed(self) -> bool:
+        """close() was called: every call fails with UNAVAILABLE from now on."""
+        return self._closed
+
     def store_says(self, header: str) -> bool:
         """Whether the store of the open stream said `header: 1` in its first headers (False
         before they came, or with no stream open)."""
