@@ -14,6 +14,7 @@ COPY checkpoint_svc ./checkpoint_svc
 COPY engine_svc ./engine_svc
 COPY workflow_stubs ./workflow_stubs
 COPY clients/python/workflow_client ./clients/python/workflow_client
+COPY clients/python/workflow_rpc ./clients/python/workflow_rpc
 RUN pip install . && rm -rf /src
 
 # Run from an empty directory as an unprivileged user, so the installed packages are the ones

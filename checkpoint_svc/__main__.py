@@ -1,4 +1,4 @@
-from checkpoint_svc.arenas import limit_malloc_arenas
+from workflow_rpc.arenas import limit_malloc_arenas
 
 limit_malloc_arenas()  # before gRPC (or anything else) starts a thread
 

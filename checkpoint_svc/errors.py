@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
+from workflow_rpc import statuses
+
 
 class StoreError(Exception):
     """Base of every error a client can cause or must retry."""
 
 
-class InvalidArgument(StoreError):
+class InvalidArgument(statuses.InvalidArgument, StoreError):
     """A malformed request; `violations` are (field, description) pairs."""
-
-    def __init__(self, message: str, violations: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(message)
-        self.violations = violations or []
 
 
 class NotFound(StoreError):
@@ -28,7 +26,7 @@ class RequiredHeadMoved(HeadMoved):
     """Another thread's head, which the Save required, is not the one named (ABORTED, with
     the reason REQUIRED_HEAD_MOVED)."""
 
-    reason = "REQUIRED_HEAD_MOVED"
+    reason = statuses.REQUIRED_HEAD_MOVED
 
 
 class LeaseLost(StoreError):

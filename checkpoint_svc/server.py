@@ -6,24 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
-from collections.abc import Coroutine
-from typing import Any
 
 import grpc
-import prometheus_client
-import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from checkpoint_svc import logs
-from checkpoint_svc.arenas import trim_malloc
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
-from checkpoint_svc.interceptors import RejectMalformedRequests
 from checkpoint_svc.servicer import CheckpointServicer
 from checkpoint_svc.store import CheckpointStore
+from workflow_rpc import logs
+from workflow_rpc.arenas import trim_malloc
+from workflow_rpc.interceptors import RejectMalformedRequests
+from workflow_rpc.serving import (
+    EXCLUSIVE_PORT,
+    add_health_and_reflection,
+    listen,
+    run,
+    serve_metrics,
+    until_stopped,
+)
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 
 log = logging.getLogger("checkpoint_svc")
@@ -32,33 +33,6 @@ SERVICE_NAME = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"].f
 # Per-tier health entries, e.g. "checkpoint.v1.CheckpointService/redis".
 TIER_HEALTH_NAMES = {Tier.REDIS: f"{SERVICE_NAME}/redis", Tier.SQL: f"{SERVICE_NAME}/sql"}
 _MESSAGE_OVERHEAD = 1024 * 1024
-
-
-# gRPC turns SO_REUSEPORT on by default: a second server on a port in use would then share
-# it silently (taking some of its connections). Every server of ours refuses that.
-EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
-
-
-def listen(server: grpc.aio.Server, address: str, what: str) -> int:
-    """Bind the server's port, or stop the process with a clear error if it is taken."""
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise SystemExit(
-            f"{what}: cannot listen on {address}: {exc} (is the port in use?)"
-        ) from None
-    if port == 0:
-        raise SystemExit(f"{what}: cannot listen on {address} (is the port in use?)")
-    return port
-
-
-def serve_metrics(port: int, listen_address: str, what: str) -> None:
-    """Prometheus metrics on the listen address's host, or a clear error if the port is taken."""
-    host = listen_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-    try:
-        prometheus_client.start_http_server(port, addr=host)
-    except OSError as exc:
-        raise SystemExit(f"{what}: cannot serve metrics on {host}:{port}: {exc}") from None
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -96,16 +70,7 @@ async def serve(settings: Settings) -> None:
         options=grpc_options(settings), interceptors=[RejectMalformedRequests()]
     )
     checkpoint_pb2_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(store), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     # The port first: a second process on it must stop before it touches anything.
     listen(server, settings.listen, "checkpoint_svc")
     if settings.metrics_port:
@@ -122,11 +87,7 @@ async def serve(settings: Settings) -> None:
             "single_writer": settings.memory_answers_heads,
         },
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     log.info("shutting down")
     reporter.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -145,22 +106,6 @@ def _redact(url: str) -> str:
         creds, host = rest.rsplit("@", 1)
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
     return url
-
-
-# grpc.aio polls its completion queue from its own threads; with the default 5 ms
-# GIL switch interval the event loop waits on them, which halved Save throughput
-# in bench/ (measured: 655 vs 1389 saves/s at 16 clients).
-GIL_SWITCH_INTERVAL = 0.0005
-
-
-def run(service: Coroutine[Any, Any, None]) -> None:
-    """Run a service's main coroutine to its end, on uvloop: about a tenth less CPU per call
-    than asyncio's own loop (docs/benchmarks.md)."""
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    try:
-        uvloop.run(service)
-    except KeyboardInterrupt:
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:

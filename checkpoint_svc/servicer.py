@@ -17,8 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
 from checkpoint_svc import convert
@@ -38,66 +37,40 @@ from checkpoint_svc.feed import Heartbeat
 from checkpoint_svc.session import serve_session
 from checkpoint_svc.store import CheckpointStore, TierHealth
 from checkpoint_svc.tiers.sql import ThreadFilter
+from workflow_rpc import statuses
+from workflow_rpc.tenants import tenant_of
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-TENANT_HEADER = "x-tenant-id"
-DEFAULT_TENANT = "default"
-ERROR_DOMAIN = "checkpoint.v1"  # of the ErrorInfo details the service's errors carry
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_LEASE_SECONDS = 24 * 3600.0
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-_CODES: list[tuple[type[StoreError], grpc.StatusCode, int]] = [
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
-    (HeadMoved, grpc.StatusCode.ABORTED, code_pb2.ABORTED),
-    (LeaseLost, grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
-    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
-    (TierUnavailable, grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+_CODES: list[tuple[type[Exception], int]] = [
+    (statuses.InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (NotFound, code_pb2.NOT_FOUND),
+    (AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (HeadMoved, code_pb2.ABORTED),
+    (LeaseLost, code_pb2.FAILED_PRECONDITION),
+    (PayloadTooLarge, code_pb2.RESOURCE_EXHAUSTED),
+    (TierUnavailable, code_pb2.UNAVAILABLE),
 ]
+# What a handler may raise for its caller: ours, and the shared request errors (the tenant).
+_REFUSALS = (StoreError, statuses.InvalidArgument)
 
 
-# A status travels in HTTP/2 trailers, which gRPC caps (8 KiB soft, 16 KiB hard: beyond, the
-# client sees RESOURCE_EXHAUSTED instead of our answer). Echoed client input is cut to fit.
-MAX_STATUS_MESSAGE = 300
-MAX_VIOLATIONS = 8
-
-
-def bounded(text: str, limit: int = MAX_STATUS_MESSAGE) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def status_for(exc: StoreError) -> status_pb2.Status:
+def status_for(exc: Exception) -> status_pb2.Status:
     code = code_pb2.UNAVAILABLE
-    for cls, _, rpc_code in _CODES:
+    for cls, rpc_code in _CODES:
         if isinstance(exc, cls):
             code = rpc_code
             break
-    status = status_pb2.Status(code=code, message=bounded(str(exc)))
-    if isinstance(exc, InvalidArgument) and exc.violations:
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=bounded(f, 100), description=bounded(d, 160)
-                    )
-                    for f, d in exc.violations[:MAX_VIOLATIONS]
-                ]
-            )
-        )
-        status.details.append(detail)
-    if isinstance(exc, RequiredHeadMoved):
-        detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
-        status.details.append(detail)
-    return status
+    violations = exc.violations if isinstance(exc, statuses.InvalidArgument) else None
+    reason = exc.reason if isinstance(exc, RequiredHeadMoved) else ""
+    return statuses.status(code, str(exc), violations, reason)
 
 
 R = TypeVar("R")
@@ -110,37 +83,11 @@ def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except StoreError as exc:
+        except _REFUSALS as exc:
             await context.abort_with_status(rpc_status.to_status(status_for(exc)))
         raise AssertionError("unreachable")
 
     return wrapper
-
-
-def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    """The call's one tenant: a second `x-tenant-id` is refused, never silently ignored
-    (which of two headers wins must not depend on the path a call takes). A Session
-    stream's calls read it once."""
-    known = getattr(context, "known_tenant", None)
-    if known is not None:
-        return known
-    values = [v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER]
-    if not values:
-        return DEFAULT_TENANT
-    if len(values) > 1:
-        raise InvalidArgument(
-            f"{len(values)} {TENANT_HEADER} headers; a call names exactly one tenant",
-            [(TENANT_HEADER, "given more than once")],
-        )
-    value = values[0] if isinstance(values[0], str) else values[0].decode("utf-8", "replace")
-    if not _TENANT_RE.match(value):
-        raise InvalidArgument(
-            f"bad {TENANT_HEADER} metadata {value[:64]!r}",
-            [(TENANT_HEADER, "1-128 of A-Z a-z 0-9 . _ -, starting alphanumeric")],
-        )
-    if hasattr(context, "known_tenant"):
-        context.known_tenant = value
-    return value
 
 
 # Ids are bounded in UTF-8 bytes so that a key always fits PostgreSQL's index rows (2704
@@ -528,7 +475,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                         message = pb.StreamResponse(event=convert.event_to_pb(item))
                         item.encoded = message.SerializeToString()
                     yield item.encoded
-        except StoreError as exc:
+        except _REFUSALS as exc:
             await context.abort_with_status(rpc_status.to_status(status_for(exc)))
 
     @translated

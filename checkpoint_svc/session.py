@@ -17,17 +17,12 @@ from typing import Any
 
 import grpc
 
+from workflow_rpc.headers import BATCHES_HEADER, REQUIRED_HEAD_HEADER
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
-# The metadata by which each side says it reads batches: the client's in its call (older
-# clients do not: each of their answers goes alone), the store's in its first headers (a
-# client sends batched calls only to a store that says so).
-BATCHES_HEADER = "x-session-batches"
-# Also in the first headers: this store checks SaveRequest.required_head (docs/api.md#session).
-REQUIRED_HEAD_HEADER = "x-checks-required-head"
 # Calls one message may carry (its own and its batch's): RESOURCE_EXHAUSTED beyond, which
 # ends the stream (docs/checkpoint-service.md#limits).
 MAX_CALLS_PER_MESSAGE = 1000
@@ -193,4 +188,4 @@ async def serve_session(
             task.cancel()
 
 
-__all__ = ["BATCHES_HEADER", "CALLS", "REQUIRED_HEAD_HEADER", "SessionCallContext", "serve_session"]
+__all__ = ["CALLS", "SessionCallContext", "serve_session"]

@@ -15,7 +15,6 @@ import grpc
 import uuid6
 from google.protobuf import json_format
 
-from checkpoint_svc.errors import InvalidArgument
 from engine_svc import metrics
 from engine_svc.config import Settings
 from engine_svc.definition import NodeSpec, Workflow, parse
@@ -53,6 +52,7 @@ from engine_svc.store import (
     StoreUnavailable,
 )
 from workflow_client.store_session import StoreSession
+from workflow_rpc.statuses import InvalidArgument
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb

@@ -28,13 +28,13 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
-from checkpoint_svc.errors import InvalidArgument
 from engine_svc import expressions, metrics
 from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from engine_svc.run_feed import RunFeed
 from engine_svc.run_json import RunJson
 from engine_svc.store import LeaseLost, RequiredHeadMoved, Store, StoreError
+from workflow_rpc.statuses import InvalidArgument
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 

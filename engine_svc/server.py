@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
-from checkpoint_svc import logs
-from checkpoint_svc.interceptors import RejectMalformedRequests
-from checkpoint_svc.server import (
-    EXCLUSIVE_PORT,
-    listen,
-    run,
-    serve_metrics,
-)
 from engine_svc.config import Settings, parse_settings
 from engine_svc.engine import Engine
 from engine_svc.servicer import EngineServicer
+from workflow_rpc import logs
+from workflow_rpc.interceptors import RejectMalformedRequests
+from workflow_rpc.serving import (
+    EXCLUSIVE_PORT,
+    add_health_and_reflection,
+    listen,
+    run,
+    serve_metrics,
+    until_stopped,
+)
 from workflow_stubs.engine.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("engine_svc")
@@ -31,17 +31,8 @@ async def serve(settings: Settings) -> None:
     engine = Engine(settings)
     server = grpc.aio.server(interceptors=[RejectMalformedRequests()], options=[EXCLUSIVE_PORT])
     engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(engine), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
     # The port first: a second engine on it must stop before it takes over any run.
     listen(server, settings.listen, "engine_svc")
     if settings.metrics_port:
@@ -56,11 +47,7 @@ async def serve(settings: Settings) -> None:
             "checkpoint": settings.checkpoint_addr,
         },
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     # Runs are checkpointed and handed over while the last calls finish.

@@ -9,15 +9,16 @@ from typing import Any, TypeVar
 import grpc
 from grpc_status import rpc_status
 
-from checkpoint_svc.errors import InvalidArgument
-from checkpoint_svc.servicer import TENANT_HEADER, bounded, status_for
-from checkpoint_svc.servicer import tenant_of as store_tenant_of
 from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
 from engine_svc.executor import NotARun, RunState, Started
 from engine_svc.registry import RegistrationContended, WorkflowNotFound
 from engine_svc.store import LeaseLost, StoreError
+from workflow_rpc import statuses
+from workflow_rpc.headers import TENANT_HEADER
+from workflow_rpc.statuses import InvalidArgument, bounded
+from workflow_rpc.tenants import tenant_of as call_tenant_of
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
@@ -40,7 +41,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, DefinitionInvalid):
         exc = InvalidArgument(f"invalid definition: {exc}", exc.violations)
     if isinstance(exc, InvalidArgument):
-        await context.abort_with_status(rpc_status.to_status(status_for(exc)))
+        await context.abort_with_status(rpc_status.to_status(statuses.invalid_argument(exc)))
     if isinstance(exc, LeaseLost):  # the run changed under us: try again
         await context.abort(grpc.StatusCode.ABORTED, bounded(str(exc)))
     if isinstance(exc, StoreError):  # the store's answer, passed on (UNAVAILABLE: go on
@@ -62,7 +63,7 @@ def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    tenant = store_tenant_of(context)
+    tenant = call_tenant_of(context)
     if tenant == SYSTEM_TENANT:
         raise InvalidArgument(
             f"tenant {SYSTEM_TENANT!r} is reserved", [(TENANT_HEADER, "reserved for the engine")]

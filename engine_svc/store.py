@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from checkpoint_svc.servicer import TENANT_HEADER
-from workflow_client.store_session import REQUIRED_HEAD_HEADER, StoreSession
+from workflow_client.store_session import StoreSession
+from workflow_rpc.headers import REQUIRED_HEAD_HEADER, tenant_metadata
+from workflow_rpc.statuses import REQUIRED_HEAD_MOVED, error_reason
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 
@@ -40,13 +39,6 @@ CALL_SECONDS = 10.0  # one attempt's deadline; the retry budget covers longer ou
 # How long a call someone is waiting on (an engine RPC) is retried after its first attempt.
 ANSWER_RETRY_SECONDS = 2.0
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# The reason in the ErrorInfo of the store's ABORTED for a required head that moved.
-_REQUIRED_HEAD_MOVED = "REQUIRED_HEAD_MOVED"
-
-
-def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
-    """The call metadata naming a tenant to the checkpoint service."""
-    return ((TENANT_HEADER, tenant),)
 
 
 class StoreError(Exception):
@@ -107,15 +99,6 @@ _BY_CODE: dict[grpc.StatusCode, type[StoreError]] = {
 }
 
 
-def _reason(exc: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason
-    return ""
-
-
 def _refusal(exc: grpc.aio.AioRpcError) -> BaseException:
     """A failed call as the engine sees it. A call cut off while our task is being cancelled
     is that cancellation (a loop that swallowed it would run on after its run ended); any
@@ -125,7 +108,7 @@ def _refusal(exc: grpc.aio.AioRpcError) -> BaseException:
     if code == grpc.StatusCode.CANCELLED and task is not None and task.cancelling():
         return asyncio.CancelledError()
     kind = _BY_CODE.get(code, StoreError)
-    if kind is Conflict and _reason(exc) == _REQUIRED_HEAD_MOVED:
+    if kind is Conflict and error_reason(exc) == REQUIRED_HEAD_MOVED:
         kind = RequiredHeadMoved
     return kind(exc.details() or code.name, code)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from checkpoint_svc.errors import InvalidArgument
+from workflow_rpc.statuses import InvalidArgument
 
 # JSON levels a value may nest: leaves room for the messages around a run's state and an
 # event's payload (output inside payload inside Event inside StreamResponse).

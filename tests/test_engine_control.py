@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -17,7 +19,7 @@ import pytest
 from google.protobuf import json_format
 
 from tests.engine_client import definition, engine_stub, wait_event, wait_status, watch
-from tests.servers import checkpoint_stub, free_port
+from tests.servers import REPO_ROOT, checkpoint_stub, free_port
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
@@ -486,4 +488,19 @@ async def test_engine_metrics(service, engine_factory, tenant) -> None:
     assert 'engine_runs_stopped_total{status="FAILED"} 1.0' in text
     assert 'engine_checkpoints_total{trigger="ERROR"} 1.0' in text
     assert "engine_runs_executing 0.0" in text
+    assert "checkpoint_" not in text, "the engine exports the store's series"
     await channel.close()
+
+
+def test_the_engine_loads_none_of_the_stores_code() -> None:
+    """The engine speaks to the store through the stubs and workflow_rpc only: importing it
+    loads neither checkpoint_svc nor SQLAlchemy, Redis or asyncpg."""
+    probe = (
+        "import sys, engine_svc.server; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'checkpoint_svc', 'sqlalchemy', 'redis', 'asyncpg', 'aiosqlite'}))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

@@ -3,7 +3,7 @@
 Bounded in count and time. Whatever a client sends, the answer is a status it can act on:
 never UNKNOWN or INTERNAL, never a hang, and the services' memory stays bounded (a second
 pass of the same kind of input must not keep growing it: the store hands freed heap back
-to the system every 2 s, see checkpoint_svc/arenas.py).
+to the system every 2 s, see clients/python/workflow_rpc/arenas.py).
 """
 
 from __future__ import annotations

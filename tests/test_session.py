@@ -14,7 +14,8 @@ from grpc_status import rpc_status
 from checkpoint_svc.session import MAX_CALLS_PER_MESSAGE
 from tests.requests import NS, checkpoint, code_of
 from tests.servers import checkpoint_stub
-from workflow_client.store_session import BATCHES_HEADER, StoreSession
+from workflow_client.store_session import StoreSession
+from workflow_rpc.headers import BATCHES_HEADER
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 

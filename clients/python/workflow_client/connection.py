@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 
+from workflow_rpc.headers import DEFAULT_TENANT, tenant_metadata
+
 RETRY_POLICY = {
     "maxAttempts": 5,
     "initialBackoff": "0.1s",
@@ -42,14 +44,14 @@ class Connection:
     """Where a service is and how to talk to it."""
 
     address: str
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
     timeout: float = 30.0  # default deadline of unary calls, seconds
     tls: bool = False
     ca_file: str | None = None  # PEM roots for TLS; the system's if None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("x-tenant-id", self.tenant),)
+        return tenant_metadata(self.tenant)
 
     def _credentials(self) -> grpc.ChannelCredentials:
         roots = Path(self.ca_file).read_bytes() if self.ca_file else None

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from workflow_rpc.headers import BATCHES_HEADER
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-# The metadata saying a side reads batches (docs/api.md#session): this client's in its call;
-# the store's in its first headers, before which calls go one per message.
-BATCHES_HEADER = "x-session-batches"
-# The store's first headers say which checks of a newer store it does: with this one it
-# checks SaveRequest.required_head (an older store would ignore the field).
-REQUIRED_HEAD_HEADER = "x-checks-required-head"
 # Calls in one message, at most: how many, and up to how many bytes (a bigger call goes
 # alone, uncopied; the store's receive limit stays far away).
 BATCH_MAX_CALLS = 64
@@ -229,4 +224,4 @@ class StoreSession:
                     await task
 
 
-__all__ = ["REQUIRED_HEAD_HEADER", "StoreSession", "error_of"]
+__all__ = ["StoreSession", "error_of"]

@@ -1,4 +1,5 @@
-"""One native setting both services make first thing, before any thread starts."""
+"""Native malloc settings both services make: the arena cap first thing, before any thread
+starts, and a trim now and then."""
 
 from __future__ import annotations
 
