@@ -9,6 +9,8 @@ import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
@@ -82,8 +84,8 @@ async def serve(settings: Settings) -> None:
         "checkpoint service listening",
         extra={
             "listen": settings.listen,
-            "db": _redact(settings.db_url),
-            "redis": _redact(settings.redis_url) if settings.redis_url else None,
+            "db": redacted(settings.db_url),
+            "redis": redacted(settings.redis_url) if settings.redis_url else None,
             "single_writer": settings.memory_answers_heads,
         },
     )
@@ -99,13 +101,12 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
-def _redact(url: str) -> str:
-    """Drop a password from a URL before logging it."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-    return url
+def redacted(url: str) -> str:
+    """A URL as it may be logged: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(a URL that does not parse)"
 
 
 def main(argv: list[str] | None = None) -> None:

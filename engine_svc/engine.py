@@ -26,6 +26,7 @@ from engine_svc.executor import (
     NotARun,
     NotResumable,
     RunExecutor,
+    RunNotFound,
     RunState,
     Started,
     WorkflowChanged,
@@ -375,7 +376,7 @@ class Engine:
         (a lease, a Publish on `runs/<id>`) is not a run yet, and may be started."""
         try:
             thread = await self.thread(tenant, run_id)
-        except NotFound:
+        except RunNotFound:
             return False
         return bool(thread.head_checkpoint_id)
 
@@ -586,11 +587,13 @@ class Engine:
 
     async def thread(self, tenant: str, run_id: str) -> cpb.Thread:
         """The run's thread row (status, head, times) without its state."""
-        return (
-            await self.store(tenant).get_thread(
+        try:
+            answer = await self.store(tenant).get_thread(
                 cpb.GetThreadRequest(namespace=RUNS_NAMESPACE, thread_id=run_id)
             )
-        ).thread
+        except NotFound as exc:
+            raise RunNotFound(f"run {run_id!r} not found") from exc
+        return answer.thread
 
     async def list_runs(
         self, tenant: str, statuses: list[int], page_size: int, page_token: str

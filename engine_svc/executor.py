@@ -33,7 +33,7 @@ from engine_svc.definition import NodeSpec, Workflow
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from engine_svc.run_feed import RunFeed
 from engine_svc.run_json import RunJson
-from engine_svc.store import LeaseLost, RequiredHeadMoved, Store, StoreError
+from engine_svc.store import LeaseLost, NotFound, RequiredHeadMoved, Store, StoreError
 from workflow_rpc.statuses import InvalidArgument
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -86,6 +86,11 @@ class WorkflowChanged(RuntimeError):
 
 class NotARun(ValueError):
     """A `runs/<id>` thread whose state is not a run's: for the engine, no such run."""
+
+
+class RunNotFound(LookupError):
+    """No such run (or no such checkpoint of it), said in the engine's words, not the
+    store's (`thread runs/<id>`)."""
 
 
 class NotResumable(Exception):
@@ -499,9 +504,12 @@ class RunExecutor:
                 feed.appended(events, written.seqs, written.events_time)
 
     async def _restore(self, run_id: str) -> tuple[RunState, str]:
-        head = await self.store.restore(
-            cpb.RestoreRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, include_writes=True)
-        )
+        try:
+            head = await self.store.restore(
+                cpb.RestoreRequest(namespace=RUNS_NAMESPACE, thread_id=run_id, include_writes=True)
+            )
+        except NotFound as exc:
+            raise RunNotFound(f"run {run_id!r} not found") from exc
         run = RunState.from_json(head.checkpoint.state)
         for w in head.writes:  # nodes that finished after the last checkpoint
             if w.task_id in run.done():
@@ -596,11 +604,14 @@ class RunExecutor:
 
     async def at_checkpoint(self, run_id: str, checkpoint_id: str) -> RunState:
         """The run as one of its checkpoints holds it (without later pending writes)."""
-        source = await self.store.restore(
-            cpb.RestoreRequest(
-                namespace=RUNS_NAMESPACE, thread_id=run_id, checkpoint_id=checkpoint_id
+        try:
+            source = await self.store.restore(
+                cpb.RestoreRequest(
+                    namespace=RUNS_NAMESPACE, thread_id=run_id, checkpoint_id=checkpoint_id
+                )
             )
-        )
+        except NotFound as exc:
+            raise RunNotFound(f"run {run_id!r} has no checkpoint {checkpoint_id!r}") from exc
         return RunState.from_json(source.checkpoint.state)
 
     async def history(
@@ -847,6 +858,7 @@ class RunExecutor:
                 await self._release(run_id, self.owner, token)
 
     async def _renew(self, ex: Execution, work: asyncio.Task | None) -> None:
+        failing = False  # said once per outage, not at every renewal
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
             if ex.released:
@@ -869,6 +881,16 @@ class RunExecutor:
                     work.cancel()
                     return
                 # The store is away: keep trying; writes are fenced if someone took over.
+                if not failing:
+                    log.warning(
+                        "lease renewal failed; retrying",
+                        extra={"run_id": ex.run.run_id, "error": str(exc)},
+                    )
+                failing = True
+                continue
+            if failing:
+                log.info("lease renewed again", extra={"run_id": ex.run.run_id})
+                failing = False
 
     async def _control(self, ex: Execution, steps: asyncio.Task) -> None:
         """Follow the run's control feed from the last request handled, and act on each.

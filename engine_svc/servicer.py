@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
-from engine_svc.executor import NotARun, RunState, Started
+from engine_svc.executor import NotARun, RunNotFound, RunState, Started
 from engine_svc.registry import RegistrationContended, WorkflowNotFound
 from engine_svc.store import LeaseLost, StoreError
 from workflow_rpc import statuses
@@ -29,6 +29,7 @@ R = TypeVar("R")
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     WorkflowNotFound: grpc.StatusCode.NOT_FOUND,
     NotARun: grpc.StatusCode.NOT_FOUND,
+    RunNotFound: grpc.StatusCode.NOT_FOUND,
     RunExists: grpc.StatusCode.ALREADY_EXISTS,
     NotResumable: grpc.StatusCode.FAILED_PRECONDITION,
     ControlTimeout: grpc.StatusCode.UNAVAILABLE,

@@ -201,3 +201,17 @@ def test_the_demo_runs_and_leaves_nothing_running() -> None:
     pattern = f"{ROOT / 'data' / 'demo'}|demo_handlers"
     left = subprocess.run(["pgrep", "-f", pattern], capture_output=True)
     assert left.returncode == 1, f"processes left running: {left.stdout!r}"
+
+
+@SQLITE
+def test_wf_names_a_missing_run_not_the_stores_thread(service, engine_factory, tenant) -> None:
+    """Issue 12, defect 6: errors said `thread runs/garbage not found`, the store's internals."""
+    engine = engine_factory(service)
+    for command in (["show", "garbage"], ["resume", "garbage"], ["checkpoints", "garbage"],
+                    ["cancel", "garbage"], ["watch", "garbage"]):  # fmt: skip
+        failed = wf(engine, tenant, *command)
+        assert failed.returncode == 3, (command, failed.stdout, failed.stderr)
+        assert failed.stderr.strip() == "wf: NOT_FOUND: run 'garbage' not found", (
+            command,
+            failed.stderr,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import pytest
 from google.protobuf import json_format
 
@@ -149,3 +150,23 @@ async def test_a_run_taken_over_after_a_crash_reruns_no_completed_node(stub, ten
     assert run.status == "COMPLETED" and len(run.completed) == 12
     # Only the nodes whose outputs were not saved ran again.
     assert len(engine_handlers.EXECUTIONS) - runs_before == 12 - len(saved)
+
+
+async def test_a_failed_lease_renewal_is_logged_once_per_outage(tenant, caplog) -> None:
+    """Issue 12, defect 12: `_renew` swallowed the store's errors without a word."""
+    from engine_svc.executor import RunState
+    from tests.servers import free_port
+    from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:  # nobody
+        store = GrpcStore(stub=checkpoint_pb2_grpc.CheckpointServiceStub(channel), tenant=tenant)
+        ex = RunExecutor(store, tenant, "engine-1", RUNNER, lease_ttl=0.15)
+        wf = workflow([{"id": "a", "type": "noop"}])
+        execution = ex._execution(wf, RunState("r-1", "wf", 1, {}, total=1), "", 1)
+        renewing = asyncio.create_task(ex._renew(execution, None))
+        with caplog.at_level("WARNING", logger="engine_svc.executor"):
+            await asyncio.sleep(0.6)  # about ten renewals, every one refused
+        renewing.cancel()
+    said = [r for r in caplog.records if "lease renewal failed" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert said[0].run_id == "r-1"

@@ -48,3 +48,19 @@ async def test_sigterm_exits_cleanly(service, tenant) -> None:
     code = await asyncio.to_thread(service.terminate)
     assert code == 0
     assert '"msg": "stopped"' in service.log_tail(20)
+
+
+def test_logged_urls_hide_their_passwords() -> None:
+    """Issue 12, defect 12: the start-up log's URLs through SQLAlchemy's own rendering, not a
+    hand-written split (which took an `@` in the query for the end of the credentials)."""
+    from checkpoint_svc.server import redacted
+
+    assert redacted("postgresql+asyncpg://app:s3cret@db:5432/wf") == (
+        "postgresql+asyncpg://app:***@db:5432/wf"
+    )
+    assert redacted("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    with_query = redacted("postgresql://app:s3cret@db/wf?application_name=a@b")
+    assert with_query.startswith("postgresql://app:***@db/wf?") and "s3cret" not in with_query
+    assert redacted("sqlite+aiosqlite:///data/checkpoints.db") == (
+        "sqlite+aiosqlite:///data/checkpoints.db"
+    )
