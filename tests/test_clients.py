@@ -215,3 +215,32 @@ def test_wf_names_a_missing_run_not_the_stores_thread(service, engine_factory, t
             command,
             failed.stderr,
         )
+
+
+@SQLITE
+def test_wf_bad_input_is_a_one_line_error_and_a_closed_pipe_is_quiet(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    """Issue 12, defect 3: mis-indented YAML gave a traceback (exit 1), `--meta KEY` without
+    `=` raised, and `wf show RUN | head` ended in a BrokenPipeError traceback."""
+    engine = engine_factory(service)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("workflow_id: etl\nnodes:\n  - id: a\n   type: noop\n")
+    rejected = wf(engine, tenant, "register", str(bad_yaml))
+    assert rejected.returncode == 2, rejected.stderr
+    assert "Traceback" not in rejected.stderr and "bad.yaml" in rejected.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "workflow_id: etl\nnodes:\n  - {id: a, type: approval, config: {prompt: 'Go on?'}}\n"
+    )
+    assert wf(engine, tenant, "register", str(good)).returncode == 0
+    run_id = wf(engine, tenant, "start", "etl").stdout.split()[0]
+    no_value = wf(engine, tenant, "checkpoint", run_id, "--meta", "KEY")
+    assert no_value.returncode == 2, no_value.stderr
+    assert "Traceback" not in no_value.stderr and "KEY=VALUE" in no_value.stderr
+    # A reader that stops at once: the rest of the output has nowhere to go.
+    shown = subprocess.run(
+        f"{WF} --engine {engine.address} --tenant {tenant} --json show {run_id} | true",
+        shell=True, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert "Traceback" not in shown.stderr and "BrokenPipe" not in shown.stderr, shown.stderr

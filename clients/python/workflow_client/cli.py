@@ -33,6 +33,7 @@ EXIT_CODES = """exit codes:
   10 the run FAILED      11 the run was CANCELLED
   12 the run is WAITING for an answer (wf resume RUN --value JSON)
   13 the run is PAUSED
+  141 the output's reader went away (wf show RUN | head)
 
 environment: WF_ENGINE, WF_TENANT (defaults of the flags)"""
 
@@ -83,13 +84,15 @@ def _run_row(run: pb.Run) -> list[str]:
 
 
 def cmd_register(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    import yaml
+
     from workflow_client.calls import load_definition
 
     try:
         definition = load_definition(args.file)
     except OSError as exc:
         raise SystemExit(f"wf: cannot read {args.file}: {exc}") from None
-    except (ValueError, json_format.ParseError) as exc:
+    except (ValueError, json_format.ParseError, yaml.YAMLError) as exc:
         raise SystemExit(f"wf: {args.file} is not a workflow definition: {exc}") from None
     done = engine.register(definition)
     if out.as_json:
@@ -304,7 +307,7 @@ def _report(run: pb.Run, out: Output) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
-    metadata = dict(kv.split("=", 1) for kv in args.meta or [])
+    metadata = dict(args.meta or [])
     checkpoint_id = engine.checkpoint_run(args.run, args.name, metadata)
     if out.as_json:
         out.json({"checkpoint_id": checkpoint_id})
@@ -454,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("checkpoint", cmd_checkpoint, "take a named manual checkpoint of a run")
     sub.add_argument("run")
     sub.add_argument("--name", required=True)
-    sub.add_argument("--meta", action="append", metavar="KEY=VALUE")
+    sub.add_argument("--meta", action="append", metavar="KEY=VALUE", type=_key_value)
     return parser
 
 
@@ -482,6 +485,13 @@ def run(argv: list[str] | None = None) -> int:
         engine.close()
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
 def main() -> None:
     try:
         sys.exit(run())
@@ -490,3 +500,8 @@ def main() -> None:
             print(exc.code, file=sys.stderr)
             sys.exit(2)
         raise
+    except BrokenPipeError:
+        # The reader stopped (`wf show RUN | head`): what is left of the output goes nowhere,
+        # and Python's flush at exit must not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # as a shell reports a process ended by SIGPIPE
