@@ -432,6 +432,12 @@ class Engine:
             raise NotResumable(
                 f"run {run_id!r} is {run.status}: only PAUSED, WAITING and FAILED runs resume"
             )
+        if run.status == "WAITING" and value is None:  # null would reach the next node
+            raise InvalidArgument(
+                f"run {run_id!r} waits at {run.waiting_node!r}, which needs an answer: "
+                "a JSON value other than null",
+                [("value", "required (not null) to answer the approval")],
+            )
         workflow = await self._workflow_of(tenant, run)
         give_up = time.monotonic() + 5.0
         while True:

@@ -244,3 +244,29 @@ def test_wf_bad_input_is_a_one_line_error_and_a_closed_pipe_is_quiet(
         shell=True, capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert "Traceback" not in shown.stderr and "BrokenPipe" not in shown.stderr, shown.stderr
+
+
+@SQLITE
+def test_wf_resume_of_an_approval_needs_an_answer(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    """Issue 12, defect 5: `wf resume` without `--value` answered the approval with null, and
+    the run then FAILED in the next node."""
+    engine = engine_factory(service)
+    flow = tmp_path / "ask.yaml"
+    flow.write_text(
+        "workflow_id: ask\nnodes:\n"
+        "  - {id: ask, type: approval, config: {prompt: 'Ship it?'}}\n"
+        "  - {id: after, type: transform, depends_on: [ask], config: {expression: \"ask['ok']\"}}\n"
+    )
+    assert wf(engine, tenant, "register", str(flow)).returncode == 0
+    started = wf(engine, tenant, "start", "ask", "--watch")
+    assert started.returncode == 12, started.stderr
+    run_id = started.stdout.split()[0]
+    for answer in ([], ["--value", "null"]):
+        refused = wf(engine, tenant, "resume", run_id, *answer)
+        assert refused.returncode == 2, (answer, refused.stdout, refused.stderr)
+        assert "needs an answer" in refused.stderr, refused.stderr
+    assert "WAITING" in wf(engine, tenant, "show", run_id).stdout
+    assert wf(engine, tenant, "resume", run_id, "--value", '{"ok": true}').returncode == 0
+    assert wf(engine, tenant, "watch", run_id).returncode == 0
