@@ -23,6 +23,13 @@ RUN useradd --system --uid 10001 --home-dir /app --create-home app
 WORKDIR /app
 USER app
 
-# gRPC ports: checkpoint_svc 50051, engine_svc 50052 (both configurable). No default command:
-# docker-compose.yml names the service to run, and the listen address (0.0.0.0 in a container).
+# gRPC ports: checkpoint_svc 50051, engine_svc 50052 (both configurable). By default the image
+# runs the checkpoint service on its embedded SQLite store; docker-compose.yml names the
+# service to run and its listen address (CHECKPOINT_LISTEN, ENGINE_LISTEN).
 EXPOSE 50051 50052
+ENV CHECKPOINT_LISTEN=0.0.0.0:50051
+CMD ["python", "-m", "checkpoint_svc"]
+# grpc.health.v1 SERVING of the container's own service (the port of ENGINE_LISTEN, else of
+# CHECKPOINT_LISTEN).
+HEALTHCHECK --interval=5s --timeout=5s --start-period=10s --retries=12 \
+    CMD ["python", "-m", "workflow_rpc.probe"]

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import functools
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -169,6 +170,16 @@ def test_dockerfile_installs_the_pinned_project() -> None:
     for source in copies:
         assert (REPO_ROOT / source).exists(), f"the Dockerfile copies {source}, which is gone"
     assert "pyproject.toml" in copies
+    # Issue 12, defect 11: a command, a health check, and a build context without the venv.
+    assert re.search(r'^CMD \["python", "-m", "checkpoint_svc"\]\s*$', text, re.M)
+    assert re.search(r'^\s+CMD \["python", "-m", "workflow_rpc.probe"\]\s*$', text, re.M)
+    ignored = {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", "node_modules", "data", ".git"} <= ignored
+    assert not ignored & {s.rstrip("/") for s in copies}, "the build context lacks a copy"
     find = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     find = find["packages"]["find"]
     wheres = find.get("where", ["."])
@@ -257,3 +268,11 @@ def test_health_checks_pass_on_live_services_and_fail_on_a_closed_port(
         assert done.returncode == 0, f"{name} probe failed:\n{done.stderr}"
         closed = run_probe(name, free_port(), tmp_path)
         assert closed.returncode != 0, f"{name} probe passed on a closed port"
+    # The image's own HEALTHCHECK: no address, the port of the service's listen variable.
+    for variable, proc in (("CHECKPOINT_LISTEN", service), ("ENGINE_LISTEN", engine)):
+        env = {**os.environ, variable: f"0.0.0.0:{proc.port}"}
+        image_probe = subprocess.run(
+            [sys.executable, "-m", "workflow_rpc.probe"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert image_probe.returncode == 0, f"{variable}: {image_probe.stderr}"
