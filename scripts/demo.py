@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -122,7 +123,7 @@ def services() -> Iterator[Services]:
 
 def wf(svc: Services, *args: str, check: bool = True) -> int:
     """Run the `wf` command as a user would, on this terminal."""
-    print(f"$ wf {' '.join(args)}", flush=True)
+    print(f"$ wf {shlex.join(args)}", flush=True)  # quoted: a reader can paste it
     code = subprocess.call([WF, "--engine", svc.engine, *args], cwd=ROOT)
     if check and code != 0:
         raise SystemExit(f"demo: `wf {args[0]}` exited {code}")
@@ -177,12 +178,20 @@ def main() -> int:
         say("the run")
         wf(svc, "show", run.run_id)
 
-        executions = (DATA / "executions.log").read_text().split()
-        twice = sorted({n for n in executions if executions.count(n) > 1})
+        log = [line.split() for line in (DATA / "executions.log").read_text().splitlines()]
+        finished = [node for what, node in log if what == "finished"]
+        started = [node for what, node in log if what == "started"]
+        twice = sorted({n for n in finished if finished.count(n) > 1})
+        again = sorted({n for n in started if started.count(n) > 1} - set(twice))
         client.close()
         say(
-            f"{len(executions)} node executions for {len(set(executions))} python nodes; "
-            + (f"ran twice: {twice}" if twice else "each node ran exactly once")
+            f"{len(finished)} node executions finished for {len(set(finished))} python nodes; "
+            + (f"finished twice: {twice}" if twice else "no node that finished ran again")
+            + (
+                f"; started again after the kill: {', '.join(again)} (cut off on engine-a)"
+                if again
+                else ""
+            )
         )
         say("stopping everything the demo started")
     print("done. Logs and the SQLite database are in data/demo/.")

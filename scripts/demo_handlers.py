@@ -1,5 +1,6 @@
-"""`python` node handlers for the demo: slow enough to watch, and each execution is logged
-to $DEMO_LOG so the demo can show that no finished node ran twice."""
+"""`python` node handlers for the demo: slow enough to watch, and each execution's start and
+end are logged to $DEMO_LOG so the demo can show that no finished node ran again (a node
+cut off by the kill starts again, as it must)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import Any
 
 
 def _log(node_id: str, seconds: float) -> None:
+    with open(os.environ["DEMO_LOG"], "a") as log:
+        log.write(f"started {node_id}\n")
     time.sleep(seconds)
     with open(os.environ["DEMO_LOG"], "a") as log:
-        log.write(node_id + "\n")
+        log.write(f"finished {node_id}\n")
 
 
 def fetch(state: dict[str, Any], node_id: str) -> dict[str, Any]:

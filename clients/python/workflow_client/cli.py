@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import json_format
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from workflow_client.calls import state_of
 from workflow_client.errors import WorkflowError
@@ -247,19 +247,27 @@ def cmd_runs(args: argparse.Namespace, engine: EngineClient, out: Output) -> int
     if out.as_json:
         out.json([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in runs])
         return 0
-    table = Table("run", "workflow", "version", "status", "updated")
-    for run in runs:
-        table.add_row(*_run_row(run))
-    _print_table(out, table, [_run_row(r) for r in runs])
+    headers = ("run", "workflow", "version", "status", "updated")
+    _print_table(out, headers, [_run_row(r) for r in runs])
     return 0
 
 
-def _print_table(out: Output, table: Table, rows: list[list[str]]) -> None:
-    if out.rich:
-        out.console.print(table)
-    else:
+def _print_table(out: Output, headers: tuple[str, ...], rows: list[list[str]]) -> None:
+    """Rows as a table on a terminal, tab-separated lines otherwise. On a terminal the first
+    column (the id a user copies into the next command) is never cut; the others fold onto
+    more lines when the terminal is narrow."""
+    if not out.rich:
         for row in rows:
             print("\t".join(row))
+        return
+    whole = max((len(row[0]) for row in rows), default=0)
+    table = Table(
+        Column(headers[0], no_wrap=True, min_width=max(whole, len(headers[0]))),
+        *(Column(header, overflow="fold") for header in headers[1:]),
+    )
+    for row in rows:
+        table.add_row(*row)
+    out.console.print(table)
 
 
 def cmd_show(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
@@ -321,7 +329,7 @@ def cmd_checkpoints(args: argparse.Namespace, engine: EngineClient, out: Output)
     if out.as_json:
         out.json([json_format.MessageToDict(c, preserving_proto_field_name=True) for c in found])
         return 0
-    table = Table("checkpoint", "step", "trigger", "name", "done", "progress", "created")
+    headers = ("checkpoint", "step", "trigger", "name", "done", "progress", "created")
     rows = []
     for c in found:
         row = [
@@ -334,8 +342,7 @@ def cmd_checkpoints(args: argparse.Namespace, engine: EngineClient, out: Output)
             c.created_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3],
         ]
         rows.append(row)
-        table.add_row(*row)
-    _print_table(out, table, rows)
+    _print_table(out, headers, rows)
     return 0
 
 
@@ -356,7 +363,7 @@ def cmd_versions(args: argparse.Namespace, engine: EngineClient, out: Output) ->
     if out.as_json:
         out.message(listed)
         return 0
-    table = Table("when", "change", "version", "previous", "by", "reason")
+    headers = ("when", "change", "version", "previous", "by", "reason")
     rows = [
         [
             h.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
@@ -368,9 +375,7 @@ def cmd_versions(args: argparse.Namespace, engine: EngineClient, out: Output) ->
         ]
         for h in listed.history
     ]
-    for row in rows:
-        table.add_row(*row)
-    _print_table(out, table, rows)
+    _print_table(out, headers, rows)
     if not out.as_json:
         print(f"active version: {listed.active_version}")
     return 0
