@@ -316,3 +316,20 @@ def test_wf_tables_on_a_terminal_keep_whole_ids(service, engine_factory, tenant,
     for checkpoint_id in ids:
         assert checkpoint_id in table, table
     assert run_id in _on_a_terminal([*base, "runs"], 80)
+
+
+@SQLITE
+def test_wf_shows_a_run_running_while_its_first_node_runs(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    """Issue 12, defect 1: `wf show RUN` said PENDING while the first node ran, and `wf runs
+    --status running` was empty (the run's first checkpoint records it RUNNING now)."""
+    engine = engine_factory(service)
+    flow = tmp_path / "nap.yaml"
+    flow.write_text("workflow_id: nap\nnodes:\n  - {id: nap, type: sleep, config: {seconds: 3}}\n")
+    assert wf(engine, tenant, "register", str(flow)).returncode == 0
+    run_id = wf(engine, tenant, "start", "nap").stdout.split()[0]
+    shown = json.loads(wf(engine, tenant, "--json", "show", run_id).stdout)
+    assert shown["status"] == "RUN_STATUS_RUNNING", shown["status"]
+    running = wf(engine, tenant, "runs", "--status", "running").stdout
+    assert run_id in running, running
