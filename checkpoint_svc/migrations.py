@@ -113,4 +113,8 @@ MIGRATIONS: list[str] = [
     """
     DROP TABLE redis_stale;
     """,
+    # 7: listing threads newest first (ListThreadsRequest.newest_first: ListRuns)
+    """
+    CREATE INDEX threads_by_created ON threads (tenant, namespace, created_at, thread_id);
+    """,
 ]

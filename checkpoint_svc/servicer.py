@@ -568,12 +568,23 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _at_most("statuses", request.statuses, MAX_STATUSES)
         for i, s in enumerate(request.statuses):
             _enum(violations, f"statuses[{i}]", s, ThreadStatus)
+        _text(violations, "workflow_id", request.workflow_id, 256)
         _raise_if(violations)
-        after = tuple(decode_token(request.page_token, 2)) if request.page_token else None
+        parts = 3 if request.newest_first else 2
+        after = tuple(decode_token(request.page_token, parts)) if request.page_token else None
+        if after is not None and request.newest_first:
+            try:
+                float(after[0])
+            except ValueError:
+                raise InvalidArgument(
+                    "bad page_token", [("page_token", "not issued by this service")]
+                ) from None
         flt = ThreadFilter(
             namespace=request.namespace,
             statuses=tuple(ThreadStatus(s) for s in request.statuses),
             lease_expired_before=time.time() if request.lease_expired_only else None,
+            workflow_id=request.workflow_id,
+            newest_first=request.newest_first,
         )
         rows, last = await self.store.list_threads(
             tenant,

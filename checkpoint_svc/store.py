@@ -398,13 +398,18 @@ class CheckpointStore:
         return thread
 
     async def list_threads(
-        self, tenant: str, flt: ThreadFilter, page_size: int, after: tuple[str, str] | None
-    ) -> tuple[list[Thread], tuple[str, str] | None]:
+        self, tenant: str, flt: ThreadFilter, page_size: int, after: tuple[str, ...] | None
+    ) -> tuple[list[Thread], tuple[str, ...] | None]:
+        """A page of threads and where the next one starts (None after the last)."""
         rows = await self._read(lambda: self.sql.list_threads(tenant, flt, page_size + 1, after))
         more = len(rows) > page_size
         rows = rows[:page_size]
-        last = (rows[-1].key.namespace, rows[-1].key.thread_id) if more else None
-        return rows, last
+        if not more:
+            return rows, None
+        key = rows[-1].key
+        if flt.newest_first:
+            return rows, (repr(rows[-1].created_at), key.namespace, key.thread_id)
+        return rows, (key.namespace, key.thread_id)
 
     async def stats(self, key: ThreadKey) -> Stats:
         await self.get_thread(key)  # NOT_FOUND for a thread that does not exist

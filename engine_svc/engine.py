@@ -602,14 +602,17 @@ class Engine:
         return answer.thread
 
     async def list_runs(
-        self, tenant: str, statuses: list[int], page_size: int, page_token: str
+        self, tenant: str, statuses: list[int], page_size: int, page_token: str, workflow_id: str
     ) -> tuple[list[cpb.Thread], str]:
+        """A page of runs, newest first, of `workflow_id` if set."""
         listed = await self.store(tenant).list_threads(
             cpb.ListThreadsRequest(
                 namespace=RUNS_NAMESPACE,
                 statuses=statuses,
                 page_size=page_size,
                 page_token=page_token,
+                workflow_id=workflow_id,
+                newest_first=True,
             )
         )
         return list(listed.threads), listed.next_page_token

@@ -248,7 +248,11 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRunsResponse:
         threads, token = await self.engine.list_runs(
-            tenant_of(context), list(request.statuses), request.page_size, request.page_token
+            tenant_of(context),
+            list(request.statuses),
+            request.page_size,
+            request.page_token,
+            request.workflow_id,
         )
         runs = [
             pb.Run(
@@ -261,7 +265,6 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                 updated_at=t.updated_at,
             )
             for t in threads
-            if not request.workflow_id or t.workflow_id == request.workflow_id
         ]
         return pb.ListRunsResponse(runs=runs, next_page_token=token)
 

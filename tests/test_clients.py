@@ -333,3 +333,34 @@ def test_wf_shows_a_run_running_while_its_first_node_runs(
     assert shown["status"] == "RUN_STATUS_RUNNING", shown["status"]
     running = wf(engine, tenant, "runs", "--status", "running").stdout
     assert run_id in running, running
+
+
+@SQLITE
+def test_wf_runs_lists_newest_first_and_filters_in_the_query(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    """Issue 12, defect 2: `wf runs` listed oldest first (paged by run id) and filtered by
+    workflow after paging, so `--limit 1` gave the oldest."""
+    engine = engine_factory(service)
+    for name in ("a", "b"):
+        flow = tmp_path / f"{name}.yaml"
+        flow.write_text(f"workflow_id: {name}\nnodes:\n  - {{id: n, type: noop}}\n")
+        assert wf(engine, tenant, "register", str(flow)).returncode == 0
+    started = []
+    for name in ("a", "b", "a", "b"):
+        done = wf(engine, tenant, "start", name, "--watch")
+        assert done.returncode == 0, done.stderr
+        started.append((name, done.stdout.split()[0]))
+
+    def listed(*args: str) -> list[str]:
+        out = wf(engine, tenant, "runs", *args)
+        assert out.returncode == 0, out.stderr
+        return [line.split("\t")[0] for line in out.stdout.splitlines()]
+
+    newest = [run_id for _, run_id in reversed(started)]
+    assert listed() == newest
+    assert listed("--limit", "1") == newest[:1]
+    assert listed("--limit", "3") == newest[:3]
+    of_a = [run_id for name, run_id in reversed(started) if name == "a"]
+    assert listed("--workflow", "a") == of_a
+    assert listed("--workflow", "a", "--limit", "1") == of_a[:1]

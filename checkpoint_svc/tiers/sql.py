@@ -120,6 +120,11 @@ LIST_THREADS = (
     f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads "
     "WHERE tenant = :tenant AND deleted = 0"
 )
+_AFTER_KEY = " AND (namespace > :after_ns OR (namespace = :after_ns AND thread_id > :after_id))"
+_BEFORE_CREATED = (
+    " AND (created_at < :after_at OR (created_at = :after_at AND (namespace < :after_ns"
+    " OR (namespace = :after_ns AND thread_id < :after_id))))"
+)
 
 SELECT_THREADS = f"""
 SELECT tenant, namespace, thread_id, {THREAD_COLUMNS} FROM threads
@@ -349,6 +354,10 @@ class ThreadFilter:
     namespace: str = ""
     statuses: tuple[ThreadStatus, ...] = ()
     lease_expired_before: float | None = None
+    workflow_id: str = ""
+    """Only threads recorded for this workflow ("" for any)."""
+    newest_first: bool = False
+    """By creation time, newest first; else by namespace and thread id."""
 
 
 class SqlTier:
@@ -613,8 +622,10 @@ class SqlTier:
         return [found.get((c.key.namespace, c.checkpoint_id), []) for c in checkpoints]
 
     async def list_threads(
-        self, tenant: str, flt: ThreadFilter, limit: int, after: tuple[str, str] | None
+        self, tenant: str, flt: ThreadFilter, limit: int, after: tuple[str, ...] | None
     ) -> list[Thread]:
+        """A page of threads after `after`: (namespace, thread id), or newest first
+        (created_at, namespace, thread id)."""
         sql = LIST_THREADS
         params: dict[str, Any] = {"tenant": tenant, "limit": limit}
         if flt.namespace:
@@ -629,12 +640,20 @@ class SqlTier:
         if flt.lease_expired_before is not None:
             sql += " AND (lease_owner = '' OR lease_expires_at < :lease_before)"
             params["lease_before"] = flt.lease_expired_before
-        if after is not None:
-            sql += (
-                " AND (namespace > :after_ns OR (namespace = :after_ns AND thread_id > :after_id))"
-            )
-            params["after_ns"], params["after_id"] = after
-        sql += " ORDER BY namespace, thread_id LIMIT :limit"
+        if flt.workflow_id:
+            sql += " AND workflow_id = :workflow_id"
+            params["workflow_id"] = flt.workflow_id
+        if flt.newest_first:
+            if after is not None:
+                sql += _BEFORE_CREATED
+                params["after_at"] = float(after[0])
+                params["after_ns"], params["after_id"] = after[1], after[2]
+            sql += " ORDER BY created_at DESC, namespace DESC, thread_id DESC LIMIT :limit"
+        else:
+            if after is not None:
+                sql += _AFTER_KEY
+                params["after_ns"], params["after_id"] = after
+            sql += " ORDER BY namespace, thread_id LIMIT :limit"
         async with self.reader.connect() as conn:
             rows = (await conn.execute(_sql(sql), params)).all()
         return [_thread_from_row(ThreadKey(tenant, r[0], r[1]), r[2:]) for r in rows]

@@ -7,6 +7,7 @@ Output is for people on a terminal (tables, a live progress bar) and for scripts
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -243,7 +244,8 @@ def _watch_bar(
 
 def cmd_runs(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
     statuses = [pb.RunStatus.Value(f"RUN_STATUS_{s.upper()}") for s in args.status or []]
-    runs = list(engine.list_runs(args.workflow, statuses, page_size=args.limit))[: args.limit]
+    # The pages it needs, not every page (the iterator fetches them as they are read).
+    runs = list(itertools.islice(engine.list_runs(args.workflow, statuses, args.limit), args.limit))
     if out.as_json:
         out.json([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in runs])
         return 0

@@ -516,18 +516,22 @@ class GetThreadResponse(_message.Message):
     def __init__(self, thread: _Optional[_Union[Thread, _Mapping]] = ...) -> None: ...
 
 class ListThreadsRequest(_message.Message):
-    __slots__ = ("namespace", "statuses", "lease_expired_only", "page_size", "page_token")
+    __slots__ = ("namespace", "statuses", "lease_expired_only", "page_size", "page_token", "workflow_id", "newest_first")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRED_ONLY_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIRST_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     statuses: _containers.RepeatedScalarFieldContainer[ThreadStatus]
     lease_expired_only: bool
     page_size: int
     page_token: str
-    def __init__(self, namespace: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[ThreadStatus, str]]] = ..., lease_expired_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    workflow_id: str
+    newest_first: bool
+    def __init__(self, namespace: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[ThreadStatus, str]]] = ..., lease_expired_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., workflow_id: _Optional[str] = ..., newest_first: _Optional[bool] = ...) -> None: ...
 
 class ListThreadsResponse(_message.Message):
     __slots__ = ("threads", "next_page_token")
