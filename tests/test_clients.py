@@ -140,7 +140,7 @@ def test_the_wf_command(service, engine_factory, tenant, tmp_path) -> None:
     watched = wf(engine, tenant, "--json", "watch", run_id)
     assert watched.returncode == 0, watched.stderr
     events = [json.loads(line) for line in watched.stdout.splitlines()]
-    assert events[-1]["status"] == "RUN_STATUS_COMPLETED" and events[-1]["terminal"]
+    assert events[-1]["status"] == "COMPLETED" and events[-1]["terminal"]
     shown = wf(engine, tenant, "--json", "show", run_id)
     state = json.loads(shown.stdout)["state"]
     assert state["load"] == 21 and state["ask"] == {"ok": True}
@@ -158,6 +158,8 @@ def test_the_wf_command(service, engine_factory, tenant, tmp_path) -> None:
     broken.write_text(json.dumps({"workflow_id": "x", "nodes": [{"id": "a", "type": "nope"}]}))
     rejected = wf(engine, tenant, "register", str(broken))
     assert rejected.returncode == 2 and "nodes[0].type" in rejected.stderr
+    # Issue 12, defect 6: each violation once, not in the message and again below it.
+    assert rejected.stderr.count("nodes[0].type") == 1, rejected.stderr
     unreachable = subprocess.run(
         [WF, "--engine", "127.0.0.1:1", "--timeout", "2", "runs"],
         capture_output=True, text=True, timeout=60,
@@ -330,7 +332,7 @@ def test_wf_shows_a_run_running_while_its_first_node_runs(
     assert wf(engine, tenant, "register", str(flow)).returncode == 0
     run_id = wf(engine, tenant, "start", "nap").stdout.split()[0]
     shown = json.loads(wf(engine, tenant, "--json", "show", run_id).stdout)
-    assert shown["status"] == "RUN_STATUS_RUNNING", shown["status"]
+    assert shown["status"] == "RUNNING", shown["status"]
     running = wf(engine, tenant, "runs", "--status", "running").stdout
     assert run_id in running, running
 
@@ -364,3 +366,37 @@ def test_wf_runs_lists_newest_first_and_filters_in_the_query(
     of_a = [run_id for name, run_id in reversed(started) if name == "a"]
     assert listed("--workflow", "a") == of_a
     assert listed("--workflow", "a", "--limit", "1") == of_a[:1]
+
+
+@SQLITE
+def test_wf_json_is_typed_accepted_anywhere_and_errors_too(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    """Issue 12, defect 7: --json gave 21.0 for 21, versions as strings and statuses as
+    RUN_STATUS_WAITING; errors stayed text; `wf start X --json` was refused."""
+    engine = engine_factory(service)
+    flow = tmp_path / "ask.yaml"
+    flow.write_text(
+        "workflow_id: typed\nnodes:\n"
+        "  - {id: n, type: transform, config: {expression: \"input['x'] + 1\"}}\n"
+        "  - {id: ask, type: approval, depends_on: [n], config: {prompt: 'ok?'}}\n"
+    )
+    assert wf(engine, tenant, "register", str(flow), "--json").returncode == 0
+    started = wf(engine, tenant, "start", "typed", "--input", '{"x": 20}', "--watch", "--json")
+    assert started.returncode == 12, started.stderr
+    events = [json.loads(line) for line in started.stdout.splitlines()]
+    assert events[-1]["status"] == "WAITING" and isinstance(events[-1]["seq"], int)
+    run_id = events[0]["run_id"]  # the run, then its events
+    shown = json.loads(wf(engine, tenant, "show", run_id, "--json").stdout)
+    assert shown["state"]["n"] == 21 and isinstance(shown["state"]["n"], int)
+    assert shown["version"] == 1 and shown["status"] == "WAITING"
+    assert isinstance(shown["completed_nodes"], int)
+    missing = wf(engine, tenant, "show", "garbage", "--json")
+    assert missing.returncode == 3
+    assert json.loads(missing.stderr)["error"] == {
+        "code": "NOT_FOUND",
+        "message": "run 'garbage' not found",
+        "violations": [],
+    }
+    version = subprocess.run([WF, "--version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("wf "), version

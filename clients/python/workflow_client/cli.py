@@ -7,14 +7,17 @@ Output is for people on a terminal (tables, a live progress bar) and for scripts
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Column, Table
@@ -71,7 +74,59 @@ class Output:
 
     def message(self, value: Any) -> None:
         """A protobuf message as JSON (field names as in the proto)."""
-        self.json(json_format.MessageToDict(value, preserving_proto_field_name=True))
+        self.json(plain_message(value))
+
+
+def plain_message(message: Message) -> dict[str, Any]:
+    """A message as JSON a script can use: numbers as numbers (int64 too, and a whole number
+    in a run's state without ".0"), enums by their short names (WAITING, not
+    RUN_STATUS_WAITING), times in RFC 3339, every field present."""
+    plain: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            plain[field.name] = {k: _plain_value(field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            plain[field.name] = [_plain_value(field, v) for v in value]
+        elif field.message_type is not None and not message.HasField(field.name):
+            plain[field.name] = None
+        else:
+            plain[field.name] = _plain_value(field, value)
+    return plain
+
+
+_JSON_TYPES = frozenset(
+    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+)
+
+
+def _plain_value(field: Any, value: Any) -> Any:
+    if field.enum_type is not None:
+        name = (
+            field.enum_type.values_by_number[value].name
+            if value in (field.enum_type.values_by_number)
+            else str(value)
+        )
+        prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", field.enum_type.name).upper() + "_"
+        return name.removeprefix(prefix)
+    if field.message_type is None:
+        return value
+    if field.message_type.full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
+        return value.ToJsonString()
+    if field.message_type.full_name in _JSON_TYPES:
+        return _whole(json_format.MessageToDict(value))
+    return plain_message(value)
+
+
+def _whole(value: Any) -> Any:
+    """JSON numbers as a run's state holds them: protobuf's Struct has only doubles."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    return value
 
 
 def _run_row(run: pb.Run) -> list[str]:
@@ -247,7 +302,7 @@ def cmd_runs(args: argparse.Namespace, engine: EngineClient, out: Output) -> int
     # The pages it needs, not every page (the iterator fetches them as they are read).
     runs = list(itertools.islice(engine.list_runs(args.workflow, statuses, args.limit), args.limit))
     if out.as_json:
-        out.json([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in runs])
+        out.json([plain_message(r) for r in runs])
         return 0
     headers = ("run", "workflow", "version", "status", "updated")
     _print_table(out, headers, [_run_row(r) for r in runs])
@@ -329,7 +384,7 @@ def cmd_checkpoint(args: argparse.Namespace, engine: EngineClient, out: Output) 
 def cmd_checkpoints(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
     found = list(engine.history(args.run))
     if out.as_json:
-        out.json([json_format.MessageToDict(c, preserving_proto_field_name=True) for c in found])
+        out.json([plain_message(c) for c in found])
         return 0
     headers = ("checkpoint", "step", "trigger", "name", "done", "progress", "created")
     rows = []
@@ -396,6 +451,16 @@ def cmd_rollback(args: argparse.Namespace, engine: EngineClient, out: Output) ->
 Command = Callable[[argparse.Namespace, EngineClient, Output], int]
 
 
+_JSON_HELP = "JSON output, one value per line (errors too, on stderr)"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("durable-workflows")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wf",
@@ -408,11 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--ca-file", help="PEM root certificates for TLS")
-    parser.add_argument("--json", action="store_true", help="JSON output, one value per line")
+    parser.add_argument("--json", action="store_true", help=_JSON_HELP)
+    parser.add_argument("--version", action="version", version=f"wf {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --json after the command too (`wf start X --json`); SUPPRESS: no default of its own
+    # to overwrite the one given before the command.
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help=_JSON_HELP
+    )
 
     def command(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[json_flag])
         sub.set_defaults(handler=handler)
         return sub
 
@@ -484,7 +556,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, engine, out)
     except WorkflowError as exc:
-        print(f"wf: {exc}", file=sys.stderr)
+        if args.json:
+            violations = [{"field": f, "description": d} for f, d in exc.violations]
+            error = {"code": exc.code.name, "message": exc.details, "violations": violations}
+            print(json.dumps({"error": error}), file=sys.stderr)
+        else:
+            print(f"wf: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -23,7 +23,12 @@ class WorkflowError(Exception):
 
     def __str__(self) -> str:
         lines = [f"{self.code.name}: {self.details}"]
-        lines += [f"  {field}: {why}" for field, why in self.violations]
+        # Each violation once: the services often say the first ones in the message too.
+        lines += [
+            f"  {field}: {why}"
+            for field, why in self.violations
+            if f"{field}: {why}" not in self.details
+        ]
         return "\n".join(lines)
 
 
