@@ -160,6 +160,11 @@ def test_the_wf_command(service, engine_factory, tenant, tmp_path) -> None:
     assert rejected.returncode == 2 and "nodes[0].type" in rejected.stderr
     # Issue 12, defect 6: each violation once, not in the message and again below it.
     assert rejected.stderr.count("nodes[0].type") == 1, rejected.stderr
+    # ... and an unknown field is hinted with the names the docs use (depends_on).
+    broken.write_text(json.dumps({"workflow_id": "x", "nodes": [{"id": "a", "after": ["b"]}]}))
+    hinted = wf(engine, tenant, "register", str(broken))
+    assert hinted.returncode == 2 and "'after'" in hinted.stderr, hinted.stderr
+    assert "depends_on" in hinted.stderr and "dependsOn" not in hinted.stderr, hinted.stderr
     unreachable = subprocess.run(
         [WF, "--engine", "127.0.0.1:1", "--timeout", "2", "runs"],
         capture_output=True, text=True, timeout=60,

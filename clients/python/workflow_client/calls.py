@@ -4,6 +4,7 @@ how they wait for the answer."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,25 @@ def load_definition(source: str | Path | Mapping[str, Any]) -> pb.WorkflowDefini
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    return json_format.ParseDict(data, pb.WorkflowDefinition())
+    try:
+        return json_format.ParseDict(data, pb.WorkflowDefinition())
+    except json_format.ParseError as exc:
+        raise json_format.ParseError(_in_our_names(str(exc))) from None
+
+
+_NO_SUCH_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "([^"]*)" at "([^"]*)"')
+
+
+def _in_our_names(message: str) -> str:
+    """protobuf's error for an unknown field lists the fields by their JSON names
+    (`dependsOn`); the docs and our examples write them as in the proto (`depends_on`)."""
+    found = _NO_SUCH_FIELD.search(message)
+    if found is None:
+        return message
+    type_name, name, where = found.groups()
+    fields = pb.DESCRIPTOR.pool.FindMessageTypeByName(type_name).fields
+    known = ", ".join(f.name for f in fields)
+    return f"{where}: no field {name!r} (the fields of {type_name.split('.')[-1]}: {known})"
 
 
 def register(definition: pb.WorkflowDefinition | Mapping[str, Any]) -> Call:
