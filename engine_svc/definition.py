@@ -6,6 +6,7 @@ at once, so that a client can fix a definition in one round trip.
 
 from __future__ import annotations
 
+import graphlib
 import hashlib
 import json
 import math
@@ -125,42 +126,27 @@ class Workflow:
 
 
 def topological_levels(deps: dict[str, tuple[str, ...]]) -> list[list[str]]:
-    """Kahn's algorithm by levels: a node's level is one more than its deepest dependency."""
-    waiting = {n: len(set(d)) for n, d in deps.items()}
-    dependents: dict[str, list[str]] = {n: [] for n in deps}
-    for node, ds in deps.items():
-        for d in set(ds):
-            dependents[d].append(node)
-    order = {n: i for i, n in enumerate(deps)}  # definition order within a level
-    level = [n for n, count in waiting.items() if count == 0]
+    """Nodes by level (a node's level is one more than its deepest dependency), in
+    definition order within a level. graphlib.CycleError for a cycle (parse names it)."""
+    order = {n: i for i, n in enumerate(deps)}
+    sorter = graphlib.TopologicalSorter(deps)
+    sorter.prepare()
     levels: list[list[str]] = []
-    while level:
+    while sorter.is_active():
+        level = sorted(sorter.get_ready(), key=order.__getitem__)
         levels.append(level)
-        following = []
-        for node in level:
-            for dependent in dependents[node]:
-                waiting[dependent] -= 1
-                if waiting[dependent] == 0:
-                    following.append(dependent)
-        level = sorted(following, key=order.__getitem__)
+        sorter.done(*level)
     return levels
 
 
 def find_cycle(deps: dict[str, tuple[str, ...]]) -> list[str] | None:
     """One cycle as a path (its first node repeated at the end), or None."""
-    placed = {n for level in topological_levels(deps) for n in level}
-    stuck = [n for n in deps if n not in placed]
-    if not stuck:
-        return None
-    # Every stuck node has a stuck dependency: walk them until a node repeats.
-    path: list[str] = []
-    index: dict[str, int] = {}
-    node = stuck[0]
-    while node not in index:
-        index[node] = len(path)
-        path.append(node)
-        node = next(d for d in deps[node] if d not in placed)
-    return [*path[index[node] :], node]
+    try:
+        graphlib.TopologicalSorter(deps).prepare()
+    except graphlib.CycleError as exc:
+        # graphlib lists each node before the one that depends on it; we say it the other way.
+        return list(exc.args[1])[::-1]
+    return None
 
 
 # ---- node type configs ----------------------------------------------------------------
