@@ -105,7 +105,7 @@ def redacted(url: str) -> str:
     """A URL as it may be logged: its password hidden."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return "(a URL that does not parse)"
 
 

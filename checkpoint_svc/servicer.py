@@ -276,6 +276,13 @@ def decode_token(token: str, parts: int) -> list[str]:
     return values[1:]
 
 
+def _finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _ttl_out_of_range(value: float) -> bool:
     """A lease's seconds out of range (or NaN)."""
     return value < 0 or value > MAX_LEASE_SECONDS or value != value
@@ -572,13 +579,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         _raise_if(violations)
         parts = 3 if request.newest_first else 2
         after = tuple(decode_token(request.page_token, parts)) if request.page_token else None
-        if after is not None and request.newest_first:
-            try:
-                float(after[0])
-            except ValueError:
-                raise InvalidArgument(
-                    "bad page_token", [("page_token", "not issued by this service")]
-                ) from None
+        if after is not None and request.newest_first and not _finite_number(after[0]):
+            raise InvalidArgument("bad page_token", [("page_token", "not issued by this service")])
         flt = ThreadFilter(
             namespace=request.namespace,
             statuses=tuple(ThreadStatus(s) for s in request.statuses),

@@ -407,7 +407,7 @@ class Engine:
         try:
             run = await self.executor(tenant).execute(workflow, run_id, started)
             log.info("run stopped", extra={"run_id": run_id, "status": run.status})
-        except LeaseLost as exc:
+        except (LeaseLost, RunNotFound) as exc:  # another engine has it, or it was deleted
             log.warning("run not executed here", extra={"run_id": run_id, "error": str(exc)})
         except NotARun as exc:  # someone else's data under runs/: never take it over again
             log.error("not a run", extra={"run_id": run_id, "error": str(exc)})

@@ -265,6 +265,8 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                 updated_at=t.updated_at,
             )
             for t in threads
+            # The store filters (ListThreadsRequest.workflow_id); an older one does not.
+            if not request.workflow_id or t.workflow_id == request.workflow_id
         ]
         return pb.ListRunsResponse(runs=runs, next_page_token=token)
 

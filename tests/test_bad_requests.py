@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from checkpoint_svc.servicer import encode_token
 from tests.requests import NS, code_of, restore, save, state_of, status_of
 from tests.servers import checkpoint_stub
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
@@ -64,6 +65,13 @@ async def test_invalid_requests_name_the_bad_fields(stub) -> None:
         s.List(pb.ListRequest(namespace=NS, thread_id="t", page_token="%%%"), metadata=md),
         s.ListThreads(pb.ListThreadsRequest(page_token="bm90LWEtdG9rZW4"), metadata=md),
         s.ListThreads(pb.ListThreadsRequest(statuses=[42]), metadata=md),
+        # A newest-first token whose time is not a finite number (NaN would restart the list
+        # on PostgreSQL and end it on SQLite).
+        s.ListThreads(
+            pb.ListThreadsRequest(newest_first=True, page_token=encode_token("nan", NS, "t")),
+            metadata=md,
+        ),
+        s.ListThreads(pb.ListThreadsRequest(newest_first=True, page_token="bm90"), metadata=md),
         s.Restore(pb.RestoreRequest(namespace=NS), metadata=md),
         s.PutWrites(pb.PutWritesRequest(namespace=NS, thread_id="t"), metadata=md),
         s.Publish(

@@ -4,6 +4,7 @@ services."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,21 @@ def test_wf_bad_input_is_a_one_line_error_and_a_closed_pipe_is_quiet(
         shell=True, capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert "Traceback" not in shown.stderr and "BrokenPipe" not in shown.stderr, shown.stderr
+    # Plain output too, and with stdout buffered as it is outside this test session.
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for command in ("show", "checkpoints"):
+        piped = subprocess.run(
+            f"{WF} --engine {engine.address} --tenant {tenant} {command} {run_id} | true",
+            shell=True, capture_output=True, text=True, timeout=60, cwd=ROOT, env=buffered,
+        )  # fmt: skip
+        assert "BrokenPipe" not in piped.stderr and "Exception" not in piped.stderr, piped.stderr
+    negative = wf(engine, tenant, "runs", "--limit", "-1")
+    assert negative.returncode == 2 and "Traceback" not in negative.stderr, negative.stderr
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    nothing = wf(engine, tenant, "register", str(empty))
+    assert nothing.returncode == 2 and "Traceback" not in nothing.stderr, nothing.stderr
+    assert len(rejected.stderr.strip().splitlines()) == 1, rejected.stderr  # one line
 
 
 @SQLITE
@@ -342,7 +358,7 @@ def test_wf_shows_a_run_running_while_its_first_node_runs(
     assert run_id in running, running
 
 
-@SQLITE
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 def test_wf_runs_lists_newest_first_and_filters_in_the_query(
     service, engine_factory, tenant, tmp_path
 ) -> None:
@@ -403,5 +419,8 @@ def test_wf_json_is_typed_accepted_anywhere_and_errors_too(
         "message": "run 'garbage' not found",
         "violations": [],
     }
+    bad_value = wf(engine, tenant, "--json", "resume", run_id, "--value", "{")
+    assert bad_value.returncode == 2
+    assert json.loads(bad_value.stderr)["error"]["code"] == "INVALID_ARGUMENT", bad_value.stderr
     version = subprocess.run([WF, "--version"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0 and version.stdout.startswith("wf "), version

@@ -121,10 +121,8 @@ LIST_THREADS = (
     "WHERE tenant = :tenant AND deleted = 0"
 )
 _AFTER_KEY = " AND (namespace > :after_ns OR (namespace = :after_ns AND thread_id > :after_id))"
-_BEFORE_CREATED = (
-    " AND (created_at < :after_at OR (created_at = :after_at AND (namespace < :after_ns"
-    " OR (namespace = :after_ns AND thread_id < :after_id))))"
-)
+# A row comparison: PostgreSQL seeks the index with it (an OR of the parts it cannot).
+_BEFORE_CREATED = " AND (created_at, namespace, thread_id) < (:after_at, :after_ns, :after_id)"
 
 SELECT_THREADS = f"""
 SELECT tenant, namespace, thread_id, {THREAD_COLUMNS} FROM threads

@@ -63,6 +63,8 @@ def load_definition(source: str | Path | Mapping[str, Any]) -> pb.WorkflowDefini
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a workflow definition is a mapping, not {type(data).__name__}")
     try:
         return json_format.ParseDict(data, pb.WorkflowDefinition())
     except json_format.ParseError as exc:

@@ -85,7 +85,8 @@ def plain_message(message: Message) -> dict[str, Any]:
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            plain[field.name] = {k: _plain_value(field, v) for k, v in value.items()}
+            entry = field.message_type.fields_by_name["value"]
+            plain[field.name] = {k: _plain_value(entry, v) for k, v in value.items()}
         elif field.is_repeated:
             plain[field.name] = [_plain_value(field, v) for v in value]
         elif field.message_type is not None and not message.HasField(field.name):
@@ -102,11 +103,9 @@ _JSON_TYPES = frozenset(
 
 def _plain_value(field: Any, value: Any) -> Any:
     if field.enum_type is not None:
-        name = (
-            field.enum_type.values_by_number[value].name
-            if value in (field.enum_type.values_by_number)
-            else str(value)
-        )
+        if value not in field.enum_type.values_by_number:
+            return value  # a number this client does not know: as it came
+        name = field.enum_type.values_by_number[value].name
         prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", field.enum_type.name).upper() + "_"
         return name.removeprefix(prefix)
     if field.message_type is None:
@@ -148,7 +147,12 @@ def cmd_register(args: argparse.Namespace, engine: EngineClient, out: Output) ->
         definition = load_definition(args.file)
     except OSError as exc:
         raise SystemExit(f"wf: cannot read {args.file}: {exc}") from None
-    except (ValueError, json_format.ParseError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SystemExit(f"wf: {args.file} is not YAML{at}: {what}") from None
+    except (ValueError, json_format.ParseError) as exc:
         raise SystemExit(f"wf: {args.file} is not a workflow definition: {exc}") from None
     done = engine.register(definition)
     if out.as_json:
@@ -508,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--status", action="append", choices=[
         "pending", "running", "paused", "waiting", "completed", "failed", "cancelled"
     ])  # fmt: skip
-    sub.add_argument("--limit", type=int, default=50)
+    sub.add_argument("--limit", type=_positive, default=50)
     sub = command("show", cmd_show, "a run's status, progress and state")
     sub.add_argument("run")
     sub = command("pause", cmd_pause, "pause a run: running nodes finish, no new ones start")
@@ -569,6 +573,16 @@ def run(argv: list[str] | None = None) -> int:
         engine.close()
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -578,10 +592,17 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def main() -> None:
     try:
-        sys.exit(run())
+        code = run()
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        sys.exit(code)
     except SystemExit as exc:
         if isinstance(exc.code, str):  # our own "wf: ..." messages: bad input
-            print(exc.code, file=sys.stderr)
+            if "--json" in sys.argv[1:]:
+                message = exc.code.removeprefix("wf: ")
+                error = {"code": "INVALID_ARGUMENT", "message": message, "violations": []}
+                print(json.dumps({"error": error}), file=sys.stderr)
+            else:
+                print(exc.code, file=sys.stderr)
             sys.exit(2)
         raise
     except BrokenPipeError:
