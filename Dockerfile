@@ -29,7 +29,7 @@ USER app
 EXPOSE 50051 50052
 ENV CHECKPOINT_LISTEN=0.0.0.0:50051
 CMD ["python", "-m", "checkpoint_svc"]
-# grpc.health.v1 SERVING of the container's own service (the port of ENGINE_LISTEN, else of
-# CHECKPOINT_LISTEN).
+# grpc.health.v1 SERVING of the container's own service: the port of ENGINE_LISTEN, else that
+# of CHECKPOINT_LISTEN or the engine's default 50052 (clients/python/workflow_rpc/probe.py).
 HEALTHCHECK --interval=5s --timeout=5s --start-period=10s --retries=12 \
     CMD ["python", "-m", "workflow_rpc.probe"]
