@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import uuid6
@@ -91,6 +91,16 @@ class RunExists(Exception):
 
 class ControlTimeout(Exception):
     """The engine running a run did not act on a pause, cancel or checkpoint in time."""
+
+
+class Controlled(NamedTuple):
+    """What a control request did: the run after it, the checkpoint it took (if any), and
+    the type of the event by which the engine running the run answered ("" if the change
+    was made here)."""
+
+    run: RunState
+    checkpoint_id: str
+    answer: str = ""
 
 
 class Engine:
@@ -425,9 +435,23 @@ class Engine:
 
     async def resume_run(self, tenant: str, run_id: str, value: Any) -> RunState:
         """Continue a PAUSED run, answer a WAITING approval or re-run what a FAILED run did
-        not finish; any engine may do it, hours or days later."""
+        not finish; any engine may do it, hours or days later. A RUNNING run whose pause is
+        still pending keeps running: the pause is taken back."""
         executor = self.executor(tenant)
         run = await executor.load(run_id)
+        give_up = time.monotonic() + 5.0
+        while run.status == "RUNNING":
+            try:
+                done = await self.control(tenant, run_id, "unpause", {})
+            except NotResumable:  # it paused (or ended) meanwhile: resume it as it is now
+                run = await executor.load(run_id)
+                break
+            if done.answer == "run.unpaused":
+                return done.run
+            run = await executor.load(run_id)
+            if done.answer != "run.pausing" or time.monotonic() > give_up:
+                break  # no pause to take back: RUNNING is not resumable
+            await asyncio.sleep(0.1)  # the pause is being applied: resume it once PAUSED
         if run.status not in ("PAUSED", "WAITING", "FAILED"):
             raise NotResumable(
                 f"run {run_id!r} is {run.status}: only PAUSED, WAITING and FAILED runs resume"
@@ -454,8 +478,9 @@ class Engine:
 
     async def control(
         self, tenant: str, run_id: str, action: str, payload: dict[str, Any]
-    ) -> tuple[RunState, str]:
-        """Pause, cancel or checkpoint a run, wherever it runs. (run, checkpoint id).
+    ) -> Controlled:
+        """Pause, cancel or checkpoint a run, wherever it runs (or take back its pending
+        pause: "unpause").
 
         A run no engine holds is changed here; otherwise the request goes on the run's
         control feed, and this waits until the holder acknowledges it (or lets go of the run,
@@ -475,12 +500,13 @@ class Engine:
         try:
             while True:
                 try:
-                    return await executor.change_directly(
+                    changed, head = await executor.change_directly(
                         workflow,
                         run_id,
                         action,
                         {**payload, "control_id": control_id, "control_seq": published},
                     )
+                    return Controlled(changed, head)
                 except LeaseHeld:
                     pass
                 if not published:
@@ -504,7 +530,7 @@ class Engine:
                     if ev.type == "checkpoint.saved":
                         last_saved = got.get("checkpoint_id", "")
                     if got.get("control_id") == control_id:
-                        return await executor.load(run_id), last_saved
+                        return Controlled(await executor.load(run_id), last_saved, ev.type)
                     if ev.type == "run.status":
                         check_control(await executor.load(run_id), action)
                         break

@@ -253,6 +253,7 @@ class Execution:
     parallel: int
     gate: WriteGate = field(default_factory=WriteGate)
     pause: tuple[str, str] | None = None  # (why, control id) once a pause is asked for
+    pausing: bool = False  # the pause is being applied: too late to take it back
     shutdown: bool = False  # the pause is the engine's own: leave the run RUNNING
     cancel: tuple[str, str] | None = None  # (reason, control id)
     # The step's last node to finish is saved by the step's checkpoint, not a write of its
@@ -765,6 +766,10 @@ class RunExecutor:
             run.control_seq = max(run.control_seq, int(payload.get("control_seq", 0)))
             check_control(run, action)
             control_id = payload.get("control_id", "")
+            if action == "unpause":  # RUNNING, and no engine holds it: nothing is pausing it
+                raise NotResumable(
+                    f"run {run_id!r} is RUNNING: only PAUSED, WAITING and FAILED runs resume"
+                )
             if action == "checkpoint":
                 head = await self._save(
                     ex,
@@ -933,6 +938,14 @@ class RunExecutor:
         elif kind == "control.pause" and ex.pause is None:
             ex.pause = ("requested", control_id)
             await self._publish_events(ex, [_event("run.pausing", control_id=control_id)])
+        elif kind == "control.unpause":  # a ResumeRun of a run whose pause is still pending
+            # The answer's type says which: taken back, too late (PAUSED in a moment), or none.
+            if ex.pause is not None and not ex.pausing and not ex.shutdown:
+                ex.pause = None
+                answer = "run.unpaused"
+            else:
+                answer = "run.pausing" if ex.pause is not None else "control.refused"
+            await self._publish_events(ex, [_event(answer, control_id=control_id)])
         elif kind == "control.checkpoint":
             ack = cpb.NewEvent(type="control.applied")
             ack.payload.update({"control_id": control_id})
@@ -961,6 +974,7 @@ class RunExecutor:
         return run
 
     async def _paused(self, ex: Execution) -> RunState:
+        ex.pausing = True
         why, control_id = ex.pause or ("", "")
         run = ex.run
         if ex.shutdown:  # another engine (or this one, restarted) goes on from here at once
@@ -1263,3 +1277,5 @@ def check_control(run: RunState, action: str) -> None:
         raise NotResumable(f"run {run.run_id!r} is already {run.status}")
     if action == "pause" and run.status == "WAITING":
         raise NotResumable(f"run {run.run_id!r} is WAITING for an answer: resume or cancel it")
+    if action == "unpause" and run.status != "RUNNING":
+        raise NotResumable(f"run {run.run_id!r} is {run.status}, not pausing")

@@ -284,18 +284,21 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self, request: pb.PauseRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.PauseRunResponse:
         tenant = tenant_of(context)
-        run, _ = await self.engine.control(tenant, request.run_id, "pause", {})
-        return pb.PauseRunResponse(run=await self._reply(tenant, run))
+        done = await self.engine.control(tenant, request.run_id, "pause", {})
+        reply = await self._reply(tenant, done.run)
+        if done.answer == "run.pausing" and reply.status == pb.RUN_STATUS_RUNNING:
+            reply.status = pb.RUN_STATUS_PAUSING  # it pauses when its running step ends
+        return pb.PauseRunResponse(run=reply)
 
     @translated
     async def CancelRun(
         self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelRunResponse:
         tenant = tenant_of(context)
-        run, _ = await self.engine.control(
+        done = await self.engine.control(
             tenant, request.run_id, "cancel", {"reason": request.reason}
         )
-        return pb.CancelRunResponse(run=await self._reply(tenant, run))
+        return pb.CancelRunResponse(run=await self._reply(tenant, done.run))
 
     @translated
     async def CheckpointRun(
@@ -303,12 +306,14 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     ) -> pb.CheckpointRunResponse:
         if not request.name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: required")
-        _, checkpoint_id = await self.engine.control(
-            tenant_of(context),
-            request.run_id,
-            "checkpoint",
-            {"name": request.name, "metadata": dict(request.metadata)},
-        )
+        checkpoint_id = (
+            await self.engine.control(
+                tenant_of(context),
+                request.run_id,
+                "checkpoint",
+                {"name": request.name, "metadata": dict(request.metadata)},
+            )
+        ).checkpoint_id
         return pb.CheckpointRunResponse(checkpoint_id=checkpoint_id)
 
     async def WatchRun(

@@ -424,3 +424,32 @@ def test_wf_json_is_typed_accepted_anywhere_and_errors_too(
     assert json.loads(bad_value.stderr)["error"]["code"] == "INVALID_ARGUMENT", bad_value.stderr
     version = subprocess.run([WF, "--version"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0 and version.stdout.startswith("wf "), version
+
+
+@SQLITE
+def test_wf_pause_says_pausing_and_a_resume_before_it_applies_takes_it_back(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    """Issue 12, defect 4: `wf pause RUN` printed RUNNING, and a `wf resume RUN` right after
+    failed "is RUNNING"."""
+    engine = engine_factory(service)
+    flow = tmp_path / "slow.yaml"
+    flow.write_text(
+        "workflow_id: slow\nnodes:\n  - {id: nap, type: sleep, config: {seconds: 4}}\n"
+        "  - {id: after, type: noop, depends_on: [nap]}\n"
+    )
+    assert wf(engine, tenant, "register", str(flow)).returncode == 0
+    run_id = wf(engine, tenant, "start", "slow").stdout.split()[0]
+    refused = wf(engine, tenant, "resume", run_id)  # running, and nothing to take back
+    assert refused.returncode == 5 and "RUNNING" in refused.stderr, refused.stderr
+    paused = wf(engine, tenant, "pause", run_id)
+    assert paused.returncode == 0 and "PAUSING" in paused.stdout, paused.stdout + paused.stderr
+    resumed = wf(engine, tenant, "resume", run_id)
+    assert resumed.returncode == 0 and "RUNNING" in resumed.stdout, resumed.stderr
+    watched = wf(engine, tenant, "watch", run_id)
+    assert watched.returncode == 0, watched.stdout + watched.stderr  # COMPLETED, never PAUSED
+    events = wf(engine, tenant, "--json", "watch", run_id).stdout.splitlines()
+    types = [json.loads(line)["type"] for line in events]
+    assert "run.pausing" in types and "run.unpaused" in types
+    statuses = [json.loads(line)["status"] for line in events if '"run.status"' in line]
+    assert "PAUSED" not in statuses, statuses

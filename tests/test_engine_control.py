@@ -56,7 +56,8 @@ async def test_pause_and_resume_through_another_engine(service, engine_factory, 
     await wait_event(s, md, run_id, "node.started", "n1")
 
     paused = (await s2.PauseRun(pb.PauseRunRequest(run_id=run_id), metadata=md)).run
-    assert paused.status in (pb.RUN_STATUS_RUNNING, pb.RUN_STATUS_PAUSED)  # n1 finishes first
+    # n1 finishes first: PAUSING until then (issue 12, defect 4), PAUSED if it already has.
+    assert paused.status in (pb.RUN_STATUS_PAUSING, pb.RUN_STATUS_PAUSED)
     run = await wait_status(s, md, run_id, pb.RUN_STATUS_PAUSED)
     assert list(run.completed_node_ids) == ["n0", "n1"], "the running node finishes, no new one"
     await asyncio.sleep(0.8)

@@ -22,6 +22,7 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATUS_COMPLETED: _ClassVar[RunStatus]
     RUN_STATUS_FAILED: _ClassVar[RunStatus]
     RUN_STATUS_CANCELLED: _ClassVar[RunStatus]
+    RUN_STATUS_PAUSING: _ClassVar[RunStatus]
 
 class CheckpointTrigger(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ RUN_STATUS_WAITING: RunStatus
 RUN_STATUS_COMPLETED: RunStatus
 RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_CANCELLED: RunStatus
+RUN_STATUS_PAUSING: RunStatus
 CHECKPOINT_TRIGGER_UNSPECIFIED: CheckpointTrigger
 CHECKPOINT_TRIGGER_STEP_COMPLETED: CheckpointTrigger
 CHECKPOINT_TRIGGER_NODE_COMPLETED: CheckpointTrigger
