@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -53,6 +52,7 @@ from engine_svc.store import (
     StoreUnavailable,
 )
 from workflow_client.store_session import StoreSession
+from workflow_rpc.headers import tenant_metadata
 from workflow_rpc.statuses import InvalidArgument
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -138,10 +138,17 @@ class Engine:
     def executor(self, tenant: str) -> RunExecutor:
         if tenant not in self._executors:
             s = self.settings
-            store = GrpcStore(stub=self._stub, tenant=tenant, retry_seconds=s.store_retry_seconds)
-            if s.store_calls == "session":
-                session = StoreSession(stub=self._stub, metadata=store.metadata)
-                store = dataclasses.replace(store, session=session)
+            session = (
+                StoreSession(stub=self._stub, metadata=tenant_metadata(tenant))
+                if s.store_calls == "session"
+                else None
+            )
+            store = GrpcStore(
+                stub=self._stub,
+                tenant=tenant,
+                session=session,
+                retry_seconds=s.store_retry_seconds,
+            )
             self._executors[tenant] = RunExecutor(
                 store, tenant, s.owner, self.runner, s.lease_ttl_seconds, s.max_parallel
             )

@@ -178,11 +178,11 @@ class GrpcStore:
     """How long a transient failure (UNAVAILABLE, a deadline) is retried."""
     call_seconds: float = CALL_SECONDS
     """One attempt's deadline."""
-    metadata: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str], ...] = dataclasses.field(init=False)
+    """The tenant's call metadata (made once: every call sends it)."""
 
     def __post_init__(self) -> None:
-        if not self.metadata:
-            object.__setattr__(self, "metadata", tenant_metadata(self.tenant))
+        object.__setattr__(self, "metadata", tenant_metadata(self.tenant))
 
     def with_retry(self, seconds: float) -> GrpcStore:
         return dataclasses.replace(self, retry_seconds=seconds)
@@ -194,9 +194,19 @@ class GrpcStore:
         if self.session is not None:
             await self.session.close()
 
-    def _closed(self) -> bool:
-        """The session was closed (the engine is stopping): its calls fail at once."""
-        return self.session is not None and self.session.closed
+    def _retryable(self, exc: BaseException) -> bool:
+        """A transient failure, unless the session was closed (the engine is stopping: its
+        calls fail at once)."""
+        closed = self.session is not None and self.session.closed
+        return self.retry_seconds > 0 and _transient(exc) and not closed
+
+    def _retrying(self, wait_max: float) -> AsyncRetrying:
+        return AsyncRetrying(
+            retry=retry_if_exception(self._retryable),
+            stop=stop_after_delay(self.retry_seconds),
+            wait=wait_exponential(multiplier=0.2, max=wait_max),
+            reraise=True,
+        )
 
     def _on(self, name: str) -> Any:
         """The call `name` on the session if it carries it, else the unary stub's."""
@@ -207,14 +217,9 @@ class GrpcStore:
             try:  # the first attempt without the retry machinery: most calls need no more
                 return await method(request, metadata=self.metadata, timeout=self.call_seconds)
             except grpc.aio.AioRpcError as exc:
-                if not (retry and self.retry_seconds > 0 and _transient(exc)) or self._closed():
+                if not (retry and self._retryable(exc)):
                     raise
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(lambda e: _transient(e) and not self._closed()),
-                stop=stop_after_delay(self.retry_seconds),
-                wait=wait_exponential(multiplier=0.2, max=3.0),
-                reraise=True,
-            ):
+            async for attempt in self._retrying(wait_max=3.0):
                 with attempt:
                     return await method(request, metadata=self.metadata, timeout=self.call_seconds)
         except grpc.aio.AioRpcError as exc:
@@ -257,25 +262,25 @@ class GrpcStore:
             pass  # it expires
 
     async def stream(self, request: cpb.StreamRequest) -> AsyncIterator[cpb.StreamResponse]:
-        opened = False
-        deadline = asyncio.get_running_loop().time() + self.retry_seconds
-        delay = 0.1
-        while True:
-            call = None
-            try:
-                call = self.stub.Stream(request, metadata=self.metadata)
-                async for item in call:
-                    opened = True
-                    yield item
+        call: grpc.aio.UnaryStreamCall | None = None
+        try:
+            # Until its first item the stream is retried like a call; after it, it fails.
+            async for attempt in self._retrying(wait_max=2.0):
+                with attempt:
+                    if call is not None:
+                        call.cancel()
+                    call = self.stub.Stream(request, metadata=self.metadata)
+                    items = aiter(call)
+                    first = await anext(items, None)
+            if first is None:
                 return
-            except grpc.aio.AioRpcError as exc:
-                late = asyncio.get_running_loop().time() + delay > deadline
-                if opened or not _transient(exc) or late:
-                    raise _refusal(exc) from exc
-            except grpc.aio.UsageError as exc:
-                raise StoreUnavailable(f"the engine is stopping ({exc})") from exc
-            finally:
-                if call is not None:
-                    call.cancel()  # a no-op once it ended; else the caller stopped reading
-            await asyncio.sleep(delay)  # the stream did not open: try again, as a call would
-            delay = min(delay * 2, 2.0)
+            yield first
+            async for item in items:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from exc
+        except grpc.aio.UsageError as exc:  # the engine closed its channel: it is stopping
+            raise StoreUnavailable(f"the engine is stopping ({exc})") from exc
+        finally:
+            if call is not None:
+                call.cancel()  # a no-op once it ended; else the caller stopped reading

@@ -117,6 +117,13 @@ def wf(engine, tenant: str, *args: str, stdin: str | None = None) -> subprocess.
     )
 
 
+def register_yaml(engine, tenant: str, path: Path, text: str, *flags: str) -> None:
+    """Write a definition to `path` and register it with `wf register`."""
+    path.write_text(text)
+    registered = wf(engine, tenant, "register", str(path), *flags)
+    assert registered.returncode == 0, registered.stderr
+
+
 @SQLITE
 def test_the_wf_command(service, engine_factory, tenant, tmp_path) -> None:
     engine = engine_factory(service)
@@ -237,11 +244,12 @@ def test_wf_bad_input_is_a_one_line_error_and_a_closed_pipe_is_quiet(
     rejected = wf(engine, tenant, "register", str(bad_yaml))
     assert rejected.returncode == 2, rejected.stderr
     assert "Traceback" not in rejected.stderr and "bad.yaml" in rejected.stderr
-    good = tmp_path / "good.yaml"
-    good.write_text(
-        "workflow_id: etl\nnodes:\n  - {id: a, type: approval, config: {prompt: 'Go on?'}}\n"
+    register_yaml(
+        engine,
+        tenant,
+        tmp_path / "good.yaml",
+        "workflow_id: etl\nnodes:\n  - {id: a, type: approval, config: {prompt: 'Go on?'}}\n",
     )
-    assert wf(engine, tenant, "register", str(good)).returncode == 0
     run_id = wf(engine, tenant, "start", "etl").stdout.split()[0]
     no_value = wf(engine, tenant, "checkpoint", run_id, "--meta", "KEY")
     assert no_value.returncode == 2, no_value.stderr
@@ -276,13 +284,15 @@ def test_wf_resume_of_an_approval_needs_an_answer(
     """Issue 12, defect 5: `wf resume` without `--value` answered the approval with null, and
     the run then FAILED in the next node."""
     engine = engine_factory(service)
-    flow = tmp_path / "ask.yaml"
-    flow.write_text(
+    register_yaml(
+        engine,
+        tenant,
+        tmp_path / "ask.yaml",
         "workflow_id: ask\nnodes:\n"
         "  - {id: ask, type: approval, config: {prompt: 'Ship it?'}}\n"
-        "  - {id: after, type: transform, depends_on: [ask], config: {expression: \"ask['ok']\"}}\n"
+        "  - {id: after, type: transform, depends_on: [ask],"
+        " config: {expression: \"ask['ok']\"}}\n",
     )
-    assert wf(engine, tenant, "register", str(flow)).returncode == 0
     started = wf(engine, tenant, "start", "ask", "--watch")
     assert started.returncode == 12, started.stderr
     run_id = started.stdout.split()[0]
@@ -322,12 +332,13 @@ def _on_a_terminal(argv: list[str], columns: int) -> str:
 def test_wf_tables_on_a_terminal_keep_whole_ids(service, engine_factory, tenant, tmp_path) -> None:
     """Issue 12, defect 9: the checkpoint table cut the ids that `wf fork` needs."""
     engine = engine_factory(service)
-    flow = tmp_path / "two.yaml"
-    flow.write_text(
+    register_yaml(
+        engine,
+        tenant,
+        tmp_path / "two.yaml",
         "workflow_id: two-steps-with-a-long-name\nnodes:\n  - {id: a, type: noop}\n"
-        "  - {id: b, type: noop, depends_on: [a]}\n"
+        "  - {id: b, type: noop, depends_on: [a]}\n",
     )
-    assert wf(engine, tenant, "register", str(flow)).returncode == 0
     started = wf(engine, tenant, "start", "two-steps-with-a-long-name", "--watch")
     run_id = started.stdout.split()[0]
     base = [WF, "--engine", engine.address, "--tenant", tenant]
@@ -348,9 +359,12 @@ def test_wf_shows_a_run_running_while_its_first_node_runs(
     """Issue 12, defect 1: `wf show RUN` said PENDING while the first node ran, and `wf runs
     --status running` was empty (the run's first checkpoint records it RUNNING now)."""
     engine = engine_factory(service)
-    flow = tmp_path / "nap.yaml"
-    flow.write_text("workflow_id: nap\nnodes:\n  - {id: nap, type: sleep, config: {seconds: 3}}\n")
-    assert wf(engine, tenant, "register", str(flow)).returncode == 0
+    register_yaml(
+        engine,
+        tenant,
+        tmp_path / "nap.yaml",
+        "workflow_id: nap\nnodes:\n  - {id: nap, type: sleep, config: {seconds: 3}}\n",
+    )
     run_id = wf(engine, tenant, "start", "nap").stdout.split()[0]
     shown = json.loads(wf(engine, tenant, "--json", "show", run_id).stdout)
     assert shown["status"] == "RUNNING", shown["status"]
@@ -366,9 +380,12 @@ def test_wf_runs_lists_newest_first_and_filters_in_the_query(
     workflow after paging, so `--limit 1` gave the oldest."""
     engine = engine_factory(service)
     for name in ("a", "b"):
-        flow = tmp_path / f"{name}.yaml"
-        flow.write_text(f"workflow_id: {name}\nnodes:\n  - {{id: n, type: noop}}\n")
-        assert wf(engine, tenant, "register", str(flow)).returncode == 0
+        register_yaml(
+            engine,
+            tenant,
+            tmp_path / f"{name}.yaml",
+            f"workflow_id: {name}\nnodes:\n  - {{id: n, type: noop}}\n",
+        )
     started = []
     for name in ("a", "b", "a", "b"):
         done = wf(engine, tenant, "start", name, "--watch")
@@ -396,13 +413,15 @@ def test_wf_json_is_typed_accepted_anywhere_and_errors_too(
     """Issue 12, defect 7: --json gave 21.0 for 21, versions as strings and statuses as
     RUN_STATUS_WAITING; errors stayed text; `wf start X --json` was refused."""
     engine = engine_factory(service)
-    flow = tmp_path / "ask.yaml"
-    flow.write_text(
+    register_yaml(
+        engine,
+        tenant,
+        tmp_path / "ask.yaml",
         "workflow_id: typed\nnodes:\n"
         "  - {id: n, type: transform, config: {expression: \"input['x'] + 1\"}}\n"
-        "  - {id: ask, type: approval, depends_on: [n], config: {prompt: 'ok?'}}\n"
+        "  - {id: ask, type: approval, depends_on: [n], config: {prompt: 'ok?'}}\n",
+        "--json",
     )
-    assert wf(engine, tenant, "register", str(flow), "--json").returncode == 0
     started = wf(engine, tenant, "start", "typed", "--input", '{"x": 20}', "--watch", "--json")
     assert started.returncode == 12, started.stderr
     events = [json.loads(line) for line in started.stdout.splitlines()]
@@ -433,12 +452,13 @@ def test_wf_pause_says_pausing_and_a_resume_before_it_applies_takes_it_back(
     """Issue 12, defect 4: `wf pause RUN` printed RUNNING, and a `wf resume RUN` right after
     failed "is RUNNING"."""
     engine = engine_factory(service)
-    flow = tmp_path / "slow.yaml"
-    flow.write_text(
+    register_yaml(
+        engine,
+        tenant,
+        tmp_path / "slow.yaml",
         "workflow_id: slow\nnodes:\n  - {id: nap, type: sleep, config: {seconds: 4}}\n"
-        "  - {id: after, type: noop, depends_on: [nap]}\n"
+        "  - {id: after, type: noop, depends_on: [nap]}\n",
     )
-    assert wf(engine, tenant, "register", str(flow)).returncode == 0
     run_id = wf(engine, tenant, "start", "slow").stdout.split()[0]
     refused = wf(engine, tenant, "resume", run_id)  # running, and nothing to take back
     assert refused.returncode == 5 and "RUNNING" in refused.stderr, refused.stderr

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -23,7 +21,7 @@ from engine_svc.store import (
     StoreUnavailable,
 )
 from tests.requests import NS, checkpoint
-from tests.servers import GRPC_TEST_OPTIONS, free_port
+from tests.servers import GRPC_TEST_OPTIONS, free_port, stream_watchers
 from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -146,10 +144,10 @@ async def test_a_closed_session_fails_at_once_and_a_left_stream_ends_the_stores_
         async with contextlib.aclosing(store.stream(request)) as items:
             async for item in items:
                 if item.HasField("event"):
-                    assert _stream_watchers(metrics_port) == 1
+                    assert stream_watchers(metrics_port) == 1
                     break
         deadline = time.monotonic() + 5
-        while _stream_watchers(metrics_port) != 0:  # the store saw the call end
+        while stream_watchers(metrics_port) != 0:  # the store saw the call end
             assert time.monotonic() < deadline, "the stream left open on the store"
             await asyncio.sleep(0.05)
         await store.close()  # as the engine does when it stops
@@ -157,10 +155,3 @@ async def test_a_closed_session_fails_at_once_and_a_left_stream_ends_the_stores_
         with pytest.raises(StoreUnavailable):
             await store.save(cpb.SaveRequest(checkpoint=checkpoint("a", {"i": 2})))
         assert time.monotonic() - started < 1.0, "a closed session's call was retried"
-
-
-def _stream_watchers(metrics_port: int) -> float:
-    """Open Stream calls on the store, as its /metrics says."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return float(re.search(r"^checkpoint_stream_watchers (\S+)$", text, re.M).group(1))

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import urllib.request
 
 import grpc
 import pytest
@@ -17,19 +15,12 @@ from engine_svc.config import Settings
 from engine_svc.engine import Engine
 from engine_svc.servicer import EngineServicer
 from tests.engine_client import definition, engine_stub, watch
-from tests.servers import checkpoint_stub, free_port
+from tests.servers import checkpoint_stub, free_port, stream_watchers
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 from workflow_stubs.engine.v1 import engine_pb2_grpc
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-
-
-def _stream_watchers(metrics_port: int) -> float:
-    """Open Stream calls on the store, as its /metrics says."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return float(re.search(r"^checkpoint_stream_watchers (\S+)$", text, re.M).group(1))
 
 
 async def test_the_executing_engine_serves_the_stores_events_without_its_stream(
@@ -84,7 +75,7 @@ async def test_the_executing_engine_serves_the_stores_events_without_its_stream(
     await asyncio.sleep(0.6)  # the engine follows the run's control feed by now
     # Mid-run, with a watcher open on the engine running it: the only Stream open on the
     # store is that engine's own control feed.
-    assert await asyncio.to_thread(_stream_watchers, metrics_port) == 1
+    assert await asyncio.to_thread(stream_watchers, metrics_port) == 1
     await asyncio.wait_for(asyncio.gather(watcher, batched), 20)
     from_store = await asyncio.wait_for(watch(other, md, run_id), 20)
     # Batched: the same events, a step's in one response.

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Column, Table
 
-from workflow_client.calls import state_of
+from workflow_client.calls import plain, state_of
 from workflow_client.errors import WorkflowError
 from workflow_client.sync import EngineClient
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -113,19 +113,8 @@ def _plain_value(field: Any, value: Any) -> Any:
     if field.message_type.full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
         return value.ToJsonString()
     if field.message_type.full_name in _JSON_TYPES:
-        return _whole(json_format.MessageToDict(value))
+        return plain(json_format.MessageToDict(value))  # Struct numbers are doubles
     return plain_message(value)
-
-
-def _whole(value: Any) -> Any:
-    """JSON numbers as a run's state holds them: protobuf's Struct has only doubles."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole(v) for v in value]
-    return value
 
 
 def _run_row(run: pb.Run) -> list[str]:
