@@ -96,7 +96,7 @@ async def serve(settings: Settings) -> None:
         await reporter
     await health_servicer.enter_graceful_shutdown()
     store.feed.close()  # open Streams end now (UNAVAILABLE) instead of holding up the stop
-    await server.stop(grace=settings.shutdown_grace_seconds)
+    await server.stop(grace=settings.shutdown_grace)
     await store.close()
     log.info("stopped")
 

@@ -59,7 +59,7 @@ from checkpoint_svc.tiers.sql import Batch, SqlTier, ThreadFilter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_LEASE_SECONDS = 30.0
+DEFAULT_LEASE_SECONDS = 15.0
 REQUEST_ID_TTL = 24 * 3600.0  # how long a request_id is remembered at least
 
 
@@ -95,9 +95,7 @@ class CheckpointStore:
             int(settings.memory_mib * 1024 * 1024), answers_heads=settings.memory_answers_heads
         )
         self.redis = (
-            RedisTier(settings.redis_url, settings.redis_ttl_seconds)
-            if settings.redis_url
-            else None
+            RedisTier(settings.redis_url, settings.redis_ttl) if settings.redis_url else None
         )
         # The tiers that may supply a state SQL named, fastest first.
         self._caches: list[StateCache] = [self.memory] + ([self.redis] if self.redis else [])
@@ -105,12 +103,12 @@ class CheckpointStore:
             self.sql,
             self._after_commit,
             settings.batch_max,
-            settings.async_queue_max,
+            settings.queue_max,
             in_commit_order=settings.memory_answers_heads,
         )
         self.feed = EventFeed(
             self.sql,
-            settings.heartbeat_seconds,
+            settings.heartbeat,
             poll_sql=not settings.memory_answers_heads,
             read=self._read,
         )
@@ -127,7 +125,7 @@ class CheckpointStore:
             await self.redis.start()
             self.redis.follow_feed(self.feed.deliver, self.feed.watched)
         self.committer.start()
-        if self.settings.sweep_interval_seconds > 0:
+        if self.settings.sweep_interval > 0:
             self._sweeper = asyncio.create_task(self._sweep_loop(), name="retention")
 
     async def close(self) -> None:
@@ -137,7 +135,7 @@ class CheckpointStore:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        await self.committer.close(self.settings.shutdown_grace_seconds)
+        await self.committer.close(self.settings.shutdown_grace)
         if self.redis is not None:
             await self.redis.close()
         await self.sql.close()
@@ -205,8 +203,8 @@ class CheckpointStore:
             cp.checkpoint_id = new_checkpoint_id()
         now = time.time()
         cp.created_at = now
-        if cp.expires_at is None and self.settings.sql_ttl_seconds > 0:
-            cp.expires_at = now + self.settings.sql_ttl_seconds
+        if cp.expires_at is None and self.settings.sql_ttl > 0:
+            cp.expires_at = now + self.settings.sql_ttl
         op = SaveOp(cmd, client_supplied_id=client_id, explicit_parent=cp.parent_id)
         if durable:
             return await self.committer.submit(op)
@@ -466,9 +464,7 @@ class CheckpointStore:
                 time.time(),
                 self.settings.keep_last,
                 # Request ids live as long as what they saved (forever with --sql-ttl 0).
-                max(REQUEST_ID_TTL, self.settings.sql_ttl_seconds)
-                if self.settings.sql_ttl_seconds > 0
-                else None,
+                max(REQUEST_ID_TTL, self.settings.sql_ttl) if self.settings.sql_ttl > 0 else None,
             )
         )
         self._forget(pruned, gone)
@@ -480,7 +476,7 @@ class CheckpointStore:
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            await asyncio.sleep(self.settings.sweep_interval)
             try:
                 await self.sweep()
             except TierUnavailable as exc:

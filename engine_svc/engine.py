@@ -147,10 +147,15 @@ class Engine:
                 stub=self._stub,
                 tenant=tenant,
                 session=session,
-                retry_seconds=s.store_retry_seconds,
+                retry_seconds=s.store_retry,
             )
             self._executors[tenant] = RunExecutor(
-                store, tenant, s.owner, self.runner, s.lease_ttl_seconds, s.max_parallel
+                store,
+                tenant,
+                s.owner,
+                self.runner,
+                lease_ttl=s.lease_ttl,
+                max_parallel=s.max_parallel,
             )
         return self._executors[tenant]
 
@@ -166,7 +171,7 @@ class Engine:
         return store
 
     async def start(self) -> None:
-        if self.settings.recovery_interval_seconds > 0:
+        if self.settings.recovery_interval > 0:
             self._recovery = asyncio.create_task(self._recover_loop(), name="recovery")
 
     async def close(self) -> None:
@@ -183,7 +188,7 @@ class Engine:
                     ex.pause, ex.shutdown = ("engine shutdown", ""), True
         tasks = list(self._running.values())
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_seconds)
+            _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace)
             for task in late:
                 task.cancel()  # executors release their leases on the way out
         for task in [*tasks, *([self._recovery] if self._recovery else [])]:
@@ -499,7 +504,7 @@ class Engine:
         workflow = await self._workflow_of(tenant, run)
         thread = await self.thread(tenant, run_id)
         control_id = str(uuid6.uuid7())
-        deadline = time.monotonic() + self.settings.control_wait_seconds
+        deadline = time.monotonic() + self.settings.control_wait
         feed: asyncio.Queue[cpb.Event] = asyncio.Queue()
         follower = asyncio.create_task(self._follow(tenant, run_id, thread.last_seq, feed))
         published = 0
@@ -527,7 +532,7 @@ class Engine:
                     if left <= 0:
                         raise ControlTimeout(
                             f"the engine running {run_id!r} did not act on the {action} "
-                            f"within {self.settings.control_wait_seconds:g}s; nothing changed"
+                            f"within {self.settings.control_wait:g}s; nothing changed"
                         )
                     try:
                         ev = await asyncio.wait_for(feed.get(), min(1.0, left))
@@ -554,7 +559,7 @@ class Engine:
             {
                 **payload,
                 "control_id": control_id,
-                "deadline": time.time() + self.settings.control_wait_seconds,
+                "deadline": time.time() + self.settings.control_wait,
             }
         )
         published = await self.store(tenant).publish(
@@ -664,7 +669,7 @@ class Engine:
         while True:
             feed = self._feed(tenant, run_id)
             if feed is not None and feed.holds(cursor):
-                beat = self.settings.heartbeat_seconds
+                beat = self.settings.heartbeat
                 async for watched in feed.follow(cursor, beat, batched=batched):
                     if watched.HasField("events"):
                         cursor = watched.events.events[-1].seq
@@ -724,7 +729,7 @@ class Engine:
                     log.warning("recovery scan failed", extra={"error": str(exc)})
                 except Exception:  # the scan must outlive any one bad run
                     log.exception("recovery scan failed")
-            await asyncio.sleep(self.settings.recovery_interval_seconds)
+            await asyncio.sleep(self.settings.recovery_interval)
 
     async def recover(self, tenant: str) -> int:
         """Take over this tenant's unfinished runs whose lease is free or expired."""
@@ -751,7 +756,7 @@ class Engine:
             if key in self._running or key in self._not_runs:
                 continue
             # A run started a moment ago has no lease yet: its engine is about to take it.
-            if now - thread.updated_at.ToNanoseconds() / 1e9 < self.settings.lease_ttl_seconds:
+            if now - thread.updated_at.ToNanoseconds() / 1e9 < self.settings.lease_ttl:
                 continue
             try:
                 stored = await self.registry.get(

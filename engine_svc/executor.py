@@ -365,7 +365,8 @@ class RunExecutor:
         tenant: str,
         owner: str,
         runner: NodeRunner,
-        lease_ttl: float = 10.0,
+        *,
+        lease_ttl: float,
         max_parallel: int = 16,
     ) -> None:
         self.store = store  # the tenant's, retried for --store-retry (docs/engine.md#store-calls)

@@ -217,8 +217,8 @@ async def store(backend: Backend) -> AsyncIterator[CheckpointStore]:
     from checkpoint_svc.store import CheckpointStore
 
     settings = Settings(db_url=backend.db_url, redis_url=backend.redis_url)
-    settings.sweep_interval_seconds = 0
-    settings.heartbeat_seconds = 0.5
+    settings.sweep_interval = 0
+    settings.heartbeat = 0.5
     store = CheckpointStore(settings)
     await store.start()
     try:

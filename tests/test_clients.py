@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -473,3 +474,32 @@ def test_wf_pause_says_pausing_and_a_resume_before_it_applies_takes_it_back(
     assert "run.pausing" in types and "run.unpaused" in types
     statuses = [json.loads(line)["status"] for line in events if '"run.status"' in line]
     assert "PAUSED" not in statuses, statuses
+
+
+def test_every_wf_flag_has_help_and_the_shell_completes_commands() -> None:
+    """Issue 12, defects 7 and 10: flags without help, and no shell completion."""
+    top = subprocess.run([WF, "--help"], capture_output=True, text=True, timeout=30, check=True)
+    commands = re.findall(r"^    ([a-z]+)  ", top.stdout, re.M)  # under COMMAND
+    assert {"start", "watch", "completion"} <= set(commands), top.stdout
+    for command in ["", *commands]:
+        shown = subprocess.run(
+            [WF, *([command] if command else []), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        lines = shown.split("options:", 1)[1].split("exit codes:", 1)[0].splitlines()
+        # An option with nothing after its metavar, and no help on the next line (argparse
+        # puts it there after a long option), is a flag without help.
+        bare = [
+            line.strip()
+            for line, after in zip(lines, [*lines[1:], ""], strict=True)
+            if re.fullmatch(r"  -[^ ]*( [A-Z_=]+|\s\{[^ ]*\})?(, -[^ ]*( [A-Z_=]+)?)*", line)
+            and not re.match(r" {10,}\S", after)
+        ]
+        assert not bare, f"wf {command}: {bare}"
+    script = subprocess.run(
+        [WF, "completion", "bash"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert "complete" in script and "checkpoints" in script and "--interrupt-before" in script

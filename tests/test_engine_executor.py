@@ -49,7 +49,7 @@ async def test_a_25_by_4_dag_completes_with_the_right_state(stub, tenant) -> Non
         }
     )
     wf = workflow(nodes)
-    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER)
+    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER, lease_ttl=15.0)
     await ex.start(wf, 1, "run-grid", {"a": 2, "b": 3})
     run = await ex.execute(wf, "run-grid")
     assert run.status == "COMPLETED" and run.outputs["total"] == 5
@@ -89,7 +89,7 @@ async def test_when_false_skips_and_retries_then_succeed(stub, tenant) -> None:
             },
         ]
     )
-    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER)
+    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER, lease_ttl=15.0)
     await ex.start(wf, 1, "run-skip", {"n": 5})
     run = await ex.execute(wf, "run-skip")
     assert run.status == "COMPLETED"
@@ -113,7 +113,7 @@ async def test_retries_exhausted_fail_the_run_keeping_siblings(stub, tenant) -> 
             {"id": "after", "type": "noop", "depends_on": ["flaky"]},
         ]
     )
-    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER)
+    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER, lease_ttl=15.0)
     await ex.start(wf, 1, "run-fail", {})
     run = await ex.execute(wf, "run-fail")
     assert run.status == "FAILED" and "transient" in run.error

@@ -122,7 +122,7 @@ async def test_runs_start_on_the_active_version_whichever_engine_changed_it(
 def _engine(service, owner: str) -> Engine:
     settings = Settings()
     settings.checkpoint_addr = service.address
-    settings.recovery_interval_seconds = 0
+    settings.recovery_interval = 0
     settings.owner = owner
     return Engine(settings)
 

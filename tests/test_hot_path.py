@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import asyncpg
 import pytest
@@ -29,11 +30,11 @@ def _cmd(
 
 @contextlib.asynccontextmanager
 async def _replica(
-    backend, redis_url: str | None, single_writer: bool | None = None
+    backend, redis_url: str | None, single_writer: Literal["yes", "no", "auto"] = "auto"
 ) -> AsyncIterator[CheckpointStore]:
     """Another store on the backend's database (the sweeper off)."""
     settings = Settings(db_url=backend.db_url, redis_url=redis_url)
-    settings.sweep_interval_seconds = 0
+    settings.sweep_interval = 0
     settings.single_writer = single_writer
     replica = CheckpointStore(settings)
     await replica.start()
@@ -262,7 +263,7 @@ async def test_two_lanes_keep_each_threads_saves_in_order(store, backend, writer
     single writer's memory tier answers each thread's newest head."""
     async with contextlib.AsyncExitStack() as stack:
         if writer == "the single writer":  # the fixture's replica stays idle meanwhile
-            store = await stack.enter_async_context(_replica(backend, None, single_writer=True))
+            store = await stack.enter_async_context(_replica(backend, None, single_writer="yes"))
         await _saves_in_rounds(store, writer == "the single writer")
 
 

@@ -183,7 +183,7 @@ async def test_a_watch_cut_off_by_the_engine_stopping_fails_unavailable(service,
     watch) fails UNAVAILABLE, which clients reconnect on, not UNKNOWN."""
     settings = Settings()
     settings.checkpoint_addr = service.address
-    settings.recovery_interval_seconds = 0
+    settings.recovery_interval = 0
     engine = Engine(settings)
     server = grpc.aio.server()
     engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(engine), server)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import shtab
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
@@ -356,6 +357,12 @@ def cmd_cancel(args: argparse.Namespace, engine: EngineClient, out: Output) -> i
     return _report(engine.cancel_run(args.run, args.reason), out)
 
 
+def cmd_completion(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    """`eval "$(wf completion bash)"`, or save it where the shell loads completions from."""
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def _report(run: pb.Run, out: Output) -> int:
     if out.as_json:
         out.message(run)
@@ -461,8 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--engine", default=os.environ.get("WF_ENGINE", "127.0.0.1:50052"))
-    parser.add_argument("--tenant", default=os.environ.get("WF_TENANT", "default"))
+    parser.add_argument(
+        "--engine",
+        default=os.environ.get("WF_ENGINE", "127.0.0.1:50052"),
+        help="host:port of engine_svc (default: $WF_ENGINE, else 127.0.0.1:50052)",
+    )
+    parser.add_argument(
+        "--tenant",
+        default=os.environ.get("WF_TENANT", "default"),
+        help="the tenant whose workflows and runs these are (default: $WF_TENANT, else default)",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--ca-file", help="PEM root certificates for TLS")
@@ -487,21 +502,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("workflow")
     sub.add_argument("--input", help="the run's input, a JSON object")
     sub.add_argument("--version", type=int, default=0, help="0: the active version")
-    sub.add_argument("--run-id", default="")
+    sub.add_argument("--run-id", default="", help="the new run's id (default: a new UUID)")
     sub.add_argument("--request-id", default="", help="a retried start returns the same run")
     sub.add_argument("--watch", action="store_true", help="then watch it")
-    sub.add_argument("--interrupt-before", action="append", metavar="NODE", help="breakpoint")
-    sub.add_argument("--interrupt-after", action="append", metavar="NODE", help="breakpoint")
+    sub.add_argument(
+        "--interrupt-before", action="append", metavar="NODE", help="pause before NODE starts"
+    )
+    sub.add_argument(
+        "--interrupt-after", action="append", metavar="NODE", help="pause once NODE is done"
+    )
     sub = command("watch", cmd_watch, "follow a run live until it ends, waits or pauses")
     sub.add_argument("run")
-    sub.add_argument("--after-seq", type=int, default=0)
+    sub.add_argument(
+        "--after-seq", type=int, default=0, help="only events after this seq (default: all)"
+    )
     sub.add_argument("--follow", action="store_true", help="keep going through waits and pauses")
     sub = command("runs", cmd_runs, "list runs, newest first")
-    sub.add_argument("--workflow", default="")
-    sub.add_argument("--status", action="append", choices=[
-        "pending", "running", "paused", "waiting", "completed", "failed", "cancelled"
-    ])  # fmt: skip
-    sub.add_argument("--limit", type=_positive, default=50)
+    sub.add_argument("--workflow", default="", help="only runs of this workflow")
+    sub.add_argument("--status", action="append", help="only runs in this status (repeatable)",
+        choices=["pending", "running", "paused", "waiting", "completed", "failed", "cancelled"],
+    )  # fmt: skip
+    sub.add_argument("--limit", type=_positive, default=50, help="at most this many (default: 50)")
     sub = command("show", cmd_show, "a run's status, progress and state")
     sub.add_argument("run")
     sub = command("pause", cmd_pause, "pause a run: running nodes finish, no new ones start")
@@ -511,25 +532,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--value", help="the answer to an approval, JSON")
     sub = command("cancel", cmd_cancel, "cancel a run at once")
     sub.add_argument("run")
-    sub.add_argument("--reason", default="")
+    sub.add_argument("--reason", default="", help="recorded as the run's error")
     sub = command("checkpoints", cmd_checkpoints, "a run's checkpoint history, newest first")
     sub.add_argument("run")
     sub = command("fork", cmd_fork, "a new run from one of a run's checkpoints; prints its id")
     sub.add_argument("run")
     sub.add_argument("checkpoint", help="a checkpoint id from `wf checkpoints RUN`")
     sub.add_argument("--patch", help="JSON object merged into the state: input, node outputs")
-    sub.add_argument("--run-id", default="")
+    sub.add_argument("--run-id", default="", help="the new run's id (default: a new UUID)")
     sub = command("versions", cmd_versions, "a workflow's versions and who activated which")
     sub.add_argument("workflow")
     sub = command("rollback", cmd_rollback, "make a version of a workflow the active one")
     sub.add_argument("workflow")
     sub.add_argument("version", type=int)
-    sub.add_argument("--reason", default="")
+    sub.add_argument("--reason", default="", help="recorded in the version history")
     sub.add_argument("--by", default=os.environ.get("USER", ""), help="who (default $USER)")
     sub = command("checkpoint", cmd_checkpoint, "take a named manual checkpoint of a run")
     sub.add_argument("run")
-    sub.add_argument("--name", required=True)
-    sub.add_argument("--meta", action="append", metavar="KEY=VALUE", type=_key_value)
+    sub.add_argument("--name", required=True, help="the checkpoint's name")
+    sub.add_argument(
+        "--meta",
+        action="append",
+        metavar="KEY=VALUE",
+        type=_key_value,
+        help="metadata of the checkpoint (repeatable)",
+    )
+    sub = command("completion", cmd_completion, "print a shell completion script")
+    sub.add_argument("shell", choices=shtab.SUPPORTED_SHELLS)
     return parser
 
 

@@ -1,0 +1,63 @@
+"""A service's settings from its command line and environment (docs/operations.md#settings).
+
+Each service declares its settings once, as a pydantic-settings class: the field's name gives
+the flag (`--lease-ttl`) and the environment variable (`ENGINE_LEASE_TTL`), its annotation and
+constraints the type check, its description the help text. A bad value ends the process with
+one line per bad setting, not a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn, TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliApp, SettingsError
+
+__all__ = ["env_names", "flag_of", "parse_settings"]
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a settings field."""
+    return "--" + field.replace("_", "-")
+
+
+def env_names(cls: type[BaseSettings]) -> dict[str, str]:
+    """Each field's environment variable, by field name."""
+    prefix = cls.model_config.get("env_prefix", "")
+    return {name: (prefix + name).upper() for name in cls.model_fields}
+
+
+def parse_settings(cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
+    """The settings `argv` (default: this process's arguments) and the environment give;
+    flags win over environment variables, which win over the declared defaults."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return CliApp.run(cls, cli_args=args, cli_show_env_vars=True)
+    except ValidationError as exc:
+        env = env_names(cls)
+        problems: dict[str, list[str]] = {}
+        given: dict[str, object] = {}
+        for error in exc.errors(include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else ""
+            problems.setdefault(field, []).append(error["msg"])
+            given.setdefault(field, error["input"])
+        _refuse(
+            cls,
+            [
+                f"{flag_of(field) + f' (env {env[field]})' if field in env else field}: "
+                f"{' or '.join(messages)}, got {given[field]!r}"
+                for field, messages in problems.items()
+            ],
+        )
+    except SettingsError as exc:  # an environment variable that does not parse at all
+        _refuse(cls, [str(exc)])
+
+
+def _refuse(cls: type[BaseSettings], lines: list[str]) -> NoReturn:
+    prog = cls.model_config.get("cli_prog_name") or "settings"
+    for line in lines:
+        print(f"{prog}: error: {line}", file=sys.stderr)
+    raise SystemExit(2)
