@@ -1,6 +1,7 @@
 # One image for both services: `python -m checkpoint_svc` and `python -m engine_svc`
-# (docker-compose.yml picks the command), and the `wf` client. Dependencies come from
-# pyproject.toml, which pins every version; each package it lists is copied at its own path.
+# (docker-compose.yml picks the command), and the `wf` client. Two distributions, each
+# pinning its own dependencies: the client (clients/python) and the services (pyproject.toml),
+# each package copied at its own path.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -12,10 +13,11 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY checkpoint_svc ./checkpoint_svc
 COPY engine_svc ./engine_svc
-COPY workflow_stubs ./workflow_stubs
+COPY clients/python/pyproject.toml ./clients/python/pyproject.toml
+COPY clients/python/workflow_stubs ./clients/python/workflow_stubs
 COPY clients/python/workflow_client ./clients/python/workflow_client
 COPY clients/python/workflow_rpc ./clients/python/workflow_rpc
-RUN pip install . && rm -rf /src
+RUN pip install ./clients/python . && rm -rf /src
 
 # Run from an empty directory as an unprivileged user, so the installed packages are the ones
 # imported (not a source tree) and an embedded SQLite store (./data/) would land here.

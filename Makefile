@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup system-deps lint stubs test bench demo clean
 
-$(VENV)/.installed: pyproject.toml
+# Two distributions: the Python client (clients/python) and the services, which depend on it.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
-	$(PY) -m pip install -qq -e '.[dev]'
+	$(PY) -m pip install -qq -e ./clients/python -e '.[dev]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -34,7 +35,7 @@ test: system-deps lint
 	$(PY) -m pytest -q -ra
 
 bench: setup system-deps
-	$(PY) -m pip install -qq -e '.[dev,bench]'
+	$(PY) -m pip install -qq -e ./clients/python -e '.[dev,bench]'
 	$(PY) -m bench
 	$(PY) -m bench engine
 

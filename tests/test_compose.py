@@ -130,7 +130,7 @@ def test_app_commands_run_the_real_entry_points(name: str) -> None:
 def test_dockerfile_installs_the_pinned_project() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
-    assert re.search(r"^RUN pip install \.(\s|$)", text, re.M)
+    assert re.search(r"^RUN pip install \./clients/python \.(\s|$)", text, re.M)
     copies = dict(re.findall(r"^COPY (\S+) (\S+)\s*$", text, re.M))  # source -> destination
     for source in copies:
         assert (REPO_ROOT / source).exists(), f"the Dockerfile copies {source}, which is gone"
@@ -145,16 +145,22 @@ def test_dockerfile_installs_the_pinned_project() -> None:
     }
     assert {".venv", "node_modules", "data", ".git"} <= ignored
     assert not ignored & {s.rstrip("/") for s in copies}, "the build context lacks a copy"
-    find = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    find = find["packages"]["find"]
-    wheres = find.get("where", ["."])
-    for package in (p.rstrip("*") for p in find["include"]):
-        found = [Path(w, package).as_posix() for w in wheres if (REPO_ROOT / w / package).is_dir()]
-        assert found, f"pyproject.toml includes {package}, found in none of {wheres}"
-        path = found[0]
-        assert copies.get(path, "").strip("/") in (path, f"./{path}"), (
-            f"the image lacks {path} (COPY {path} ./{path})"
-        )
+    for distribution in (Path("."), Path("clients/python")):  # the services, the client
+        project = REPO_ROOT / distribution / "pyproject.toml"
+        assert (distribution / "pyproject.toml").as_posix() in copies
+        find = tomllib.loads(project.read_text())["tool"]["setuptools"]["packages"]["find"]
+        wheres = find.get("where", ["."])
+        for package in (p.rstrip("*") for p in find["include"]):
+            found = [
+                (distribution / w / package).as_posix()
+                for w in wheres
+                if (REPO_ROOT / distribution / w / package).is_dir()
+            ]
+            assert found, f"{project} includes {package}, found in none of {wheres}"
+            path = found[0]
+            assert copies.get(path, "").strip("/") in (path, f"./{path}"), (
+                f"the image lacks {path} (COPY {path} ./{path})"
+            )
 
 
 # ---- the wiring, through the real parsers --------------------------------------------------

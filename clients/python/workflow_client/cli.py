@@ -456,7 +456,7 @@ _JSON_HELP = "JSON output, one value per line (errors too, on stderr)"
 
 def _version() -> str:
     try:
-        return importlib.metadata.version("durable-workflows")
+        return importlib.metadata.version("workflow-client")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
