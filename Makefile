@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PY) -m pip install -qq -e ./clients/python -e '.[dev]'
 	touch $@
 
-node_modules/.installed: package.json package-lock.json
+node_modules/.installed: package.json package-lock.json clients/node/package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import threading
 import time
+from datetime import datetime
+from typing import Any
 
 import grpc
 import pytest
@@ -209,3 +211,365 @@ def test_node_watch_reconnects_after_its_engine_dies(service, engine_factory, te
                          if (kind, node_id) == ("node.completed", "n1"))  # fmt: skip
         assert killed_at < len(printed) - 5, "the run was far from over when the watcher died"
         assert printed[-1][4] == " terminal" and printed[-1][3] == "COMPLETED"
+
+
+HISTORY = "clients/node/history_example.js"
+PACKAGE = "@durable-workflows/client"
+
+
+def labelled(stdout: str) -> list[tuple[str, Any]]:
+    """history_example.js's `label: JSON` lines."""
+    steps = []
+    for line in stdout.splitlines():
+        label, sep, rest = line.partition(": ")
+        assert sep, f"not a `label: JSON` line: {line!r}"
+        steps.append((label, json.loads(rest)))
+    return steps
+
+
+def iso_ms(text: str) -> int:
+    """A JS Date's ISO string as milliseconds since the epoch (a Timestamp's ToMilliseconds)."""
+    return round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def run_status(status: int) -> str:
+    return pb.RunStatus.Name(status).removeprefix("RUN_STATUS_")
+
+
+def checkpoint_as_js(cp: pb.RunCheckpoint) -> dict[str, Any]:
+    """A RunCheckpoint as history_example.js prints it (createdAt in milliseconds)."""
+    return {
+        "checkpointId": cp.checkpoint_id,
+        "parentId": cp.parent_id,
+        "step": cp.step,
+        "trigger": pb.CheckpointTrigger.Name(cp.trigger),
+        "name": cp.name,
+        "completedNodeIds": list(cp.completed_node_ids),
+        "progressPercent": cp.progress_percent,
+        "createdAt": cp.created_at.ToMilliseconds(),
+        "metadata": dict(cp.metadata),
+        "state": json_format.MessageToDict(cp.state),
+        "status": run_status(cp.status),
+    }
+
+
+def versions_as_js(res: pb.ListWorkflowVersionsResponse) -> dict[str, Any]:
+    return {
+        "versions": [
+            {"version": v.version, "createdAt": v.created_at.ToMilliseconds(), "active": v.active}
+            for v in res.versions
+        ],
+        "activeVersion": res.active_version,
+        "history": [
+            {
+                "kind": h.kind,
+                "version": h.version,
+                "previousVersion": h.previous_version,
+                "reason": h.reason,
+                "requestedBy": h.requested_by,
+                "time": h.time.ToMilliseconds(),
+            }
+            for h in res.history
+        ],
+    }
+
+
+def js_times(value: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return value | {k: iso_ms(value[k]) for k in keys}
+
+
+def js_versions(listed: dict[str, Any]) -> dict[str, Any]:
+    return listed | {
+        "versions": [js_times(v, "createdAt") for v in listed["versions"]],
+        "history": [js_times(h, "time") for h in listed["history"]],
+    }
+
+
+@SQLITE
+def test_node_client_waits_resumes_forks_and_rolls_back(service, engine_factory, tenant) -> None:
+    """history_example.js: watchRun returns at WAITING (and goes past it with follow, or once
+    the run has left it), then GetRunHistory, ForkRun with a patch, ListWorkflowVersions and
+    RollbackWorkflow, each result checked against the engine from Python."""
+    engine = engine_factory(service)
+    workflow_id = "node-history"
+    result = run_node(
+        HISTORY, "--engine", engine.address, "--tenant", tenant, "--workflow", workflow_id
+    )
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, output
+    steps = labelled(result.stdout)
+    assert [label for label, _ in steps] == [
+        "registered", "started", "waiting", "resumed", "followed", "replayed", "final",
+        "history", "paged", "forked", "fork watched", "fork final",
+        "registered", "versions", "rollback", "versions",
+    ], output  # fmt: skip
+    (
+        reg1, started, waiting, resumed, followed, replayed, final,
+        history, paged, forked, fork_watched, fork_final,
+        reg2, versions_before, rollback, versions_after,
+    ) = [value for _, value in steps]  # fmt: skip
+
+    assert reg1 == {"workflowId": workflow_id, "version": 1, "created": True}
+    assert reg2 == {"workflowId": workflow_id, "version": 2, "created": True}
+    run_id = started["runId"]
+    assert started["version"] == 1
+    md = (("x-tenant-id", tenant),)
+    channel, stub = engine_stub(engine.address)
+    with channel:
+        events = python_watch(stub, md, run_id)
+        waited_at = next(
+            e for e in events if e.type == "run.status" and e.status == pb.RUN_STATUS_WAITING
+        )
+        assert waited_at.seq < events[-1].seq
+        # Stopped at the WAITING event (every event up to it delivered), the run still WAITING.
+        assert waiting == {
+            "status": "WAITING", "type": "run.status", "seq": waited_at.seq, "terminal": False,
+            "events": waited_at.seq, "runStatus": "WAITING", "waitingFor": "Ship these orders?",
+        }, output  # fmt: skip
+        assert resumed["status"] != "WAITING"
+        ended = {
+            "status": "COMPLETED", "type": "run.status", "seq": events[-1].seq,
+            "terminal": True, "events": len(events),
+        }  # fmt: skip
+        assert followed == ended, "follow: past the WAITING, answered meanwhile, to the end"
+        assert replayed == ended, "a replayed WAITING the run has left does not stop it"
+
+        run = stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md, timeout=10).run
+        state = {
+            "input": {"qty": 3, "price": 2.5}, "total": 7.5, "approve": "yes",
+            "ship": {"total": 7.5, "approved": "yes"},
+        }  # fmt: skip
+        assert final == {"status": "COMPLETED", "state": state}
+        assert run.status == pb.RUN_STATUS_COMPLETED
+        assert json_format.MessageToDict(run.state) == state
+
+        def python_history(run: str) -> list[pb.RunCheckpoint]:
+            request = pb.GetRunHistoryRequest(run_id=run, include_state=True)
+            return list(stub.GetRunHistory(request, metadata=md, timeout=10).checkpoints)
+
+        checkpoints = python_history(run_id)
+        ids = [cp.checkpoint_id for cp in checkpoints]
+        assert history["nextPageToken"] == ""
+        assert [js_times(cp, "createdAt") for cp in history["checkpoints"]] == [
+            checkpoint_as_js(cp) for cp in checkpoints
+        ]
+        assert any(cp["status"] == "WAITING" for cp in history["checkpoints"])
+        assert paged == {"first": ids[:2], "second": ids[2:4], "more": len(ids) > 2}
+
+        # The fork: from the run's first checkpoint, input patched and the approval given.
+        assert forked["from"] == ids[-1] and checkpoints[-1].completed_node_ids == []
+        assert forked["workflowId"] == workflow_id and forked["version"] == 1
+        fork_id = forked["runId"]
+        assert fork_id != run_id
+        fork_events = python_watch(stub, md, fork_id)
+        assert fork_watched == {
+            "status": "COMPLETED", "type": "run.status", "seq": fork_events[-1].seq,
+            "terminal": True, "events": len(fork_events),
+        }  # fmt: skip
+        fork_state = {
+            "input": {"qty": 10, "price": 2.5}, "total": 25, "approve": "auto",
+            "ship": {"total": 25, "approved": "auto"},
+        }  # fmt: skip
+        assert fork_final == {"status": "COMPLETED", "state": fork_state}
+        fork_run = stub.GetRun(pb.GetRunRequest(run_id=fork_id), metadata=md, timeout=10).run
+        assert fork_run.status == pb.RUN_STATUS_COMPLETED
+        assert json_format.MessageToDict(fork_run.state) == fork_state
+        first_of_fork = python_history(fork_id)[-1]
+        assert first_of_fork.parent_id == ids[-1]
+        assert dict(first_of_fork.metadata) == {
+            "forked_from_run": run_id, "forked_from_checkpoint": ids[-1],
+        }  # fmt: skip
+        assert [cp.checkpoint_id for cp in python_history(run_id)] == ids, "the original stays"
+
+        # Versions: v2 registered, then v1 made active again.
+        listed = versions_as_js(
+            stub.ListWorkflowVersions(
+                pb.ListWorkflowVersionsRequest(workflow_id=workflow_id), metadata=md, timeout=10
+            )
+        )
+        assert rollback == {"activeVersion": 1, "previousVersion": 2}
+        assert js_versions(versions_after) == listed
+        assert listed["activeVersion"] == 1
+        assert listed["history"][0] == listed["history"][0] | {
+            "kind": "rollback", "version": 1, "previousVersion": 2,
+            "reason": "v2 ships too much", "requestedBy": "history_example.js",
+        }  # fmt: skip
+        before = js_versions(versions_before)
+        assert before["activeVersion"] == 2
+        assert before["history"] == listed["history"][1:]
+        assert [(v["version"], v["active"]) for v in before["versions"]] == [
+            (v["version"], v["version"] == 2) for v in listed["versions"]
+        ]
+
+
+def start_node(*args: str) -> tuple[subprocess.Popen[str], queue.Queue[str | None]]:
+    """A node process and a queue of its stdout lines (None at the end)."""
+    proc = subprocess.Popen(
+        [node(), *args], cwd=REPO_ROOT, env=node_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+@SQLITE
+def test_node_watch_stops_at_paused_and_waiting_unless_follow(
+    service, engine_factory, tenant
+) -> None:
+    """watch.js returns (exit 4) when the run is PAUSED or WAITING, not at a replayed PAUSED
+    the run has left; with --follow it goes on through the WAITING to the end."""
+    engine = engine_factory(service)
+    md = (("x-tenant-id", tenant),)
+    nodes = [
+        {"id": "first", "type": "transform", "config": {"expression": "1"}},
+        {"id": "approve", "type": "approval", "depends_on": ["first"],
+         "config": {"prompt": "go on?"}},
+        {"id": "last", "type": "noop", "depends_on": ["approve"]},
+    ]  # fmt: skip
+
+    def watch_js(*extra: str) -> tuple[int, list[tuple[str, ...]], str]:
+        result = run_node(WATCH, "--engine", engine.address, "--tenant", tenant, *extra)
+        lines = result.stdout.splitlines()
+        printed = [m.groups() for line in lines if (m := WATCH_LINE.match(line))]
+        assert len(printed) == len(lines) - 1, result
+        return result.returncode, printed, lines[-1]
+
+    channel, stub = engine_stub(engine.address)
+    with channel:
+        stub.RegisterWorkflow(
+            pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md, timeout=10
+        )
+        start = pb.StartRunRequest(workflow_id="wf", interrupt_before=["first"])
+        run_id = stub.StartRun(start, metadata=md, timeout=10).run.run_id
+
+        def status() -> int:
+            return stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md, timeout=10).run.status
+
+        code, printed, last = watch_js(run_id)
+        assert (code, last) == (4, "final status: PAUSED"), printed
+        assert printed[-1][1:4] == ("run.status", "-", "PAUSED")
+        assert status() == pb.RUN_STATUS_PAUSED
+
+        stub.ResumeRun(pb.ResumeRunRequest(run_id=run_id), metadata=md, timeout=40)
+        deadline = time.monotonic() + 15
+        while status() != pb.RUN_STATUS_WAITING:
+            assert time.monotonic() < deadline, "the run never got to its approval"
+            time.sleep(0.05)
+        code, printed, last = watch_js(run_id)
+        assert (code, last) == (4, "final status: WAITING"), printed
+        statuses = [s for _, kind, _, s, _ in printed if kind == "run.status"]
+        assert "PAUSED" in statuses and statuses[-1] == "WAITING", "past the replayed PAUSED"
+
+        proc, lines = start_node(WATCH, "--engine", engine.address, "--tenant", tenant,
+                                 "--follow", run_id)  # fmt: skip
+        try:
+            seen: list[str] = []
+            deadline = time.monotonic() + 15
+            while not any(
+                (m := WATCH_LINE.match(line)) and m.group(2, 4) == ("run.status", "WAITING")
+                for line in seen
+            ):
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                assert line is not None, f"watch.js --follow ended early: {seen}"
+                seen.append(line)
+            time.sleep(0.3)  # it goes on watching the WAITING run
+            assert proc.poll() is None, seen
+            value = pb.ResumeRunRequest(run_id=run_id)
+            value.value.string_value = "yes"
+            stub.ResumeRun(value, metadata=md, timeout=40)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        while (line := lines.get(timeout=10)) is not None:
+            seen.append(line)
+        assert proc.returncode == 0, seen
+        assert seen[-1] == "final status: COMPLETED", seen
+        assert status() == pb.RUN_STATUS_COMPLETED
+
+        code, printed, last = watch_js(run_id)  # replays PAUSED and WAITING: the run left both
+        assert (code, last) == (0, "final status: COMPLETED"), printed
+        assert printed[-1][4] == " terminal"
+        assert [int(seq) for seq, *_ in printed] == [e.seq for e in python_watch(stub, md, run_id)]
+
+
+@SQLITE
+def test_node_package_installs_and_works_outside_the_repo(
+    service, engine_factory, tenant, tmp_path
+) -> None:
+    """`npm pack` ships the client with its protos; installed from the tarball in a directory
+    outside the repository, `require` finds both and the client talks to the engine."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("`npm` is not on PATH: the Node.js package cannot be tested")
+    node_bin = node()
+    pack_dir, app = tmp_path / "pack", tmp_path / "app"
+    pack_dir.mkdir()
+    app.mkdir()
+    packed = subprocess.run(
+        [npm, "pack", "--json", "--pack-destination", str(pack_dir)],
+        cwd=REPO_ROOT / "clients" / "node", capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert packed.returncode == 0, packed
+    (info,) = json.loads(packed.stdout)
+    assert info["name"] == PACKAGE
+    assert {f["path"] for f in info["files"]} == {
+        "package.json", "README.md", "client.js", "watch.js", "example.js",
+        "protos/engine/v1/engine.proto",
+    }  # fmt: skip
+    assert not (REPO_ROOT / "clients" / "node" / "protos").exists(), "postpack removes the copy"
+
+    (app / "package.json").write_text('{"name": "app", "private": true}\n')
+    installed = subprocess.run(
+        [npm, "install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error",
+         str(pack_dir / info["filename"])],
+        cwd=app, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        check=False,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed
+    package_dir = app / "node_modules" / "@durable-workflows" / "client"
+    shipped = package_dir / "protos" / "engine" / "v1" / "engine.proto"
+    assert shipped.read_text() == (REPO_ROOT / "protos/engine/v1/engine.proto").read_text()
+    assert (app / "node_modules" / "@grpc" / "grpc-js").is_dir(), "its dependencies came along"
+
+    engine = engine_factory(service)
+    md = (("x-tenant-id", tenant),)
+    nodes = [{"id": "double", "type": "transform", "config": {"expression": "input['n'] * 2"}}]
+    channel, stub = engine_stub(engine.address)
+    with channel:
+        stub.RegisterWorkflow(
+            pb.RegisterWorkflowRequest(definition=definition(nodes)), metadata=md, timeout=10
+        )
+        start = pb.StartRunRequest(workflow_id="wf")
+        start.input.update({"n": 21})
+        run_id = stub.StartRun(start, metadata=md, timeout=10).run.run_id
+    script = """
+const { EngineClient, PROTO_ROOT, statusName } = require('@durable-workflows/client');
+const [address, tenant, runId] = process.argv.slice(1);
+const engine = new EngineClient(address, { tenant });
+engine
+  .watchRun(runId)
+  .then(() => engine.getRun(runId))
+  .then((run) => console.log(JSON.stringify({ root: PROTO_ROOT, status: statusName(run.status),
+                                              state: run.state })))
+  .finally(() => engine.close());
+"""
+    result = subprocess.run(
+        [node_bin, "-e", script, engine.address, tenant, run_id], cwd=app, env=node_env(),
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result
+    got = json.loads(result.stdout)
+    assert os.path.realpath(got["root"]) == os.path.realpath(package_dir / "protos")
+    assert got["status"] == "COMPLETED"
+    assert got["state"] == {"input": {"n": 21}, "double": 42}

@@ -1,7 +1,9 @@
 'use strict';
 /**
- * A small Node.js client for engine.v1.EngineService, loaded at run time from the repository's
- * protos with @grpc/proto-loader: no generated code, no protoc.
+ * A small Node.js client for engine.v1.EngineService, loaded at run time from the engine's
+ * .proto files with @grpc/proto-loader: no generated code, no protoc. The package ships them in
+ * protos/ next to this file (`npm pack` copies them there); in the repository they are the
+ * repository's protos/.
  *
  * Conventions (one set, used everywhere in this file):
  * - field names are lowerCamelCase (proto-loader `keepCase: false`): `runId`, `afterSeq`;
@@ -12,11 +14,17 @@
  *   Duration fields of a definition may be given as seconds too.
  */
 
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
+const ENGINE_PROTO = 'engine/v1/engine.proto';
+// The package's copy next to this file if there is one, else the repository's protos/.
+const PROTO_ROOT =
+  [path.join(__dirname, 'protos'), path.resolve(__dirname, '..', '..', 'protos')].find((dir) =>
+    fs.existsSync(path.join(dir, ENGINE_PROTO)),
+  ) || path.resolve(__dirname, '..', '..', 'protos');
 const LOADER_OPTIONS = Object.freeze({
   keepCase: false,
   longs: Number,
@@ -37,7 +45,7 @@ let enginePackage;
 /** The loaded `engine.v1` package (EngineService constructor and message types). */
 function loadEngineProto() {
   if (!enginePackage) {
-    const definition = protoLoader.loadSync('engine/v1/engine.proto', LOADER_OPTIONS);
+    const definition = protoLoader.loadSync(ENGINE_PROTO, LOADER_OPTIONS);
     enginePackage = grpc.loadPackageDefinition(definition).engine.v1;
   }
   return enginePackage;
@@ -182,6 +190,14 @@ function definitionToPb(def) {
   return out;
 }
 
+function convertCheckpoint(checkpoint) {
+  return {
+    ...checkpoint,
+    state: fromStruct(checkpoint.state),
+    createdAt: fromTimestamp(checkpoint.createdAt),
+  };
+}
+
 function definitionFromPb(def) {
   if (!def) return def;
   return {
@@ -283,6 +299,9 @@ function formatError(err) {
 // ---- the client ----------------------------------------------------------------------
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// watchRun stops at a run.status event with one of these (unless `follow`).
+const STOP_STATUSES = new Set(['RUN_STATUS_WAITING', 'RUN_STATUS_PAUSED']);
 
 class EngineClient {
   /**
@@ -387,22 +406,101 @@ class EngineClient {
   }
 
   /**
+   * A workflow's versions (`[{version, createdAt, active}]`), the active one, and the history
+   * of registrations and rollbacks that made a version active (`[{kind, version,
+   * previousVersion, reason, requestedBy, time}]`, newest first). NOT_FOUND for an unknown
+   * workflow.
+   */
+  async listWorkflowVersions(workflowId, { deadlineMs } = {}) {
+    const res = await this.unary('ListWorkflowVersions', { workflowId }, deadlineMs);
+    return {
+      versions: res.versions.map((v) => ({ ...v, createdAt: fromTimestamp(v.createdAt) })),
+      activeVersion: res.activeVersion,
+      history: res.history.map((change) => ({ ...change, time: fromTimestamp(change.time) })),
+    };
+  }
+
+  /**
+   * Make `version` the workflow's active version at once (new runs use it, runs under way keep
+   * theirs). Resolves to `{activeVersion, previousVersion}`; NOT_FOUND for an unknown version.
+   */
+  async rollbackWorkflow(workflowId, version, { reason = '', requestedBy = '', deadlineMs } = {}) {
+    const res = await this.unary(
+      'RollbackWorkflow',
+      { workflowId, version, reason, requestedBy },
+      deadlineMs,
+    );
+    return { activeVersion: res.activeVersion, previousVersion: res.previousVersion };
+  }
+
+  /**
+   * One page of a run's checkpoints, newest first: `{checkpoints, nextPageToken}` (an empty
+   * token on the last page). Each checkpoint is `{checkpointId, parentId, step, trigger, name,
+   * completedNodeIds, progressPercent, createdAt, metadata, state, status}`; `state` (a plain
+   * object) and `status` only with `includeState`, else `null` and `'RUN_STATUS_UNSPECIFIED'`.
+   * `pageSize` 0 is the engine's default (100), at most 1000.
+   */
+  async getRunHistory(runId, { includeState = false, pageSize = 0, pageToken = '', deadlineMs } = {}) {
+    const request = { runId, includeState, pageSize, pageToken };
+    const res = await this.unary('GetRunHistory', request, deadlineMs);
+    return {
+      checkpoints: res.checkpoints.map(convertCheckpoint),
+      nextPageToken: res.nextPageToken,
+    };
+  }
+
+  /**
+   * Start a new run from one of a run's checkpoints (see getRunHistory). `statePatch` is merged
+   * into the state there: `input` (an object) into the input, and a node id sets that node's
+   * output and counts it done. Only what comes after runs. Resolves to the new Run.
+   */
+  async forkRun(runId, checkpointId, { statePatch = {}, newRunId = '', deadlineMs } = {}) {
+    const res = await this.unary(
+      'ForkRun',
+      { runId, checkpointId, statePatch: toStruct(statePatch), newRunId },
+      deadlineMs,
+    );
+    return convertRun(res.run);
+  }
+
+  /**
    * Stream a run's events after `afterSeq` (0: all) to `onEvent(event)`, in order and each
-   * once. Resolves with the last event once the run's feed ends (after its terminal event).
+   * once. Resolves with the last event delivered:
+   * - at a `run.status` event whose status is WAITING or PAUSED, if GetRun says the run is
+   *   still in that status (a replayed WAITING the run has since left goes on); the stream is
+   *   cancelled then;
+   * - with `follow: true`, only once the run's feed ends (after its terminal event), as it
+   *   does anyway for a run that neither waits nor pauses.
    * A stream that fails with UNAVAILABLE is opened again from the last seq delivered, for up
    * to `reconnectForMs` without getting anything; other errors reject.
-   * Options: `onHeartbeat({time, lastSeq})` on an idle stream, `onReconnect(error, afterSeq)`
-   * before each new attempt.
+   * Options: `follow` (false), `onHeartbeat({time, lastSeq})` on an idle stream,
+   * `onReconnect(error, afterSeq)` before each new attempt.
    */
-  watchRun(runId, afterSeq = 0, onEvent = () => {}, { onHeartbeat, onReconnect } = {}) {
+  watchRun(runId, afterSeq = 0, onEvent = () => {}, { onHeartbeat, onReconnect, follow = false } = {}) {
     let lastSeq = Number(afterSeq) || 0;
     let lastEvent = null;
     let failingSince = null;
     let backoff = 100;
+    let unchecked = null; // a WAITING/PAUSED event whose GetRun failed with UNAVAILABLE
+
+    const mayStop = (event) =>
+      !follow && event.type === 'run.status' && STOP_STATUSES.has(event.status);
+    // Whether the run is still in the event's status: resolves to {done} or {error}.
+    const check = async (event) => {
+      try {
+        const run = await this.getRun(runId);
+        return { done: run.status === event.status };
+      } catch (err) {
+        unchecked = event;
+        return { error: err };
+      }
+    };
 
     const attempt = () =>
       new Promise((resolve, reject) => {
         let finished = false;
+        // Items are handled one at a time, in order, also while a check awaits GetRun.
+        let queue = Promise.resolve();
         const call = this.stub.WatchRun({ runId, afterSeq: lastSeq }, this.metadata());
         const finish = (fn, value) => {
           if (!finished) {
@@ -410,7 +508,11 @@ class EngineClient {
             fn(value);
           }
         };
-        call.on('data', (item) => {
+        const stop = (fn, value) => {
+          finish(fn, value);
+          call.cancel();
+        };
+        const handle = async (item) => {
           if (finished) return; // a failed attempt's leftovers: the next one replays them
           failingSince = null;
           backoff = 100;
@@ -420,23 +522,33 @@ class EngineClient {
           }
           const event = convertEvent(item.event);
           if (event.seq <= lastSeq) return; // already delivered
-          try {
-            onEvent(event);
-          } catch (err) {
-            finish(reject, err);
-            call.cancel();
-            return;
-          }
+          onEvent(event);
           lastSeq = event.seq;
           lastEvent = event;
-        });
-        call.on('error', (err) => finish(resolve, { error: enrichError(err) }));
-        call.on('end', () => finish(resolve, { error: null }));
+          if (!mayStop(event)) return;
+          call.pause();
+          const result = await check(event);
+          if (result.error || result.done) stop(resolve, { error: result.error || null });
+          else call.resume();
+        };
+        const enqueue = (fn) => {
+          queue = queue.then(fn).catch((err) => stop(reject, err));
+        };
+        call.on('data', (item) => enqueue(() => handle(item)));
+        call.on('error', (err) => enqueue(() => finish(resolve, { error: enrichError(err) })));
+        call.on('end', () => enqueue(() => finish(resolve, { error: null })));
       });
 
     return (async () => {
       for (;;) {
-        const { error } = await attempt();
+        let result = null;
+        if (unchecked) {
+          const event = unchecked;
+          unchecked = null;
+          result = await check(event);
+          if (!result.error && !result.done) result = null;
+        }
+        const { error } = result || (await attempt());
         if (!error) return lastEvent;
         if (error.code !== grpc.status.UNAVAILABLE) throw error;
         failingSince = failingSince ?? Date.now();
