@@ -45,10 +45,6 @@ class Tier(enum.IntEnum):
     SQL = 3
 
 
-# Namespace holding workflow definitions; retention never prunes it.
-WORKFLOWS_NAMESPACE = "workflows"
-
-
 @dataclass(frozen=True, slots=True)
 class ThreadKey:
     tenant: str
@@ -117,6 +113,7 @@ class Thread:
     updated_at: float = 0.0
     deleted: bool = False  # a tombstone: keeps fencing token and seq after DeleteThread
     keep_last: int = 0  # retention of this thread; 0: the service's --keep-last
+    keep_forever: bool = False  # retention never prunes this thread (sticky once set)
 
     def lease_held(self, now: float) -> bool:
         return bool(self.lease_owner) and self.lease_expires_at > now
@@ -153,6 +150,7 @@ class SaveCommand:
     workflow_version: int = 0
     events: list[NewEvent] = field(default_factory=list)
     keep_last: int = 0
+    keep_forever: bool = False  # exempt the thread from retention, from now on
     exact_parent: bool = False  # parent_id as given, "" meaning none
     lease_owner: str = ""  # take the thread's lease for this owner in the same commit
     lease_ttl: float = 0.0

@@ -117,4 +117,10 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX threads_by_created ON threads (tenant, namespace, created_at, thread_id);
     """,
+    # 8: threads retention never prunes (SaveRequest.keep_forever), set by their writer; the
+    # engine's workflow definitions were kept by their namespace's name until now
+    """
+    ALTER TABLE threads ADD COLUMN keep_forever INTEGER NOT NULL DEFAULT 0;
+    UPDATE threads SET keep_forever = 1 WHERE namespace = 'workflows';
+    """,
 ]

@@ -174,6 +174,8 @@ class SaveOp(_Defaults):
             thread.workflow_version = cmd.workflow_version
         if cmd.keep_last:
             thread.keep_last = cmd.keep_last
+        if cmd.keep_forever:
+            thread.keep_forever = True
         if cmd.lease_owner:
             thread.fencing_token += 1
             thread.lease_owner = cmd.lease_owner

@@ -375,6 +375,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             workflow_version=request.workflow_version,
             events=events,
             keep_last=request.keep_last,
+            keep_forever=request.keep_forever,
             exact_parent=request.exact_parent,
             lease_owner=request.lease_owner,
             lease_ttl=request.lease_ttl_seconds,

@@ -203,7 +203,7 @@ class CheckpointStore:
             cp.checkpoint_id = new_checkpoint_id()
         now = time.time()
         cp.created_at = now
-        if cp.expires_at is None and self.settings.sql_ttl > 0:
+        if cp.expires_at is None and self.settings.sql_ttl > 0 and not cmd.keep_forever:
             cp.expires_at = now + self.settings.sql_ttl
         op = SaveOp(cmd, client_supplied_id=client_id, explicit_parent=cp.parent_id)
         if durable:

@@ -133,6 +133,7 @@ class WorkflowRegistry:
                 expected_parent_id=head.checkpoint.checkpoint_id if head else "",
                 # A retry after a lost answer gets the first one, not a conflict with itself.
                 request_id=f"register:{uuid6.uuid7()}",
+                keep_forever=True,  # a definition outlives retention
             )
             self.forget(tenant, definition.workflow_id)
             try:
@@ -177,6 +178,7 @@ class WorkflowRegistry:
                 checkpoint=checkpoint,
                 expected_parent_id=head.checkpoint.checkpoint_id,
                 request_id=f"rollback:{checkpoint.checkpoint_id}",  # unique: it holds a uuid7
+                keep_forever=True,
             )
             self.forget(tenant, workflow_id)
             try:

@@ -163,3 +163,25 @@ async def test_a_registration_or_rollback_whose_answer_was_lost_happens_once(stu
     versions = await registry.versions(tenant, "etl")
     assert [c.kind for c in versions.history] == ["rollback", "registered", "registered"]
     assert (versions.active, versions.history[0].previous_version) == (1, 2)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_definitions_outlive_retention(service_factory, backend, tenant) -> None:
+    """The registry saves its versions kept forever (SaveRequest.keep_forever): a store that
+    expires everything after a second and keeps one checkpoint per thread keeps them all."""
+    from tests.servers import checkpoint_stub
+
+    svc = service_factory(backend, "--sql-ttl", "1", "--keep-last", "1", "--sweep-interval", "0.2")
+    channel, s, _ = await checkpoint_stub(svc.address, tenant)
+    registry = WorkflowRegistry(lambda t: GrpcStore(stub=s, tenant=t))
+    try:
+        for seconds in (1, 2, 3):
+            await registry.register(tenant, definition(seconds))
+        await registry.rollback(tenant, "etl", 1, "back", "test")
+        await asyncio.sleep(2)  # everything past --sql-ttl; several sweeps ran
+        registry.forget(tenant, "etl")
+        for version in (1, 2, 3):
+            assert (await registry.get(tenant, "etl", version=version)).version == version
+        assert len((await registry.versions(tenant, "etl")).history) == 4
+    finally:
+        await channel.close()

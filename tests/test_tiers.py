@@ -132,8 +132,15 @@ async def test_retention_prunes_old_checkpoints_but_never_an_active_head(
         ).checkpoint.checkpoint_id
         for i in range(2)
     ]
+    # Kept forever by the flag on its first save (sticky), whatever its namespace.
     defs = [
-        (await save(s, md, "wf-1", {"v": i}, ns="workflows")).checkpoint.checkpoint_id
+        (await save(s, md, "wf-1", {"v": i}, ns="defs", keep_forever=i == 0)).checkpoint
+        for i in range(5)
+    ]
+    assert all(not d.HasField("expires_at") for d in defs[:1])
+    # The engine's namespace is no special case: without the flag it is pruned as any other.
+    plain = [
+        (await save(s, md, "wf-2", {"v": i}, ns="workflows")).checkpoint.checkpoint_id
         for i in range(5)
     ]
     await asyncio.sleep(2.5)  # everything expired; several sweeps ran
@@ -148,9 +155,11 @@ async def test_retention_prunes_old_checkpoints_but_never_an_active_head(
     # A finished thread's head may expire: the thread is gone.
     assert await code_of(restore(s, md, "done")) == grpc.StatusCode.NOT_FOUND
     assert await code_of(restore(s, md, "done", checkpoint_id=done[0])) == grpc.StatusCode.NOT_FOUND
-    # The workflows namespace is never pruned, whatever its age or count.
-    kept = await s.List(pb.ListRequest(namespace="workflows", thread_id="wf-1"), metadata=md)
-    assert [c.checkpoint_id for c in kept.checkpoints] == defs[::-1]
+    # A thread kept forever is never pruned, whatever its age or count.
+    kept = await s.List(pb.ListRequest(namespace="defs", thread_id="wf-1"), metadata=md)
+    assert [c.checkpoint_id for c in kept.checkpoints] == [d.checkpoint_id for d in defs[::-1]]
+    pruned = await s.List(pb.ListRequest(namespace="workflows", thread_id="wf-2"), metadata=md)
+    assert [c.checkpoint_id for c in pruned.checkpoints] == plain[-1:], "only its head is left"
     await channel.close()
 
 
@@ -182,3 +191,30 @@ async def test_keep_last_per_thread(service_factory, backend, tenant) -> None:
         await save(s, md, "own", {}, keep_last=-1)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await channel.close()
+
+
+async def test_migration_8_marks_the_engines_definitions_kept_forever(backend, monkeypatch) -> None:
+    """A database from before keep_forever kept the `workflows` namespace by its name; after
+    migration 8 its threads are kept by the flag, and no other thread is."""
+    from checkpoint_svc.migrations import MIGRATIONS
+    from checkpoint_svc.tiers import sql
+
+    tier = sql.SqlTier(backend.db_url)
+    try:
+        monkeypatch.setattr(sql, "MIGRATIONS", MIGRATIONS[:7])  # the schema before it
+        await tier.migrate(time.time())
+        async with tier.writer.begin() as conn:
+            for namespace in ("workflows", "runs"):
+                await conn.exec_driver_sql(
+                    "INSERT INTO threads (tenant, namespace, thread_id, created_at, updated_at)"
+                    f" VALUES ('t', '{namespace}', 'x', 0, 0)"
+                )
+        monkeypatch.setattr(sql, "MIGRATIONS", MIGRATIONS)
+        assert await tier.migrate(time.time()) == len(MIGRATIONS)
+        async with tier.reader.connect() as conn:
+            rows = await conn.exec_driver_sql(
+                "SELECT namespace, keep_forever FROM threads ORDER BY namespace"
+            )
+            assert [tuple(r) for r in rows] == [("runs", 0), ("workflows", 1)]
+    finally:
+        await tier.close()

@@ -89,7 +89,7 @@ WITH new_checkpoints AS (
         workflow_version = u.workflow_version, lease_owner = u.lease_owner,
         lease_expires_at = u.lease_expires_at, fencing_token = u.fencing_token,
         last_seq = u.last_seq, updated_at = u.updated_at, deleted = u.deleted,
-        keep_last = u.keep_last
+        keep_last = u.keep_last, keep_forever = u.keep_forever
     FROM unnest($7::threads[]) WITH ORDINALITY AS u{{seen_rows}}
     WHERE t.tenant = u.tenant AND t.namespace = u.namespace AND t.thread_id = u.thread_id
         {{seen_check}}
@@ -149,7 +149,7 @@ FLUSH_IF_UNCHANGED = _FLUSH.format(
         AND t.lease_owner = s.lease_owner AND t.lease_expires_at = s.lease_expires_at
         AND t.fencing_token = s.fencing_token AND t.last_seq = s.last_seq
         AND t.updated_at = s.updated_at AND t.deleted = s.deleted
-        AND t.keep_last = s.keep_last""",
+        AND t.keep_last = s.keep_last AND t.keep_forever = s.keep_forever""",
     conflict="""
     1 / ((SELECT count(*) FROM moved) = $9
         AND (SELECT count(*) FROM required) = cardinality($11::text[]))::int AS unchanged,""",
@@ -664,4 +664,5 @@ def _thread_row(t: Thread) -> tuple[Any, ...]:
         t.updated_at,
         int(t.deleted),
         t.keep_last,
+        int(t.keep_forever),
     )

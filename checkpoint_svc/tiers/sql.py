@@ -24,7 +24,6 @@ from sqlalchemy.sql.elements import TextClause
 
 from checkpoint_svc.domain import (
     TERMINAL_STATUSES,
-    WORKFLOWS_NAMESPACE,
     Checkpoint,
     Event,
     NewEvent,
@@ -53,7 +52,7 @@ INSERT_SCHEMA_VERSION = "INSERT INTO schema_migrations (version, applied_at) VAL
 
 THREAD_COLUMNS = (
     "head_id, status, workflow_id, workflow_version, lease_owner, lease_expires_at, "
-    "fencing_token, last_seq, created_at, updated_at, deleted, keep_last"
+    "fencing_token, last_seq, created_at, updated_at, deleted, keep_last, keep_forever"
 )
 SELECT_THREAD = f"SELECT {THREAD_COLUMNS} FROM threads WHERE {_KEY}"
 INSERT_THREAD = """
@@ -63,7 +62,8 @@ UPDATE_THREAD = f"""
 UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow_id,
     workflow_version = :workflow_version, lease_owner = :lease_owner,
     lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
-    last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted, keep_last = :keep_last
+    last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted, keep_last = :keep_last,
+    keep_forever = :keep_forever
 WHERE {_KEY}"""
 # The namespaces under a prefix (see _prefix_params). substr, not LIKE: a prefix with % or _
 # in it means just that.
@@ -85,13 +85,13 @@ RETURNING namespace, checkpoint_id"""
 _FROM_SOURCE = f"WHERE tenant = :tenant AND thread_id = :source AND {_UNDER_PREFIX}"
 COPY_THREADS = f"""
 INSERT INTO threads (tenant, namespace, thread_id, head_id, status, workflow_id,
-    workflow_version, created_at, updated_at, keep_last)
+    workflow_version, created_at, updated_at, keep_last, keep_forever)
 SELECT tenant, namespace, :target, head_id, status, workflow_id, workflow_version, :now, :now,
-    keep_last FROM threads {_FROM_SOURCE} AND deleted = 0
+    keep_last, keep_forever FROM threads {_FROM_SOURCE} AND deleted = 0
 ON CONFLICT (tenant, namespace, thread_id) DO UPDATE SET head_id = excluded.head_id,
     status = excluded.status, workflow_id = excluded.workflow_id,
     workflow_version = excluded.workflow_version, updated_at = excluded.updated_at,
-    keep_last = excluded.keep_last, deleted = 0
+    keep_last = excluded.keep_last, keep_forever = excluded.keep_forever, deleted = 0
 WHERE threads.deleted = 1
 RETURNING namespace"""
 COUNT_SOURCE_THREADS = f"SELECT COUNT(*) FROM threads {_FROM_SOURCE} AND deleted = 0"
@@ -249,22 +249,27 @@ _NOT_ACTIVE_HEAD = f"""
 NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = checkpoints.tenant
     AND threads.namespace = checkpoints.namespace AND threads.thread_id = checkpoints.thread_id
     AND threads.head_id = checkpoints.checkpoint_id AND threads.status NOT IN ({_TERMINAL}))"""
+# ...nor while its thread is kept forever (SaveRequest.keep_forever).
+_NOT_KEPT_FOREVER = """
+NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = checkpoints.tenant
+    AND threads.namespace = checkpoints.namespace AND threads.thread_id = checkpoints.thread_id
+    AND threads.keep_forever = 1)"""
 SWEEP_EXPIRED = f"""
 DELETE FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at < :now
-    AND namespace <> '{WORKFLOWS_NAMESPACE}' AND {_NOT_ACTIVE_HEAD}
+    AND {_NOT_KEPT_FOREVER} AND {_NOT_ACTIVE_HEAD}
 RETURNING tenant, namespace, thread_id, checkpoint_id"""
 # Each thread's own keep_last, else the service's (:keep_last, 0 = keep all).
 SWEEP_BEYOND_KEEP_LAST = f"""
-DELETE FROM checkpoints WHERE namespace <> '{WORKFLOWS_NAMESPACE}' AND {_NOT_ACTIVE_HEAD}
+DELETE FROM checkpoints WHERE {_NOT_ACTIVE_HEAD}
     AND (tenant, namespace, thread_id, checkpoint_id) IN (
         SELECT ranked.tenant, ranked.namespace, ranked.thread_id, ranked.checkpoint_id FROM (
             SELECT tenant, namespace, thread_id, checkpoint_id, ROW_NUMBER() OVER (
                 PARTITION BY tenant, namespace, thread_id ORDER BY checkpoint_id DESC) AS rn
-            FROM checkpoints WHERE namespace <> '{WORKFLOWS_NAMESPACE}') ranked
+            FROM checkpoints) ranked
         JOIN threads t ON t.tenant = ranked.tenant AND t.namespace = ranked.namespace
             AND t.thread_id = ranked.thread_id
-        WHERE (t.keep_last > 0 AND ranked.rn > t.keep_last)
-            OR (t.keep_last = 0 AND :keep_last > 0 AND ranked.rn > :keep_last))
+        WHERE t.keep_forever = 0 AND ((t.keep_last > 0 AND ranked.rn > t.keep_last)
+            OR (t.keep_last = 0 AND :keep_last > 0 AND ranked.rn > :keep_last)))
 RETURNING tenant, namespace, thread_id, checkpoint_id"""
 # The writes of checkpoints just deleted. Not "writes whose checkpoint is missing": writes may
 # come before their checkpoint (LangGraph's async durability), and must not be swept then.
@@ -313,6 +318,7 @@ def _thread_from_row(key: ThreadKey, row: Row | tuple) -> Thread:
         updated_at=row[9],
         deleted=bool(row[10]),
         keep_last=row[11],
+        keep_forever=bool(row[12]),
     )
 
 
@@ -1071,4 +1077,5 @@ def _thread_params(t: Thread) -> dict[str, Any]:
         "updated_at": t.updated_at,
         "deleted": int(t.deleted),
         "keep_last": t.keep_last,
+        "keep_forever": int(t.keep_forever),
     }

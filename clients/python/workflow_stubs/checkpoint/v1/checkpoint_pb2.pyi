@@ -269,7 +269,7 @@ class Heartbeat(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
-    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last", "exact_parent", "lease_owner", "lease_ttl_seconds", "release_lease", "required_head")
+    __slots__ = ("checkpoint", "expected_parent_id", "request_id", "fencing_token", "durability", "status", "workflow_id", "workflow_version", "events", "keep_last", "exact_parent", "lease_owner", "lease_ttl_seconds", "release_lease", "required_head", "keep_forever")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +285,7 @@ class SaveRequest(_message.Message):
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_LEASE_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_HEAD_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FOREVER_FIELD_NUMBER: _ClassVar[int]
     checkpoint: Checkpoint
     expected_parent_id: str
     request_id: str
@@ -300,7 +301,8 @@ class SaveRequest(_message.Message):
     lease_ttl_seconds: float
     release_lease: bool
     required_head: RequiredHead
-    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ..., exact_parent: _Optional[bool] = ..., lease_owner: _Optional[str] = ..., lease_ttl_seconds: _Optional[float] = ..., release_lease: _Optional[bool] = ..., required_head: _Optional[_Union[RequiredHead, _Mapping]] = ...) -> None: ...
+    keep_forever: bool
+    def __init__(self, checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., expected_parent_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., status: _Optional[_Union[ThreadStatus, str]] = ..., workflow_id: _Optional[str] = ..., workflow_version: _Optional[int] = ..., events: _Optional[_Iterable[_Union[NewEvent, _Mapping]]] = ..., keep_last: _Optional[int] = ..., exact_parent: _Optional[bool] = ..., lease_owner: _Optional[str] = ..., lease_ttl_seconds: _Optional[float] = ..., release_lease: _Optional[bool] = ..., required_head: _Optional[_Union[RequiredHead, _Mapping]] = ..., keep_forever: _Optional[bool] = ...) -> None: ...
 
 class RequiredHead(_message.Message):
     __slots__ = ("namespace", "thread_id", "checkpoint_id")
