@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -18,18 +17,8 @@ from checkpoint_svc.servicer import CheckpointServicer
 from checkpoint_svc.store import CheckpointStore
 from workflow_rpc import logs
 from workflow_rpc.arenas import trim_malloc
-from workflow_rpc.interceptors import RejectMalformedRequests
-from workflow_rpc.serving import (
-    EXCLUSIVE_PORT,
-    add_health_and_reflection,
-    listen,
-    run,
-    serve_metrics,
-    until_stopped,
-)
+from workflow_rpc.serving import run, serve_until_stopped
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2, checkpoint_pb2_grpc
-
-log = logging.getLogger("checkpoint_svc")
 
 SERVICE_NAME = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 # Per-tier health entries, e.g. "checkpoint.v1.CheckpointService/redis".
@@ -40,7 +29,6 @@ _MESSAGE_OVERHEAD = 1024 * 1024
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     limit = settings.max_state_bytes + _MESSAGE_OVERHEAD
     return [
-        EXCLUSIVE_PORT,
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", 30_000),
@@ -68,37 +56,39 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
 
 async def serve(settings: Settings) -> None:
     store = CheckpointStore(settings)
-    server = grpc.aio.server(
-        options=grpc_options(settings), interceptors=[RejectMalformedRequests()]
-    )
-    checkpoint_pb2_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(store), server)
-    health_servicer = add_health_and_reflection(server, SERVICE_NAME)
-    # The port first: a second process on it must stop before it touches anything.
-    listen(server, settings.listen, "checkpoint_svc")
-    if settings.metrics_port:
-        serve_metrics(settings.metrics_port, settings.listen, "checkpoint_svc")
-    await store.start()
-    await server.start()
-    reporter = asyncio.create_task(_report_health(store, health_servicer))
-    log.info(
-        "checkpoint service listening",
-        extra={
-            "listen": settings.listen,
+    reporter: asyncio.Task[None] | None = None
+
+    async def start(health_servicer: health.aio.HealthServicer) -> None:
+        nonlocal reporter
+        await store.start()
+        reporter = asyncio.create_task(_report_health(store, health_servicer))
+
+    async def stop(server: grpc.aio.Server) -> None:
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+        store.feed.close()  # open Streams end now (UNAVAILABLE) instead of holding up the stop
+        await server.stop(grace=settings.shutdown_grace)
+        await store.close()
+
+    await serve_until_stopped(
+        what="checkpoint_svc",
+        service_name=SERVICE_NAME,
+        listen_address=settings.listen,
+        metrics_port=settings.metrics_port,
+        add_servicers=lambda server: checkpoint_pb2_grpc.add_CheckpointServiceServicer_to_server(
+            CheckpointServicer(store), server
+        ),
+        start=start,
+        stop=stop,
+        options=grpc_options(settings),
+        listening={
             "db": redacted(settings.db_url),
             "redis": redacted(settings.redis_url) if settings.redis_url else None,
             "single_writer": settings.memory_answers_heads,
         },
     )
-    await until_stopped()
-    log.info("shutting down")
-    reporter.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reporter
-    await health_servicer.enter_graceful_shutdown()
-    store.feed.close()  # open Streams end now (UNAVAILABLE) instead of holding up the stop
-    await server.stop(grace=settings.shutdown_grace)
-    await store.close()
-    log.info("stopped")
 
 
 def redacted(url: str) -> str:

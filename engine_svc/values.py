@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from workflow_rpc.statuses import InvalidArgument
+from workflow_rpc.structs import plain
 
 # JSON levels a value may nest: leaves room for the messages around a run's state and an
 # event's payload (output inside payload inside Event inside StreamResponse).
@@ -50,18 +51,6 @@ def problem_of(value: Any, where: str, max_depth: int = MAX_DEPTH) -> tuple[str,
     return None
 
 
-def _plain(value: Any) -> Any:
-    """A Struct's value as JSON would give it: protobuf keeps every number as a double, so
-    whole numbers come back as ints (an input of 20 formats as "20", not "20.0")."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def struct_problem(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> tuple[str, str] | None:
     """(field path, what is wrong) if a client's Struct cannot be stored and read back."""
     return _read(msg, where)[1]
@@ -72,7 +61,7 @@ def from_struct(msg: struct_pb2.Struct | struct_pb2.Value, where: str) -> Any:
     value, found = _read(msg, where)
     if found is not None:
         raise InvalidArgument(f"{found[0]}: {found[1]}", [found])
-    return _plain(value)
+    return plain(value)
 
 
 def _read(

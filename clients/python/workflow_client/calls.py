@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 
+from workflow_rpc.structs import plain
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
@@ -25,17 +26,6 @@ class Call(Generic[T]):
     rpc: str
     request: Any
     result: Callable[[Any], T]
-
-
-def plain(value: Any) -> Any:
-    """A Struct value as JSON would give it: whole numbers back as ints, not doubles."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return value
 
 
 def events_of(item: pb.WatchRunResponse) -> list[pb.RunEvent]:

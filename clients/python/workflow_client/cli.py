@@ -23,9 +23,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Column, Table
 
-from workflow_client.calls import plain, state_of
+from workflow_client.calls import state_of
 from workflow_client.errors import WorkflowError
 from workflow_client.sync import EngineClient
+from workflow_rpc.structs import plain
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 EXIT_CODES = """exit codes:

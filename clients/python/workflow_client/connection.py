@@ -1,5 +1,7 @@
 """Channels to the two services: retries of UNAVAILABLE come from gRPC's service config
-(not hand-written loops), the tenant travels as `x-tenant-id` metadata, TLS is optional."""
+(not hand-written loops), the tenant travels as `x-tenant-id` metadata, TLS is optional.
+The one retry policy is declared here, for gRPC's unary calls and, through tenacity, for the
+calls of a Session stream, which the service config does not cover."""
 
 from __future__ import annotations
 
@@ -8,13 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from workflow_rpc.headers import DEFAULT_TENANT, tenant_metadata
 
+RETRY_ATTEMPTS = 5  # in all, the first one included
+RETRY_INITIAL_BACKOFF = 0.1  # seconds before the second attempt, doubled each time after it
+RETRY_MAX_BACKOFF = 2.0
 RETRY_POLICY = {
-    "maxAttempts": 5,
-    "initialBackoff": "0.1s",
-    "maxBackoff": "2s",
+    "maxAttempts": RETRY_ATTEMPTS,
+    "initialBackoff": f"{RETRY_INITIAL_BACKOFF}s",
+    "maxBackoff": f"{RETRY_MAX_BACKOFF}s",
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
@@ -37,6 +43,20 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+
+
+def unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def retrying_unavailable() -> AsyncRetrying:
+    """RETRY_POLICY for calls gRPC does not retry itself (those of a Session stream)."""
+    return AsyncRetrying(
+        retry=retry_if_exception(unavailable),
+        stop=stop_after_attempt(RETRY_ATTEMPTS),
+        wait=wait_exponential(multiplier=RETRY_INITIAL_BACKOFF, max=RETRY_MAX_BACKOFF),
+        reraise=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,9 +32,8 @@ from langgraph.checkpoint.base import (
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from workflow_client.connection import Connection
+from workflow_client.connection import Connection, retrying_unavailable
 from workflow_client.errors import from_rpc_error
 from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
@@ -66,10 +65,6 @@ _DRAIN_SECONDS = 0.2
 def _retrieved(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _unavailable(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
 class CheckpointServiceSaver(BaseCheckpointSaver[str]):
@@ -146,17 +141,9 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
     async def _hot(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """A call on the session, retried while the store is UNAVAILABLE (what gRPC's retry
         policy does for the unary calls; each of these calls is safe to repeat)."""
-        try:
+        if not self._use_session:
             return await call()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or not self._use_session:
-                raise
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_unavailable),
-            stop=stop_after_attempt(4),
-            wait=wait_exponential(multiplier=0.1, max=2.0),
-            reraise=True,
-        ):
+        async for attempt in retrying_unavailable():
             with attempt:
                 return await call()
         raise AssertionError("unreachable")

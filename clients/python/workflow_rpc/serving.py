@@ -4,9 +4,10 @@ reflection, Prometheus metrics, uvloop, and the stop on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -14,6 +15,8 @@ import prometheus_client
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from workflow_rpc.interceptors import RejectMalformedRequests
 
 # gRPC turns SO_REUSEPORT on by default: a second server on a port in use would then share
 # it silently (taking some of its connections). Every server of ours refuses that.
@@ -73,6 +76,41 @@ async def until_stopped() -> None:
     await stop.wait()
 
 
+async def serve_until_stopped(
+    *,
+    what: str,
+    service_name: str,
+    listen_address: str,
+    metrics_port: int,
+    add_servicers: Callable[[grpc.aio.Server], None],
+    start: Callable[[health.aio.HealthServicer], Awaitable[None]],
+    stop: Callable[[grpc.aio.Server], Awaitable[None]],
+    options: Sequence[tuple[str, Any]] = (),
+    listening: Mapping[str, Any] | None = None,
+) -> None:
+    """One of our services from start to stop: the server with its servicers, health,
+    reflection and the malformed-request interceptor; the port taken before anything else
+    (a second process on it stops there); metrics; `start` (given the health servicer);
+    serving until SIGTERM or SIGINT; then health NOT_SERVING and `stop` (given the server)."""
+    log = logging.getLogger(what)
+    server = grpc.aio.server(
+        interceptors=[RejectMalformedRequests()], options=[EXCLUSIVE_PORT, *options]
+    )
+    add_servicers(server)
+    health_servicer = add_health_and_reflection(server, service_name)
+    listen(server, listen_address, what)
+    if metrics_port:
+        serve_metrics(metrics_port, listen_address, what)
+    await start(health_servicer)
+    await server.start()
+    log.info("listening", extra={"listen": listen_address, **(listening or {})})
+    await until_stopped()
+    log.info("shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    await stop(server)
+    log.info("stopped")
+
+
 def run(service: Coroutine[Any, Any, None]) -> None:
     """Run a service's main coroutine to its end, on uvloop: about a tenth less CPU per call
     than asyncio's own loop (docs/benchmarks.md)."""
@@ -89,5 +127,6 @@ __all__ = [
     "listen",
     "run",
     "serve_metrics",
+    "serve_until_stopped",
     "until_stopped",
 ]
