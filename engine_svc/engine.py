@@ -16,21 +16,10 @@ from google.protobuf import json_format
 
 from engine_svc import metrics
 from engine_svc.config import Settings
+from engine_svc.control_feed import CONTROL_NAMESPACE, check_control
 from engine_svc.definition import NodeSpec, Workflow, parse
-from engine_svc.executor import (
-    CONTROL_NAMESPACE,
-    RUNS_NAMESPACE,
-    TERMINAL,
-    LeaseHeld,
-    NotARun,
-    NotResumable,
-    RunExecutor,
-    RunNotFound,
-    RunState,
-    Started,
-    WorkflowChanged,
-    check_control,
-)
+from engine_svc.executor import RunExecutor, RunNotFound, Started, WorkflowChanged
+from engine_svc.leases import LeaseHeld
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner, render
 from engine_svc.registry import (
     Registered,
@@ -41,6 +30,7 @@ from engine_svc.registry import (
     WorkflowRegistry,
 )
 from engine_svc.run_feed import RunFeed, watch_response
+from engine_svc.run_state import RUNS_NAMESPACE, NotARun, NotResumable, RunState, RunStatus
 from engine_svc.store import (
     ANSWER_RETRY_SECONDS,
     AlreadyExists,
@@ -289,7 +279,8 @@ class Engine:
                 raise InvalidArgument(f"breakpoints name unknown nodes: {listed}", unknown)
             if not new_run and await self._run_exists(tenant, run_id):
                 existing = await executor.load(run_id)
-                if existing.status != "COMPLETED" or existing.workflow_id != workflow_id:
+                done = existing.status is RunStatus.COMPLETED
+                if not done or existing.workflow_id != workflow_id:
                     raise RunExists(
                         f"run {run_id!r} already exists ({existing.status}, workflow "
                         f"{existing.workflow_id!r}); only a COMPLETED run of the same "
@@ -336,7 +327,7 @@ class Engine:
         run = started.run
         # A replayed start (a retry whose first answer was lost, or a client's) of a run that
         # has not ended is launched too: its execution takes the lease, or finds it held.
-        if started.token or run.status in ("PENDING", "RUNNING"):
+        if started.token or run.status in (RunStatus.PENDING, RunStatus.RUNNING):
             # A copy: the reply shows the run as it started.
             copy = started._replace(run=RunState.from_json(run.to_json()))
             self._launch(tenant, workflow, run.run_id, copy)
@@ -452,7 +443,7 @@ class Engine:
         executor = self.executor(tenant)
         run = await executor.load(run_id)
         give_up = time.monotonic() + 5.0
-        while run.status == "RUNNING":
+        while run.status is RunStatus.RUNNING:
             try:
                 done = await self.control(tenant, run_id, "unpause", {})
             except NotResumable:  # it paused (or ended) meanwhile: resume it as it is now
@@ -464,11 +455,11 @@ class Engine:
             if done.answer != "run.pausing" or time.monotonic() > give_up:
                 break  # no pause to take back: RUNNING is not resumable
             await asyncio.sleep(0.1)  # the pause is being applied: resume it once PAUSED
-        if run.status not in ("PAUSED", "WAITING", "FAILED"):
+        if run.status not in (RunStatus.PAUSED, RunStatus.WAITING, RunStatus.FAILED):
             raise NotResumable(
                 f"run {run_id!r} is {run.status}: only PAUSED, WAITING and FAILED runs resume"
             )
-        if run.status == "WAITING" and value is None:  # null would reach the next node
+        if run.status is RunStatus.WAITING and value is None:  # null would reach the next node
             raise InvalidArgument(
                 f"run {run_id!r} waits at {run.waiting_node!r}, which needs an answer: "
                 "a JSON value other than null",
@@ -599,7 +590,8 @@ class Engine:
                 f"child:{child_id}",
             )
             child = started.run
-            if child.status == "FAILED":  # a retry of the node re-runs what the child did not
+            # A retry of the node re-runs what the child did not.
+            if child.status is RunStatus.FAILED:
                 child = await self.resume_run(call.tenant, child_id, None)
             ended = await self._ended(call.tenant, child_id)
         except WorkflowNotFound as exc:
@@ -611,7 +603,7 @@ class Engine:
                     self._cancel_quietly(call.tenant, child_id, "parent run cancelled")
                 )
             raise
-        if ended.status != "COMPLETED":
+        if ended.status is not RunStatus.COMPLETED:
             raise NodeFailed(f"child run {child_id} ended {ended.status}: {ended.error}")
         return ended.outputs
 
@@ -707,8 +699,8 @@ class Engine:
     async def _end_of(self, tenant: str, run_id: str) -> int | None:
         """The last seq of the run's feed if the run has ended (its thread is terminal)."""
         thread = await self.thread(tenant, run_id)
-        status = cpb.ThreadStatus.Name(thread.status).removeprefix("THREAD_STATUS_")
-        return thread.last_seq if status in TERMINAL else None
+        status = RunStatus.of_thread(thread.status)
+        return thread.last_seq if status is not None and status.terminal else None
 
     def _feed(self, tenant: str, run_id: str) -> RunFeed | None:
         executor = self._executors.get(tenant)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from engine_svc.run_state import TERMINAL, RunStatus
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
@@ -30,9 +31,8 @@ BATCH_MAX = 500
 # responses per step less (docs/engine.md#watching-a-run).
 BATCH_LINGER_SECONDS = 0.005
 
-_TERMINAL = frozenset(
-    {cpb.THREAD_STATUS_COMPLETED, cpb.THREAD_STATUS_FAILED, cpb.THREAD_STATUS_CANCELLED}
-)
+_TERMINAL = frozenset(status.thread_status for status in TERMINAL)
+_STATUS_NAMES = frozenset(RunStatus)  # an event's status, as its payload spells it
 
 # An event as held: as its call sent it (a Save's answer standing for its "checkpoint.saved"),
 # with its time and whether it ended the run, until a watcher asks for it; then as WatchRun
@@ -208,7 +208,7 @@ def _checkpoint_saved(response: cpb.SaveResponse) -> cpb.NewEvent:
             "step": cp.step,
             "trigger": cpb.Trigger.Name(cp.trigger).removeprefix("TRIGGER_"),
             "name": cp.name,
-            "status": cpb.ThreadStatus.Name(response.thread.status).removeprefix("THREAD_STATUS_"),
+            "status": str(RunStatus.of_thread(response.thread.status) or "UNSPECIFIED"),
             "progress_percent": cp.progress_percent,
             "eta_seconds": cp.eta_seconds,
             "completed_nodes": len(cp.completed_nodes),
@@ -249,7 +249,7 @@ def run_event(
         seq=seq,
         type=kind,
         time=when,
-        status=pb.RunStatus.Value(f"RUN_STATUS_{status}") if status else 0,
+        status=RunStatus(status).proto if status in _STATUS_NAMES else 0,
         node_id=text("node_id"),
         attempt=int(number("attempt")),
         error=text("error"),

@@ -12,8 +12,9 @@ from grpc_status import rpc_status
 from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
 from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
-from engine_svc.executor import NotARun, RunNotFound, RunState, Started
+from engine_svc.executor import RunNotFound, Started
 from engine_svc.registry import RegistrationContended, WorkflowNotFound
+from engine_svc.run_state import NotARun, RunState, RunStatus
 from engine_svc.store import LeaseLost, StoreError
 from workflow_rpc import statuses
 from workflow_rpc.headers import TENANT_HEADER
@@ -72,13 +73,18 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return tenant
 
 
+def _run_status_of(thread: cpb.Thread) -> pb.RunStatus.ValueType:
+    status = RunStatus.of_thread(thread.status)
+    return status.proto if status is not None else pb.RUN_STATUS_UNSPECIFIED
+
+
 def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
     done = len(run.done())
     msg = pb.Run(
         run_id=run.run_id,
         workflow_id=run.workflow_id,
         version=run.version,
-        status=thread.status,  # ThreadStatus and RunStatus share their numbers
+        status=_run_status_of(thread),
         error=run.error,
         completed_nodes=done,
         total_nodes=run.total,
@@ -88,7 +94,7 @@ def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
         updated_at=thread.updated_at,
         completed_node_ids=run.completed,
         waiting_for=run.waiting_for,
-        eta_seconds=run.eta_seconds if run.status == "RUNNING" else 0.0,
+        eta_seconds=run.eta_seconds if run.status is RunStatus.RUNNING else 0.0,
     )
     msg.state.update(run.state())
     return msg
@@ -110,7 +116,7 @@ def run_checkpoint_to_pb(c: cpb.Checkpoint) -> pb.RunCheckpoint:
     if c.state:
         run = RunState.from_json(c.state)
         msg.state.update(run.state())
-        msg.status = pb.RunStatus.Value(f"RUN_STATUS_{run.status}")
+        msg.status = run.status.proto
     return msg
 
 

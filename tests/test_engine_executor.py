@@ -11,7 +11,8 @@ import pytest
 from google.protobuf import json_format
 
 from engine_svc.definition import parse
-from engine_svc.executor import RUNS_NAMESPACE, NodeRunner, RunExecutor
+from engine_svc.executor import NodeRunner, RunExecutor
+from engine_svc.run_state import RUNS_NAMESPACE
 from engine_svc.store import GrpcStore
 from tests import engine_handlers
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
@@ -153,8 +154,8 @@ async def test_a_run_taken_over_after_a_crash_reruns_no_completed_node(stub, ten
 
 
 async def test_a_failed_lease_renewal_is_logged_once_per_outage(tenant, caplog) -> None:
-    """Issue 12, defect 12: `_renew` swallowed the store's errors without a word."""
-    from engine_svc.executor import RunState
+    """Issue 12, defect 12: the lease renewal swallowed the store's errors without a word."""
+    from engine_svc.run_state import RunState
     from tests.servers import free_port
     from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc
 
@@ -163,8 +164,8 @@ async def test_a_failed_lease_renewal_is_logged_once_per_outage(tenant, caplog) 
         ex = RunExecutor(store, tenant, "engine-1", RUNNER, lease_ttl=0.15)
         wf = workflow([{"id": "a", "type": "noop"}])
         execution = ex._execution(wf, RunState("r-1", "wf", 1, {}, total=1), "", 1)
-        renewing = asyncio.create_task(ex._renew(execution, None))
-        with caplog.at_level("WARNING", logger="engine_svc.executor"):
+        renewing = asyncio.create_task(ex.leases.keep_renewed(execution, None))
+        with caplog.at_level("WARNING", logger="engine_svc.leases"):
             await asyncio.sleep(0.6)  # about ten renewals, every one refused
         renewing.cancel()
     said = [r for r in caplog.records if "lease renewal failed" in r.getMessage()]

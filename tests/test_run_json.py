@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import random
 
-from engine_svc.executor import RunState
 from engine_svc.run_json import RunJson
+from engine_svc.run_state import RunState
 
 
 def test_piece_by_piece_is_the_whole_state_through_an_execution() -> None:
