@@ -3,6 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
+# Test processes at once (pytest-xdist): on 2 cores a third keeps both busy while the others
+# wait on their services.
+TEST_WORKERS ?= 3
+
 .PHONY: setup system-deps lint stubs test bench demo clean
 
 # Two distributions: the Python client (clients/python) and the services, which depend on it.
@@ -30,9 +34,15 @@ lint: setup
 	if git rev-parse -q --verify HEAD~1 >/dev/null; then npx buf breaking --against '.git#ref=HEAD~1'; fi
 	$(PY) scripts/gen_protos.py --check
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
+# Line coverage of every process the tests start (pyproject.toml [tool.coverage]), printed at
+# the end; below fail_under, the run fails.
 test: system-deps lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m coverage erase
+	$(PY) -m coverage run -m pytest -q -ra -n $(TEST_WORKERS)
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report
 
 bench: setup system-deps
 	$(PY) -m pip install -qq -e ./clients/python -e '.[dev,bench]'

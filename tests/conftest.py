@@ -6,20 +6,24 @@ Fixtures
   end of the session. A test that stops one must not restart it for the others: the
   ``backend`` fixture starts them again if a previous test left them stopped.
 - ``backend`` (function, parametrized "sqlite", "postgres", "postgres+redis"): a ``Backend``
-  with a fresh store (a SQLite file in tmp_path, or a new PostgreSQL database).
+  with a fresh store (a SQLite file in tmp_path, or a new PostgreSQL database, created when
+  ``db_url`` is first read: a test on the shared service creates none).
 - ``tenant``: a unique tenant id; tests isolate themselves by tenant (Redis is shared).
 - ``service_factory``: ``(backend, *extra_args, start=True, timeout=30.0, port=None,
   env=None) -> CheckpointServiceProcess``; everything it started is terminated at teardown.
-- ``service``: one started service on ``backend``.
-- ``stub``: ``(CheckpointServiceStub, metadata)`` for ``service`` and ``tenant``.
+- ``service``: one started service on ``backend``, the test's own.
+- ``shared_service``: a default service on ``backend``'s kind, shared by the session's tests
+  (of one xdist worker) that isolate themselves by tenant; started again if a test left it,
+  PostgreSQL or Redis stopped or restarted.
+- ``stub``: ``(CheckpointServiceStub, metadata)`` for ``shared_service`` and ``tenant``.
 - ``store``: the real ``CheckpointStore`` on ``backend``, called in-process.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,13 +45,20 @@ if TYPE_CHECKING:
 BACKENDS = ("sqlite", "postgres", "postgres+redis")
 
 
-@dataclass(frozen=True)
 class Backend:
     """Where a checkpoint service keeps its state."""
 
-    name: str
-    db_url: str
-    redis_url: str | None = None
+    def __init__(
+        self, name: str, db_url: str | Callable[[], str], redis_url: str | None = None
+    ) -> None:
+        self.name = name
+        self._db_url = db_url
+        self.redis_url = redis_url
+
+    @functools.cached_property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL (a PostgreSQL database is created on first use)."""
+        return self._db_url() if callable(self._db_url) else self._db_url
 
 
 ServiceFactory = Callable[..., CheckpointServiceProcess]
@@ -86,17 +97,21 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return Backend(name, f"sqlite+aiosqlite:///{tmp_path}/store.db")
     postgres: PostgresServer = request.getfixturevalue("postgres_server")
     postgres.start()  # no-op unless an earlier test left it stopped
-    dbname = f"test_{uuid.uuid4().hex[:16]}"
-    db_url = postgres.create_database(dbname)
-    # Dropped after every fixture of the test is torn down (see pytest_runtest_teardown), so
-    # that services still connected to it are gone by then.
-    request.node.stash.setdefault(_DATABASES, []).append((postgres, dbname))
+
+    def create() -> str:
+        dbname = f"test_{uuid.uuid4().hex[:16]}"
+        db_url = postgres.create_database(dbname)
+        # Dropped after every fixture of the test is torn down (see pytest_runtest_teardown),
+        # so that services still connected to it are gone by then.
+        request.node.stash.setdefault(_DATABASES, []).append((postgres, dbname))
+        return db_url
+
     redis_url = None
     if name == "postgres+redis":
         redis: RedisServer = request.getfixturevalue("redis_server")
         redis.start()
         redis_url = redis.url
-    return Backend(name, db_url, redis_url)
+    return Backend(name, create, redis_url)
 
 
 @pytest.fixture
@@ -170,12 +185,70 @@ def service(service_factory: ServiceFactory, backend: Backend) -> CheckpointServ
     return service_factory(backend)
 
 
+class SharedServices:
+    """One default checkpoint service per backend kind, for the tests that need nothing of
+    their own: they isolate by tenant, and save a service start and a database each."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._running: dict[str, tuple[CheckpointServiceProcess, tuple[int, ...]]] = {}
+
+    def get(self, request: pytest.FixtureRequest, backend: Backend) -> CheckpointServiceProcess:
+        postgres: PostgresServer = request.getfixturevalue("postgres_server")
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        starts = (postgres.starts, redis.starts)
+        if backend.name in self._running:
+            proc, seen = self._running[backend.name]
+            if proc.running and seen == starts:
+                return proc
+            proc.terminate()
+        db_url = (
+            f"sqlite+aiosqlite:///{self.log_dir}/shared-{uuid.uuid4().hex[:8]}.db"
+            if backend.name == "sqlite"
+            else postgres.create_database(f"shared_{uuid.uuid4().hex[:16]}")
+        )
+        proc = CheckpointServiceProcess(db_url, backend.redis_url, log_dir=self.log_dir)
+        proc.start()
+        self._running[backend.name] = (proc, starts)
+        return proc
+
+    def close(self) -> None:
+        for proc, _ in self._running.values():
+            proc.terminate()
+
+
+@pytest.fixture(scope="session")
+def shared_services(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_server: PostgresServer,
+    redis_server: RedisServer,
+) -> Iterator[SharedServices]:
+    """Set up after PostgreSQL and Redis, so torn down before them: the services stop
+    gracefully (and write their coverage data) while their databases are still there."""
+    services = SharedServices(tmp_path_factory.mktemp("shared"))
+    try:
+        yield services
+    finally:
+        services.close()
+
+
+@pytest.fixture
+def shared_service(
+    request: pytest.FixtureRequest, backend: Backend, shared_services: SharedServices
+) -> CheckpointServiceProcess:
+    """A default checkpoint service of ``backend``'s kind, shared with other tests."""
+    proc = shared_services.get(request, backend)
+    request.node.stash.setdefault(_SERVICES, []).append(proc)  # its log, if the test fails
+    return proc
+
+
 @pytest.fixture
 async def stub(
-    service: CheckpointServiceProcess, tenant: str
+    shared_service: CheckpointServiceProcess, tenant: str
 ) -> AsyncIterator[tuple[checkpoint_pb2_grpc.CheckpointServiceStub, Metadata]]:
-    """An async CheckpointService stub for ``service`` and the metadata naming ``tenant``."""
-    channel, checkpoint, metadata = await checkpoint_stub(service.address, tenant)
+    """An async CheckpointService stub for ``shared_service`` and the metadata naming
+    ``tenant``."""
+    channel, checkpoint, metadata = await checkpoint_stub(shared_service.address, tenant)
     try:
         yield checkpoint, metadata
     finally:

@@ -58,6 +58,19 @@ def gated(state: dict[str, Any], node_id: str) -> str:
     return node_id
 
 
+def held(state: dict[str, Any]) -> str:
+    """Runs until the file $ENGINE_TEST_GATE exists (a minute at most): a node that is still
+    running however slow the machine is, until the test lets it end."""
+    import os
+    import time
+
+    for _ in range(1200):
+        if os.path.exists(os.environ["ENGINE_TEST_GATE"]):
+            return "released"
+        time.sleep(0.05)
+    raise RuntimeError("the gate never opened")
+
+
 def compute(state: dict[str, Any], node_id: str) -> int:
     """n<i> = n<i-1> + 1 (n0 = input x + 1); logs each execution to $ENGINE_TEST_LOG."""
     import os

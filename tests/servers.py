@@ -277,6 +277,7 @@ class RedisServer:
         self.dir = Path(tempfile.mkdtemp(prefix="test-redis-"))
         self.log_path = self.dir / "redis.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0  # how many times it was started: a restart changes it
         _reaper.add_dir(self.dir)
         _register(self)
 
@@ -328,6 +329,7 @@ class RedisServer:
                 self.kill()
                 raise RuntimeError(f"redis-server did not start:\n{_tail(self.log_path, 30)}")
             time.sleep(0.02)
+        self.starts += 1
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server with SIGTERM and wait (SIGKILL after ``timeout``)."""
@@ -449,6 +451,7 @@ class PostgresServer:
         self.log_path = self.dir / "postgres.log"
         self._initialized = False
         self._proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0  # how many times it was started: a restart changes it
         self._server_version = 0
         _reaper.add_dir(self.dir)
         _register(self)
@@ -540,6 +543,7 @@ class PostgresServer:
                 raise RuntimeError(f"postgres did not start:\n{_tail(self.log_path, 30)}")
             time.sleep(0.05)
         self._server_version = int(self.psql("SHOW server_version_num").strip())
+        self.starts += 1
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT: disconnect clients, checkpoint) and wait; escalate on timeout."""

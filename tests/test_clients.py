@@ -452,12 +452,16 @@ def test_wf_pause_says_pausing_and_a_resume_before_it_applies_takes_it_back(
 ) -> None:
     """Issue 12, defect 4: `wf pause RUN` printed RUNNING, and a `wf resume RUN` right after
     failed "is RUNNING"."""
-    engine = engine_factory(service)
+    gate = tmp_path / "gate"  # the first node runs until the test opens it
+    engine = engine_factory(
+        service, "--handlers", "tests.engine_handlers", env={"ENGINE_TEST_GATE": str(gate)}
+    )
     register_yaml(
         engine,
         tenant,
         tmp_path / "slow.yaml",
-        "workflow_id: slow\nnodes:\n  - {id: nap, type: sleep, config: {seconds: 4}}\n"
+        "workflow_id: slow\nnodes:\n"
+        "  - {id: nap, type: python, config: {handler: 'tests.engine_handlers:held'}}\n"
         "  - {id: after, type: noop, depends_on: [nap]}\n",
     )
     run_id = wf(engine, tenant, "start", "slow").stdout.split()[0]
@@ -467,6 +471,7 @@ def test_wf_pause_says_pausing_and_a_resume_before_it_applies_takes_it_back(
     assert paused.returncode == 0 and "PAUSING" in paused.stdout, paused.stdout + paused.stderr
     resumed = wf(engine, tenant, "resume", run_id)
     assert resumed.returncode == 0 and "RUNNING" in resumed.stdout, resumed.stderr
+    gate.touch()  # the node ends: the pause, had it stayed, would apply now
     watched = wf(engine, tenant, "watch", run_id)
     assert watched.returncode == 0, watched.stdout + watched.stderr  # COMPLETED, never PAUSED
     events = wf(engine, tenant, "--json", "watch", run_id).stdout.splitlines()

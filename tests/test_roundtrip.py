@@ -219,7 +219,7 @@ async def test_retried_request_id_writes_once(stub) -> None:
     assert list(p1.seqs) == list(p2.seqs) == [2, 3]
 
 
-async def test_tenants_are_isolated(stub, service) -> None:
+async def test_tenants_are_isolated(stub) -> None:
     s, md = stub
     await save(s, md, "shared-name", {"owner": "me"})
     other = (("x-tenant-id", "someone-else"),)
