@@ -974,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.logs:  # copied once the services stopped, before the workdir goes (LIFO)
             stack.callback(_keep_logs, workdir / "logs", args.logs)
         created_dbs: list[str] = []
-        pg_dir: Path | None = None
+        pg: servers.Postgres | None = None
         if args.pg_url:
             admin_url = args.pg_url
 
@@ -984,9 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             stack.callback(drop_ours)
         else:
-            pg_dir = Path(tempfile.mkdtemp(prefix="engine-bench-pg-"))
-            stack.callback(shutil.rmtree, pg_dir, True)
-            pg = servers.Postgres(pg_dir)
+            pg = servers.Postgres()
             stack.callback(pg.stop)
             print("starting PostgreSQL ...", flush=True)
             pg.start()
@@ -1028,13 +1026,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         acct: Accountant | None = None
         if args.accounting:
             postmaster = None
-            if pg_dir is not None:
-                pid_file = pg_dir / "data" / "postmaster.pid"
-                postmaster = int(pid_file.read_text().split()[0])
-            assert store.proc is not None and engine.proc is not None
+            if pg is not None:
+                postmaster = int(pg.postmaster_pid_file.read_text().split()[0])
+            assert store.pid is not None and engine.pid is not None
             acct = Accountant(
                 admin_url,
-                {"engine_svc": engine.proc.pid, "checkpoint_svc": store.proc.pid},
+                {"engine_svc": engine.pid, "checkpoint_svc": store.pid},
                 postmaster,
             )
 

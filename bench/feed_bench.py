@@ -199,20 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="feed-bench-"))
     stack = contextlib.ExitStack()
     try:
-        pg_dir = Path(tempfile.mkdtemp(prefix="feed-bench-pg-"))  # the postgres user's own
-        stack.callback(shutil.rmtree, pg_dir, True)
-        pg = servers.Postgres(pg_dir)
+        pg = servers.Postgres()
         pg.start()
         stack.callback(pg.stop)
-        redis = servers.Redis(work / "redis")
+        redis = servers.Redis()
         redis.start()
-        stack.callback(redis.stop)
+        stack.callback(redis.close)
         db = servers.create_database(pg.url, "feed")
         svc = servers.CheckpointService("feed", db, redis.url, None, work)
         svc.start()
         stack.callback(svc.stop)
-        assert svc.proc is not None
-        rows = asyncio.run(measure(svc.target, svc.proc.pid, args))
+        assert svc.pid is not None
+        rows = asyncio.run(measure(svc.target, svc.pid, args))
         print(render(rows, args))
     finally:
         stack.close()

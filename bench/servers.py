@@ -1,28 +1,40 @@
-"""Throwaway servers for the benchmarks: PostgreSQL, Redis, checkpoint_svc and engine_svc.
-
-Each one runs on a free loopback port with its files in a temp dir, so a bench run never
-touches a developer's own servers, and every one is stopped by the ExitStack that started it.
+"""Throwaway servers for the benchmarks: PostgreSQL, Redis, checkpoint_svc and engine_svc,
+started by the same code as the tests' (tests/servers.py): each on a free loopback port with
+its files in a temp dir, PostgreSQL durable as in production (fsync and synchronous_commit
+on), every one stopped by the ExitStack that started it. What is the benches' own: libpq URLs
+for the peers (psycopg), and the settings printed beside the figures.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.servers import (
+    REPO_ROOT,
+    CheckpointServiceProcess,
+    EngineServiceProcess,
+    PostgresServer,
+    RedisServer,
+    free_port,
+)
+
+__all__ = [
+    "GRPC_OPTIONS",
+    "REPO_ROOT",
+    "CheckpointService",
+    "EngineService",
+    "Postgres",
+    "Redis",
+    "ServerError",
+    "create_database",
+    "drop_database",
+    "free_port",
+    "pg_settings",
+]
+
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -33,200 +45,32 @@ class ServerError(RuntimeError):
     """A server the bench needs did not come up; the message carries its log tail."""
 
 
-def free_port() -> int:
-    """Pick a free loopback port (the tiny race with another binder is acceptable here)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    """Last lines of a log, to explain why a server died."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _pg_bin_dir() -> Path:
-    """Newest installed PostgreSQL's bin dir (Debian keeps them per major version)."""
-    dirs = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()]
-    if not dirs:
-        raise ServerError("no PostgreSQL under /usr/lib/postgresql/*/bin")
-    return max(dirs, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root, so drop to the `postgres` user when we are root."""
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *cmd]
-    return cmd
-
-
-@dataclass
 class Postgres:
-    """A private PostgreSQL cluster with default durability (fsync and synchronous_commit on).
+    """The tests' PostgreSQL cluster, as the benches use it: by its libpq URL."""
 
-    `workdir` must be reachable by the `postgres` user: give it its own mkdtemp dir.
-    """
-
-    workdir: Path
-    port: int = 0
-    bin_dir: Path | None = None
+    def __init__(self) -> None:
+        self.server = PostgresServer()
 
     @property
     def url(self) -> str:
         """libpq URL of the maintenance database."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def start(self) -> None:
-        """initdb and start; only the port, socket dir and connection limit are changed."""
-        self.bin_dir = _pg_bin_dir()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        data, sock = self.workdir / "data", self.workdir / "sock"
-        sock.mkdir(exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(self.workdir, "postgres")
-            shutil.chown(sock, "postgres")
-        self.port = free_port()
-        log = self.workdir / "postgres.log"
-        init = subprocess.run(
-            _as_postgres(
-                [
-                    str(self.bin_dir / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                ]
-            ),
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        if init.returncode != 0:
-            raise ServerError(f"initdb failed:\n{init.stderr.decode(errors='replace')}")
-        opts = f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        proc = subprocess.run(
-            _as_postgres(
-                [
-                    str(self.bin_dir / "pg_ctl"),
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(log),
-                    "-o",
-                    opts,
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ]
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise ServerError(f"pg_ctl start failed:\n{proc.stderr.decode()}\n{log_tail(log)}")
-
-    def stop(self) -> None:
-        """Fast shutdown; the temp dir is removed by the caller."""
-        if self.bin_dir is None:
-            return
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(self.bin_dir / "pg_ctl"),
-                    "-D",
-                    str(self.workdir / "data"),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "-t",
-                    "60",
-                    "stop",
-                ]
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
-        )
-        self.bin_dir = None
-
-
-def _stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM (a graceful shutdown flushes), then SIGKILL if it hangs."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-@dataclass
-class Redis:
-    """A private Redis with persistence off (the service treats Redis as a cache tier)."""
-
-    workdir: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+        return self.server.plain_url("postgres")
 
     @property
-    def url(self) -> str:
-        """redis-py URL."""
-        return f"redis://127.0.0.1:{self.port}/0"
+    def postmaster_pid_file(self) -> Path:
+        return self.server.data_dir / "postmaster.pid"
 
     def start(self) -> None:
-        """Start and wait until it accepts a PING."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        log = self.workdir / "redis.log"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    "/usr/bin/redis-server",
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.workdir),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"redis-server exited:\n{log_tail(log)}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
-            ):
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-            time.sleep(0.05)
-        raise ServerError(f"redis-server did not answer PING:\n{log_tail(log)}")
+        self.server.start()
 
     def stop(self) -> None:
-        """Stop the process we started."""
-        if self.proc is not None:
-            _stop_process(self.proc)
-            self.proc = None
+        """Stop it and remove its files."""
+        self.server.close()
+
+
+# The tests' Redis, persistence off (the service treats Redis as a cache tier); close()
+# stops it and removes its files.
+Redis = RedisServer
 
 
 def database_url(base_url: str, dbname: str) -> str:
@@ -274,142 +118,62 @@ def pg_settings(url: str) -> dict[str, str]:
     return out
 
 
-@dataclass
-class CheckpointService:
-    """One `python -m checkpoint_svc` subprocess."""
+class CheckpointService(CheckpointServiceProcess):
+    """One `python -m checkpoint_svc`, on a libpq URL, with the documented flags."""
 
-    name: str
-    db_url: str
-    redis_url: str | None
-    single_writer: bool | None  # None: leave it to the service's default (auto)
-    workdir: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    metrics_port: int = 0  # serve Prometheus metrics there (0: off)
-
-    @property
-    def target(self) -> str:
-        """gRPC target."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        """Where its stdout and stderr go."""
-        return self.workdir / f"checkpoint_svc-{self.name}.log"
-
-    def command(self) -> list[str]:
-        """The documented CLI."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "checkpoint_svc",
-            "--listen",
-            self.target,
-            "--db",
-            asyncpg_url(self.db_url),
-        ]
-        if self.single_writer is not None:
-            cmd += ["--single-writer", "yes" if self.single_writer else "no"]
-        if self.redis_url:
-            cmd += ["--redis", self.redis_url]
-        if self.metrics_port:
-            cmd += ["--metrics-port", str(self.metrics_port)]
-        return cmd
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start and wait for grpc.health.v1 SERVING."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = _spawn(self.command(), self.log)
-        _wait_serving(
-            self.proc, self.target, f"checkpoint_svc[{self.name}]", self.log, timeout, self.stop
-        )
-
-    def stop(self) -> None:
-        """Graceful stop of the process we started."""
-        if self.proc is not None:
-            _stop_process(self.proc)
-            self.proc = None
-
-
-@dataclass
-class EngineService:
-    """One `python -m engine_svc` subprocess, with its defaults except the two addresses."""
-
-    checkpoint_target: str
-    workdir: Path
-    extra_args: tuple[str, ...] = ()  # more of the documented flags
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    def __init__(
+        self,
+        name: str,
+        db_url: str,
+        redis_url: str | None,
+        single_writer: bool | None,  # None: leave it to the service's default (auto)
+        workdir: Path,
+        metrics_port: int = 0,  # serve Prometheus metrics there (0: off)
+    ) -> None:
+        extra = []
+        if single_writer is not None:
+            extra += ["--single-writer", "yes" if single_writer else "no"]
+        if metrics_port:
+            extra += ["--metrics-port", str(metrics_port)]
+        super().__init__(asyncpg_url(db_url), redis_url, log_dir=workdir, extra_args=extra)
+        self.name = name
+        self.metrics_port = metrics_port
 
     @property
     def target(self) -> str:
         """gRPC target."""
-        return f"127.0.0.1:{self.port}"
+        return self.address
 
-    @property
-    def log(self) -> Path:
-        """Where its stdout and stderr go."""
-        return self.workdir / "engine_svc.log"
-
-    def command(self) -> list[str]:
-        """The documented CLI."""
-        return [
-            sys.executable,
-            "-m",
-            "engine_svc",
-            "--listen",
-            self.target,
-            "--checkpoint",
-            self.checkpoint_target,
-            *self.extra_args,
-        ]
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start and wait for grpc.health.v1 SERVING."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = _spawn(self.command(), self.log)
-        _wait_serving(self.proc, self.target, "engine_svc", self.log, timeout, self.stop)
+    def start(self, timeout: float = 60.0, *, require_serving: bool = True) -> None:
+        try:
+            super().start(timeout, require_serving=require_serving)
+        except RuntimeError as exc:
+            raise ServerError(str(exc)) from exc
 
     def stop(self) -> None:
-        """Graceful stop of the process we started."""
-        if self.proc is not None:
-            _stop_process(self.proc)
-            self.proc = None
+        """Graceful stop (a graceful shutdown flushes)."""
+        self.terminate()
 
 
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start a service from the repo root, its output in `log`, in its own session."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+class EngineService(EngineServiceProcess):
+    """One `python -m engine_svc`, with its defaults except the two addresses."""
 
+    def __init__(
+        self, checkpoint_target: str, workdir: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(checkpoint_target, log_dir=workdir, extra_args=extra_args)
 
-def _wait_serving(
-    proc: subprocess.Popen[bytes],
-    target: str,
-    what: str,
-    log: Path,
-    timeout: float,
-    stop: Callable[[], None],
-) -> None:
-    """Poll grpc.health.v1 until SERVING; on death or timeout stop it and raise with its log."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise ServerError(f"{what} exited with {proc.returncode}:\n{log_tail(log)}")
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as exc:
-                last = f"{exc.code().name}: {exc.details()}"
-            time.sleep(0.1)
-    stop()
-    raise ServerError(f"{what} not SERVING after {timeout:.0f}s ({last}):\n{log_tail(log)}")
+    @property
+    def target(self) -> str:
+        """gRPC target."""
+        return self.address
+
+    def start(self, timeout: float = 60.0, *, require_serving: bool = True) -> None:
+        try:
+            super().start(timeout, require_serving=require_serving)
+        except RuntimeError as exc:
+            raise ServerError(str(exc)) from exc
+
+    def stop(self) -> None:
+        """Graceful stop."""
+        self.terminate()

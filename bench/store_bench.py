@@ -814,9 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pg_url:
             admin_url = args.pg_url
         else:
-            pg_dir = Path(tempfile.mkdtemp(prefix="store-bench-pg-"))
-            stack.callback(shutil.rmtree, pg_dir, True)
-            pg = servers.Postgres(pg_dir)
+            pg = servers.Postgres()
             stack.callback(pg.stop)
             print("starting PostgreSQL ...", flush=True)
             pg.start()
@@ -844,8 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only in ("all", "ours"):
             redis_url = args.redis_url
             if redis_url is None:
-                redis = servers.Redis(workdir / "redis")
-                stack.callback(redis.stop)
+                redis = servers.Redis()
+                stack.callback(redis.close)
                 print("starting Redis ...", flush=True)
                 redis.start()
                 redis_url = redis.url

@@ -9,11 +9,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workflow_rpc.settings import LogLevel
 from workflow_rpc.settings import parse_settings as parse_service_settings
 
 __all__ = ["DEFAULT_DB_URL", "Settings", "parse_settings"]
 
 DEFAULT_DB_URL = "sqlite+aiosqlite:///./data/checkpoints.db"
+_YES_NO = {"true": "yes", "on": "yes", "1": "yes", "false": "no", "off": "no", "0": "no"}
 
 
 class Settings(BaseSettings):
@@ -74,9 +76,7 @@ class Settings(BaseSettings):
         ge=0,
         description="on SIGTERM, seconds the last calls and queued writes get to finish",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="the lowest level logged"
-    )
+    log_level: LogLevel = Field("INFO", description="the lowest level logged")
     metrics_port: int = Field(
         0,
         ge=0,
@@ -92,15 +92,13 @@ class Settings(BaseSettings):
     @field_validator("single_writer", mode="before")
     @classmethod
     def _yes_or_no(cls, value: object) -> object:
-        """True and False as well, for settings made in code."""
+        """Any case, and true/false, on/off, 1/0 (and bools, in code) as yes and no."""
         if isinstance(value, bool):
             return "yes" if value else "no"
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return _YES_NO.get(value, value)
         return value
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
 
     @property
     def is_sqlite(self) -> bool:

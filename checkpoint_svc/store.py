@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uuid6
 
@@ -53,8 +53,10 @@ from checkpoint_svc.ops import (
 )
 from checkpoint_svc.tiers import StateCache
 from checkpoint_svc.tiers.memory import MemoryTier
-from checkpoint_svc.tiers.redis import RedisTier
 from checkpoint_svc.tiers.sql import Batch, SqlTier, ThreadFilter
+
+if TYPE_CHECKING:
+    from checkpoint_svc.tiers.redis import RedisTier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,9 +96,12 @@ class CheckpointStore:
         self.memory = MemoryTier(
             int(settings.memory_mib * 1024 * 1024), answers_heads=settings.memory_answers_heads
         )
-        self.redis = (
-            RedisTier(settings.redis_url, settings.redis_ttl) if settings.redis_url else None
-        )
+        self.redis: RedisTier | None = None
+        if settings.redis_url:
+            # Imported here: redis is a tenth of a start-up without Redis (the embedded default).
+            from checkpoint_svc.tiers.redis import RedisTier
+
+            self.redis = RedisTier(settings.redis_url, settings.redis_ttl)
         # The tiers that may supply a state SQL named, fastest first.
         self._caches: list[StateCache] = [self.memory] + ([self.redis] if self.redis else [])
         self.committer = GroupCommitter(

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from workflow_rpc.settings import LogLevel
 from workflow_rpc.settings import parse_settings as parse_service_settings
 
 __all__ = ["Settings", "parse_settings"]
@@ -74,9 +75,7 @@ class Settings(BaseSettings):
         le=65535,
         description="serve Prometheus metrics on this port, on the --listen host (0 = off)",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="the lowest level logged"
-    )
+    log_level: LogLevel = Field("INFO", description="the lowest level logged")
     store_calls: Literal["session", "unary"] = Field(
         "session",
         description="how a run's saves, writes and leases reach the checkpoint service: on "
@@ -95,11 +94,6 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:

@@ -11,19 +11,16 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 from google.protobuf import json_format
 
 from engine_svc import expressions, values
+from engine_svc.node_configs import CONFIG_MODELS, config_problems
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"}
 DEFAULT_TRIGGERS = frozenset(
     {
         pb.CHECKPOINT_TRIGGER_STEP_COMPLETED,
@@ -149,111 +146,6 @@ def find_cycle(deps: dict[str, tuple[str, ...]]) -> list[str] | None:
     return None
 
 
-# ---- node type configs ----------------------------------------------------------------
-
-ConfigCheck = Callable[[dict[str, Any], str, Violations], None]
-
-
-def _number(
-    cfg: dict[str, Any], key: str, where: str, out: Violations, required: bool, minimum: float = 0.0
-) -> None:
-    value = cfg.get(key)
-    if value is None:
-        if required:
-            out.append((f"{where}.{key}", "required"))
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        out.append((f"{where}.{key}", f"must be a number >= {minimum:g}"))
-
-
-def _string(cfg: dict[str, Any], key: str, where: str, out: Violations, required: bool) -> None:
-    value = cfg.get(key)
-    if value is None:
-        if required:
-            out.append((f"{where}.{key}", "required"))
-    elif not isinstance(value, str) or not value:
-        out.append((f"{where}.{key}", "must be a non-empty string"))
-
-
-def _check_sleep(cfg: dict[str, Any], where: str, out: Violations) -> None:
-    _number(cfg, "seconds", where, out, required=True)
-
-
-def _check_transform(cfg: dict[str, Any], where: str, out: Violations) -> None:
-    expr = cfg.get("expression")
-    if not isinstance(expr, str):
-        out.append((f"{where}.expression", "required: an expression over the run's state"))
-    elif problem := expressions.check(expr):
-        out.append((f"{where}.expression", problem))
-
-
-def _check_python(cfg: dict[str, Any], where: str, out: Violations) -> None:
-    handler = cfg.get("handler")
-    if not isinstance(handler, str) or not _HANDLER.match(handler):
-        out.append((f"{where}.handler", 'required: "module:function"'))
-
-
-def _check_http(cfg: dict[str, Any], where: str, out: Violations) -> None:
-    url = cfg.get("url")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        out.append((f"{where}.url", "required: an http:// or https:// URL"))
-    elif "${" in url:  # a template: its placeholders must be expressions; the rest is literal
-        for placeholder in expressions.PLACEHOLDER.findall(url):
-            if problem := expressions.check(placeholder):
-                out.append((f"{where}.url", f"placeholder ${{{placeholder}}}: {problem}"))
-        if "${" in expressions.PLACEHOLDER.sub("", url):
-            out.append((f"{where}.url", "an unclosed (or empty) ${ placeholder"))
-    else:
-        try:
-            parsed = urlparse(url)
-            parsed.port  # noqa: B018 (raises on a bad port)
-        except ValueError as exc:
-            out.append((f"{where}.url", f"not a URL: {exc}"))
-        else:
-            if not parsed.netloc:
-                out.append((f"{where}.url", "required: an http:// or https:// URL"))
-    if "timeout_seconds" in cfg:
-        _number(cfg, "timeout_seconds", where, out, required=False, minimum=0.001)
-    method = cfg.get("method", "GET")
-    if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
-        out.append((f"{where}.method", f"one of {', '.join(sorted(HTTP_METHODS))}"))
-    status = cfg.get("expect_status")
-    statuses = status if isinstance(status, list) else [status] if status is not None else []
-    if any(
-        isinstance(s, bool) or not isinstance(s, int | float) or not 100 <= s <= 599
-        for s in statuses
-    ):
-        out.append((f"{where}.expect_status", "an HTTP status (100-599) or a list of them"))
-
-
-def _check_approval(cfg: dict[str, Any], where: str, out: Violations) -> None:
-    _string(cfg, "prompt", where, out, required=True)
-
-
-def _check_subworkflow(cfg: dict[str, Any], where: str, out: Violations) -> None:
-    _string(cfg, "workflow_id", where, out, required=True)
-    _number(cfg, "version", where, out, required=False)
-
-
-def _check_rollback(cfg: dict[str, Any], where: str, out: Violations) -> None:
-    _string(cfg, "workflow_id", where, out, required=True)
-    _number(cfg, "version", where, out, required=True, minimum=1)
-    if "reason" in cfg and not isinstance(cfg["reason"], str):
-        out.append((f"{where}.reason", "must be a string"))
-
-
-CONFIG_CHECKS: dict[str, ConfigCheck] = {
-    "noop": lambda cfg, where, out: None,
-    "sleep": _check_sleep,
-    "transform": _check_transform,
-    "python": _check_python,
-    "http": _check_http,
-    "approval": _check_approval,
-    "subworkflow": _check_subworkflow,
-    "rollback": _check_rollback,
-}
-
-
 # ---- parsing ----------------------------------------------------------------------------
 
 
@@ -300,11 +192,11 @@ def parse(msg: pb.WorkflowDefinition) -> Workflow:
             out.append((f"{where}.id", f"duplicate of nodes[{seen[n.id]}]"))
         else:
             seen[n.id] = i
-        if n.type not in CONFIG_CHECKS:
+        if n.type not in CONFIG_MODELS:
             out.append(
                 (
                     f"{where}.type",
-                    f"unknown node type {n.type!r}; one of " + ", ".join(sorted(CONFIG_CHECKS)),
+                    f"unknown node type {n.type!r}; one of " + ", ".join(sorted(CONFIG_MODELS)),
                 )
             )
         if len(n.depends_on) > MAX_NODES:
@@ -314,8 +206,8 @@ def parse(msg: pb.WorkflowDefinition) -> Workflow:
             out.append(bad)
         else:
             config = json_format.MessageToDict(n.config)
-        if n.type in CONFIG_CHECKS and not bad:
-            CONFIG_CHECKS[n.type](config, f"{where}.config", out)
+        if n.type in CONFIG_MODELS and not bad:
+            out.extend(config_problems(n.type, config, f"{where}.config"))
         if n.when and (problem := expressions.check(n.when)):
             out.append((f"{where}.when", problem))
         retry = _retry(n, where, out)

@@ -55,6 +55,9 @@ class Backend:
         self._db_url = db_url
         self.redis_url = redis_url
 
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
     @functools.cached_property
     def db_url(self) -> str:
         """The SQLAlchemy URL (a PostgreSQL database is created on first use)."""

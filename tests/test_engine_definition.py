@@ -97,6 +97,33 @@ def test_every_problem_is_reported_with_its_field() -> None:
     assert "checkpoint.interval" in found
 
 
+def test_configs_are_checked_against_their_declared_models() -> None:
+    """Issue 12: node configs validated by declared models (engine_svc/node_configs.py): a key
+    a type does not take is refused (a typo is not a setting silently ignored), JSON types
+    are strict, whole numbers must be whole."""
+    found = violations(
+        definition(
+            [
+                {"id": "a", "type": "sleep", "config": {"secconds": 1}},
+                {"id": "b", "type": "sleep", "config": {"seconds": True}},
+                {"id": "c", "type": "rollback", "config": {"workflow_id": "w", "version": 1.5}},
+                {"id": "d", "type": "noop", "config": {"x": 1}},
+                {"id": "e", "type": "http", "config": {"url": "https://x", "expect_status": [99]}},
+                {"id": "f", "type": "approval", "config": {"prompt": 7}},
+            ]
+        )
+    )
+    assert found["nodes[0].config.seconds"] == "required"
+    assert found["nodes[0].config.secconds"] == (
+        "not a setting of sleep nodes (they take: seconds)"
+    )
+    assert found["nodes[1].config.seconds"] == "Input should be a valid number"
+    assert found["nodes[2].config.version"] == "must be a whole number"
+    assert "not a setting of noop nodes" in found["nodes[3].config.x"]
+    assert "HTTP status" in found["nodes[4].config.expect_status"]
+    assert found["nodes[5].config.prompt"] == "Input should be a valid string"
+
+
 def test_cycles_are_named() -> None:
     found = violations(
         definition(

@@ -515,9 +515,17 @@ def test_node_package_installs_and_works_outside_the_repo(
     pack_dir, app = tmp_path / "pack", tmp_path / "app"
     pack_dir.mkdir()
     app.mkdir()
+    # Packed from a copy laid out as the repository is: prepack's protos/ next to client.js
+    # would otherwise show, for a moment, to the Node processes of other tests.
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT / "protos", source / "protos")
+    shutil.copytree(
+        REPO_ROOT / "clients" / "node", source / "clients" / "node",
+        ignore=shutil.ignore_patterns("node_modules", "protos", "*.tgz"),
+    )  # fmt: skip
     packed = subprocess.run(
         [npm, "pack", "--json", "--pack-destination", str(pack_dir)],
-        cwd=REPO_ROOT / "clients" / "node", capture_output=True, text=True, timeout=60,
+        cwd=source / "clients" / "node", capture_output=True, text=True, timeout=60,
         stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
     assert packed.returncode == 0, packed
@@ -527,7 +535,7 @@ def test_node_package_installs_and_works_outside_the_repo(
         "package.json", "README.md", "client.js", "watch.js", "example.js",
         "protos/engine/v1/engine.proto",
     }  # fmt: skip
-    assert not (REPO_ROOT / "clients" / "node" / "protos").exists(), "postpack removes the copy"
+    assert not (source / "clients" / "node" / "protos").exists(), "postpack removes the copy"
 
     (app / "package.json").write_text('{"name": "app", "private": true}\n')
     installed = subprocess.run(

@@ -12,11 +12,13 @@ from tests.servers import checkpoint_stub, free_port
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 
-async def test_concurrent_saves_share_commits(stub) -> None:
-    s, md = stub
+async def test_concurrent_saves_share_commits(service, tenant) -> None:
+    """On a service of its own (not the shared one): it counts every commit the service makes."""
+    channel, s, md = await checkpoint_stub(service.address, tenant)
     before = await s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
     await asyncio.gather(*(save(s, md, f"gc-{i}", {"i": i}) for i in range(64)))
     after = await s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
+    await channel.close()
     operations = after.committed_operations - before.committed_operations
     commits = after.commits - before.commits
     assert operations == 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import grpc
 
@@ -222,7 +223,7 @@ async def test_retried_request_id_writes_once(stub) -> None:
 async def test_tenants_are_isolated(stub) -> None:
     s, md = stub
     await save(s, md, "shared-name", {"owner": "me"})
-    other = (("x-tenant-id", "someone-else"),)
+    other = (("x-tenant-id", f"other-{uuid.uuid4().hex[:12]}"),)
     assert await code_of(restore(s, other, "shared-name")) == grpc.StatusCode.NOT_FOUND
     await save(s, other, "shared-name", {"owner": "them"})
     assert state_of(await restore(s, md, "shared-name")) == {"owner": "me"}

@@ -138,6 +138,13 @@ async def test_retention_prunes_old_checkpoints_but_never_an_active_head(
         for i in range(5)
     ]
     assert all(not d.HasField("expires_at") for d in defs[:1])
+    # A thread deleted forgets its retention: saved again without the flag, it is pruned.
+    await save(s, md, "reborn", {"v": 0}, ns="defs", keep_forever=True)
+    await s.DeleteThread(pb.DeleteThreadRequest(namespace="defs", thread_id="reborn"), metadata=md)
+    reborn = [
+        (await save(s, md, "reborn", {"v": i}, ns="defs")).checkpoint.checkpoint_id
+        for i in range(5)
+    ]
     # The engine's namespace is no special case: without the flag it is pruned as any other.
     plain = [
         (await save(s, md, "wf-2", {"v": i}, ns="workflows")).checkpoint.checkpoint_id
@@ -160,6 +167,8 @@ async def test_retention_prunes_old_checkpoints_but_never_an_active_head(
     assert [c.checkpoint_id for c in kept.checkpoints] == [d.checkpoint_id for d in defs[::-1]]
     pruned = await s.List(pb.ListRequest(namespace="workflows", thread_id="wf-2"), metadata=md)
     assert [c.checkpoint_id for c in pruned.checkpoints] == plain[-1:], "only its head is left"
+    again = await s.List(pb.ListRequest(namespace="defs", thread_id="reborn"), metadata=md)
+    assert [c.checkpoint_id for c in again.checkpoints] == reborn[-1:]
     await channel.close()
 
 

@@ -195,7 +195,7 @@ DELETE_THREAD_EVENTS = "DELETE FROM events WHERE tenant = $1 AND namespace = $2 
 # The row stays as a tombstone (see sql.TOMBSTONE_THREAD).
 TOMBSTONE_THREAD = """
 UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', workflow_version = 0,
-    lease_owner = '', lease_expires_at = 0, updated_at = $4
+    lease_owner = '', lease_expires_at = 0, keep_last = 0, keep_forever = 0, updated_at = $4
 WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"""
 
 

@@ -233,7 +233,7 @@ DELETE_THREAD_ROWS = [
 # a zombie holding an old token, or a watcher holding an old cursor, stays behind.
 TOMBSTONE_THREAD = f"""
 UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', workflow_version = 0,
-    lease_owner = '', lease_expires_at = 0, updated_at = :now
+    lease_owner = '', lease_expires_at = 0, keep_last = 0, keep_forever = 0, updated_at = :now
 WHERE {_KEY}"""
 DELETE_NEW_THREAD = f"DELETE FROM threads WHERE {_KEY}"
 DELETE_THREAD_CHECKPOINTS = f"DELETE FROM checkpoints WHERE {_KEY}"

@@ -49,11 +49,11 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def retrying_unavailable() -> AsyncRetrying:
+def retrying_unavailable(attempts: int = RETRY_ATTEMPTS) -> AsyncRetrying:
     """RETRY_POLICY for calls gRPC does not retry itself (those of a Session stream)."""
     return AsyncRetrying(
         retry=retry_if_exception(unavailable),
-        stop=stop_after_attempt(RETRY_ATTEMPTS),
+        stop=stop_after_attempt(attempts),
         wait=wait_exponential(multiplier=RETRY_INITIAL_BACKOFF, max=RETRY_MAX_BACKOFF),
         reraise=True,
     )

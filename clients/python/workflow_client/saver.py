@@ -33,7 +33,13 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from workflow_client.connection import Connection, retrying_unavailable
+from workflow_client.connection import (
+    RETRY_ATTEMPTS,
+    RETRY_INITIAL_BACKOFF,
+    Connection,
+    retrying_unavailable,
+    unavailable,
+)
 from workflow_client.errors import from_rpc_error
 from workflow_client.store_session import StoreSession
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
@@ -141,9 +147,13 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
     async def _hot(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """A call on the session, retried while the store is UNAVAILABLE (what gRPC's retry
         policy does for the unary calls; each of these calls is safe to repeat)."""
-        if not self._use_session:
+        try:  # the first attempt without the retry machinery: most calls need no more
             return await call()
-        async for attempt in retrying_unavailable():
+        except grpc.aio.AioRpcError as exc:
+            if not self._use_session or not unavailable(exc):
+                raise
+        await asyncio.sleep(RETRY_INITIAL_BACKOFF)
+        async for attempt in retrying_unavailable(RETRY_ATTEMPTS - 1):
             with attempt:
                 return await call()
         raise AssertionError("unreachable")

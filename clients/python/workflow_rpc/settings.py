@@ -9,12 +9,25 @@ one line per bad setting, not a traceback.
 from __future__ import annotations
 
 import sys
-from typing import NoReturn, TypeVar
+from typing import Annotated, Literal, NoReturn, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsError
 
-__all__ = ["env_names", "flag_of", "parse_settings"]
+__all__ = ["LogLevel", "env_names", "flag_of", "parse_settings"]
+
+
+def _log_level(value: object) -> object:
+    if isinstance(value, str):
+        value = value.strip().upper()
+        return "WARNING" if value == "WARN" else value
+    return value
+
+
+# The lowest level a service logs, in any case (WARN for WARNING, as logging takes it).
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_log_level)
+]
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
