@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -54,7 +55,7 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
         await asyncio.sleep(0.5)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -> None:
     store = CheckpointStore(settings)
     reporter: asyncio.Task[None] | None = None
 
@@ -88,6 +89,7 @@ async def serve(settings: Settings) -> None:
             "redis": redacted(settings.redis_url) if settings.redis_url else None,
             "single_writer": settings.memory_answers_heads,
         },
+        stopped=stopped,
     )
 
 

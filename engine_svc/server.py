@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -17,7 +18,7 @@ from workflow_stubs.engine.v1 import engine_pb2, engine_pb2_grpc
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -> None:
     engine = Engine(settings)
 
     async def start(health_servicer: health.aio.HealthServicer) -> None:
@@ -39,6 +40,7 @@ async def serve(settings: Settings) -> None:
         start=start,
         stop=stop,
         listening={"owner": settings.owner, "checkpoint": settings.checkpoint_addr},
+        stopped=stopped,
     )
 
 

@@ -10,8 +10,11 @@ Fixtures
   ``db_url`` is first read: a test on the shared service creates none).
 - ``tenant``: a unique tenant id; tests isolate themselves by tenant (Redis is shared).
 - ``service_factory``: ``(backend, *extra_args, start=True, timeout=30.0, port=None,
-  env=None) -> CheckpointServiceProcess``; everything it started is terminated at teardown.
-- ``service``: one started service on ``backend``, the test's own.
+  env=None, in_process=False) -> CheckpointServiceProcess`` (an InProcessCheckpointService
+  with ``in_process``); everything it started is terminated at teardown.
+- ``service``: one started service on ``backend``, the test's own, in this process (a thread
+  of its own): for tests that neither kill nor signal it.
+- ``service_process``: the same as a process of its own, for crashes, SIGTERM and restarts.
 - ``shared_service``: a default service on ``backend``'s kind, shared by the session's tests
   (of one xdist worker) that isolate themselves by tenant; started again if a test left it,
   PostgreSQL or Redis stopped or restarted.
@@ -32,6 +35,7 @@ import pytest
 from tests.servers import (
     CheckpointServiceProcess,
     EngineServiceProcess,
+    InProcessCheckpointService,
     Metadata,
     PostgresServer,
     RedisServer,
@@ -136,15 +140,23 @@ def service_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         timeout: float = 30.0,
         port: int | None = None,
         env: Mapping[str, str] | None = None,
+        in_process: bool = False,
     ) -> CheckpointServiceProcess:
-        proc = CheckpointServiceProcess(
-            backend.db_url,
-            backend.redis_url,
-            log_dir=tmp_path,
-            extra_args=extra_args,
-            port=port,
-            env=env,
-        )
+        proc: CheckpointServiceProcess
+        if in_process:
+            assert env is None, "a service in this process has this process's environment"
+            proc = InProcessCheckpointService(  # type: ignore[assignment]
+                backend.db_url, backend.redis_url, extra_args=extra_args, port=port
+            )
+        else:
+            proc = CheckpointServiceProcess(
+                backend.db_url,
+                backend.redis_url,
+                log_dir=tmp_path,
+                extra_args=extra_args,
+                port=port,
+                env=env,
+            )
         started.append(proc)
         request.node.stash[_SERVICES].append(proc)
         if start:
@@ -184,7 +196,14 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., EngineServiceProces
 
 @pytest.fixture
 def service(service_factory: ServiceFactory, backend: Backend) -> CheckpointServiceProcess:
-    """One checkpoint service, started on ``backend``."""
+    """One checkpoint service of the test's own, started on ``backend``, in this process."""
+    return service_factory(backend, in_process=True)
+
+
+@pytest.fixture
+def service_process(service_factory: ServiceFactory, backend: Backend) -> CheckpointServiceProcess:
+    """One checkpoint service of the test's own, started on ``backend``, as a process: to
+    kill, signal or restart."""
     return service_factory(backend)
 
 

@@ -888,3 +888,128 @@ class EngineServiceProcess(CheckpointServiceProcess):
             "--checkpoint", self.checkpoint_address,
             *self.extra_args,
         ]  # fmt: skip
+
+
+class InProcessCheckpointService:
+    """checkpoint_svc in this process, on an event loop of its own in a thread: the settings
+    parser, store, servicer and gRPC server of ``python -m checkpoint_svc``, without a
+    process's start-up (about a second of CPU: imports and migrations in a new interpreter).
+
+    For tests that talk to a service but neither kill it nor signal it; ``kill()`` refuses, as
+    a crash needs a process (CheckpointServiceProcess). A restart is a new store on the same
+    port and database. Its logs go to this process's logging (pytest shows them on failure).
+    """
+
+    module = "checkpoint_svc (in process)"
+
+    def __init__(
+        self,
+        db_url: str,
+        redis_url: str | None = None,
+        *,
+        extra_args: Sequence[str] = (),
+        port: int | None = None,
+    ) -> None:
+        self.db_url = db_url
+        self.redis_url = redis_url
+        self.extra_args = list(extra_args)
+        self.port = port or free_port()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def log_tail(self, n: int = 50) -> str:
+        return "(in this process: its log records are in the test's captured logging)"
+
+    def start(self, timeout: float = 30.0, *, require_serving: bool = True) -> None:
+        """Start it and wait until its health check says SERVING."""
+        if self.running:
+            raise RuntimeError(f"{self.module} on {self.address} is already running")
+        from checkpoint_svc.config import parse_settings
+
+        argv = ["--listen", self.address, "--db", self.db_url, *self.extra_args]
+        if self.redis_url:
+            argv += ["--redis", self.redis_url]
+        settings = parse_settings(argv)
+        self._failure = None
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(settings, started), name=f"checkpoint_svc-{self.port}"
+        )
+        self._thread.start()
+        started.wait(timeout)
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address, options=GRPC_TEST_OPTIONS) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if not self.running:
+                    raise RuntimeError(f"{self.module} stopped early: {self._failure!r}")
+                if time.monotonic() > deadline:
+                    self.terminate()
+                    raise RuntimeError(f"{self.module} not SERVING after {timeout}s")
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                except grpc.RpcError:
+                    time.sleep(0.02)
+                    continue
+                if not require_serving or status.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                time.sleep(0.02)
+
+    def _run(self, settings: Any, started: threading.Event) -> None:
+        from checkpoint_svc.server import serve
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            started.set()
+            await serve(settings, stopped=self._stop.wait())
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # SystemExit from a port in use, or a bug: start() says
+            self._failure = exc
+
+    def terminate(self, timeout: float = 15.0) -> int | None:
+        """A graceful stop, as SIGTERM gives a process; 0 once it is over."""
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None:
+            return 0
+        if thread.is_alive() and loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError(f"{self.module} on {self.address} did not stop in {timeout}s")
+        self._thread = self._loop = self._stop = None
+        return 0
+
+    def kill(self) -> None:
+        raise RuntimeError("an in-process service cannot be killed: start a process for that")
+
+    def restart(self, timeout: float = 30.0, *, graceful: bool = True) -> None:
+        if not graceful:
+            self.kill()
+        self.terminate()
+        self.start(timeout)
+
+    async def astart(self, timeout: float = 30.0, *, require_serving: bool = True) -> None:  # noqa: ASYNC109
+        await asyncio.to_thread(self.start, timeout, require_serving=require_serving)
+
+    async def aterminate(self, timeout: float = 15.0) -> int | None:  # noqa: ASYNC109
+        return await asyncio.to_thread(self.terminate, timeout)
+
+    async def akill(self) -> None:
+        self.kill()
+
+    async def arestart(self, timeout: float = 30.0, *, graceful: bool = True) -> None:  # noqa: ASYNC109
+        await asyncio.to_thread(self.restart, timeout, graceful=graceful)

@@ -105,10 +105,11 @@ async def test_namespaces_as_long_as_langgraph_makes_them(stub) -> None:
 
 @pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
 async def test_a_crash_between_commit_and_redis_never_leaves_a_stale_head(
-    service, backend, tenant
+    service_process, backend, tenant
 ) -> None:
     """SIGKILL after a batch's COMMIT but before its Redis update: the restarted service must
     answer SQL's head (a client that restores and saves on it makes progress)."""
+    service = service_process
     channel, s, md = await checkpoint_stub(service.address, tenant)
     redis = aioredis.Redis.from_url(backend.redis_url)
     try:
@@ -142,11 +143,12 @@ async def test_a_crash_between_commit_and_redis_never_leaves_a_stale_head(
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
 async def test_kill_9_under_load_then_every_thread_restores_sqls_head_and_chains(
-    service, backend, tenant
+    service_process, backend, tenant
 ) -> None:
     """Concurrent savers on many threads, the service SIGKILLed at random moments: after each
     restart every thread's Restore equals SQL's head, holds every acknowledged save, and a
     Save chained on it (expected_parent_id) succeeds."""
+    service = service_process
     threads = [f"k{i}" for i in range(12)]
     acked: dict[str, list[str]] = {t: [] for t in threads}
     rng = random.Random(10)

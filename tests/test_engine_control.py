@@ -374,8 +374,9 @@ async def test_triggers_progress_and_eta(service, engine_factory, tenant) -> Non
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_checkpoint_service_restarted_mid_run(
-    service, engine_factory, tenant, tmp_path
+    service_process, engine_factory, tenant, tmp_path
 ) -> None:
+    service = service_process
     log_file = tmp_path / "executions.log"
     log_file.write_text("")
     engine = engine_factory(service, *HANDLERS, env={"ENGINE_TEST_LOG": str(log_file)})

@@ -42,8 +42,9 @@ async def _wait_for_grpc_health(health, name: str, wanted: int, within: float = 
 
 @pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
 async def test_redis_stopped_mid_test_no_failed_save_then_recovery(
-    service, backend, redis_server, tenant
+    service_process, backend, redis_server, tenant
 ) -> None:
+    service = service_process
     channel, s, md = await checkpoint_stub(service.address, tenant)
     health = health_pb2_grpc.HealthStub(channel)
     redis_name = "checkpoint.v1.CheckpointService/redis"
@@ -152,8 +153,9 @@ async def test_sql_down_fails_saves_fast_with_unavailable_then_recovers(
 
 
 async def test_kill_9_under_concurrent_saves_loses_no_acknowledged_save(
-    service, backend, tenant
+    service_process, backend, tenant
 ) -> None:
+    service = service_process
     channel, s, md = await checkpoint_stub(service.address, tenant)
     acked: dict[str, list[tuple[str, int]]] = {}
     clients = 16
@@ -202,7 +204,8 @@ async def test_kill_9_under_concurrent_saves_loses_no_acknowledged_save(
     await channel.close()
 
 
-async def test_async_saves_are_flushed_on_sigterm(service, backend, tenant) -> None:
+async def test_async_saves_are_flushed_on_sigterm(service_process, backend, tenant) -> None:
+    service = service_process
     channel, s, md = await checkpoint_stub(service.address, tenant)
     responses = await asyncio.gather(
         *(save(s, md, f"wb-{i % 4}", {"i": i}, durability=pb.DURABILITY_ASYNC) for i in range(200))

@@ -43,7 +43,8 @@ async def test_prometheus_metrics(service_factory, backend, tenant) -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-async def test_sigterm_exits_cleanly(service, tenant) -> None:
+async def test_sigterm_exits_cleanly(service_process, tenant) -> None:
+    service = service_process
     channel, s, md = await checkpoint_stub(service.address, tenant)
     await save(s, md, "bye")
     await channel.close()

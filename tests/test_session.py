@@ -250,9 +250,12 @@ async def test_malformed_bytes_end_the_stream_with_invalid_argument(service, ten
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-async def test_calls_in_flight_fail_unavailable_when_the_store_dies(service, tenant) -> None:
+async def test_calls_in_flight_fail_unavailable_when_the_store_dies(
+    service_process, tenant
+) -> None:
     """Killed with SIGKILL under load: every call in flight fails UNAVAILABLE (none hangs,
     none fails otherwise), and once the store is back the next call opens a new stream."""
+    service = service_process
     channel, stub, md = await checkpoint_stub(service.address, tenant)
     session = StoreSession(stub=stub, metadata=md)
     try:

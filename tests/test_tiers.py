@@ -15,9 +15,10 @@ from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 
 @pytest.mark.parametrize("backend", ["postgres+redis"], indirect=True)
-async def test_restore_after_restart_from_redis_then_sql(service, backend, tenant) -> None:
+async def test_restore_after_restart_from_redis_then_sql(service_process, backend, tenant) -> None:
     """States too big to come back with the query that names a checkpoint (the hot path on
     PostgreSQL, docs/checkpoint-service.md) are what the caches hold."""
+    service = service_process
     channel, s, md = await checkpoint_stub(service.address, tenant)
     pad = "x" * 70_000
     ids = [

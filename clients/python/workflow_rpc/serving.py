@@ -87,11 +87,14 @@ async def serve_until_stopped(
     stop: Callable[[grpc.aio.Server], Awaitable[None]],
     options: Sequence[tuple[str, Any]] = (),
     listening: Mapping[str, Any] | None = None,
+    stopped: Awaitable[None] | None = None,
 ) -> None:
     """One of our services from start to stop: the server with its servicers, health,
     reflection and the malformed-request interceptor; the port taken before anything else
     (a second process on it stops there); metrics; `start` (given the health servicer);
-    serving until SIGTERM or SIGINT; then health NOT_SERVING and `stop` (given the server)."""
+    serving until SIGTERM or SIGINT (or `stopped`, for a service run inside another
+    process, which has no signals of its own); then health NOT_SERVING and `stop` (given the
+    server)."""
     log = logging.getLogger(what)
     server = grpc.aio.server(
         interceptors=[RejectMalformedRequests()], options=[EXCLUSIVE_PORT, *options]
@@ -104,7 +107,7 @@ async def serve_until_stopped(
     await start(health_servicer)
     await server.start()
     log.info("listening", extra={"listen": listen_address, **(listening or {})})
-    await until_stopped()
+    await (stopped if stopped is not None else until_stopped())
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     await stop(server)
