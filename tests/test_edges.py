@@ -634,6 +634,35 @@ def test_the_memory_tier_counts_all_it_holds() -> None:
     assert held < 3 * budget, f"{held / 2**20:.0f} MiB held for a {budget / 2**20:.0f} MiB tier"
 
 
+def test_the_memory_tier_evicts_a_body_with_its_writes_and_skips_one_too_large() -> None:
+    """The tier is one byte-bounded LRU (cachetools): a body and its cached writes are one
+    entry, so the least recently used goes with its writes, and a write that makes an entry
+    grow counts at once; a body larger than the whole budget is not cached and evicts
+    nothing."""
+    from checkpoint_svc.tiers.memory import MemoryTier
+
+    tier = MemoryTier(100_000, answers_heads=True)
+    key = ThreadKey("t", NS, "lru")
+    first, second = (
+        Checkpoint(key=key, checkpoint_id=c, state=b"s" * 30_000, created_at=1)
+        for c in ("c1", "c2")
+    )
+    tier.put_bodies([first, second])
+    for cp in (first, second):
+        tier.start_writes(key, cp.checkpoint_id)
+    tier.add_writes(key, [_write("c1", "w", 0, b"x" * 10_000)])  # c1 now the most recent
+    assert tier.restore(key, "c1", include_writes=True) is not None
+    used = tier.used_bytes
+    assert used >= 70_000, "the write counts with its body"
+    tier.put_bodies([Checkpoint(key=key, checkpoint_id="c3", state=b"s" * 40_000, created_at=1)])
+    assert tier.body(key, "c2") is None, "the least recently used went"
+    assert tier.restore(key, "c1", include_writes=True) is not None
+    assert tier.used_bytes <= 100_000
+    before = tier.used_bytes
+    tier.put_bodies([Checkpoint(key=key, checkpoint_id="huge", state=b"s" * 200_000)])
+    assert tier.body(key, "huge") is None and tier.used_bytes == before
+
+
 async def test_writes_before_their_checkpoint_survive_retention(store, tenant) -> None:
     """Retention swept "writes whose checkpoint does not exist": writes that came before
     their checkpoint (acknowledged) were deleted by any sweep, prune or delete-for-runs."""
