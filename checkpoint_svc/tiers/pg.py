@@ -517,7 +517,10 @@ class PgBatch(Batch):
             )
             return copies
         rows = await self.conn.fetch(LOCK_THREADS, *_keys(keys))
-        threads = (_thread_from_row(ThreadKey(r[0], r[1], r[2]), tuple(r)[3:]) for r in rows)
+        threads = (
+            _thread_from_row(ThreadKey(r["tenant"], r["namespace"], r["thread_id"]), r)
+            for r in rows
+        )
         return {t.key: t for t in threads}
 
     async def _insert_threads(self, keys: list[ThreadKey]) -> None:

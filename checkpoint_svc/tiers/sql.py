@@ -13,11 +13,11 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import bindparam, event, text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import TextClause
@@ -126,7 +126,7 @@ _BEFORE_CREATED = " AND (created_at, namespace, thread_id) < (:after_at, :after_
 
 SELECT_THREADS = f"""
 SELECT tenant, namespace, thread_id, {THREAD_COLUMNS} FROM threads
-WHERE (tenant, namespace, thread_id) IN ({{keys}})
+WHERE (tenant, namespace, thread_id) IN :keys
 ORDER BY tenant, namespace, thread_id"""
 # Locks the tenant's feed row until commit, so feed_seq is dense and in commit order.
 BUMP_FEED = """
@@ -197,7 +197,7 @@ WRITE_COLUMNS = "checkpoint_id, task_id, idx, channel, value, content_type, task
 # The writes of a page of one thread id's checkpoints (across its namespaces), in one query.
 SELECT_WRITES_OF_CHECKPOINTS = f"""
 SELECT namespace, {WRITE_COLUMNS} FROM writes
-WHERE tenant = :tenant AND thread_id = :thread_id AND checkpoint_id IN ({{ids}})
+WHERE tenant = :tenant AND thread_id = :thread_id AND checkpoint_id IN :ids
 ORDER BY task_id, idx"""
 
 EVENT_COLUMNS = "namespace, thread_id, seq, feed_seq, type, time, payload, terminal"
@@ -290,9 +290,14 @@ SWEEP_OLD_BATCH_MARKERS = "DELETE FROM requests WHERE tenant = :marker AND creat
 
 
 @functools.lru_cache(maxsize=1024)
-def _sql(statement: str) -> TextClause:
-    """Parsed once: building a TextClause costs more than the round trip it describes."""
-    return text(statement)
+def _sql(statement: str, *expanding: str) -> TextClause:
+    """Parsed once: building a TextClause costs more than the round trip it describes.
+    `expanding` names the parameters that are lists, for `IN :name` (SQLAlchemy renders
+    one placeholder per item)."""
+    clause = text(statement)
+    if expanding:
+        clause = clause.bindparams(*(bindparam(name, expanding=True) for name in expanding))
+    return clause
 
 
 def _sort_key(key: ThreadKey) -> tuple[str, str, str]:
@@ -303,22 +308,24 @@ def _key_params(key: ThreadKey) -> dict[str, str]:
     return {"tenant": key.tenant, "namespace": key.namespace, "thread_id": key.thread_id}
 
 
-def _thread_from_row(key: ThreadKey, row: Row | tuple) -> Thread:
+def _thread_from_row(key: ThreadKey, row: Mapping[str, Any]) -> Thread:
+    """A threads row (THREAD_COLUMNS), read by name: a SQLAlchemy row's `_mapping` or an
+    asyncpg Record."""
     return Thread(
         key=key,
-        head_id=row[0],
-        status=ThreadStatus(row[1]),
-        workflow_id=row[2],
-        workflow_version=row[3],
-        lease_owner=row[4],
-        lease_expires_at=row[5],
-        fencing_token=row[6],
-        last_seq=row[7],
-        created_at=row[8],
-        updated_at=row[9],
-        deleted=bool(row[10]),
-        keep_last=row[11],
-        keep_forever=bool(row[12]),
+        head_id=row["head_id"],
+        status=ThreadStatus(row["status"]),
+        workflow_id=row["workflow_id"],
+        workflow_version=row["workflow_version"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        fencing_token=row["fencing_token"],
+        last_seq=row["last_seq"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        deleted=bool(row["deleted"]),
+        keep_last=row["keep_last"],
+        keep_forever=bool(row["keep_forever"]),
     )
 
 
@@ -453,7 +460,6 @@ class SqlTier:
     ) -> tuple[list[tuple[ThreadKey, str]], list[ThreadKey]]:
         """Delete the checkpoints of these runs (metadata run_id): (deleted, threads whose
         head moved back)."""
-        names = [f":run{i}" for i in range(len(run_ids))]
         run_id = (
             "json_extract(metadata, '$.run_id')"
             if self.is_sqlite
@@ -461,16 +467,12 @@ class SqlTier:
         )
         sql = (
             f"DELETE FROM checkpoints WHERE tenant = :tenant AND {_UNDER_PREFIX}"
-            f" AND {run_id} IN ({', '.join(names)})"
+            f" AND {run_id} IN :run_ids"
             " RETURNING namespace, thread_id, checkpoint_id"
         )
-        params: dict[str, Any] = {
-            "tenant": tenant,
-            **_prefix_params(prefix),
-            **{name[1:]: r for name, r in zip(names, run_ids, strict=True)},
-        }
+        params: dict[str, Any] = {"tenant": tenant, **_prefix_params(prefix), "run_ids": run_ids}
         async with self.writer.begin() as conn:
-            rows = (await conn.execute(_sql(sql), params)).all()
+            rows = (await conn.execute(_sql(sql, "run_ids"), params)).all()
             deleted = [(ThreadKey(tenant, r[0], r[1]), r[2]) for r in rows]
             moved: list[ThreadKey] = []
             for key in {k for k, _ in deleted}:
@@ -513,7 +515,7 @@ class SqlTier:
     async def get_thread(self, key: ThreadKey) -> Thread | None:
         async with self.reader.connect() as conn:
             row = (await conn.execute(_sql(SELECT_THREAD), _key_params(key))).first()
-        thread = _thread_from_row(key, row) if row else None
+        thread = _thread_from_row(key, row._mapping) if row else None
         return thread if thread is not None and not thread.deleted else None
 
     async def find_checkpoint(
@@ -612,16 +614,15 @@ class SqlTier:
         if not checkpoints:
             return []
         key = checkpoints[0].key
-        names = [f":c{i}" for i in range(len(checkpoints))]
         params = {
             "tenant": key.tenant,
             "thread_id": key.thread_id,
-            **{n[1:]: c.checkpoint_id for n, c in zip(names, checkpoints, strict=True)},
+            "ids": [c.checkpoint_id for c in checkpoints],
         }
-        sql = SELECT_WRITES_OF_CHECKPOINTS.format(ids=", ".join(names))
         found: dict[tuple[str, str], list[PendingWrite]] = {}
         async with self.reader.connect() as conn:
-            for r in (await conn.execute(_sql(sql), params)).all():
+            statement = _sql(SELECT_WRITES_OF_CHECKPOINTS, "ids")
+            for r in (await conn.execute(statement, params)).all():
                 found.setdefault((r[0], r[1]), []).append(_write_from_row(r[1:]))
         return [found.get((c.key.namespace, c.checkpoint_id), []) for c in checkpoints]
 
@@ -635,12 +636,11 @@ class SqlTier:
         if flt.namespace:
             sql += " AND namespace = :namespace"
             params["namespace"] = flt.namespace
+        expanding: tuple[str, ...] = ()
         if flt.statuses:
-            names = []
-            for i, status in enumerate(flt.statuses):
-                names.append(f":s{i}")
-                params[f"s{i}"] = int(status)
-            sql += f" AND status IN ({', '.join(names)})"
+            params["statuses"] = [int(status) for status in flt.statuses]
+            sql += " AND status IN :statuses"
+            expanding = ("statuses",)
         if flt.lease_expired_before is not None:
             sql += " AND (lease_owner = '' OR lease_expires_at < :lease_before)"
             params["lease_before"] = flt.lease_expired_before
@@ -659,8 +659,10 @@ class SqlTier:
                 params["after_ns"], params["after_id"] = after
             sql += " ORDER BY namespace, thread_id LIMIT :limit"
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(_sql(sql), params)).all()
-        return [_thread_from_row(ThreadKey(tenant, r[0], r[1]), r[2:]) for r in rows]
+            rows = (await conn.execute(_sql(sql, *expanding), params)).all()
+        return [
+            _thread_from_row(ThreadKey(tenant, r.namespace, r.thread_id), r._mapping) for r in rows
+        ]
 
     async def events_after(
         self, tenant: str, key: ThreadKey | None, after: int, limit: int
@@ -853,17 +855,12 @@ class Batch:
             await self.conn.execute(_sql(DELETE_NEW_THREAD), _key_params(key))
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
-        params: dict[str, Any] = {}
-        tuples = []
-        for i, k in enumerate(keys):
-            tuples.append(f"(:t{i}, :n{i}, :h{i})")
-            params[f"t{i}"], params[f"n{i}"], params[f"h{i}"] = k.tenant, k.namespace, k.thread_id
-        sql = SELECT_THREADS.format(keys=", ".join(tuples))
-        result = await self.conn.execute(_sql(sql), params)
+        params = {"keys": [(k.tenant, k.namespace, k.thread_id) for k in keys]}
+        result = await self.conn.execute(_sql(SELECT_THREADS, "keys"), params)
         out = {}
         for row in result.all():
-            key = ThreadKey(row[0], row[1], row[2])
-            out[key] = _thread_from_row(key, row[3:])
+            key = ThreadKey(row.tenant, row.namespace, row.thread_id)
+            out[key] = _thread_from_row(key, row._mapping)
         return out
 
     def thread(self, key: ThreadKey) -> Thread | None:
