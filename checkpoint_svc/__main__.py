@@ -1,7 +1,17 @@
+"""`python -m checkpoint_svc [flags]` serves; `python -m checkpoint_svc migrate [flags]` only
+brings the database's schema to the newest revision and exits (docs/operations.md#upgrading)."""
+
+import sys
+
 from workflow_rpc.arenas import limit_malloc_arenas
 
 limit_malloc_arenas()  # before gRPC (or anything else) starts a thread
 
-from checkpoint_svc.server import main  # noqa: E402
+if sys.argv[1:2] == ["migrate"]:
+    from checkpoint_svc.server import migrate_main
 
-main()
+    migrate_main(sys.argv[2:])
+else:
+    from checkpoint_svc.server import main
+
+    main()

@@ -16,6 +16,7 @@ from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
 from checkpoint_svc.servicer import CheckpointServicer
 from checkpoint_svc.store import CheckpointStore
+from checkpoint_svc.tiers.sql import SqlTier
 from workflow_rpc import logs
 from workflow_rpc.arenas import trim_malloc
 from workflow_rpc.serving import run, serve_until_stopped
@@ -99,6 +100,28 @@ def redacted(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return "(a URL that does not parse)"
+
+
+def migrate_main(argv: list[str]) -> None:
+    """Migrate the database the settings name, say where it is, exit (1 if it cannot)."""
+    settings = parse_settings(argv)
+    logs.configure("checkpoint_svc", settings.log_level)
+
+    async def migrate() -> str:
+        sql = SqlTier(settings.db_url)
+        try:
+            return await sql.migrate()
+        finally:
+            await sql.close()
+
+    try:
+        revision = asyncio.run(migrate())
+    except Exception as exc:  # an unreachable database, a refused migration: one line
+        raise SystemExit(
+            f"python -m checkpoint_svc migrate: {redacted(settings.db_url)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    print(f"{redacted(settings.db_url)}: schema at revision {revision} (the newest)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,7 +125,7 @@ class CheckpointStore:
     async def start(self) -> None:
         async for attempt in sql_retrying(budget_seconds=30.0):
             with attempt:
-                await self.sql.migrate(time.time())
+                await self.sql.migrate()
         if self.redis is not None:
             await self.redis.start()
             self.redis.follow_feed(self.feed.deliver, self.feed.watched)

@@ -203,24 +203,21 @@ async def test_keep_last_per_thread(service_factory, backend, tenant) -> None:
     await channel.close()
 
 
-async def test_migration_8_marks_the_engines_definitions_kept_forever(backend, monkeypatch) -> None:
+async def test_migration_8_marks_the_engines_definitions_kept_forever(backend) -> None:
     """A database from before keep_forever kept the `workflows` namespace by its name; after
     migration 8 its threads are kept by the flag, and no other thread is."""
-    from checkpoint_svc.migrations import MIGRATIONS
     from checkpoint_svc.tiers import sql
 
     tier = sql.SqlTier(backend.db_url)
     try:
-        monkeypatch.setattr(sql, "MIGRATIONS", MIGRATIONS[:7])  # the schema before it
-        await tier.migrate(time.time())
+        assert await tier.migrate("0007") == "0007"  # the schema before it
         async with tier.writer.begin() as conn:
             for namespace in ("workflows", "runs"):
                 await conn.exec_driver_sql(
                     "INSERT INTO threads (tenant, namespace, thread_id, created_at, updated_at)"
                     f" VALUES ('t', '{namespace}', 'x', 0, 0)"
                 )
-        monkeypatch.setattr(sql, "MIGRATIONS", MIGRATIONS)
-        assert await tier.migrate(time.time()) == len(MIGRATIONS)
+        assert await tier.migrate() == "0008"
         async with tier.reader.connect() as conn:
             rows = await conn.exec_driver_sql(
                 "SELECT namespace, keep_forever FROM threads ORDER BY namespace"
@@ -228,3 +225,64 @@ async def test_migration_8_marks_the_engines_definitions_kept_forever(backend, m
             assert [tuple(r) for r in rows] == [("runs", 0), ("workflows", 1)]
     finally:
         await tier.close()
+
+
+async def test_a_database_migrated_before_alembic_is_stamped_then_upgraded(backend) -> None:
+    """Issue 12: migrations with Alembic. A database whose schema the earlier runner made (its
+    `schema_migrations` table says 5) is not migrated again from the start: it is stamped at
+    5, then 6 to 8 run; and several replicas migrating at once do it once."""
+    import asyncio as aio
+
+    from checkpoint_svc.tiers import sql
+
+    tier = sql.SqlTier(backend.db_url)
+    try:
+        await tier.migrate("0005")
+        async with tier.writer.begin() as conn:  # as the earlier runner left it
+            await conn.exec_driver_sql("DROP TABLE alembic_version")
+            await conn.exec_driver_sql(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                " applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            for version in range(1, 6):
+                await conn.exec_driver_sql(f"INSERT INTO schema_migrations VALUES ({version}, 0)")
+        replicas = [tier, sql.SqlTier(backend.db_url), sql.SqlTier(backend.db_url)]
+        try:
+            assert await aio.gather(*(r.migrate() for r in replicas)) == ["0008"] * 3
+        finally:
+            for replica in replicas[1:]:
+                await replica.close()
+        async with tier.reader.connect() as conn:
+            version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
+            assert [tuple(r) for r in version] == [("0008",)]
+            await conn.exec_driver_sql("SELECT keep_forever, keep_last, deleted FROM threads")
+    finally:
+        await tier.close()
+
+
+def test_migrate_command_brings_a_database_to_the_newest_revision(tmp_path) -> None:
+    """`python -m checkpoint_svc migrate` for operators who migrate before they start; a
+    database it cannot reach is one line and exit 1."""
+    import subprocess
+    import sys
+
+    from tests.servers import REPO_ROOT, free_port
+
+    db = f"sqlite+aiosqlite:///{tmp_path}/migrated.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "checkpoint_svc", "migrate", "--db", db],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout.strip()) == (
+        0,
+        f"{db}: schema at revision 0008 (the newest)",
+    ), done.stderr
+    away = f"postgresql+asyncpg://u:secret@127.0.0.1:{free_port()}/x"
+    failed = subprocess.run(
+        [sys.executable, "-m", "checkpoint_svc", "migrate", "--db", away],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 1
+    said = failed.stderr.strip().splitlines()[-1]
+    assert said.startswith("python -m checkpoint_svc migrate: postgresql+asyncpg://u:***@")
+    assert "secret" not in failed.stderr

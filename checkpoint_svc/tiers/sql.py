@@ -9,10 +9,12 @@ PostgreSQL pg.PgBatch does the same work in fewer statements, locking the rows.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,20 +37,12 @@ from checkpoint_svc.domain import (
     Trigger,
 )
 from checkpoint_svc.errors import AlreadyExists
-from checkpoint_svc.migrations import MIGRATIONS
 
 log = logging.getLogger(__name__)
+_MIGRATING = threading.Lock()
 
-_MIGRATION_LOCK_ID = 7_270_001
 _KEY = "tenant = :tenant AND namespace = :namespace AND thread_id = :thread_id"
 
-CREATE_MIGRATIONS_TABLE = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    version INTEGER PRIMARY KEY,
-    applied_at DOUBLE PRECISION NOT NULL
-)"""
-SELECT_SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
-INSERT_SCHEMA_VERSION = "INSERT INTO schema_migrations (version, applied_at) VALUES (:v, :now)"
 
 THREAD_COLUMNS = (
     "head_id, status, workflow_id, workflow_version, lease_owner, lease_expires_at, "
@@ -415,25 +409,43 @@ class SqlTier:
         await self.writer.dispose()
         await self.reader.dispose()
 
-    async def migrate(self, now: float) -> int:
-        """Apply the migrations not applied yet; safe with several replicas starting."""
-        blob = "BLOB" if self.is_sqlite else "BYTEA"
-        async with self.writer.begin() as conn:
-            if not self.is_sqlite:
-                await conn.execute(_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})"))
-            await conn.execute(_sql(CREATE_MIGRATIONS_TABLE))
-            current = (await conn.execute(_sql(SELECT_SCHEMA_VERSION))).scalar_one()
-            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                for statement in script.replace("{blob}", blob).split(";"):
-                    if statement.strip().startswith("{postgres_only}"):
-                        if self.is_sqlite:
-                            continue
-                        statement = statement.replace("{postgres_only}", "")
-                    if statement.strip():
-                        await conn.exec_driver_sql(statement)
-                await conn.execute(_sql(INSERT_SCHEMA_VERSION), {"v": version, "now": now})
-                log.info("applied migration", extra={"version": version})
-            return len(MIGRATIONS)
+    async def migrate(self, revision: str = "head") -> str:
+        """Apply the migrations not applied yet (to `revision`); the revision the database is
+        at then. Safe with several replicas starting: on PostgreSQL they take turns."""
+        from checkpoint_svc import migrations  # Alembic: only when migrating
+
+        # Alembic keeps its context in module globals: one migration at a time per process
+        # (several stores in one process, as tests make them, would mix their contexts).
+        await asyncio.to_thread(_MIGRATING.acquire)
+        try:
+            return await self._migrate(migrations, revision)
+        finally:
+            _MIGRATING.release()
+
+    async def _migrate(self, migrations: Any, revision: str) -> str:
+        async with self.writer.connect() as conn:
+            # A session's lock (migrations commit one by one), tried rather than waited for:
+            # a wait holds a snapshot, which another replica's CREATE INDEX CONCURRENTLY
+            # would wait for in turn.
+            while not self.is_sqlite:
+                got = await conn.exec_driver_sql(
+                    f"SELECT pg_try_advisory_lock({migrations.MIGRATION_LOCK_ID})"
+                )
+                locked = bool(got.scalar())
+                await conn.commit()
+                if locked:
+                    break
+                await asyncio.sleep(0.1)
+            try:
+                at = await conn.run_sync(migrations.upgrade, revision)
+            finally:
+                if not self.is_sqlite:
+                    await conn.exec_driver_sql(
+                        f"SELECT pg_advisory_unlock({migrations.MIGRATION_LOCK_ID})"
+                    )
+                    await conn.commit()
+        log.info("schema migrated", extra={"revision": at})
+        return at
 
     # ---- reads -------------------------------------------------------------
 
