@@ -118,7 +118,28 @@ def pg_settings(url: str) -> dict[str, str]:
     return out
 
 
-class CheckpointService(CheckpointServiceProcess):
+class _AsTheBenchesCallIt:
+    """A service process by the benches' names: its target, ServerError, stop()."""
+
+    address: str
+
+    @property
+    def target(self) -> str:
+        """gRPC target."""
+        return self.address
+
+    def start(self, timeout: float = 60.0, *, require_serving: bool = True) -> None:
+        try:
+            super().start(timeout, require_serving=require_serving)  # type: ignore[misc]
+        except RuntimeError as exc:
+            raise ServerError(str(exc)) from exc
+
+    def stop(self) -> None:
+        """Graceful stop (a graceful shutdown flushes)."""
+        self.terminate()  # type: ignore[attr-defined]
+
+
+class CheckpointService(_AsTheBenchesCallIt, CheckpointServiceProcess):
     """One `python -m checkpoint_svc`, on a libpq URL, with the documented flags."""
 
     def __init__(
@@ -139,41 +160,11 @@ class CheckpointService(CheckpointServiceProcess):
         self.name = name
         self.metrics_port = metrics_port
 
-    @property
-    def target(self) -> str:
-        """gRPC target."""
-        return self.address
 
-    def start(self, timeout: float = 60.0, *, require_serving: bool = True) -> None:
-        try:
-            super().start(timeout, require_serving=require_serving)
-        except RuntimeError as exc:
-            raise ServerError(str(exc)) from exc
-
-    def stop(self) -> None:
-        """Graceful stop (a graceful shutdown flushes)."""
-        self.terminate()
-
-
-class EngineService(EngineServiceProcess):
+class EngineService(_AsTheBenchesCallIt, EngineServiceProcess):
     """One `python -m engine_svc`, with its defaults except the two addresses."""
 
     def __init__(
         self, checkpoint_target: str, workdir: Path, extra_args: tuple[str, ...] = ()
     ) -> None:
         super().__init__(checkpoint_target, log_dir=workdir, extra_args=extra_args)
-
-    @property
-    def target(self) -> str:
-        """gRPC target."""
-        return self.address
-
-    def start(self, timeout: float = 60.0, *, require_serving: bool = True) -> None:
-        try:
-            super().start(timeout, require_serving=require_serving)
-        except RuntimeError as exc:
-            raise ServerError(str(exc)) from exc
-
-    def stop(self) -> None:
-        """Graceful stop."""
-        self.terminate()

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -663,7 +663,24 @@ class PostgresServer:
 # The checkpoint service
 
 
-class CheckpointServiceProcess:
+class _AsyncTwins:
+    """The blocking lifecycle calls of a server, as ``a``-prefixed coroutines that run them in
+    a thread (the event loop, and the test's open streams, go on meanwhile)."""
+
+    async def astart(self, timeout: float = 30.0, *, require_serving: bool = True) -> None:  # noqa: ASYNC109
+        await asyncio.to_thread(self.start, timeout, require_serving=require_serving)
+
+    async def aterminate(self, timeout: float = 15.0) -> int | None:  # noqa: ASYNC109
+        return await asyncio.to_thread(self.terminate, timeout)
+
+    async def akill(self) -> None:
+        await asyncio.to_thread(self.kill)
+
+    async def arestart(self, timeout: float = 30.0, *, graceful: bool = True) -> None:  # noqa: ASYNC109
+        await asyncio.to_thread(self.restart, timeout, graceful=graceful)
+
+
+class CheckpointServiceProcess(_AsyncTwins):
     """``python -m checkpoint_svc`` as a subprocess on a fixed loopback port.
 
     The port stays the same across ``restart()``/``kill()``+``start()``, so clients can
@@ -757,34 +774,22 @@ class CheckpointServiceProcess:
             )  # fmt: skip
         _reaper.watch(self._proc.pid)
         _register(self)
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address, options=GRPC_TEST_OPTIONS) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service="")
-            while True:
-                if self._proc.poll() is not None:
-                    code = self._proc.returncode
-                    self._reap()
-                    raise RuntimeError(
-                        f"{self.module} exited early with status {code}:\n{self.log_tail(40)}"
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.kill()
-                    raise RuntimeError(
-                        f"{self.module} on {self.address} not SERVING after {timeout}s:\n"
-                        f"{self.log_tail(40)}"
-                    )
-                try:
-                    response = health.Check(
-                        request, timeout=min(1.0, remaining), wait_for_ready=True
-                    )
-                except grpc.RpcError:
-                    time.sleep(0.05)
-                    continue
-                if not require_serving or response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                time.sleep(0.05)
+        proc = self._proc
+
+        def gone() -> str | None:
+            if proc.poll() is None:
+                return None
+            code = proc.returncode
+            self._reap()
+            return f"{self.module} exited early with status {code}:\n{self.log_tail(40)}"
+
+        def give_up() -> str:
+            self.kill()
+            return f"{self.module} on {self.address} not SERVING after {timeout}s:\n" + (
+                self.log_tail(40)
+            )
+
+        wait_serving(self.address, timeout, require_serving, gone, give_up)
 
     def kill(self) -> None:
         """SIGKILL the process (and anything in its process group) and wait: a crash."""
@@ -817,22 +822,6 @@ class CheckpointServiceProcess:
             self.kill()
         self.start(timeout)
 
-    async def astart(self, timeout: float = 30.0, *, require_serving: bool = True) -> None:  # noqa: ASYNC109
-        """``start()`` without blocking the event loop."""
-        await asyncio.to_thread(self.start, timeout, require_serving=require_serving)
-
-    async def aterminate(self, timeout: float = 15.0) -> int | None:  # noqa: ASYNC109
-        """``terminate()`` without blocking the event loop."""
-        return await asyncio.to_thread(self.terminate, timeout)
-
-    async def akill(self) -> None:
-        """``kill()`` without blocking the event loop."""
-        await asyncio.to_thread(self.kill)
-
-    async def arestart(self, timeout: float = 30.0, *, graceful: bool = True) -> None:  # noqa: ASYNC109
-        """``restart()`` without blocking the event loop."""
-        await asyncio.to_thread(self.restart, timeout, graceful=graceful)
-
     def _reap(self) -> None:
         if self._proc is not None:
             self._last_returncode = self._proc.wait()
@@ -842,6 +831,36 @@ class CheckpointServiceProcess:
 
     def _emergency_stop(self) -> None:
         self.kill()
+
+
+def wait_serving(
+    address: str,
+    timeout: float,
+    require_serving: bool,
+    gone: Callable[[], str | None],
+    give_up: Callable[[], str],
+) -> None:
+    """Poll grpc.health.v1 at `address` until SERVING (any answer, without
+    `require_serving`). `gone()` says why the server is no longer there (None while it is);
+    past `timeout`, `give_up()` stops it and says so. Either way: RuntimeError with that."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address, options=GRPC_TEST_OPTIONS) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        while True:
+            if (why := gone()) is not None:
+                raise RuntimeError(why)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(give_up())
+            try:
+                response = health.Check(request, timeout=min(1.0, remaining), wait_for_ready=True)
+            except grpc.RpcError:
+                time.sleep(0.05)
+                continue
+            if not require_serving or response.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.05)
 
 
 async def checkpoint_stub(
@@ -890,7 +909,7 @@ class EngineServiceProcess(CheckpointServiceProcess):
         ]  # fmt: skip
 
 
-class InProcessCheckpointService:
+class InProcessCheckpointService(_AsyncTwins):
     """checkpoint_svc in this process, on an event loop of its own in a thread: the settings
     parser, store, servicer and gRPC server of ``python -m checkpoint_svc``, without a
     process's start-up (about a second of CPU: imports and migrations in a new interpreter).
@@ -947,23 +966,18 @@ class InProcessCheckpointService:
         )
         self._thread.start()
         started.wait(timeout)
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address, options=GRPC_TEST_OPTIONS) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if not self.running:
-                    raise RuntimeError(f"{self.module} stopped early: {self._failure!r}")
-                if time.monotonic() > deadline:
-                    self.terminate()
-                    raise RuntimeError(f"{self.module} not SERVING after {timeout}s")
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                except grpc.RpcError:
-                    time.sleep(0.02)
-                    continue
-                if not require_serving or status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                time.sleep(0.02)
+
+        def give_up() -> str:
+            self.terminate()
+            return f"{self.module} not SERVING after {timeout}s"
+
+        wait_serving(
+            self.address,
+            timeout,
+            require_serving,
+            lambda: None if self.running else f"{self.module} stopped early: {self._failure!r}",
+            give_up,
+        )
 
     def _run(self, settings: Any, started: threading.Event) -> None:
         from checkpoint_svc.server import serve
@@ -1001,15 +1015,3 @@ class InProcessCheckpointService:
             self.kill()
         self.terminate()
         self.start(timeout)
-
-    async def astart(self, timeout: float = 30.0, *, require_serving: bool = True) -> None:  # noqa: ASYNC109
-        await asyncio.to_thread(self.start, timeout, require_serving=require_serving)
-
-    async def aterminate(self, timeout: float = 15.0) -> int | None:  # noqa: ASYNC109
-        return await asyncio.to_thread(self.terminate, timeout)
-
-    async def akill(self) -> None:
-        self.kill()
-
-    async def arestart(self, timeout: float = 30.0, *, graceful: bool = True) -> None:  # noqa: ASYNC109
-        await asyncio.to_thread(self.restart, timeout, graceful=graceful)
