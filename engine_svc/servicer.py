@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -76,6 +76,31 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
 def _run_status_of(thread: cpb.Thread) -> pb.RunStatus.ValueType:
     status = RunStatus.of_thread(thread.status)
     return status.proto if status is not None else pb.RUN_STATUS_UNSPECIFIED
+
+
+_STATUS_OF_PROTO = {status.proto: status for status in RunStatus}
+
+
+def _thread_statuses(statuses: Iterable[int]) -> list[int]:
+    """ListRuns' statuses as the store records the runs' threads."""
+    out, bad = [], []
+    for i, value in enumerate(statuses):
+        status = _STATUS_OF_PROTO.get(value)  # type: ignore[call-overload]
+        if status is None:
+            bad.append((f"statuses[{i}]", f"unknown run status {value}"))
+        elif status is RunStatus.PAUSING:
+            bad.append(
+                (
+                    f"statuses[{i}]",
+                    "PAUSING is what PauseRun answers for a RUNNING run whose pause waits for "
+                    "its step; list RUNNING runs",
+                )
+            )
+        else:
+            out.append(int(status.thread_status))
+    if bad:
+        raise InvalidArgument("; ".join(f"{f}: {d}" for f, d in bad), bad)
+    return out
 
 
 def run_to_pb(run: RunState, thread: cpb.Thread) -> pb.Run:
@@ -255,7 +280,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     ) -> pb.ListRunsResponse:
         threads, token = await self.engine.list_runs(
             tenant_of(context),
-            list(request.statuses),
+            _thread_statuses(request.statuses),
             request.page_size,
             request.page_token,
             request.workflow_id,
@@ -265,7 +290,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                 run_id=t.thread_id,
                 workflow_id=t.workflow_id,
                 version=t.workflow_version,
-                status=t.status,
+                status=_run_status_of(t),
                 head_checkpoint_id=t.head_checkpoint_id,
                 created_at=t.created_at,
                 updated_at=t.updated_at,

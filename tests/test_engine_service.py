@@ -52,6 +52,14 @@ async def test_register_start_watch_get(service, engine_factory, tenant) -> None
     assert run.completed_nodes == 3 and run.progress_percent == 100.0
     listed = await s.ListRuns(pb.ListRunsRequest(), metadata=md)
     assert [r.run_id for r in listed.runs] == [run_id]
+    done_runs = pb.ListRunsRequest(statuses=[pb.RUN_STATUS_COMPLETED])
+    listed = await s.ListRuns(done_runs, metadata=md)
+    assert [(r.run_id, r.status) for r in listed.runs] == [(run_id, pb.RUN_STATUS_COMPLETED)]
+    # PAUSING is an answer about a RUNNING run, not a status runs are listed by.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await s.ListRuns(pb.ListRunsRequest(statuses=[pb.RUN_STATUS_PAUSING]), metadata=md)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "statuses[0]" in refused.value.details() and "RUNNING" in refused.value.details()
     await channel.close()
 
 
