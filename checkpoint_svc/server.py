@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from checkpoint_svc.commit import sql_retrying
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
 from checkpoint_svc.servicer import CheckpointServicer
@@ -110,7 +111,10 @@ def migrate_main(argv: list[str]) -> None:
     async def migrate() -> str:
         sql = SqlTier(settings.db_url)
         try:
-            return await sql.migrate()
+            async for attempt in sql_retrying(budget_seconds=30.0):  # as a start does
+                with attempt:
+                    return await sql.migrate()
+            raise AssertionError("unreachable")
         finally:
             await sql.close()
 

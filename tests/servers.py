@@ -937,6 +937,7 @@ class InProcessCheckpointService(_AsyncTwins):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._failure: BaseException | None = None
+        self._started = threading.Event()
 
     @property
     def address(self) -> str:
@@ -961,8 +962,12 @@ class InProcessCheckpointService(_AsyncTwins):
         settings = parse_settings(argv)
         self._failure = None
         started = threading.Event()
+        self._started = started
         self._thread = threading.Thread(
-            target=self._run, args=(settings, started), name=f"checkpoint_svc-{self.port}"
+            target=self._run,
+            args=(settings, started),
+            name=f"checkpoint_svc-{self.port}",
+            daemon=True,  # never holds the interpreter's exit, whatever a test left running
         )
         self._thread.start()
         started.wait(timeout)
@@ -994,10 +999,12 @@ class InProcessCheckpointService(_AsyncTwins):
             self._failure = exc
 
     def terminate(self, timeout: float = 15.0) -> int | None:
-        """A graceful stop, as SIGTERM gives a process; 0 once it is over."""
-        thread, loop, stop = self._thread, self._loop, self._stop
+        """A graceful stop, as SIGTERM gives a process: 0 once it is over, 1 if it failed."""
+        thread = self._thread
         if thread is None:
-            return 0
+            return 1 if self._failure is not None else 0
+        self._started.wait(timeout)  # its loop, to be told
+        loop, stop = self._loop, self._stop
         if thread.is_alive() and loop is not None and stop is not None:
             with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
                 loop.call_soon_threadsafe(stop.set)
@@ -1005,7 +1012,7 @@ class InProcessCheckpointService(_AsyncTwins):
         if thread.is_alive():
             raise RuntimeError(f"{self.module} on {self.address} did not stop in {timeout}s")
         self._thread = self._loop = self._stop = None
-        return 0
+        return 1 if self._failure is not None else 0
 
     def kill(self) -> None:
         raise RuntimeError("an in-process service cannot be killed: start a process for that")

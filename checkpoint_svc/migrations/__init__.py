@@ -25,6 +25,7 @@ __all__ = ["MIGRATION_LOCK_ID", "current_revision", "head", "upgrade"]
 
 MIGRATION_LOCK_ID = 7_270_001  # pg_advisory_lock key: one replica migrates at a time
 _HERE = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
 # Before Alembic: one row per applied migration, numbered as the revisions are.
 _LEGACY_TABLE = "schema_migrations"
 
@@ -34,6 +35,10 @@ def _config(connection: Connection | None) -> Config:
     config.set_main_option("script_location", str(_HERE))
     config.attributes["connection"] = connection
     return config
+
+
+def _known() -> set[str]:
+    return {s.revision for s in ScriptDirectory.from_config(_config(None)).walk_revisions()}
 
 
 def head() -> str:
@@ -51,6 +56,12 @@ def upgrade(connection: Connection, revision: str = "head") -> str:
     an index built CONCURRENTLY in none)."""
     config = _config(connection)
     at = current_revision(connection)
+    if at is not None and at not in _known():
+        # Migrated by a newer release (a rollback, or a rolling upgrade's old replica): its
+        # schema only grew, so this one runs on it as it is.
+        connection.commit()
+        log.warning("schema at a newer revision than this release knows", extra={"revision": at})
+        return at
     legacy = None
     if at is None and inspect(connection).has_table(_LEGACY_TABLE):
         legacy = connection.execute(text(f"SELECT MAX(version) FROM {_LEGACY_TABLE}")).scalar()

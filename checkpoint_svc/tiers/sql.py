@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import bindparam, event, text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
 
 from checkpoint_svc.domain import (
@@ -416,14 +417,24 @@ class SqlTier:
 
         # Alembic keeps its context in module globals: one migration at a time per process
         # (several stores in one process, as tests make them, would mix their contexts).
-        await asyncio.to_thread(_MIGRATING.acquire)
+        # Taken by polling (a lock of threads: stores in threads of their own migrate too),
+        # so a cancelled start leaves it free.
+        while not _MIGRATING.acquire(blocking=False):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
         try:
-            return await self._migrate(migrations, revision)
+            if self.is_sqlite:  # the writer's BEGIN IMMEDIATE serialises processes
+                return await self._migrate(self.writer, migrations, revision)
+            # Without the pool's 15 s command timeout: an index may take longer to build.
+            engine = create_async_engine(self.url, poolclass=NullPool)
+            try:
+                return await self._migrate(engine, migrations, revision)
+            finally:
+                await engine.dispose()
         finally:
             _MIGRATING.release()
 
-    async def _migrate(self, migrations: Any, revision: str) -> str:
-        async with self.writer.connect() as conn:
+    async def _migrate(self, engine: AsyncEngine, migrations: Any, revision: str) -> str:
+        async with engine.connect() as conn:
             # A session's lock (migrations commit one by one), tried rather than waited for:
             # a wait holds a snapshot, which another replica's CREATE INDEX CONCURRENTLY
             # would wait for in turn.
@@ -436,14 +447,14 @@ class SqlTier:
                 if locked:
                     break
                 await asyncio.sleep(0.1)
-            try:
-                at = await conn.run_sync(migrations.upgrade, revision)
-            finally:
-                if not self.is_sqlite:
-                    await conn.exec_driver_sql(
-                        f"SELECT pg_advisory_unlock({migrations.MIGRATION_LOCK_ID})"
-                    )
-                    await conn.commit()
+            # On an error the lock goes with the connection (not pooled): no unlock that could
+            # fail on an aborted transaction and hide why.
+            at = await conn.run_sync(migrations.upgrade, revision)
+            if not self.is_sqlite:
+                await conn.exec_driver_sql(
+                    f"SELECT pg_advisory_unlock({migrations.MIGRATION_LOCK_ID})"
+                )
+                await conn.commit()
         log.info("schema migrated", extra={"revision": at})
         return at
 
