@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from workflow_rpc.settings import LogLevel
+from workflow_rpc.settings import ServiceSettings
 from workflow_rpc.settings import parse_settings as parse_service_settings
 
 __all__ = ["DEFAULT_DB_URL", "Settings", "parse_settings"]
@@ -18,18 +18,14 @@ DEFAULT_DB_URL = "sqlite+aiosqlite:///./data/checkpoints.db"
 _YES_NO = {"true": "yes", "on": "yes", "1": "yes", "false": "no", "off": "no", "0": "no"}
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Checkpoint service: durable checkpoints, leases and event feed over gRPC."""
 
     model_config = SettingsConfigDict(
         env_prefix="CHECKPOINT_",
         cli_prog_name="python -m checkpoint_svc",
-        cli_kebab_case=True,
-        cli_avoid_json=True,
         cli_shortcuts={"db-url": "db", "redis-url": "redis"},
         cli_parse_none_str="none",
-        env_ignore_empty=True,
-        validate_default=False,
     )
 
     listen: str = Field("127.0.0.1:50051", description="host:port to serve")
@@ -75,13 +71,6 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description="on SIGTERM, seconds the last calls and queued writes get to finish",
-    )
-    log_level: LogLevel = Field("INFO", description="the lowest level logged")
-    metrics_port: int = Field(
-        0,
-        ge=0,
-        le=65535,
-        description="serve Prometheus metrics on this port, on the --listen host (0 = off)",
     )
 
     @field_validator("redis_url", mode="before")

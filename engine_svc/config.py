@@ -8,9 +8,9 @@ import socket
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from workflow_rpc.settings import LogLevel
+from workflow_rpc.settings import ServiceSettings
 from workflow_rpc.settings import parse_settings as parse_service_settings
 
 __all__ = ["Settings", "parse_settings"]
@@ -21,17 +21,13 @@ def host_pid() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Workflow engine: runs workflow DAGs; all state lives in checkpoint_svc."""
 
     model_config = SettingsConfigDict(
         env_prefix="ENGINE_",
         cli_prog_name="python -m engine_svc",
-        cli_kebab_case=True,
-        cli_avoid_json=True,
         cli_shortcuts={"checkpoint-addr": "checkpoint"},
-        env_ignore_empty=True,
-        validate_default=False,
     )
 
     listen: str = Field("127.0.0.1:50052", description="host:port to serve")
@@ -69,13 +65,6 @@ class Settings(BaseSettings):
         "recorded in the store",
     )
     owner: str = Field(default_factory=host_pid, min_length=1, description="lease owner name")
-    metrics_port: int = Field(
-        0,
-        ge=0,
-        le=65535,
-        description="serve Prometheus metrics on this port, on the --listen host (0 = off)",
-    )
-    log_level: LogLevel = Field("INFO", description="the lowest level logged")
     store_calls: Literal["session", "unary"] = Field(
         "session",
         description="how a run's saves, writes and leases reach the checkpoint service: on "

@@ -32,7 +32,6 @@ BATCH_MAX = 500
 BATCH_LINGER_SECONDS = 0.005
 
 _TERMINAL = frozenset(status.thread_status for status in TERMINAL)
-_STATUS_NAMES = frozenset(RunStatus)  # an event's status, as its payload spells it
 
 # An event as held: as its call sent it (a Save's answer standing for its "checkpoint.saved"),
 # with its time and whether it ended the run, until a watcher asks for it; then as WatchRun
@@ -244,12 +243,12 @@ def run_event(
     def number(name: str) -> float:
         return fields[name].number_value if name in fields else 0.0
 
-    status = text("status")
+    status = RunStatus.of_name(text("status"))
     event = pb.RunEvent(
         seq=seq,
         type=kind,
         time=when,
-        status=RunStatus(status).proto if status in _STATUS_NAMES else 0,
+        status=status.proto if status is not None else 0,
         node_id=text("node_id"),
         attempt=int(number("attempt")),
         error=text("error"),

@@ -68,6 +68,16 @@ class RunStatus(enum.StrEnum):
         """The status a run's thread records; None for none (UNSPECIFIED) or an unknown one."""
         return _OF_THREAD.get(status)
 
+    @classmethod
+    def of_proto(cls, status: int) -> RunStatus | None:
+        """An engine.v1.RunStatus; None for UNSPECIFIED or an unknown one."""
+        return _OF_PROTO.get(status)
+
+    @classmethod
+    def of_name(cls, name: str) -> RunStatus | None:
+        """The status a name spells (as checkpoints and events hold it); None if none does."""
+        return _OF_NAME.get(name)
+
 
 _PROTO = {
     RunStatus.PENDING: pb.RUN_STATUS_PENDING,
@@ -90,8 +100,9 @@ _THREAD = {
     RunStatus.PAUSING: cpb.THREAD_STATUS_RUNNING,
 }
 _OF_THREAD = {t: s for s, t in _THREAD.items() if s is not RunStatus.PAUSING}
+_OF_PROTO = {p: s for s, p in _PROTO.items()}
+_OF_NAME = {s.value: s for s in RunStatus}
 TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
-_RUN_STATUSES = frozenset(RunStatus)
 
 
 class NotARun(ValueError):
@@ -171,10 +182,10 @@ class RunState:
         missing = [n for n in _RUN_REQUIRED if n not in data]
         if missing:
             raise NotARun(f"its state has no {', '.join(missing)}")
-        if data.get("status", "PENDING") not in _RUN_STATUSES:
+        status = RunStatus.of_name(data.get("status", "PENDING"))
+        if status is None:
             raise NotARun(f"its status {data['status']!r} is not a run status")
-        if "status" in data:
-            data["status"] = RunStatus(data["status"])
+        data["status"] = status
         for name in _RUN_STRING_LISTS:
             if not all(isinstance(v, str) for v in data.get(name, ())):
                 raise NotARun(f"its {name} is not a list of node ids")

@@ -78,14 +78,11 @@ def _run_status_of(thread: cpb.Thread) -> pb.RunStatus.ValueType:
     return status.proto if status is not None else pb.RUN_STATUS_UNSPECIFIED
 
 
-_STATUS_OF_PROTO = {status.proto: status for status in RunStatus}
-
-
 def _thread_statuses(statuses: Iterable[int]) -> list[int]:
     """ListRuns' statuses as the store records the runs' threads."""
     out, bad = [], []
     for i, value in enumerate(statuses):
-        status = _STATUS_OF_PROTO.get(value)  # type: ignore[call-overload]
+        status = RunStatus.of_proto(value)
         if status is None:
             bad.append((f"statuses[{i}]", f"unknown run status {value}"))
         elif status is RunStatus.PAUSING:

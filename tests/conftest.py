@@ -211,14 +211,15 @@ class SharedServices:
     """One default checkpoint service per backend kind, for the tests that need nothing of
     their own: they isolate by tenant, and save a service start and a database each."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, postgres: PostgresServer, redis: RedisServer) -> None:
         self.log_dir = log_dir
+        self.postgres = postgres
+        self.redis = redis
         self._running: dict[str, tuple[CheckpointServiceProcess, tuple[int, ...]]] = {}
 
-    def get(self, request: pytest.FixtureRequest, backend: Backend) -> CheckpointServiceProcess:
-        postgres: PostgresServer = request.getfixturevalue("postgres_server")
-        redis: RedisServer = request.getfixturevalue("redis_server")
-        starts = (postgres.starts, redis.starts)
+    def get(self, backend: Backend) -> CheckpointServiceProcess:
+        postgres = self.postgres
+        starts = (postgres.starts, self.redis.starts)
         if backend.name in self._running:
             proc, seen = self._running[backend.name]
             if proc.running and seen == starts:
@@ -247,7 +248,7 @@ def shared_services(
 ) -> Iterator[SharedServices]:
     """Set up after PostgreSQL and Redis, so torn down before them: the services stop
     gracefully (and write their coverage data) while their databases are still there."""
-    services = SharedServices(tmp_path_factory.mktemp("shared"))
+    services = SharedServices(tmp_path_factory.mktemp("shared"), postgres_server, redis_server)
     try:
         yield services
     finally:
@@ -259,7 +260,7 @@ def shared_service(
     request: pytest.FixtureRequest, backend: Backend, shared_services: SharedServices
 ) -> CheckpointServiceProcess:
     """A default checkpoint service of ``backend``'s kind, shared with other tests."""
-    proc = shared_services.get(request, backend)
+    proc = shared_services.get(backend)
     request.node.stash.setdefault(_SERVICES, []).append(proc)  # its log, if the test fails
     return proc
 

@@ -961,16 +961,15 @@ class InProcessCheckpointService(_AsyncTwins):
             argv += ["--redis", self.redis_url]
         settings = parse_settings(argv)
         self._failure = None
-        started = threading.Event()
-        self._started = started
+        self._started = threading.Event()  # its loop, to be told to stop, is there
         self._thread = threading.Thread(
             target=self._run,
-            args=(settings, started),
+            args=(settings,),
             name=f"checkpoint_svc-{self.port}",
             daemon=True,  # never holds the interpreter's exit, whatever a test left running
         )
         self._thread.start()
-        started.wait(timeout)
+        self._started.wait(timeout)
 
         def give_up() -> str:
             self.terminate()
@@ -984,13 +983,13 @@ class InProcessCheckpointService(_AsyncTwins):
             give_up,
         )
 
-    def _run(self, settings: Any, started: threading.Event) -> None:
+    def _run(self, settings: Any) -> None:
         from checkpoint_svc.server import serve
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            started.set()
+            self._started.set()
             await serve(settings, stopped=self._stop.wait())
 
         try:
@@ -1003,7 +1002,7 @@ class InProcessCheckpointService(_AsyncTwins):
         thread = self._thread
         if thread is None:
             return 1 if self._failure is not None else 0
-        self._started.wait(timeout)  # its loop, to be told
+        self._started.wait(timeout)
         loop, stop = self._loop, self._stop
         if thread.is_alive() and loop is not None and stop is not None:
             with contextlib.suppress(RuntimeError):  # its loop closed meanwhile

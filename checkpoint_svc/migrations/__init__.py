@@ -21,7 +21,7 @@ from alembic.runtime.migration import MigrationContext  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
 from sqlalchemy import Connection, inspect, text  # noqa: E402
 
-__all__ = ["MIGRATION_LOCK_ID", "current_revision", "head", "upgrade"]
+__all__ = ["MIGRATION_LOCK_ID", "current_revision", "upgrade"]
 
 MIGRATION_LOCK_ID = 7_270_001  # pg_advisory_lock key: one replica migrates at a time
 _HERE = Path(__file__).resolve().parent
@@ -37,26 +37,17 @@ def _config(connection: Connection | None) -> Config:
     return config
 
 
-def _known() -> set[str]:
-    return {s.revision for s in ScriptDirectory.from_config(_config(None)).walk_revisions()}
-
-
-def head() -> str:
-    """The newest revision."""
-    return ScriptDirectory.from_config(_config(None)).get_current_head() or ""
-
-
 def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
 def upgrade(connection: Connection, revision: str = "head") -> str:
     """Bring the database to `revision`; the revision it is at then. `connection` is a
-    synchronous SQLAlchemy connection outside a transaction (each migration runs in its own,
-    an index built CONCURRENTLY in none)."""
+    synchronous SQLAlchemy connection outside a transaction (env.py opens them)."""
     config = _config(connection)
     at = current_revision(connection)
-    if at is not None and at not in _known():
+    known = {s.revision for s in ScriptDirectory.from_config(config).walk_revisions()}
+    if at is not None and at not in known:
         # Migrated by a newer release (a rollback, or a rolling upgrade's old replica): its
         # schema only grew, so this one runs on it as it is.
         connection.commit()

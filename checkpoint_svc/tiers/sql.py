@@ -447,14 +447,9 @@ class SqlTier:
                 if locked:
                     break
                 await asyncio.sleep(0.1)
-            # On an error the lock goes with the connection (not pooled): no unlock that could
-            # fail on an aborted transaction and hide why.
+            # The lock is the session's: it ends with the connection, which is not pooled (no
+            # unlock that could fail on an aborted transaction and hide why).
             at = await conn.run_sync(migrations.upgrade, revision)
-            if not self.is_sqlite:
-                await conn.exec_driver_sql(
-                    f"SELECT pg_advisory_unlock({migrations.MIGRATION_LOCK_ID})"
-                )
-                await conn.commit()
         log.info("schema migrated", extra={"revision": at})
         return at
 

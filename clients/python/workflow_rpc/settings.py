@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Literal, NoReturn, TypeVar
 
-from pydantic import BeforeValidator, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsError
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
-__all__ = ["LogLevel", "env_names", "flag_of", "parse_settings"]
+__all__ = ["LogLevel", "ServiceSettings", "env_names", "flag_of", "parse_settings"]
 
 
 def _log_level(value: object) -> object:
@@ -28,6 +28,25 @@ def _log_level(value: object) -> object:
 LogLevel = Annotated[
     Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_log_level)
 ]
+
+
+class ServiceSettings(BaseSettings):
+    """What every service's settings share: how flags and variables are read (kebab-case
+    flags, plain values, an empty variable as unset), the log level and the metrics port.
+    A service adds its env_prefix, cli_prog_name and its own settings."""
+
+    model_config = SettingsConfigDict(
+        cli_kebab_case=True, cli_avoid_json=True, env_ignore_empty=True, validate_default=False
+    )
+
+    log_level: LogLevel = Field("INFO", description="the lowest level logged")
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics on this port, on the --listen host (0 = off)",
+    )
+
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
