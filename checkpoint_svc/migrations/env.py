@@ -9,8 +9,13 @@ it), and replicas take turns under an advisory lock (SqlTier.migrate).
 from alembic import context
 
 connection = context.config.attributes["connection"]
+sqlite = connection.dialect.name == "sqlite"
 context.configure(
-    connection=connection, transaction_per_migration=connection.dialect.name != "sqlite"
+    connection=connection,
+    transaction_per_migration=not sqlite,
+    # Alembic assumes SQLite's DDL is not transactional and would run it outside any: it is,
+    # and the one transaction is what makes a second process wait.
+    transactional_ddl=True if sqlite else None,
 )
 with context.begin_transaction():
     context.run_migrations()
