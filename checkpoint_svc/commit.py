@@ -146,10 +146,11 @@ def as_store_error(exc: BaseException) -> StoreError:
 class _AmbiguousCommit(Exception):
     """COMMIT was sent but its answer was lost: the batch may or may not be durable."""
 
-    def __init__(self, batch_id: str, cause: BaseException) -> None:
+    def __init__(self, batch_id: str, cause: BaseException, session: Any) -> None:
         super().__init__(str(cause))
         self.batch_id = batch_id
         self.cause = cause
+        self.session = session  # the database session that had the COMMIT (Batch.abandon)
 
 
 # An operation's weight (ops.py): 1, plus its events and writes, plus a unit per 64 KiB it
@@ -368,11 +369,15 @@ class GroupCommitter:
             items = await self._next_batch(lane)
             try:
                 await self._commit(lane, items)
-            except Exception:  # never let the consumer die
+            except Exception as exc:  # never let the consumer die
                 log.exception("group commit failed")
+                error = TierUnavailable(
+                    f"commit failed in the service ({type(exc).__name__}, in its log), "
+                    "landed or not: retry with the same request_id"
+                )
                 for item in items:
                     if not item.future.done():
-                        item.future.set_exception(TierUnavailable("internal commit failure"))
+                        item.future.set_exception(error)
                     self._settle(item)
 
     async def _commit(self, lane: _Lane, items: list[_Item]) -> None:
@@ -450,19 +455,26 @@ class GroupCommitter:
             try:
                 return await self._once(items)
             except _AmbiguousCommit as lost:
-                if await self._landed(lost.batch_id):
+                try:
+                    landed = await self._landed(lost.batch_id, lost.session)
+                except TierUnavailable:
+                    metrics.LOST_COMMIT_ANSWERS.labels("unknown").inc()
+                    raise
+                metrics.LOST_COMMIT_ANSWERS.labels("landed" if landed else "not_landed").inc()
+                if landed:
                     return lost.batch_and_results  # type: ignore[attr-defined]
                 raise lost.cause from None
 
         return await with_sql_retries(once)
 
-    async def _landed(self, batch_id: str) -> bool:
+    async def _landed(self, batch_id: str, session: Any) -> bool:
         """Whether an ambiguous commit is durable, by its marker row; UNAVAILABLE if unknowable."""
         try:
-            return await with_sql_retries(lambda: self.sql.batch_committed(batch_id))
+            return await with_sql_retries(lambda: self.sql.batch_committed(batch_id, session))
         except (TimeoutError, *SQL_ERRORS, OSError) as exc:
             raise TierUnavailable(
-                f"commit outcome unknown, SQL unreachable: {describe(exc)}"
+                f"commit outcome unknown ({describe(exc)} while finding it out): retry with "
+                "the same request_id, which answers a landed call as the replay it is"
             ) from exc
 
     async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
@@ -516,7 +528,7 @@ class GroupCommitter:
             try:
                 await batch.commit()
             except (TimeoutError, *SQL_ERRORS, OSError) as exc:
-                lost = _AmbiguousCommit(batch_id, exc)
+                lost = _AmbiguousCommit(batch_id, exc, batch.abandon())
                 lost.batch_and_results = (batch, results)  # type: ignore[attr-defined]
                 raise lost from exc
         if self.sql.hot is not None:

@@ -67,6 +67,12 @@ class Settings(ServiceSettings):
         description="most operations waiting for a commit, per lane (ASYNC saves are answered "
         "once queued); a call past it waits for room",
     )
+    sql_timeout: float = Field(
+        15.0,
+        gt=0,
+        description="seconds one SQL statement may take before it counts as failed (a "
+        "commit's outcome is then found out before anything is tried again)",
+    )
     shutdown_grace: float = Field(
         10.0,
         ge=0,

@@ -109,7 +109,7 @@ def migrate_main(argv: list[str]) -> None:
     logs.configure("checkpoint_svc", settings.log_level)
 
     async def migrate() -> str:
-        sql = SqlTier(settings.db_url)
+        sql = SqlTier(settings.db_url, timeout=settings.sql_timeout)
         try:
             async for attempt in sql_retrying(budget_seconds=30.0):  # as a start does
                 with attempt:

@@ -88,7 +88,7 @@ def new_checkpoint_id() -> str:
 class CheckpointStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sql = SqlTier(settings.db_url)
+        self.sql = SqlTier(settings.db_url, timeout=settings.sql_timeout)
         if self.sql.hot is not None:
             # Writes committed before their checkpoint matter only to a memory tier that
             # answers heads: otherwise a claimed id needs no look-up of its own.

@@ -7,14 +7,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 import pytest
 
+from checkpoint_svc import metrics
 from checkpoint_svc.config import Settings
 from checkpoint_svc.domain import Checkpoint, NewEvent, SaveCommand, ThreadKey, Tier
-from checkpoint_svc.errors import HeadMoved, LeaseLost, NotFound, RequiredHeadMoved
+from checkpoint_svc.errors import (
+    HeadMoved,
+    LeaseLost,
+    NotFound,
+    RequiredHeadMoved,
+    TierUnavailable,
+)
 from checkpoint_svc.store import CheckpointStore
 from checkpoint_svc.tiers.pg import libpq_url
 
@@ -330,3 +337,140 @@ async def test_saves_given_up_on_still_commit_before_the_threads_next_one(store,
     by_id = {c.checkpoint_id: c for c in listed}
     assert [c.step for c in listed] == [2, 1, 0]
     assert by_id[head.parent_id].step == 1 and by_id[by_id[head.parent_id].parent_id].step == 0
+
+
+# The first commit of a batch marker (checkpoint_svc/tiers/sql.py BATCH_MARKER_TENANT) takes
+# `seconds`, and a client's cancel does not stop it: a COMMIT whose answer does not come in
+# time. A sequence, not a table: it counts even in a rolled-back transaction, so the batches
+# after that one are quick.
+_SLOW_FIRST_COMMIT = """
+CREATE SEQUENCE slow_commits;
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.tenant = '~batch' AND nextval('slow_commits') = 1 THEN
+        BEGIN
+            PERFORM pg_sleep({seconds});
+        EXCEPTION WHEN query_canceled THEN
+            PERFORM pg_sleep({seconds});
+        END;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON requests
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+"""
+
+
+async def _sql(backend, statement: str) -> None:
+    conn = await asyncpg.connect(libpq_url(backend.db_url))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def _lost_answers(outcome: str) -> float:
+    return metrics.LOST_COMMIT_ANSWERS.labels(outcome)._value.get()
+
+
+@contextlib.asynccontextmanager
+async def _impatient_store(backend) -> AsyncIterator[CheckpointStore]:
+    """A store that gives a statement 0.5 s."""
+    settings = Settings(db_url=backend.db_url, redis_url=None, sql_timeout=0.5)
+    settings.sweep_interval = 0
+    store = CheckpointStore(settings)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _save_once_more(store: CheckpointStore, key: ThreadKey, path: str, before) -> Any:
+    """A second Save of the thread (with an event), on the hot path's one statement or the
+    long way."""
+    if path == "the long way":
+        store.sql.hot.forget([key])
+    return await store.save(
+        _cmd(
+            b'{"n": 1}',
+            step=1,
+            key=key,
+            expected_parent_id=before.checkpoint.checkpoint_id,
+            events=[NewEvent("x.happened")],
+        )
+    )
+
+
+async def _assert_saved_once(store: CheckpointStore, key: ThreadKey, *ids: str) -> None:
+    listed, _ = await store.list(key, 10)
+    assert [c.checkpoint_id for c in listed] == list(ids)
+    events = await store.sql.events_after(key.tenant, key, 0, 100)
+    assert [e.type for e in events].count("x.happened") == len(ids) - 1
+
+
+LOST = ThreadKey("t1", "runs", "lost-answer")
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("path", ["in one statement", "the long way"])
+async def test_a_commit_whose_answer_is_lost_and_that_did_not_land_runs_again(
+    backend, path
+) -> None:
+    """A COMMIT that outlives the statement timeout (and the wait for its cancel) could land
+    after the store gave up on it: the store ends the server process that has it before it
+    reads the batch marker, so that the marker's answer is final, then runs the batch again
+    (docs/checkpoint-service.md#errors)."""
+    async with _impatient_store(backend) as store:
+        first = await store.save(_cmd(key=LOST))
+        await _sql(backend, _SLOW_FIRST_COMMIT.format(seconds=7))
+        not_landed = _lost_answers("not_landed")
+        saved = await _save_once_more(store, LOST, path, first)
+        assert _lost_answers("not_landed") == not_landed + 1
+        await _assert_saved_once(
+            store, LOST, saved.checkpoint.checkpoint_id, first.checkpoint.checkpoint_id
+        )
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("path", ["in one statement", "the long way"])
+async def test_a_commit_whose_answer_is_lost_and_that_landed_is_answered_once(
+    backend, path
+) -> None:
+    """A COMMIT that landed but whose answer never came (here it waits for a synchronous
+    standby there is not: durable locally, then stuck) is answered as committed, not run
+    again and not called a failure."""
+    async with _impatient_store(backend) as store:
+        first = await store.save(_cmd(key=LOST))
+        landed = _lost_answers("landed")
+        await _sql(backend, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        await _sql(backend, "SELECT pg_reload_conf()")
+        try:
+            await asyncio.sleep(0.5)  # the reload reaches every process
+            saved = await _save_once_more(store, LOST, path, first)
+        finally:
+            await _sql(backend, "ALTER SYSTEM RESET synchronous_standby_names")
+            await _sql(backend, "SELECT pg_reload_conf()")
+        assert _lost_answers("landed") == landed + 1
+        await _assert_saved_once(
+            store, LOST, saved.checkpoint.checkpoint_id, first.checkpoint.checkpoint_id
+        )
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_commit_whose_outcome_cannot_be_found_out_says_so(backend, postgres_server) -> None:
+    """PostgreSQL stops while a COMMIT waits for its answer: the caller hears UNAVAILABLE
+    saying that the outcome is unknown and how to retry safely, not a generic failure."""
+    async with _impatient_store(backend) as store:
+        first = await store.save(_cmd(key=LOST))
+        await _sql(backend, _SLOW_FIRST_COMMIT.format(seconds=30))
+        unknown = _lost_answers("unknown")
+        saving = asyncio.ensure_future(_save_once_more(store, LOST, "in one statement", first))
+        await asyncio.sleep(0.2)  # its COMMIT waits
+        await postgres_server.astop()
+        try:
+            with pytest.raises(TierUnavailable, match=r"outcome unknown.*same request_id"):
+                await saving
+        finally:
+            await postgres_server.astart()
+        assert _lost_answers("unknown") == unknown + 1

@@ -121,3 +121,11 @@ def test_one_lease_default() -> None:
     from checkpoint_svc.store import DEFAULT_LEASE_SECONDS
 
     assert engine_config.Settings.model_fields["lease_ttl"].default == DEFAULT_LEASE_SECONDS
+
+
+@CONFIGS
+def test_every_setting_is_in_the_operations_guide(config: ModuleType) -> None:
+    guide = (REPO_ROOT / "docs" / "operations.md").read_text()
+    env = env_names(config.Settings)
+    for name in config.Settings.model_fields:
+        assert f"| `{flag_of(name)}`" in guide and f"`{env[name]}`" in guide, name

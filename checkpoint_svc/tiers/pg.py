@@ -9,10 +9,13 @@ statements asyncpg prepares once per connection with a generic plan
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
+import datetime
 import json
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
@@ -198,6 +201,13 @@ UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', work
     lease_owner = '', lease_expires_at = 0, keep_last = 0, keep_forever = 0, updated_at = $4
 WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"""
 
+# A server process, named by its pid and start time (a pid alone may be another's later).
+SESSION_START = "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+END_SESSION = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"""
+SESSION_ALIVE = """
+SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2)"""
+
 
 def libpq_url(url: str) -> str:
     """The asyncpg DSN of a SQLAlchemy `postgresql+asyncpg://` URL."""
@@ -211,6 +221,18 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 def _keys(keys: Iterable[ThreadKey]) -> list[list[str]]:
     return _columns([(k.tenant, k.namespace, k.thread_id) for k in keys], 3)
+
+
+class _Connection(asyncpg.Connection):
+    """A connection that knows its server process, to end it after a lost COMMIT answer."""
+
+    __slots__ = ("session",)
+
+    session: tuple[int, datetime.datetime]
+
+
+async def _note_session(conn: _Connection) -> None:
+    conn.session = (conn.get_server_pid(), await conn.fetchval(SESSION_START))
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -229,8 +251,9 @@ class PgHotPath:
     """asyncpg pools of their own: one for batches, one for Restore (a burst of reads never
     starves the group committer)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout: float = 15.0) -> None:
         self.dsn = libpq_url(url)
+        self.timeout = timeout  # seconds a statement may take (Settings.sql_timeout)
         self._writer: asyncpg.Pool | None = None
         self._reader: asyncpg.Pool | None = None
         # The threads this replica's batches committed last, as they left them (newest last).
@@ -273,10 +296,12 @@ class PgHotPath:
             min_size=0,
             max_size=size,
             timeout=2.0,
-            command_timeout=15.0,
+            command_timeout=self.timeout,
             # One plan per statement, made once: these statements take keys, not ranges.
             server_settings={"plan_cache_mode": "force_generic_plan"},
             reset=_keep_session,
+            connection_class=_Connection,
+            init=_note_session,
         )
 
     async def writer(self) -> asyncpg.Pool:
@@ -323,6 +348,20 @@ class PgHotPath:
             await pool.release(conn)  # resets it (an open transaction rolled back) or drops it
             raise
         await self._give_back(pool, self._spare, _SPARE_MAX, conn)
+
+    async def end_session(self, session: tuple[int, datetime.datetime]) -> None:
+        """After a lost COMMIT answer: end the server process it was sent to, and wait until
+        it is gone. A COMMIT whose caller gave up (a timeout, a broken connection) may still
+        land while that process lives; once it is gone, its transaction has landed or not
+        for good, and the batch marker says which (docs/checkpoint-service.md#errors)."""
+        deadline = time.monotonic() + self.timeout
+        async with self._reading() as conn:
+            with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval(END_SESSION, *session)  # else it ends by itself, or not
+            while await conn.fetchval(SESSION_ALIVE, *session):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the server process sent the COMMIT is still there")
+                await asyncio.sleep(0.05)
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[asyncpg.Connection]:
@@ -429,6 +468,7 @@ class PgBatch(Batch):
         # Heads of other threads the Saves require (in one statement: checked by it).
         self._required: dict[ThreadKey, str] = {}
         self._statement: tuple[list[Any], list[Event], list[int]] | None = None
+        self._session: tuple[int, datetime.datetime] = conn.session  # read while it is open
 
     async def commit(self) -> None:
         if self._seen is None:
@@ -455,6 +495,13 @@ class PgBatch(Batch):
     async def rollback(self) -> None:
         if self._seen is None:
             await self._transaction.rollback()
+
+    def abandon(self) -> tuple[int, datetime.datetime]:
+        """After a lost COMMIT answer: drop the connection (its pool makes a new one) and say
+        which server process has the COMMIT (PgHotPath.end_session)."""
+        with contextlib.suppress(asyncpg.InterfaceError):  # closed already, and released
+            self.conn.terminate()
+        return self._session
 
     async def prefetch(
         self, request_ids: list[tuple[str, str]], claimed: list[tuple[ThreadKey, str]]

@@ -367,7 +367,7 @@ class ThreadFilter:
 
 
 class SqlTier:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout: float = 15.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.up = True
@@ -379,7 +379,7 @@ class SqlTier:
             _configure_sqlite(self.writer, immediate=True)
             _configure_sqlite(self.reader, immediate=False)
         else:
-            connect_args = {"timeout": 2.0, "command_timeout": 15.0}
+            connect_args = {"timeout": 2.0, "command_timeout": timeout}
             # Separate pools: a burst of reads must never starve the group committer.
             self.writer = create_async_engine(
                 url, pool_size=4, max_overflow=4, pool_timeout=5, connect_args=connect_args
@@ -401,7 +401,7 @@ class SqlTier:
         if not self.is_sqlite:
             from checkpoint_svc.tiers.pg import INLINE_STATE_BYTES, PgHotPath  # builds on this
 
-            self.hot = PgHotPath(url)
+            self.hot = PgHotPath(url, timeout=timeout)
             self.inline_state = INLINE_STATE_BYTES
 
     async def close(self) -> None:
@@ -711,7 +711,11 @@ class SqlTier:
             event_count=events,
         )
 
-    async def batch_committed(self, batch_id: str) -> bool:
+    async def batch_committed(self, batch_id: str, session: Any = None) -> bool:
+        """Whether the batch whose COMMIT answer was lost landed: its marker row, read once
+        the session that had the COMMIT (Batch.abandon) is over."""
+        if session is not None and self.hot is not None:
+            await self.hot.end_session(session)
         params = {"tenant": BATCH_MARKER_TENANT, "request_id": batch_id}
         async with self.writer.connect() as conn:
             return (await conn.execute(_sql(SELECT_REQUEST), params)).first() is not None
@@ -856,6 +860,11 @@ class Batch:
 
     async def rollback(self) -> None:
         await self._transaction.rollback()
+
+    def abandon(self) -> Any:
+        """After a lost COMMIT answer: what names the database session that has the COMMIT,
+        for batch_committed (None here: SQLite's commit ends with the call that made it)."""
+        return None
 
     async def prefetch(
         self, request_ids: list[tuple[str, str]], claimed: list[tuple[ThreadKey, str]]
