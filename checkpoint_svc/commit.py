@@ -32,7 +32,7 @@ from tenacity import (
 from checkpoint_svc import metrics
 from checkpoint_svc.domain import ThreadKey
 from checkpoint_svc.errors import AlreadyExists, InvalidArgument, StoreError, TierUnavailable
-from checkpoint_svc.tiers.pg import ChangedSinceSeen, PgHotPath
+from checkpoint_svc.tiers.pg import ChangedSinceSeen, PgHotPath, SessionOutlived
 from checkpoint_svc.tiers.sql import Batch, SqlTier
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,13 @@ def as_store_error(exc: BaseException) -> StoreError:
     if integrity or state.startswith("22") or state.startswith("54"):
         return InvalidArgument(f"the database refused a value ({describe(exc)})")
     return TierUnavailable(f"SQL tier unavailable: {describe(exc)}")
+
+
+# What a caller whose call may or may not have landed is told to do.
+_RETRY_ADVICE = (
+    "a retry with the same request_id is answered as the replay it is if it landed; without "
+    "a request_id, read the thread's head before trying again"
+)
 
 
 class _AmbiguousCommit(Exception):
@@ -372,8 +379,8 @@ class GroupCommitter:
             except Exception as exc:  # never let the consumer die
                 log.exception("group commit failed")
                 error = TierUnavailable(
-                    f"commit failed in the service ({type(exc).__name__}, in its log), "
-                    "landed or not: retry with the same request_id"
+                    f"commit failed in the service ({type(exc).__name__}, in its log), landed "
+                    f"or not: {_RETRY_ADVICE}"
                 )
                 for item in items:
                     if not item.future.done():
@@ -462,7 +469,15 @@ class GroupCommitter:
                     raise
                 metrics.LOST_COMMIT_ANSWERS.labels("landed" if landed else "not_landed").inc()
                 if landed:
-                    return lost.batch_and_results  # type: ignore[attr-defined]
+                    batch, results = lost.batch_and_results  # type: ignore[attr-defined]
+                    try:  # the answer that numbered its events in the feed was the one lost
+                        await with_sql_retries(lambda: self.sql.number_events(batch.flushed_events))
+                    except (TimeoutError, *SQL_ERRORS, OSError) as exc:  # never a re-run now
+                        log.warning(
+                            "feed seqs of a landed batch unread; watchers read them from SQL",
+                            extra={"error": describe(exc)},
+                        )
+                    return batch, results
                 raise lost.cause from None
 
         return await with_sql_retries(once)
@@ -471,10 +486,9 @@ class GroupCommitter:
         """Whether an ambiguous commit is durable, by its marker row; UNAVAILABLE if unknowable."""
         try:
             return await with_sql_retries(lambda: self.sql.batch_committed(batch_id, session))
-        except (TimeoutError, *SQL_ERRORS, OSError) as exc:
+        except (TimeoutError, *SQL_ERRORS, OSError, SessionOutlived) as exc:
             raise TierUnavailable(
-                f"commit outcome unknown ({describe(exc)} while finding it out): retry with "
-                "the same request_id, which answers a landed call as the replay it is"
+                f"commit outcome unknown ({describe(exc)} while finding it out): {_RETRY_ADVICE}"
             ) from exc
 
     async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
@@ -528,6 +542,8 @@ class GroupCommitter:
             try:
                 await batch.commit()
             except (TimeoutError, *SQL_ERRORS, OSError) as exc:
+                if not is_connectivity_error(exc):
+                    raise  # an answer: the transaction was rolled back
                 lost = _AmbiguousCommit(batch_id, exc, batch.abandon())
                 lost.batch_and_results = (batch, results)  # type: ignore[attr-defined]
                 raise lost from exc

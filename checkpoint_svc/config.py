@@ -70,8 +70,8 @@ class Settings(ServiceSettings):
     sql_timeout: float = Field(
         15.0,
         gt=0,
-        description="seconds one SQL statement may take before it counts as failed (a "
-        "commit's outcome is then found out before anything is tried again)",
+        description="PostgreSQL: seconds one statement may take before it counts as failed "
+        "(a commit's outcome is then found out before anything is tried again)",
     )
     shutdown_grace: float = Field(
         10.0,

@@ -312,3 +312,32 @@ async def test_a_database_migrated_by_a_newer_release_is_used_as_it_is(backend) 
         assert await tier.migrate() == "0099"
     finally:
         await tier.close()
+
+
+@MIGRATIONS_ON_EACH_DATABASE  # Redis has no part in them
+async def test_the_declared_tables_are_what_the_migrations_build(backend) -> None:
+    """Issue 12: the SQL tier's statements name the Core tables of tiers/schema.py; those
+    must be the schema the migrations leave, column by column, type, nullability, keys and
+    indexes (Alembic's autogenerate comparison finds nothing to change)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from checkpoint_svc.tiers import schema, sql
+
+    def ours(obj: object, name: str | None, kind: str, reflected: bool, _to: object) -> bool:
+        # Alembic's own table, and the PostgreSQL-only expression index (see schema.py).
+        return name not in ("alembic_version", "checkpoints_by_metadata")
+
+    def differences(conn: object) -> list[object]:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "include_object": ours}
+        )
+        return compare_metadata(context, schema.METADATA)
+
+    tier = sql.SqlTier(backend.db_url)
+    try:
+        await tier.migrate()
+        async with tier.reader.connect() as conn:
+            assert await conn.run_sync(differences) == []
+    finally:
+        await tier.close()

@@ -14,7 +14,9 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -31,6 +33,8 @@ from checkpoint_svc.tiers.sql import (
     _sort_key,
     _thread_from_row,
 )
+
+log = logging.getLogger(__name__)
 
 # States up to this size come back with the Restore query itself; bigger ones are read from
 # the fastest cache holding them, then by a second query.
@@ -202,11 +206,12 @@ UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', work
 WHERE tenant = $1 AND namespace = $2 AND thread_id = $3"""
 
 # A server process, named by its pid and start time (a pid alone may be another's later).
-SESSION_START = "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+SESSION_START = """
+SELECT pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())"""
 END_SESSION = """
-SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"""
+SELECT pg_terminate_backend(pid) FROM pg_stat_get_activity($1) WHERE backend_start = $2"""
 SESSION_ALIVE = """
-SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2)"""
+SELECT EXISTS (SELECT 1 FROM pg_stat_get_activity($1) WHERE backend_start = $2)"""
 
 
 def libpq_url(url: str) -> str:
@@ -223,16 +228,37 @@ def _keys(keys: Iterable[ThreadKey]) -> list[list[str]]:
     return _columns([(k.tenant, k.namespace, k.thread_id) for k in keys], 3)
 
 
+class SessionOutlived(Exception):
+    """The server process a lost COMMIT answer came from did not end in time: whether the
+    COMMIT lands is unknown."""
+
+
 class _Connection(asyncpg.Connection):
     """A connection that knows its server process, to end it after a lost COMMIT answer."""
 
     __slots__ = ("session",)
 
-    session: tuple[int, datetime.datetime]
+    session: tuple[int, datetime.datetime] | None
 
 
 async def _note_session(conn: _Connection) -> None:
-    conn.session = (conn.get_server_pid(), await conn.fetchval(SESSION_START))
+    """A writer connection's server process. Behind a connection pooler (pgbouncer) it is
+    not the one the next transaction runs on, which the handshake's pid then shows: no
+    session is noted, and a lost COMMIT answer is resolved by the marker alone."""
+    row = await conn.fetchrow(SESSION_START)
+    conn.session = (row["pid"], row["backend_start"])
+    if row["pid"] != conn.get_server_pid():
+        conn.session = None
+        _warn_of_pooler()
+
+
+@functools.cache  # said once per process
+def _warn_of_pooler() -> None:
+    log.warning(
+        "PostgreSQL is reached through a connection pooler: a COMMIT whose answer is lost is "
+        "resolved by its batch marker without ending the process that had it "
+        "(docs/checkpoint-service.md#writes)"
+    )
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -289,7 +315,8 @@ class PgHotPath:
         for key in keys:
             self.seen.pop(key, None)
 
-    async def _pool(self, size: int) -> asyncpg.Pool:
+    async def _pool(self, size: int, *, sessions: bool = False) -> asyncpg.Pool:
+        """`sessions`: each connection notes its server process (_note_session)."""
         # min_size 0: creating a pool never waits for PostgreSQL (it may be down at start).
         return await asyncpg.create_pool(
             self.dsn,
@@ -301,12 +328,12 @@ class PgHotPath:
             server_settings={"plan_cache_mode": "force_generic_plan"},
             reset=_keep_session,
             connection_class=_Connection,
-            init=_note_session,
+            init=_note_session if sessions else None,
         )
 
     async def writer(self) -> asyncpg.Pool:
         if self._writer is None:
-            self._writer = await self._pool(4)
+            self._writer = await self._pool(4, sessions=True)
         return self._writer
 
     async def reader(self) -> asyncpg.Pool:
@@ -355,12 +382,13 @@ class PgHotPath:
         land while that process lives; once it is gone, its transaction has landed or not
         for good, and the batch marker says which (docs/checkpoint-service.md#errors)."""
         deadline = time.monotonic() + self.timeout
-        async with self._reading() as conn:
+        pool = await self.writer()  # the writers' host, if the URL names several
+        async with pool.acquire(timeout=5.0) as conn:
             with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
                 await conn.fetchval(END_SESSION, *session)  # else it ends by itself, or not
             while await conn.fetchval(SESSION_ALIVE, *session):
                 if time.monotonic() > deadline:
-                    raise TimeoutError("the server process sent the COMMIT is still there")
+                    raise SessionOutlived("the server process that had the COMMIT is still there")
                 await asyncio.sleep(0.05)
 
     @contextlib.asynccontextmanager
@@ -468,7 +496,7 @@ class PgBatch(Batch):
         # Heads of other threads the Saves require (in one statement: checked by it).
         self._required: dict[ThreadKey, str] = {}
         self._statement: tuple[list[Any], list[Event], list[int]] | None = None
-        self._session: tuple[int, datetime.datetime] = conn.session  # read while it is open
+        self._session: tuple[int, datetime.datetime] | None = conn.session  # while it is open
 
     async def commit(self) -> None:
         if self._seen is None:
@@ -496,7 +524,7 @@ class PgBatch(Batch):
         if self._seen is None:
             await self._transaction.rollback()
 
-    def abandon(self) -> tuple[int, datetime.datetime]:
+    def abandon(self) -> tuple[int, datetime.datetime] | None:
         """After a lost COMMIT answer: drop the connection (its pool makes a new one) and say
         which server process has the COMMIT (PgHotPath.end_session)."""
         with contextlib.suppress(asyncpg.InterfaceError):  # closed already, and released

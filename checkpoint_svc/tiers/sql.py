@@ -5,13 +5,16 @@ touches in key order, buffers inserts, and flushes them with executemany in
 one transaction, so that many concurrent Saves cost one commit. This is the
 SQLite batch (BEGIN IMMEDIATE holds the database's one write lock); on
 PostgreSQL pg.PgBatch does the same work in fewer statements, locking the rows.
+
+Statements are SQLAlchemy Core over the tables of schema.py, rows read by name. Those that
+run at every step of a run on SQLite are built once, with named parameters (`bindparam`);
+the rest are built per call from the filters they are given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import threading
@@ -19,11 +22,11 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, event, text
-from sqlalchemy.engine import Row
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
-from sqlalchemy.sql.elements import TextClause
 
 from checkpoint_svc.domain import (
     TERMINAL_STATUSES,
@@ -38,274 +41,287 @@ from checkpoint_svc.domain import (
     Trigger,
 )
 from checkpoint_svc.errors import AlreadyExists
+from checkpoint_svc.tiers.schema import checkpoints, events, feeds, requests, threads, writes
 
 log = logging.getLogger(__name__)
 _MIGRATING = threading.Lock()
 
-_KEY = "tenant = :tenant AND namespace = :namespace AND thread_id = :thread_id"
-
-
-THREAD_COLUMNS = (
-    "head_id, status, workflow_id, workflow_version, lease_owner, lease_expires_at, "
-    "fencing_token, last_seq, created_at, updated_at, deleted, keep_last, keep_forever"
-)
-SELECT_THREAD = f"SELECT {THREAD_COLUMNS} FROM threads WHERE {_KEY}"
-INSERT_THREAD = """
-INSERT INTO threads (tenant, namespace, thread_id, created_at, updated_at)
-VALUES (:tenant, :namespace, :thread_id, :now, :now) ON CONFLICT DO NOTHING"""
-UPDATE_THREAD = f"""
-UPDATE threads SET head_id = :head_id, status = :status, workflow_id = :workflow_id,
-    workflow_version = :workflow_version, lease_owner = :lease_owner,
-    lease_expires_at = :lease_expires_at, fencing_token = :fencing_token,
-    last_seq = :last_seq, updated_at = :updated_at, deleted = :deleted, keep_last = :keep_last,
-    keep_forever = :keep_forever
-WHERE {_KEY}"""
-# The namespaces under a prefix (see _prefix_params). substr, not LIKE: a prefix with % or _
-# in it means just that.
-_UNDER_PREFIX = "substr(namespace, 1, :prefix_length) = :prefix"
-# PruneThreads KEEP_LATEST: everything but the heads of a thread id's namespaces.
-_THREAD_UNDER_PREFIX = f"tenant = :tenant AND thread_id = :thread_id AND {_UNDER_PREFIX}"
-_IS_HEAD = """EXISTS (SELECT 1 FROM threads t WHERE t.tenant = checkpoints.tenant
-    AND t.namespace = checkpoints.namespace AND t.thread_id = checkpoints.thread_id
-    AND t.head_id = checkpoints.checkpoint_id)"""
-PRUNE_ALL_BUT_HEADS = f"""
-DELETE FROM checkpoints WHERE {_THREAD_UNDER_PREFIX} AND NOT {_IS_HEAD}
-RETURNING namespace, checkpoint_id"""
-CLEAR_HEAD_PARENTS = f"""
-UPDATE checkpoints SET parent_id = '' WHERE {_THREAD_UNDER_PREFIX} AND {_IS_HEAD}
-RETURNING namespace, checkpoint_id"""
-# CopyThread: one thread id's rows under a prefix, to another thread id. A tombstone of the
-# target (a deleted thread) is revived; a live target is not touched, and the caller sees
-# fewer rows copied than there are.
-_FROM_SOURCE = f"WHERE tenant = :tenant AND thread_id = :source AND {_UNDER_PREFIX}"
-COPY_THREADS = f"""
-INSERT INTO threads (tenant, namespace, thread_id, head_id, status, workflow_id,
-    workflow_version, created_at, updated_at, keep_last, keep_forever)
-SELECT tenant, namespace, :target, head_id, status, workflow_id, workflow_version, :now, :now,
-    keep_last, keep_forever FROM threads {_FROM_SOURCE} AND deleted = 0
-ON CONFLICT (tenant, namespace, thread_id) DO UPDATE SET head_id = excluded.head_id,
-    status = excluded.status, workflow_id = excluded.workflow_id,
-    workflow_version = excluded.workflow_version, updated_at = excluded.updated_at,
-    keep_last = excluded.keep_last, keep_forever = excluded.keep_forever, deleted = 0
-WHERE threads.deleted = 1
-RETURNING namespace"""
-COUNT_SOURCE_THREADS = f"SELECT COUNT(*) FROM threads {_FROM_SOURCE} AND deleted = 0"
-COPY_CHECKPOINTS = f"""
-INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id, step, state,
-    content_type, trigger, name, completed_nodes, progress_percent, eta_seconds, metadata,
-    created_at, expires_at, state_size)
-SELECT tenant, namespace, :target, checkpoint_id, parent_id, step, state, content_type,
-    trigger, name, completed_nodes, progress_percent, eta_seconds, metadata, created_at,
-    expires_at, state_size FROM checkpoints {_FROM_SOURCE}"""
-COPY_WRITES = f"""
-INSERT INTO writes (tenant, namespace, thread_id, checkpoint_id, task_id, idx, channel, value,
-    content_type, task_path)
-SELECT tenant, namespace, :target, checkpoint_id, task_id, idx, channel, value, content_type,
-    task_path FROM writes {_FROM_SOURCE}"""
-SELECT_THREAD_HEAD = f"SELECT head_id FROM threads WHERE {_KEY}"
-MOVE_HEAD_TO_NEWEST = f"""
-UPDATE threads SET head_id = COALESCE((SELECT MAX(c.checkpoint_id) FROM checkpoints c
-    WHERE c.tenant = :tenant AND c.namespace = :namespace AND c.thread_id = :thread_id), ''),
-    updated_at = :now
-WHERE {_KEY}"""
-NAMESPACES_OF_THREAD = f"""
-SELECT namespace FROM threads WHERE tenant = :tenant AND thread_id = :thread_id
-    AND deleted = 0 AND {_UNDER_PREFIX} ORDER BY namespace"""
-LIST_THREADS = (
-    f"SELECT namespace, thread_id, {THREAD_COLUMNS} FROM threads "
-    "WHERE tenant = :tenant AND deleted = 0"
-)
-_AFTER_KEY = " AND (namespace > :after_ns OR (namespace = :after_ns AND thread_id > :after_id))"
-# A row comparison: PostgreSQL seeks the index with it (an OR of the parts it cannot).
-_BEFORE_CREATED = " AND (created_at, namespace, thread_id) < (:after_at, :after_ns, :after_id)"
-
-SELECT_THREADS = f"""
-SELECT tenant, namespace, thread_id, {THREAD_COLUMNS} FROM threads
-WHERE (tenant, namespace, thread_id) IN :keys
-ORDER BY tenant, namespace, thread_id"""
-# Locks the tenant's feed row until commit, so feed_seq is dense and in commit order.
-BUMP_FEED = """
-INSERT INTO feeds (tenant, last_seq) VALUES (:tenant, :n)
-ON CONFLICT (tenant) DO UPDATE SET last_seq = feeds.last_seq + excluded.last_seq
-RETURNING last_seq"""
-
-META_COLUMNS = (
-    "checkpoint_id, parent_id, step, content_type, trigger, name, completed_nodes, "
-    "progress_percent, eta_seconds, metadata, created_at, expires_at"
-)
-INSERT_CHECKPOINT = """
-INSERT INTO checkpoints (tenant, namespace, thread_id, checkpoint_id, parent_id, step, state,
-    content_type, trigger, name, completed_nodes, progress_percent, eta_seconds, metadata,
-    created_at, expires_at, state_size)
-VALUES (:tenant, :namespace, :thread_id, :checkpoint_id, :parent_id, :step, :state,
-    :content_type, :trigger, :name, :completed_nodes, :progress_percent, :eta_seconds,
-    :metadata, :created_at, :expires_at, :state_size)"""
-# Restore: SQL names the checkpoint (the head, or one by id), with its metadata and, joined,
-# its pending writes; the state comes from the fastest tier holding that very checkpoint.
-_META_OF_C = (
-    "c.checkpoint_id, c.parent_id, c.step, c.content_type, c.trigger, c.name, "
-    "c.completed_nodes, c.progress_percent, c.eta_seconds, c.metadata, c.created_at, "
-    "c.expires_at"
-)
-_WRITES_OF_C = """LEFT JOIN writes w ON w.tenant = c.tenant AND w.namespace = c.namespace
-    AND w.thread_id = c.thread_id AND w.checkpoint_id = c.checkpoint_id"""
-_W_COLUMNS = "w.task_id, w.idx, w.channel, w.value, w.content_type, w.task_path"
-_HEAD_OF_T = """FROM threads t JOIN checkpoints c ON c.tenant = t.tenant
-    AND c.namespace = t.namespace AND c.thread_id = t.thread_id AND c.checkpoint_id = t.head_id"""
-_T_KEY = "t.tenant = :tenant AND t.namespace = :namespace AND t.thread_id = :thread_id"
-_C_KEY = """c.tenant = :tenant AND c.namespace = :namespace AND c.thread_id = :thread_id
-    AND c.checkpoint_id = :checkpoint_id"""
-FIND_HEAD = f"SELECT {_META_OF_C}, t.last_seq {_HEAD_OF_T} WHERE {_T_KEY}"
-FIND_HEAD_WITH_WRITES = f"""
-SELECT {_META_OF_C}, t.last_seq, {_W_COLUMNS} {_HEAD_OF_T} {_WRITES_OF_C}
-WHERE {_T_KEY} ORDER BY w.task_id, w.idx"""
-FIND_CHECKPOINT = f"SELECT {_META_OF_C}, 0 FROM checkpoints c WHERE {_C_KEY}"
-FIND_CHECKPOINT_WITH_WRITES = f"""
-SELECT {_META_OF_C}, 0, {_W_COLUMNS} FROM checkpoints c {_WRITES_OF_C}
-WHERE {_C_KEY} ORDER BY w.task_id, w.idx"""
-SELECT_STATE = f"""
-SELECT state FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id
-    AND created_at = :created_at"""
-# A client-supplied id on Save: taken already? writes for it committed before it?
-CHECKPOINT_OR_WRITES_EXIST = f"""
-SELECT EXISTS (SELECT 1 FROM checkpoints WHERE {_KEY} AND checkpoint_id = :checkpoint_id),
-    EXISTS (SELECT 1 FROM writes WHERE {_KEY} AND checkpoint_id = :checkpoint_id)"""
-LIST_CHECKPOINTS = f"SELECT {META_COLUMNS}{{state}} FROM checkpoints WHERE {_KEY}"
-LIST_CHECKPOINTS_ACROSS_NAMESPACES = f"""
-SELECT {META_COLUMNS}{{state}}, namespace FROM checkpoints
-WHERE tenant = :tenant AND thread_id = :thread_id AND {_UNDER_PREFIX}"""
-
-_WRITE_INSERT = """
-INSERT INTO writes (tenant, namespace, thread_id, checkpoint_id, task_id, idx, channel, value,
-    content_type, task_path)
-VALUES (:tenant, :namespace, :thread_id, :checkpoint_id, :task_id, :idx, :channel, :value,
-    :content_type, :task_path)
-ON CONFLICT (tenant, namespace, thread_id, checkpoint_id, task_id, idx)"""
-INSERT_REGULAR_WRITE = _WRITE_INSERT + " DO NOTHING"
-UPSERT_SPECIAL_WRITE = (
-    _WRITE_INSERT
-    + """ DO UPDATE SET channel = excluded.channel,
-    value = excluded.value, content_type = excluded.content_type,
-    task_path = excluded.task_path"""
-)
-WRITE_COLUMNS = "checkpoint_id, task_id, idx, channel, value, content_type, task_path"
-# The writes of a page of one thread id's checkpoints (across its namespaces), in one query.
-SELECT_WRITES_OF_CHECKPOINTS = f"""
-SELECT namespace, {WRITE_COLUMNS} FROM writes
-WHERE tenant = :tenant AND thread_id = :thread_id AND checkpoint_id IN :ids
-ORDER BY task_id, idx"""
-
-EVENT_COLUMNS = "namespace, thread_id, seq, feed_seq, type, time, payload, terminal"
-INSERT_EVENT = """
-INSERT INTO events (tenant, namespace, thread_id, seq, feed_seq, type, time, payload, terminal)
-VALUES (:tenant, :namespace, :thread_id, :seq, :feed_seq, :type, :time, :payload, :terminal)"""
-SELECT_THREAD_EVENTS = f"""
-SELECT {EVENT_COLUMNS} FROM events WHERE {_KEY} AND seq > :after ORDER BY seq LIMIT :limit"""
-SELECT_TENANT_EVENTS = f"""
-SELECT {EVENT_COLUMNS} FROM events WHERE tenant = :tenant AND feed_seq > :after
-ORDER BY feed_seq LIMIT :limit"""
-
+KEY_COLUMNS = ("tenant", "namespace", "thread_id")
+# A threads row but its key, for pg.py's statements (read by name, as _thread_from_row does).
+THREAD_COLUMNS = ", ".join(c.name for c in threads.c if c.name not in KEY_COLUMNS)
 # Not a valid tenant id (tenants start with a letter or digit), so never a client's.
 BATCH_MARKER_TENANT = "~batch"
+_TERMINAL = sorted(int(s) for s in TERMINAL_STATUSES)
+_WRITE_SLOT = [writes.c[name] for name in (*KEY_COLUMNS, "checkpoint_id", "task_id", "idx")]
+_META = [
+    checkpoints.c[name]
+    for name in (
+        "checkpoint_id",
+        "parent_id",
+        "step",
+        "content_type",
+        "trigger",
+        "name",
+        "completed_nodes",
+        "progress_percent",
+        "eta_seconds",
+        "metadata",
+        "created_at",
+        "expires_at",
+    )
+]
+_WRITE_FIELDS = ("checkpoint_id", "task_id", "idx", "channel", "value", "content_type", "task_path")
+_EVENT_FIELDS = ("namespace", "thread_id", "seq", "feed_seq", "type", "time", "payload", "terminal")
+
+
+def _is(table: sa.Table, key: ThreadKey) -> sa.ColumnElement[bool]:
+    """The rows of one thread."""
+    return sa.and_(
+        table.c.tenant == key.tenant,
+        table.c.namespace == key.namespace,
+        table.c.thread_id == key.thread_id,
+    )
+
+
+def _is_bound(table: sa.Table) -> sa.ColumnElement[bool]:
+    """The rows of the thread the parameters b_tenant, b_namespace, b_thread_id name (_bound):
+    for statements built once, and run with many parameter sets."""
+    return sa.and_(*(table.c[name] == sa.bindparam(f"b_{name}") for name in KEY_COLUMNS))
+
+
+def _same_thread(a: Any, b: Any) -> sa.ColumnElement[bool]:
+    """Rows of two tables (or aliases) of the same thread."""
+    return sa.and_(*(a.c[name] == b.c[name] for name in KEY_COLUMNS))
+
+
+def _under(table: Any, prefix: str) -> sa.ColumnElement[bool]:
+    """The namespaces under a prefix. substr, not LIKE: a prefix with % or _ in it means
+    just that."""
+    return sa.func.substr(table.c.namespace, 1, len(prefix)) == prefix
+
+
+def _of_thread_id(table: Any, tenant: str, thread_id: str, prefix: str) -> sa.ColumnElement[bool]:
+    """One thread id's rows in the namespaces under a prefix."""
+    return sa.and_(table.c.tenant == tenant, table.c.thread_id == thread_id, _under(table, prefix))
+
+
+# A checkpoint that is the head of its thread (PruneThreads KEEP_LATEST keeps those)...
+_IS_HEAD = (
+    sa.exists()
+    .where(_same_thread(threads, checkpoints), threads.c.head_id == checkpoints.c.checkpoint_id)
+    .correlate(checkpoints)
+)
+# ...protected from retention while its thread is not terminal...
+_ACTIVE_HEAD = (
+    sa.exists()
+    .where(
+        _same_thread(threads, checkpoints),
+        threads.c.head_id == checkpoints.c.checkpoint_id,
+        threads.c.status.not_in(_TERMINAL),
+    )
+    .correlate(checkpoints)
+)
+# ...and everything of a thread kept forever (SaveRequest.keep_forever).
+_KEPT_FOREVER = (
+    sa.exists()
+    .where(_same_thread(threads, checkpoints), threads.c.keep_forever == 1)
+    .correlate(checkpoints)
+)
+
+# ---- built once: what a batch on SQLite, and a Restore there, run --------------------------
+
+SELECT_THREADS = (
+    sa.select(threads)
+    .where(
+        sa.tuple_(*(threads.c[n] for n in KEY_COLUMNS)).in_(sa.bindparam("keys", expanding=True))
+    )
+    .order_by(*(threads.c[n] for n in KEY_COLUMNS))
+)
+INSERT_THREAD = sqlite.insert(threads).on_conflict_do_nothing()
+DELETE_NEW_THREAD = threads.delete().where(_is_bound(threads))
+# The columns to set are the parameters' (_thread_params): every one but the key.
+UPDATE_THREAD = threads.update().where(_is_bound(threads))
 # The head of a thread another thread's Save requires (SaveCommand.required_head); a
 # tombstone's is empty.
-SELECT_HEAD = (
-    "SELECT head_id FROM threads"
-    " WHERE tenant = :tenant AND namespace = :namespace AND thread_id = :thread_id"
+SELECT_HEAD = sa.select(threads.c.head_id).where(_is_bound(threads))
+SELECT_REQUEST = sa.select(requests.c.kind, requests.c.result).where(
+    requests.c.tenant == sa.bindparam("b_tenant"),
+    requests.c.request_id == sa.bindparam("b_request_id"),
 )
-SELECT_REQUEST = (
-    "SELECT kind, result FROM requests WHERE tenant = :tenant AND request_id = :request_id"
+INSERT_REQUEST = requests.insert()
+# A client-supplied id on Save: taken already? writes for it committed before it?
+CHECKPOINT_OR_WRITES_EXIST = sa.select(
+    sa.exists()
+    .where(_is_bound(checkpoints), checkpoints.c.checkpoint_id == sa.bindparam("b_checkpoint_id"))
+    .label("taken"),
+    sa.exists()
+    .where(_is_bound(writes), writes.c.checkpoint_id == sa.bindparam("b_checkpoint_id"))
+    .label("has_writes"),
 )
-INSERT_REQUEST = """
-INSERT INTO requests (tenant, request_id, kind, result, created_at)
-VALUES (:tenant, :request_id, :kind, :result, :created_at)"""
-
-DELETE_THREAD_ROWS = [
-    f"DELETE FROM writes WHERE {_KEY}",
-    f"DELETE FROM events WHERE {_KEY}",
-]
+INSERT_CHECKPOINT = checkpoints.insert()
+INSERT_REGULAR_WRITE = sqlite.insert(writes).on_conflict_do_nothing(index_elements=_WRITE_SLOT)
+_upsert = sqlite.insert(writes)
+UPSERT_SPECIAL_WRITE = _upsert.on_conflict_do_update(
+    index_elements=_WRITE_SLOT,
+    set_={
+        name: _upsert.excluded[name] for name in ("channel", "value", "content_type", "task_path")
+    },
+)
+INSERT_EVENT = events.insert()
+_bump = sqlite.insert(feeds)
+# Locks the tenant's feed row until commit, so feed_seq is dense and in commit order.
+BUMP_FEED = _bump.on_conflict_do_update(
+    index_elements=[feeds.c.tenant], set_={"last_seq": feeds.c.last_seq + _bump.excluded.last_seq}
+).returning(feeds.c.last_seq)
+DELETE_THREAD_CHECKPOINTS = checkpoints.delete().where(_is_bound(checkpoints))
+DELETE_THREAD_ROWS = [table.delete().where(_is_bound(table)) for table in (writes, events)]
 # The row stays as a tombstone so that fencing tokens and event seqs never go back:
 # a zombie holding an old token, or a watcher holding an old cursor, stays behind.
-TOMBSTONE_THREAD = f"""
-UPDATE threads SET deleted = 1, head_id = '', status = 0, workflow_id = '', workflow_version = 0,
-    lease_owner = '', lease_expires_at = 0, keep_last = 0, keep_forever = 0, updated_at = :now
-WHERE {_KEY}"""
-DELETE_NEW_THREAD = f"DELETE FROM threads WHERE {_KEY}"
-DELETE_THREAD_CHECKPOINTS = f"DELETE FROM checkpoints WHERE {_KEY}"
+TOMBSTONE_THREAD = (
+    threads.update()
+    .where(_is_bound(threads))
+    .values(
+        deleted=1,
+        head_id="",
+        status=0,
+        workflow_id="",
+        workflow_version=0,
+        lease_owner="",
+        lease_expires_at=0,
+        keep_last=0,
+        keep_forever=0,
+        updated_at=sa.bindparam("b_now"),
+    )
+)
 
-STATS_CHECKPOINTS = f"""
-SELECT trigger, COUNT(*), MIN(created_at), MAX(created_at), COALESCE(SUM(state_size), 0)
-FROM checkpoints WHERE {_KEY} GROUP BY trigger"""
-STATS_EVENTS = f"SELECT COUNT(*) FROM events WHERE {_KEY}"
-
-_TERMINAL = ", ".join(str(int(s)) for s in sorted(TERMINAL_STATUSES))
-# A checkpoint is protected while it is the head of a thread that is not terminal.
-_NOT_ACTIVE_HEAD = f"""
-NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = checkpoints.tenant
-    AND threads.namespace = checkpoints.namespace AND threads.thread_id = checkpoints.thread_id
-    AND threads.head_id = checkpoints.checkpoint_id AND threads.status NOT IN ({_TERMINAL}))"""
-# ...nor while its thread is kept forever (SaveRequest.keep_forever).
-_NOT_KEPT_FOREVER = """
-NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = checkpoints.tenant
-    AND threads.namespace = checkpoints.namespace AND threads.thread_id = checkpoints.thread_id
-    AND threads.keep_forever = 1)"""
-SWEEP_EXPIRED = f"""
-DELETE FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at < :now
-    AND {_NOT_KEPT_FOREVER} AND {_NOT_ACTIVE_HEAD}
-RETURNING tenant, namespace, thread_id, checkpoint_id"""
-# Each thread's own keep_last, else the service's (:keep_last, 0 = keep all).
-SWEEP_BEYOND_KEEP_LAST = f"""
-DELETE FROM checkpoints WHERE {_NOT_ACTIVE_HEAD}
-    AND (tenant, namespace, thread_id, checkpoint_id) IN (
-        SELECT ranked.tenant, ranked.namespace, ranked.thread_id, ranked.checkpoint_id FROM (
-            SELECT tenant, namespace, thread_id, checkpoint_id, ROW_NUMBER() OVER (
-                PARTITION BY tenant, namespace, thread_id ORDER BY checkpoint_id DESC) AS rn
-            FROM checkpoints) ranked
-        JOIN threads t ON t.tenant = ranked.tenant AND t.namespace = ranked.namespace
-            AND t.thread_id = ranked.thread_id
-        WHERE t.keep_forever = 0 AND ((t.keep_last > 0 AND ranked.rn > t.keep_last)
-            OR (t.keep_last = 0 AND :keep_last > 0 AND ranked.rn > :keep_last)))
-RETURNING tenant, namespace, thread_id, checkpoint_id"""
+# Restore: SQL names the checkpoint (the head, or one by id), with its metadata and, joined,
+# its pending writes; the state comes from the fastest tier holding that very checkpoint.
+# `version` is the thread's event seq if it is the head (0 for one by id).
+_WRITES_OF_CHECKPOINT = sa.and_(
+    _same_thread(writes, checkpoints), writes.c.checkpoint_id == checkpoints.c.checkpoint_id
+)
+_WRITE_LABELS = [writes.c[name].label(f"w_{name}") for name in _WRITE_FIELDS[1:]]
+_HEAD = threads.join(
+    checkpoints,
+    sa.and_(_same_thread(checkpoints, threads), checkpoints.c.checkpoint_id == threads.c.head_id),
+)
+FIND_HEAD = (
+    sa.select(*_META, threads.c.last_seq.label("version"))
+    .select_from(_HEAD)
+    .where(_is_bound(threads))
+)
+FIND_HEAD_WITH_WRITES = (
+    sa.select(*_META, threads.c.last_seq.label("version"), *_WRITE_LABELS)
+    .select_from(_HEAD.outerjoin(writes, _WRITES_OF_CHECKPOINT))
+    .where(_is_bound(threads))
+    .order_by(writes.c.task_id, writes.c.idx)
+)
+_BY_ID = sa.and_(
+    _is_bound(checkpoints), checkpoints.c.checkpoint_id == sa.bindparam("b_checkpoint_id")
+)
+FIND_CHECKPOINT = sa.select(*_META, sa.literal(0).label("version")).where(_BY_ID)
+FIND_CHECKPOINT_WITH_WRITES = (
+    sa.select(*_META, sa.literal(0).label("version"), *_WRITE_LABELS)
+    .select_from(checkpoints.outerjoin(writes, _WRITES_OF_CHECKPOINT))
+    .where(_BY_ID)
+    .order_by(writes.c.task_id, writes.c.idx)
+)
+SELECT_STATE = sa.select(checkpoints.c.state).where(
+    _BY_ID, checkpoints.c.created_at == sa.bindparam("b_created_at")
+)
 # The writes of checkpoints just deleted. Not "writes whose checkpoint is missing": writes may
 # come before their checkpoint (LangGraph's async durability), and must not be swept then.
-DELETE_WRITES_OF_CHECKPOINT = f"DELETE FROM writes WHERE {_KEY} AND checkpoint_id = :checkpoint_id"
-DELETE_WRITES_OF_THREAD = f"DELETE FROM writes WHERE {_KEY}"
+DELETE_WRITES_OF_CHECKPOINT = writes.delete().where(
+    _is_bound(writes), writes.c.checkpoint_id == sa.bindparam("b_checkpoint_id")
+)
+DELETE_WRITES_OF_THREAD = writes.delete().where(_is_bound(writes))
+SELECT_FEED_SEQ = sa.select(events.c.feed_seq).where(
+    _is_bound(events), events.c.seq == sa.bindparam("b_seq")
+)
+PING = sa.text("SELECT 1")
+
+# ---- retention ------------------------------------------------------------------------------
+
+SWEEP_EXPIRED = (
+    checkpoints.delete()
+    .where(
+        checkpoints.c.expires_at.is_not(None),
+        checkpoints.c.expires_at < sa.bindparam("b_now"),
+        ~_KEPT_FOREVER,
+        ~_ACTIVE_HEAD,
+    )
+    .returning(*(checkpoints.c[n] for n in (*KEY_COLUMNS, "checkpoint_id")))
+)
 # A terminal thread whose head was pruned is gone: its row and feed go too.
-SWEEP_HEADLESS_THREADS = f"""
-DELETE FROM threads WHERE status IN ({_TERMINAL}) AND head_id <> ''
-    AND NOT EXISTS (SELECT 1 FROM checkpoints WHERE checkpoints.tenant = threads.tenant
-        AND checkpoints.namespace = threads.namespace
-        AND checkpoints.thread_id = threads.thread_id)
-RETURNING tenant, namespace, thread_id"""
-SWEEP_ORPHAN_EVENTS = """
-DELETE FROM events WHERE NOT EXISTS (SELECT 1 FROM threads WHERE threads.tenant = events.tenant
-    AND threads.namespace = events.namespace AND threads.thread_id = events.thread_id)"""
-SWEEP_OLD_REQUESTS = "DELETE FROM requests WHERE created_at < :before"
-SWEEP_OLD_BATCH_MARKERS = "DELETE FROM requests WHERE tenant = :marker AND created_at < :before"
+SWEEP_HEADLESS_THREADS = (
+    threads.delete()
+    .where(
+        threads.c.status.in_(_TERMINAL),
+        threads.c.head_id != "",
+        ~sa.exists().where(_same_thread(checkpoints, threads)).correlate(threads),
+    )
+    .returning(*(threads.c[n] for n in KEY_COLUMNS))
+)
+SWEEP_ORPHAN_EVENTS = events.delete().where(
+    ~sa.exists().where(_same_thread(threads, events)).correlate(events)
+)
+SWEEP_OLD_REQUESTS = requests.delete().where(requests.c.created_at < sa.bindparam("b_before"))
+SWEEP_OLD_BATCH_MARKERS = requests.delete().where(
+    requests.c.tenant == BATCH_MARKER_TENANT, requests.c.created_at < sa.bindparam("b_before")
+)
 
 
-@functools.lru_cache(maxsize=1024)
-def _sql(statement: str, *expanding: str) -> TextClause:
-    """Parsed once: building a TextClause costs more than the round trip it describes.
-    `expanding` names the parameters that are lists, for `IN :name` (SQLAlchemy renders
-    one placeholder per item)."""
-    clause = text(statement)
-    if expanding:
-        clause = clause.bindparams(*(bindparam(name, expanding=True) for name in expanding))
-    return clause
+def _beyond_keep_last(keep_last: int) -> sa.Delete:
+    """The checkpoints past each thread's own keep_last, else past the service's (0: keep
+    all), newest kept; never an active head."""
+    ranked_from = checkpoints.alias("c")
+    ranked = sa.select(
+        *(ranked_from.c[n] for n in (*KEY_COLUMNS, "checkpoint_id")),
+        sa.func.row_number()
+        .over(
+            partition_by=[ranked_from.c[n] for n in KEY_COLUMNS],
+            order_by=ranked_from.c.checkpoint_id.desc(),
+        )
+        .label("rn"),
+    ).subquery("ranked")
+    t = threads.alias("t")
+    beyond = sa.and_(t.c.keep_last > 0, ranked.c.rn > t.c.keep_last)
+    if keep_last > 0:
+        beyond = sa.or_(beyond, sa.and_(t.c.keep_last == 0, ranked.c.rn > keep_last))
+    victims = (
+        sa.select(*(ranked.c[n] for n in (*KEY_COLUMNS, "checkpoint_id")))
+        .select_from(ranked.join(t, _same_thread(t, ranked)))
+        .where(t.c.keep_forever == 0, beyond)
+    )
+    key = (*KEY_COLUMNS, "checkpoint_id")
+    return (
+        checkpoints.delete()
+        .where(~_ACTIVE_HEAD, sa.tuple_(*(checkpoints.c[n] for n in key)).in_(victims))
+        .returning(*(checkpoints.c[n] for n in key))
+    )
 
 
 def _sort_key(key: ThreadKey) -> tuple[str, str, str]:
     return (key.tenant, key.namespace, key.thread_id)
 
 
+def _bound(key: ThreadKey, **more: Any) -> dict[str, Any]:
+    """The parameters of _is_bound (and of the statement's other b_ parameters)."""
+    return {
+        "b_tenant": key.tenant,
+        "b_namespace": key.namespace,
+        "b_thread_id": key.thread_id,
+        **{f"b_{name}": value for name, value in more.items()},
+    }
+
+
 def _key_params(key: ThreadKey) -> dict[str, str]:
+    """A row's key columns, by name."""
     return {"tenant": key.tenant, "namespace": key.namespace, "thread_id": key.thread_id}
 
 
 def _thread_from_row(key: ThreadKey, row: Mapping[str, Any]) -> Thread:
-    """A threads row (THREAD_COLUMNS), read by name: a SQLAlchemy row's `_mapping` or an
-    asyncpg Record."""
+    """A threads row, read by name: a SQLAlchemy row's `_mapping` or an asyncpg Record."""
     return Thread(
         key=key,
         head_id=row["head_id"],
@@ -324,34 +340,52 @@ def _thread_from_row(key: ThreadKey, row: Mapping[str, Any]) -> Thread:
     )
 
 
-def _checkpoint_from_row(key: ThreadKey, row: Row | tuple, with_state: bool) -> Checkpoint:
+def _trigger(value: int) -> Trigger:
+    return Trigger(value) if value in Trigger._value2member_map_ else Trigger(0)
+
+
+def _checkpoint_from_row(key: ThreadKey, row: Mapping[str, Any], with_state: bool) -> Checkpoint:
+    """A checkpoints row (_META, and `state` if `with_state`), read by name."""
     return Checkpoint(
         key=key,
-        checkpoint_id=row[0],
-        parent_id=row[1],
-        step=row[2],
-        content_type=row[3],
-        trigger=Trigger(row[4]) if row[4] in Trigger._value2member_map_ else Trigger(0),
-        name=row[5],
-        completed_nodes=json.loads(row[6]),
-        progress_percent=row[7],
-        eta_seconds=row[8],
-        metadata=json.loads(row[9]),
-        created_at=row[10],
-        expires_at=row[11],
-        state=bytes(row[12]) if with_state else b"",
+        checkpoint_id=row["checkpoint_id"],
+        parent_id=row["parent_id"],
+        step=row["step"],
+        content_type=row["content_type"],
+        trigger=_trigger(row["trigger"]),
+        name=row["name"],
+        completed_nodes=json.loads(row["completed_nodes"]),
+        progress_percent=row["progress_percent"],
+        eta_seconds=row["eta_seconds"],
+        metadata=json.loads(row["metadata"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        state=bytes(row["state"]) if with_state else b"",
     )
 
 
-def _event_from_row(tenant: str, row: Row | tuple) -> Event:
+def _write_from_row(row: Mapping[str, Any], prefix: str = "") -> PendingWrite:
+    """A writes row, read by name (`prefix`: its columns' labels in a join, _WRITE_LABELS)."""
+    return PendingWrite(
+        row["checkpoint_id"],
+        row[f"{prefix}task_id"],
+        row[f"{prefix}idx"],
+        row[f"{prefix}channel"],
+        bytes(row[f"{prefix}value"]),
+        row[f"{prefix}content_type"],
+        row[f"{prefix}task_path"],
+    )
+
+
+def _event_from_row(tenant: str, row: Mapping[str, Any]) -> Event:
     return Event(
-        key=ThreadKey(tenant, row[0], row[1]),
-        seq=row[2],
-        feed_seq=row[3],
-        type=row[4],
-        time=row[5],
-        payload=json.loads(row[6]),
-        terminal=bool(row[7]),
+        key=ThreadKey(tenant, row["namespace"], row["thread_id"]),
+        seq=row["seq"],
+        feed_seq=row["feed_seq"],
+        type=row["type"],
+        time=row["time"],
+        payload=json.loads(row["payload"]),
+        terminal=bool(row["terminal"]),
     )
 
 
@@ -424,7 +458,7 @@ class SqlTier:
         try:
             if self.is_sqlite:  # the writer's BEGIN IMMEDIATE serialises processes
                 return await self._migrate(self.writer, migrations, revision)
-            # Without the pool's 15 s command timeout: an index may take longer to build.
+            # Without the pools' command timeout (--sql-timeout): an index may take longer.
             engine = create_async_engine(self.url, poolclass=NullPool)
             try:
                 return await self._migrate(engine, migrations, revision)
@@ -455,22 +489,35 @@ class SqlTier:
 
     # ---- reads -------------------------------------------------------------
 
+    @property
+    def _insert(self) -> Any:
+        """This dialect's INSERT (for ON CONFLICT)."""
+        return sqlite.insert if self.is_sqlite else postgresql.insert
+
     async def keep_heads(
         self, tenant: str, thread_id: str, prefix: str
     ) -> tuple[list[tuple[ThreadKey, str]], list[tuple[ThreadKey, str]]]:
         """Delete all but the heads of a thread id's namespaces under `prefix`, and clear
         the heads' parents: (deleted, changed) checkpoints, for the caches to forget."""
-        params = {"tenant": tenant, "thread_id": thread_id, **_prefix_params(prefix)}
+        mine = _of_thread_id(checkpoints, tenant, thread_id, prefix)
+        named = (checkpoints.c.namespace, checkpoints.c.checkpoint_id)
         async with self.writer.begin() as conn:
-            deleted = (await conn.execute(_sql(PRUNE_ALL_BUT_HEADS), params)).all()
-            changed = (await conn.execute(_sql(CLEAR_HEAD_PARENTS), params)).all()
-            await _delete_writes_of(
-                conn, [(ThreadKey(tenant, r[0], thread_id), r[1]) for r in deleted]
-            )
+            deleted = (
+                await conn.execute(checkpoints.delete().where(mine, ~_IS_HEAD).returning(*named))
+            ).all()
+            changed = (
+                await conn.execute(
+                    checkpoints.update()
+                    .where(mine, _IS_HEAD)
+                    .values(parent_id="")
+                    .returning(*named)
+                )
+            ).all()
 
-        def keys(rows: Sequence[Any]) -> list[tuple[ThreadKey, str]]:
-            return [(ThreadKey(tenant, r[0], thread_id), r[1]) for r in rows]
+            def keys(rows: Sequence[Any]) -> list[tuple[ThreadKey, str]]:
+                return [(ThreadKey(tenant, r.namespace, thread_id), r.checkpoint_id) for r in rows]
 
+            await _delete_writes_of(conn, keys(deleted))
         return keys(deleted), keys(changed)
 
     async def delete_for_runs(
@@ -478,25 +525,27 @@ class SqlTier:
     ) -> tuple[list[tuple[ThreadKey, str]], list[ThreadKey]]:
         """Delete the checkpoints of these runs (metadata run_id): (deleted, threads whose
         head moved back)."""
-        run_id = (
-            "json_extract(metadata, '$.run_id')"
-            if self.is_sqlite
-            else "(CAST(metadata AS jsonb) ->> 'run_id')"
+        if self.is_sqlite:
+            run_id = sa.func.json_extract(checkpoints.c.metadata, "$.run_id")
+        else:
+            run_id = sa.cast(checkpoints.c.metadata, postgresql.JSONB)["run_id"].astext
+        statement = (
+            checkpoints.delete()
+            .where(checkpoints.c.tenant == tenant, _under(checkpoints, prefix), run_id.in_(run_ids))
+            .returning(
+                checkpoints.c.namespace, checkpoints.c.thread_id, checkpoints.c.checkpoint_id
+            )
         )
-        sql = (
-            f"DELETE FROM checkpoints WHERE tenant = :tenant AND {_UNDER_PREFIX}"
-            f" AND {run_id} IN :run_ids"
-            " RETURNING namespace, thread_id, checkpoint_id"
-        )
-        params: dict[str, Any] = {"tenant": tenant, **_prefix_params(prefix), "run_ids": run_ids}
         async with self.writer.begin() as conn:
-            rows = (await conn.execute(_sql(sql, "run_ids"), params)).all()
-            deleted = [(ThreadKey(tenant, r[0], r[1]), r[2]) for r in rows]
+            deleted = [
+                (ThreadKey(tenant, r.namespace, r.thread_id), r.checkpoint_id)
+                for r in (await conn.execute(statement)).all()
+            ]
             moved: list[ThreadKey] = []
             for key in {k for k, _ in deleted}:
-                head = (await conn.execute(_sql(SELECT_THREAD_HEAD), _key_params(key))).scalar()
+                head = (await conn.execute(SELECT_HEAD, _bound(key))).scalar()
                 if (key, head) in deleted:
-                    await conn.execute(_sql(MOVE_HEAD_TO_NEWEST), {**_key_params(key), "now": now})
+                    await conn.execute(_move_head_to_newest(key, now))
                     moved.append(key)
             await _delete_writes_of(conn, deleted)
         return deleted, moved
@@ -505,34 +554,56 @@ class SqlTier:
         self, tenant: str, source: str, target: str, prefix: str, now: float
     ) -> tuple[list[str], int]:
         """(the namespaces copied, checkpoints copied); AlreadyExists if a live target
-        thread is there."""
-        params = {
-            "tenant": tenant,
-            "source": source,
-            "target": target,
-            "now": now,
-            **_prefix_params(prefix),
-        }
+        thread is there. A tombstone of the target (a deleted thread) is revived; a live
+        target is not touched, and fewer rows are copied than there are."""
+        live_source = sa.and_(
+            _of_thread_id(threads, tenant, source, prefix), threads.c.deleted == 0
+        )
+        copied_columns = ("head_id", "status", "workflow_id", "workflow_version")
+        kept_columns = ("keep_last", "keep_forever")
+        insert = self._insert(threads).from_select(
+            [*KEY_COLUMNS, *copied_columns, *kept_columns, "created_at", "updated_at"],
+            sa.select(
+                threads.c.tenant,
+                threads.c.namespace,
+                sa.literal(target, sa.Text),
+                *(threads.c[n] for n in (*copied_columns, *kept_columns)),
+                sa.literal(now, sa.Double),
+                sa.literal(now, sa.Double),
+            ).where(live_source),
+        )
+        revived = {n: insert.excluded[n] for n in (*copied_columns, *kept_columns, "updated_at")}
+        copy_threads = insert.on_conflict_do_update(
+            index_elements=[threads.c[n] for n in KEY_COLUMNS],
+            set_={**revived, "deleted": 0},
+            where=threads.c.deleted == 1,
+        ).returning(threads.c.namespace)
         async with self.writer.begin() as conn:
-            wanted = (await conn.execute(_sql(COUNT_SOURCE_THREADS), params)).scalar_one()
+            wanted = (
+                await conn.execute(sa.select(sa.func.count()).where(live_source))
+            ).scalar_one()
             if not wanted:
                 return [], 0
-            copied = [r[0] for r in (await conn.execute(_sql(COPY_THREADS), params)).all()]
+            copied = [r.namespace for r in (await conn.execute(copy_threads)).all()]
             if len(copied) != wanted:
                 raise AlreadyExists(f"thread {target} already exists under {prefix!r}")
-            checkpoints = (await conn.execute(_sql(COPY_CHECKPOINTS), params)).rowcount
-            await conn.execute(_sql(COPY_WRITES), params)
-        return copied, checkpoints
+            result = await conn.execute(_copy_rows(checkpoints, tenant, source, target, prefix))
+            await conn.execute(_copy_rows(writes, tenant, source, target, prefix))
+        return copied, result.rowcount
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""
-        params = {"tenant": tenant, "thread_id": thread_id, **_prefix_params(prefix)}
+        statement = (
+            sa.select(threads.c.namespace)
+            .where(_of_thread_id(threads, tenant, thread_id, prefix), threads.c.deleted == 0)
+            .order_by(threads.c.namespace)
+        )
         async with self.reader.connect() as conn:
-            return [r[0] for r in (await conn.execute(_sql(NAMESPACES_OF_THREAD), params)).all()]
+            return list((await conn.execute(statement)).scalars())
 
     async def get_thread(self, key: ThreadKey) -> Thread | None:
         async with self.reader.connect() as conn:
-            row = (await conn.execute(_sql(SELECT_THREAD), _key_params(key))).first()
+            row = (await conn.execute(sa.select(threads).where(_is(threads, key)))).first()
         thread = _thread_from_row(key, row._mapping) if row else None
         return thread if thread is not None and not thread.deleted else None
 
@@ -545,34 +616,26 @@ class SqlTier:
         if self.hot is not None:
             return await self.hot.find_checkpoint(key, checkpoint_id, include_writes)
         if checkpoint_id:
-            sql = FIND_CHECKPOINT_WITH_WRITES if include_writes else FIND_CHECKPOINT
-            params = {**_key_params(key), "checkpoint_id": checkpoint_id}
+            statement = FIND_CHECKPOINT_WITH_WRITES if include_writes else FIND_CHECKPOINT
+            params = _bound(key, checkpoint_id=checkpoint_id)
         else:
-            sql = FIND_HEAD_WITH_WRITES if include_writes else FIND_HEAD
-            params = _key_params(key)
+            statement = FIND_HEAD_WITH_WRITES if include_writes else FIND_HEAD
+            params = _bound(key)
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(_sql(sql), params)).all()
+            rows = [r._mapping for r in (await conn.execute(statement, params)).all()]
         if not rows:
             return None
         cp = _checkpoint_from_row(key, rows[0], with_state=False)
-        writes = [
-            _write_from_row((cp.checkpoint_id, *r[13:19]))
-            for r in rows
-            if include_writes and r[13] is not None
-        ]
-        return cp, rows[0][12], writes, None
+        found = [_write_from_row(r, "w_") for r in rows if include_writes and r["w_task_id"]]
+        return cp, rows[0]["version"], found, None
 
     async def state_of(self, named: Checkpoint) -> bytes | None:
         """The state of that very checkpoint (None if it is gone, or is another by that id)."""
         if self.hot is not None:
             return await self.hot.state_of(named)
-        params = {
-            **_key_params(named.key),
-            "checkpoint_id": named.checkpoint_id,
-            "created_at": named.created_at,
-        }
+        params = _bound(named.key, checkpoint_id=named.checkpoint_id, created_at=named.created_at)
         async with self.reader.connect() as conn:
-            state = (await conn.execute(_sql(SELECT_STATE), params)).scalar()
+            state = (await conn.execute(SELECT_STATE, params)).scalar()
         return bytes(state) if state is not None else None
 
     async def list_checkpoints(
@@ -588,96 +651,109 @@ class SqlTier:
         namespace_prefix: str | None = None,
     ) -> list[Checkpoint]:
         """Newest first; with `namespace_prefix`, across the thread's matching namespaces."""
-        state = ", state" if include_state else ""
-        params: dict[str, Any] = {**_key_params(key), "limit": limit}
+        c = checkpoints.c
+        statement = sa.select(*_META, c.namespace, *([c.state] if include_state else []))
         if namespace_prefix is None:
-            sql = LIST_CHECKPOINTS.format(state=state)
+            statement = statement.where(_is(checkpoints, key))
         else:
-            sql = LIST_CHECKPOINTS_ACROSS_NAMESPACES.format(state=state)
-            params |= _prefix_params(namespace_prefix)
+            statement = statement.where(
+                _of_thread_id(checkpoints, key.tenant, key.thread_id, namespace_prefix)
+            )
         if before_id:
-            sql += " AND checkpoint_id < :before_id"
-            params["before_id"] = before_id
+            statement = statement.where(c.checkpoint_id < before_id)
         if trigger:
-            sql += " AND trigger = :trigger"
-            params["trigger"] = int(trigger)
+            statement = statement.where(c.trigger == int(trigger))
         if created_after is not None:
-            sql += " AND created_at >= :created_after"
-            params["created_after"] = created_after
+            statement = statement.where(c.created_at >= created_after)
         if created_before is not None:
-            sql += " AND created_at < :created_before"
-            params["created_before"] = created_before
+            statement = statement.where(c.created_at < created_before)
         if metadata_equals and self.is_sqlite:
-            for i, (k, v) in enumerate(metadata_equals.items()):
-                sql += f" AND json_extract(metadata, :mk{i}) = json_extract(:mv{i}, '$')"
-                params[f"mk{i}"] = "$." + json.dumps(k)
-                params[f"mv{i}"] = json.dumps(v)
-        elif metadata_equals:
-            sql += " AND CAST(metadata AS jsonb) @> CAST(:metadata_equals AS jsonb)"
-            params["metadata_equals"] = json.dumps(metadata_equals)
-        sql += " ORDER BY checkpoint_id DESC LIMIT :limit"
+            for k, v in metadata_equals.items():
+                statement = statement.where(
+                    sa.func.json_extract(c.metadata, "$." + json.dumps(k))
+                    == sa.func.json_extract(json.dumps(v), "$")
+                )
+        elif metadata_equals:  # the GIN index of migration 0004 is on this very expression
+            wanted = sa.cast(sa.literal(json.dumps(metadata_equals), sa.Text), postgresql.JSONB)
+            statement = statement.where(sa.cast(c.metadata, postgresql.JSONB).contains(wanted))
+        statement = statement.order_by(c.checkpoint_id.desc()).limit(limit)
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(_sql(sql), params)).all()
-        if namespace_prefix is None:
-            return [_checkpoint_from_row(key, r, with_state=include_state) for r in rows]
+            rows = (await conn.execute(statement)).all()
         return [
             _checkpoint_from_row(
-                ThreadKey(key.tenant, r[-1], key.thread_id), r, with_state=include_state
+                ThreadKey(key.tenant, r.namespace, key.thread_id), r._mapping, include_state
             )
             for r in rows
         ]
 
-    async def writes_of(self, checkpoints: list[Checkpoint]) -> list[list[PendingWrite]]:
-        """The pending writes of each of a page of one thread id's checkpoints, in order."""
-        if not checkpoints:
+    async def writes_of(self, checkpoints_of: list[Checkpoint]) -> list[list[PendingWrite]]:
+        """The pending writes of each of a page of one thread id's checkpoints (across its
+        namespaces), in order: one query."""
+        if not checkpoints_of:
             return []
-        key = checkpoints[0].key
-        params = {
-            "tenant": key.tenant,
-            "thread_id": key.thread_id,
-            "ids": [c.checkpoint_id for c in checkpoints],
-        }
+        key = checkpoints_of[0].key
+        statement = (
+            sa.select(writes)
+            .where(
+                writes.c.tenant == key.tenant,
+                writes.c.thread_id == key.thread_id,
+                writes.c.checkpoint_id.in_([c.checkpoint_id for c in checkpoints_of]),
+            )
+            .order_by(writes.c.task_id, writes.c.idx)
+        )
         found: dict[tuple[str, str], list[PendingWrite]] = {}
         async with self.reader.connect() as conn:
-            statement = _sql(SELECT_WRITES_OF_CHECKPOINTS, "ids")
-            for r in (await conn.execute(statement, params)).all():
-                found.setdefault((r[0], r[1]), []).append(_write_from_row(r[1:]))
-        return [found.get((c.key.namespace, c.checkpoint_id), []) for c in checkpoints]
+            for r in (await conn.execute(statement)).all():
+                found.setdefault((r.namespace, r.checkpoint_id), []).append(
+                    _write_from_row(r._mapping)
+                )
+        return [found.get((c.key.namespace, c.checkpoint_id), []) for c in checkpoints_of]
 
     async def list_threads(
         self, tenant: str, flt: ThreadFilter, limit: int, after: tuple[str, ...] | None
     ) -> list[Thread]:
         """A page of threads after `after`: (namespace, thread id), or newest first
         (created_at, namespace, thread id)."""
-        sql = LIST_THREADS
-        params: dict[str, Any] = {"tenant": tenant, "limit": limit}
+        t = threads.c
+        statement = sa.select(threads).where(t.tenant == tenant, t.deleted == 0)
         if flt.namespace:
-            sql += " AND namespace = :namespace"
-            params["namespace"] = flt.namespace
-        expanding: tuple[str, ...] = ()
+            statement = statement.where(t.namespace == flt.namespace)
         if flt.statuses:
-            params["statuses"] = [int(status) for status in flt.statuses]
-            sql += " AND status IN :statuses"
-            expanding = ("statuses",)
+            statement = statement.where(t.status.in_([int(s) for s in flt.statuses]))
         if flt.lease_expired_before is not None:
-            sql += " AND (lease_owner = '' OR lease_expires_at < :lease_before)"
-            params["lease_before"] = flt.lease_expired_before
+            statement = statement.where(
+                sa.or_(t.lease_owner == "", t.lease_expires_at < flt.lease_expired_before)
+            )
         if flt.workflow_id:
-            sql += " AND workflow_id = :workflow_id"
-            params["workflow_id"] = flt.workflow_id
+            statement = statement.where(t.workflow_id == flt.workflow_id)
         if flt.newest_first:
             if after is not None:
-                sql += _BEFORE_CREATED
-                params["after_at"] = float(after[0])
-                params["after_ns"], params["after_id"] = after[1], after[2]
-            sql += " ORDER BY created_at DESC, namespace DESC, thread_id DESC LIMIT :limit"
+                # A row comparison: PostgreSQL seeks the index with it (an OR of the parts
+                # it cannot).
+                at, namespace, thread_id = float(after[0]), after[1], after[2]
+                statement = statement.where(
+                    sa.tuple_(t.created_at, t.namespace, t.thread_id)
+                    < sa.tuple_(
+                        sa.literal(at, sa.Double),
+                        sa.literal(namespace, sa.Text),
+                        sa.literal(thread_id, sa.Text),
+                    )
+                )
+            statement = statement.order_by(
+                t.created_at.desc(), t.namespace.desc(), t.thread_id.desc()
+            )
         else:
             if after is not None:
-                sql += _AFTER_KEY
-                params["after_ns"], params["after_id"] = after
-            sql += " ORDER BY namespace, thread_id LIMIT :limit"
+                namespace, thread_id = after
+                statement = statement.where(
+                    sa.or_(
+                        t.namespace > namespace,
+                        sa.and_(t.namespace == namespace, t.thread_id > thread_id),
+                    )
+                )
+            statement = statement.order_by(t.namespace, t.thread_id)
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(_sql(sql, *expanding), params)).all()
+            rows = (await conn.execute(statement.limit(limit))).all()
         return [
             _thread_from_row(ThreadKey(tenant, r.namespace, r.thread_id), r._mapping) for r in rows
         ]
@@ -686,29 +762,41 @@ class SqlTier:
         self, tenant: str, key: ThreadKey | None, after: int, limit: int
     ) -> list[Event]:
         """Stored events after a cursor: a thread's seq, or the tenant's feed_seq."""
+        statement = sa.select(*(events.c[n] for n in _EVENT_FIELDS))
+        if key is None:
+            statement = statement.where(events.c.tenant == tenant, events.c.feed_seq > after)
+            statement = statement.order_by(events.c.feed_seq)
+        else:
+            statement = statement.where(_is(events, key), events.c.seq > after)
+            statement = statement.order_by(events.c.seq)
         async with self.reader.connect() as conn:
-            if key is None:
-                params: dict[str, Any] = {"tenant": tenant, "after": after, "limit": limit}
-                rows = (await conn.execute(_sql(SELECT_TENANT_EVENTS), params)).all()
-            else:
-                params = {**_key_params(key), "after": after, "limit": limit}
-                rows = (await conn.execute(_sql(SELECT_THREAD_EVENTS), params)).all()
-        return [_event_from_row(tenant, r) for r in rows]
+            rows = (await conn.execute(statement.limit(limit))).all()
+        return [_event_from_row(tenant, r._mapping) for r in rows]
 
     async def stats(self, key: ThreadKey) -> Stats:
+        c = checkpoints.c
+        by_trigger = (
+            sa.select(
+                c.trigger,
+                sa.func.count().label("count"),
+                sa.func.min(c.created_at).label("oldest"),
+                sa.func.max(c.created_at).label("newest"),
+                sa.func.coalesce(sa.func.sum(c.state_size), 0).label("state_bytes"),
+            )
+            .where(_is(checkpoints, key))
+            .group_by(c.trigger)
+        )
         async with self.reader.connect() as conn:
-            rows = (await conn.execute(_sql(STATS_CHECKPOINTS), _key_params(key))).all()
-            events = (await conn.execute(_sql(STATS_EVENTS), _key_params(key))).scalar_one()
-        triggers = {
-            Trigger(r[0]) if r[0] in Trigger._value2member_map_ else Trigger(0): r[1] for r in rows
-        }
+            rows = (await conn.execute(by_trigger)).all()
+            events_of = sa.select(sa.func.count()).select_from(events).where(_is(events, key))
+            event_count = (await conn.execute(events_of)).scalar_one()
         return Stats(
-            checkpoint_count=sum(r[1] for r in rows),
-            triggers=triggers,
-            oldest=min((r[2] for r in rows), default=None),
-            newest=max((r[3] for r in rows), default=None),
-            state_bytes=sum(int(r[4]) for r in rows),
-            event_count=events,
+            checkpoint_count=sum(r.count for r in rows),
+            triggers={_trigger(r.trigger): r.count for r in rows},
+            oldest=min((r.oldest for r in rows), default=None),
+            newest=max((r.newest for r in rows), default=None),
+            state_bytes=sum(int(r.state_bytes) for r in rows),
+            event_count=event_count,
         )
 
     async def batch_committed(self, batch_id: str, session: Any = None) -> bool:
@@ -716,13 +804,24 @@ class SqlTier:
         the session that had the COMMIT (Batch.abandon) is over."""
         if session is not None and self.hot is not None:
             await self.hot.end_session(session)
-        params = {"tenant": BATCH_MARKER_TENANT, "request_id": batch_id}
+        params = {"b_tenant": BATCH_MARKER_TENANT, "b_request_id": batch_id}
         async with self.writer.connect() as conn:
-            return (await conn.execute(_sql(SELECT_REQUEST), params)).first() is not None
+            return (await conn.execute(SELECT_REQUEST, params)).first() is not None
+
+    async def number_events(self, flushed: list[Event]) -> None:
+        """The feed seqs of a batch's events that its lost answer would have given (a batch
+        written in one statement learns them from that statement's answer)."""
+        unnumbered = [e for e in flushed if not e.feed_seq]
+        if not unnumbered:
+            return
+        async with self.reader.connect() as conn:
+            for e in unnumbered:
+                found = await conn.execute(SELECT_FEED_SEQ, _bound(e.key, seq=e.seq))
+                e.feed_seq = found.scalar_one()
 
     async def ping(self) -> None:
         async with self.reader.connect() as conn:
-            await conn.execute(_sql("SELECT 1"))
+            await conn.execute(PING)
 
     # ---- writes ------------------------------------------------------------
 
@@ -740,50 +839,57 @@ class SqlTier:
         self, now: float, keep_last: int, request_ttl: float | None
     ) -> tuple[list[tuple[ThreadKey, str]], list[ThreadKey]]:
         """Retention: expired and beyond-keep-last checkpoints, never an active head."""
-        pruned: list[tuple[ThreadKey, str]] = []
+
+        def pruned_of(rows: Sequence[Any]) -> list[tuple[ThreadKey, str]]:
+            return [(ThreadKey(r.tenant, r.namespace, r.thread_id), r.checkpoint_id) for r in rows]
+
         async with self.writer.begin() as conn:
-            rows = (await conn.execute(_sql(SWEEP_EXPIRED), {"now": now})).all()
-            rows += (
-                await conn.execute(_sql(SWEEP_BEYOND_KEEP_LAST), {"keep_last": keep_last})
-            ).all()
-            pruned = [(ThreadKey(r[0], r[1], r[2]), r[3]) for r in rows]
+            pruned = pruned_of((await conn.execute(SWEEP_EXPIRED, {"b_now": now})).all())
+            pruned += pruned_of((await conn.execute(_beyond_keep_last(keep_last))).all())
             gone: list[ThreadKey] = []
             if pruned:
                 await _delete_writes_of(conn, pruned)
                 gone = [
-                    ThreadKey(r[0], r[1], r[2])
-                    for r in (await conn.execute(_sql(SWEEP_HEADLESS_THREADS))).all()
+                    ThreadKey(r.tenant, r.namespace, r.thread_id)
+                    for r in (await conn.execute(SWEEP_HEADLESS_THREADS)).all()
                 ]
                 if gone:
-                    await conn.execute(_sql(SWEEP_ORPHAN_EVENTS))
-                    await conn.execute(
-                        _sql(DELETE_WRITES_OF_THREAD), [_key_params(k) for k in gone]
-                    )
+                    await conn.execute(SWEEP_ORPHAN_EVENTS)
+                    await conn.execute(DELETE_WRITES_OF_THREAD, [_bound(k) for k in gone])
             if request_ttl is not None:
-                await conn.execute(_sql(SWEEP_OLD_REQUESTS), {"before": now - request_ttl})
-            await conn.execute(
-                _sql(SWEEP_OLD_BATCH_MARKERS),
-                {"marker": BATCH_MARKER_TENANT, "before": now - 3600},
-            )
+                await conn.execute(SWEEP_OLD_REQUESTS, {"b_before": now - request_ttl})
+            await conn.execute(SWEEP_OLD_BATCH_MARKERS, {"b_before": now - 3600})
         return pruned, gone
 
 
-def _write_from_row(r: Row | Sequence[Any]) -> PendingWrite:
-    return PendingWrite(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6])
+def _move_head_to_newest(key: ThreadKey, now: float) -> sa.Update:
+    """A thread's head back to its newest checkpoint ('' if none is left)."""
+    newest = sa.select(sa.func.max(checkpoints.c.checkpoint_id)).where(_is(checkpoints, key))
+    return (
+        threads.update()
+        .where(_is(threads, key))
+        .values(head_id=sa.func.coalesce(newest.scalar_subquery(), ""), updated_at=now)
+    )
+
+
+def _copy_rows(table: sa.Table, tenant: str, source: str, target: str, prefix: str) -> sa.Insert:
+    """One thread id's rows of `table`, under a prefix, again under another thread id."""
+    columns = [
+        sa.literal(target, sa.Text) if column.name == "thread_id" else column for column in table.c
+    ]
+    return table.insert().from_select(
+        [column.name for column in table.c],
+        sa.select(*columns).where(_of_thread_id(table, tenant, source, prefix)),
+    )
 
 
 async def _delete_writes_of(
-    conn: AsyncConnection, checkpoints: Sequence[tuple[ThreadKey, str]]
+    conn: AsyncConnection, deleted: Sequence[tuple[ThreadKey, str]]
 ) -> None:
     """The pending writes of these (deleted) checkpoints."""
-    if checkpoints:
-        params = [{**_key_params(k), "checkpoint_id": cid} for k, cid in checkpoints]
-        await conn.execute(_sql(DELETE_WRITES_OF_CHECKPOINT), params)
-
-
-def _prefix_params(prefix: str) -> dict[str, Any]:
-    """Parameters of _UNDER_PREFIX."""
-    return {"prefix": prefix, "prefix_length": len(prefix)}
+    if deleted:
+        params = [_bound(k, checkpoint_id=cid) for k, cid in deleted]
+        await conn.execute(DELETE_WRITES_OF_CHECKPOINT, params)
 
 
 def _configure_sqlite(engine: AsyncEngine, immediate: bool) -> None:
@@ -874,16 +980,17 @@ class Batch:
 
     async def _insert_threads(self, keys: list[ThreadKey]) -> None:
         await self.conn.execute(
-            _sql(INSERT_THREAD), [{**_key_params(k), "now": self.now} for k in keys]
+            INSERT_THREAD,
+            [{**_key_params(k), "created_at": self.now, "updated_at": self.now} for k in keys],
         )
 
     async def _delete_new_threads(self, keys: list[ThreadKey]) -> None:
         for key in keys:
-            await self.conn.execute(_sql(DELETE_NEW_THREAD), _key_params(key))
+            await self.conn.execute(DELETE_NEW_THREAD, _bound(key))
 
     async def _select_threads(self, keys: list[ThreadKey]) -> dict[ThreadKey, Thread]:
         params = {"keys": [(k.tenant, k.namespace, k.thread_id) for k in keys]}
-        result = await self.conn.execute(_sql(SELECT_THREADS, "keys"), params)
+        result = await self.conn.execute(SELECT_THREADS, params)
         out = {}
         for row in result.all():
             key = ThreadKey(row.tenant, row.namespace, row.thread_id)
@@ -900,7 +1007,7 @@ class Batch:
         if key in self.threads:
             thread = self.threads[key]
             return thread.head_id if thread is not None else ""
-        row = (await self.conn.execute(_sql(SELECT_HEAD), _key_params(key))).first()
+        row = (await self.conn.execute(SELECT_HEAD, _bound(key))).first()
         return row[0] if row is not None else ""
 
     def keep(self, thread: Thread) -> None:
@@ -943,8 +1050,8 @@ class Batch:
     async def find_request(self, tenant: str, request_id: str) -> tuple[str, str] | None:
         if (tenant, request_id) in self.new_requests:
             return self.new_requests[(tenant, request_id)]
-        params = {"tenant": tenant, "request_id": request_id}
-        row = (await self.conn.execute(_sql(SELECT_REQUEST), params)).first()
+        params = {"b_tenant": tenant, "b_request_id": request_id}
+        row = (await self.conn.execute(SELECT_REQUEST, params)).first()
         return (row[0], row[1]) if row else None
 
     def record_request(self, tenant: str, request_id: str, kind: str, result: str) -> None:
@@ -960,21 +1067,21 @@ class Batch:
         """Whether this checkpoint exists, and whether writes for it do (committed or in this
         batch): writes may arrive before their checkpoint (LangGraph's async durability)."""
         in_batch = any(c.key == key and c.checkpoint_id == checkpoint_id for c in self.checkpoints)
-        writes = any(k == key and w.checkpoint_id == checkpoint_id for k, w in self.writes)
+        early = any(k == key and w.checkpoint_id == checkpoint_id for k, w in self.writes)
         if in_batch:
-            return True, writes
-        params = {**_key_params(key), "checkpoint_id": checkpoint_id}
-        row = (await self.conn.execute(_sql(CHECKPOINT_OR_WRITES_EXIST), params)).one()
-        return bool(row[0]), writes or bool(row[1])
+            return True, early
+        params = _bound(key, checkpoint_id=checkpoint_id)
+        row = (await self.conn.execute(CHECKPOINT_OR_WRITES_EXIST, params)).one()
+        return bool(row.taken), early or bool(row.has_writes)
 
     async def _delete_thread_rows(self, key: ThreadKey) -> int:
         """Delete the thread's checkpoints, writes and events and tombstone its row: the
         number of checkpoints deleted."""
-        params = _key_params(key)
-        deleted = (await self.conn.execute(_sql(DELETE_THREAD_CHECKPOINTS), params)).rowcount
+        params = _bound(key)
+        deleted = (await self.conn.execute(DELETE_THREAD_CHECKPOINTS, params)).rowcount
         for sql in DELETE_THREAD_ROWS:
-            await self.conn.execute(_sql(sql), params)
-        await self.conn.execute(_sql(TOMBSTONE_THREAD), {**params, "now": self.now})
+            await self.conn.execute(sql, params)
+        await self.conn.execute(TOMBSTONE_THREAD, _bound(key, now=self.now))
         return deleted
 
     async def delete_thread(self, key: ThreadKey) -> int:
@@ -997,11 +1104,11 @@ class Batch:
         for e in self.events:
             by_tenant.setdefault(e.key.tenant, []).append(e)
         for tenant in sorted(by_tenant):
-            events = by_tenant[tenant]
-            params = {"tenant": tenant, "n": len(events)}
-            last = (await self.conn.execute(_sql(BUMP_FEED), params)).scalar_one()
-            for offset, e in enumerate(events):
-                e.feed_seq = last - len(events) + 1 + offset
+            taken = by_tenant[tenant]
+            params = {"tenant": tenant, "last_seq": len(taken)}
+            last = (await self.conn.execute(BUMP_FEED, params)).scalar_one()
+            for offset, e in enumerate(taken):
+                e.feed_seq = last - len(taken) + 1 + offset
 
     async def flush(self) -> None:
         """Send what the operations queued (see _write_queued); keep it for after commit."""
@@ -1016,22 +1123,20 @@ class Batch:
     async def _write_queued(self) -> None:
         c = self.conn
         if self.checkpoints:
-            await c.execute(
-                _sql(INSERT_CHECKPOINT), [_checkpoint_params(cp) for cp in self.checkpoints]
-            )
+            await c.execute(INSERT_CHECKPOINT, [_checkpoint_params(cp) for cp in self.checkpoints])
         if self.writes:
             regular = [_write_params(k, w) for k, w in self.writes if not w.upsert]
             special = [_write_params(k, w) for k, w in self.writes if w.upsert]
             if regular:
-                await c.execute(_sql(INSERT_REGULAR_WRITE), regular)
+                await c.execute(INSERT_REGULAR_WRITE, regular)
             for params in special:  # one at a time: a batch may upsert one slot twice
-                await c.execute(_sql(UPSERT_SPECIAL_WRITE), params)
+                await c.execute(UPSERT_SPECIAL_WRITE, params)
         if self.events:
             await self._assign_feed_seqs()
-            await c.execute(_sql(INSERT_EVENT), [_event_params(e) for e in self.events])
+            await c.execute(INSERT_EVENT, [_event_params(e) for e in self.events])
         if self.new_requests:
             await c.execute(
-                _sql(INSERT_REQUEST),
+                INSERT_REQUEST,
                 [
                     {"tenant": t, "request_id": r, "kind": k, "result": res, "created_at": self.now}
                     for (t, r), (k, res) in self.new_requests.items()
@@ -1039,7 +1144,7 @@ class Batch:
             )
         if self.dirty:
             rows = [self.threads[k] for k in sorted(self.dirty, key=_sort_key)]
-            await c.execute(_sql(UPDATE_THREAD), [_thread_params(t) for t in rows if t is not None])
+            await c.execute(UPDATE_THREAD, [_thread_params(t) for t in rows if t is not None])
 
 
 def _checkpoint_params(cp: Checkpoint) -> dict[str, Any]:
@@ -1088,8 +1193,9 @@ def _event_params(e: Event) -> dict[str, Any]:
 
 
 def _thread_params(t: Thread) -> dict[str, Any]:
+    """UPDATE_THREAD's parameters: the key (b_), and every column to set by its name."""
     return {
-        **_key_params(t.key),
+        **_bound(t.key),
         "head_id": t.head_id,
         "status": int(t.status),
         "workflow_id": t.workflow_id,
