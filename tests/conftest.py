@@ -40,6 +40,7 @@ from tests.servers import (
     PostgresServer,
     RedisServer,
     checkpoint_stub,
+    running_store,
 )
 
 if TYPE_CHECKING:
@@ -309,15 +310,5 @@ def pytest_runtest_teardown(
 @pytest.fixture
 async def store(backend: Backend) -> AsyncIterator[CheckpointStore]:
     """The real ``CheckpointStore``, in this process, on ``backend`` (no gRPC in between)."""
-    from checkpoint_svc.config import Settings
-    from checkpoint_svc.store import CheckpointStore
-
-    settings = Settings(db_url=backend.db_url, redis_url=backend.redis_url)
-    settings.sweep_interval = 0
-    settings.heartbeat = 0.5
-    store = CheckpointStore(settings)
-    await store.start()
-    try:
+    async with running_store(backend.db_url, backend.redis_url, heartbeat=0.5) as store:
         yield store
-    finally:
-        await store.close()

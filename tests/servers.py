@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections.abc
 import contextlib
 import glob
 import os
@@ -63,6 +64,24 @@ def stream_watchers(metrics_port: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     return float(re.search(r"^checkpoint_stream_watchers (\S+)$", text, re.M).group(1))
+
+
+@contextlib.asynccontextmanager
+async def running_store(
+    db_url: str, redis_url: str | None, **settings: Any
+) -> collections.abc.AsyncIterator[Any]:
+    """The real ``CheckpointStore`` in this process (no gRPC in between), on these databases,
+    with its sweeper off unless `settings` say otherwise; closed after."""
+    from checkpoint_svc.config import Settings
+    from checkpoint_svc.store import CheckpointStore
+
+    config = Settings(db_url=db_url, redis_url=redis_url, **{"sweep_interval": 0, **settings})
+    store = CheckpointStore(config)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def free_port() -> int:

@@ -13,7 +13,6 @@ import asyncpg
 import pytest
 
 from checkpoint_svc import metrics
-from checkpoint_svc.config import Settings
 from checkpoint_svc.domain import Checkpoint, NewEvent, SaveCommand, ThreadKey, Tier
 from checkpoint_svc.errors import (
     HeadMoved,
@@ -24,6 +23,7 @@ from checkpoint_svc.errors import (
 )
 from checkpoint_svc.store import CheckpointStore
 from checkpoint_svc.tiers.pg import libpq_url
+from tests.servers import running_store
 
 KEY = ThreadKey("t1", "runs", "shared")
 
@@ -40,15 +40,8 @@ async def _replica(
     backend, redis_url: str | None, single_writer: Literal["yes", "no", "auto"] = "auto"
 ) -> AsyncIterator[CheckpointStore]:
     """Another store on the backend's database (the sweeper off)."""
-    settings = Settings(db_url=backend.db_url, redis_url=redis_url)
-    settings.sweep_interval = 0
-    settings.single_writer = single_writer
-    replica = CheckpointStore(settings)
-    await replica.start()
-    try:
+    async with running_store(backend.db_url, redis_url, single_writer=single_writer) as replica:
         yield replica
-    finally:
-        await replica.close()
 
 
 @pytest.fixture
@@ -377,15 +370,8 @@ def _lost_answers(outcome: str) -> float:
 async def _impatient_store(backend, sql_timeout: float = 0.5) -> AsyncIterator[CheckpointStore]:
     """A store that gives a statement `sql_timeout` seconds (and whose feed never polls SQL
     during a test: a heartbeat of 60 s)."""
-    settings = Settings(db_url=backend.db_url, redis_url=None, sql_timeout=sql_timeout)
-    settings.sweep_interval = 0
-    settings.heartbeat = 60
-    store = CheckpointStore(settings)
-    await store.start()
-    try:
+    async with running_store(backend.db_url, None, sql_timeout=sql_timeout, heartbeat=60) as store:
         yield store
-    finally:
-        await store.close()
 
 
 async def _save_once_more(store: CheckpointStore, key: ThreadKey, path: str, before) -> Any:

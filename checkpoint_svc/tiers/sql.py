@@ -139,8 +139,13 @@ SELECT_THREADS = (
 )
 INSERT_THREAD = sqlite.insert(threads).on_conflict_do_nothing()
 DELETE_NEW_THREAD = threads.delete().where(_is_bound(threads))
-# The columns to set are the parameters' (_thread_params): every one but the key.
-UPDATE_THREAD = threads.update().where(_is_bound(threads))
+# Every column but the key and created_at, by name (_thread_params).
+_SET_ON_UPDATE = [n for n in THREAD_COLUMNS.split(", ") if n != "created_at"]
+UPDATE_THREAD = (
+    threads.update()
+    .where(_is_bound(threads))
+    .values({name: sa.bindparam(name) for name in _SET_ON_UPDATE})
+)
 # The head of a thread another thread's Save requires (SaveCommand.required_head); a
 # tombstone's is empty.
 SELECT_HEAD = sa.select(threads.c.head_id).where(_is_bound(threads))
@@ -235,8 +240,9 @@ DELETE_WRITES_OF_CHECKPOINT = writes.delete().where(
     _is_bound(writes), writes.c.checkpoint_id == sa.bindparam("b_checkpoint_id")
 )
 DELETE_WRITES_OF_THREAD = writes.delete().where(_is_bound(writes))
-SELECT_FEED_SEQ = sa.select(events.c.feed_seq).where(
-    _is_bound(events), events.c.seq == sa.bindparam("b_seq")
+_EVENT_KEY = [events.c[n] for n in (*KEY_COLUMNS, "seq")]
+SELECT_FEED_SEQS = sa.select(*_EVENT_KEY, events.c.feed_seq).where(
+    sa.tuple_(*_EVENT_KEY).in_(sa.bindparam("keys", expanding=True))
 )
 PING = sa.text("SELECT 1")
 
@@ -626,7 +632,9 @@ class SqlTier:
         if not rows:
             return None
         cp = _checkpoint_from_row(key, rows[0], with_state=False)
-        found = [_write_from_row(r, "w_") for r in rows if include_writes and r["w_task_id"]]
+        found = [
+            _write_from_row(r, "w_") for r in rows if include_writes and r["w_task_id"] is not None
+        ]
         return cp, rows[0]["version"], found, None
 
     async def state_of(self, named: Checkpoint) -> bytes | None:
@@ -728,8 +736,8 @@ class SqlTier:
             statement = statement.where(t.workflow_id == flt.workflow_id)
         if flt.newest_first:
             if after is not None:
-                # A row comparison: PostgreSQL seeks the index with it (an OR of the parts
-                # it cannot).
+                # A row comparison (threads_by_created serves a namespace's newest first;
+                # across namespaces, the tenant's rows are sorted).
                 at, namespace, thread_id = float(after[0]), after[1], after[2]
                 statement = statement.where(
                     sa.tuple_(t.created_at, t.namespace, t.thread_id)
@@ -811,13 +819,13 @@ class SqlTier:
     async def number_events(self, flushed: list[Event]) -> None:
         """The feed seqs of a batch's events that its lost answer would have given (a batch
         written in one statement learns them from that statement's answer)."""
-        unnumbered = [e for e in flushed if not e.feed_seq]
+        unnumbered = {(*_sort_key(e.key), e.seq): e for e in flushed if not e.feed_seq}
         if not unnumbered:
             return
         async with self.reader.connect() as conn:
-            for e in unnumbered:
-                found = await conn.execute(SELECT_FEED_SEQ, _bound(e.key, seq=e.seq))
-                e.feed_seq = found.scalar_one()
+            rows = (await conn.execute(SELECT_FEED_SEQS, {"keys": list(unnumbered)})).all()
+        for r in rows:
+            unnumbered[(r.tenant, r.namespace, r.thread_id, r.seq)].feed_seq = r.feed_seq
 
     async def ping(self) -> None:
         async with self.reader.connect() as conn:
@@ -1008,7 +1016,7 @@ class Batch:
             thread = self.threads[key]
             return thread.head_id if thread is not None else ""
         row = (await self.conn.execute(SELECT_HEAD, _bound(key))).first()
-        return row[0] if row is not None else ""
+        return row.head_id if row is not None else ""
 
     def keep(self, thread: Thread) -> None:
         """An operation wrote under this row without changing it: keep it if just created,
@@ -1052,7 +1060,7 @@ class Batch:
             return self.new_requests[(tenant, request_id)]
         params = {"b_tenant": tenant, "b_request_id": request_id}
         row = (await self.conn.execute(SELECT_REQUEST, params)).first()
-        return (row[0], row[1]) if row else None
+        return (row.kind, row.result) if row else None
 
     def record_request(self, tenant: str, request_id: str, kind: str, result: str) -> None:
         self.new_requests[(tenant, request_id)] = (kind, result)
