@@ -55,6 +55,16 @@ async def test_save_restore_list_round_trip(stub) -> None:
     )
     assert [c.step for c in full.checkpoints] == [5, 4] and full.checkpoints[0].state
     assert full.next_page_token
+    # Followed to its end, the token gives every checkpoint once, newest first.
+    paged, token = [c.checkpoint_id for c in full.checkpoints], full.next_page_token
+    while token:
+        more = await s.List(
+            pb.ListRequest(namespace=NS, thread_id="run-1", page_size=2, page_token=token),
+            metadata=md,
+        )
+        paged += [c.checkpoint_id for c in more.checkpoints]
+        token = more.next_page_token
+    assert paged == ids[::-1]
 
 
 async def test_pending_writes_follow_langgraph_upsert_rule(stub) -> None:

@@ -66,31 +66,32 @@ async def test_restore_after_restart_from_sql_on_sqlite(service, tenant) -> None
     await channel.close()
 
 
-async def test_ten_thousand_checkpoints_listed_page_by_page(stub) -> None:
-    s, md = stub
+async def test_ten_thousand_checkpoints_listed_page_by_page(store) -> None:
+    """The store itself, in this process (the page token the servicer makes of its cursor
+    is tested over gRPC in test_roundtrip.py): every one of 10,000, newest first, no page
+    overlapping another."""
+    from checkpoint_svc.domain import Checkpoint, SaveCommand, ThreadKey
+
+    key = ThreadKey("t1", NS, "big")
     total = 10_000
     gate = asyncio.Semaphore(64)
 
     async def one(i: int) -> str:
+        cp = Checkpoint(key=key, checkpoint_id="", state=b'{"i": %d}' % i, step=i)
         async with gate:
-            r = await save(s, md, "big", {"i": i}, cp={"step": i})
-            return r.checkpoint.checkpoint_id
+            return (await store.save(SaveCommand(checkpoint=cp))).checkpoint.checkpoint_id
 
     saved = set(await asyncio.gather(*(one(i) for i in range(total))))
     assert len(saved) == total
     seen: list[str] = []
-    token = ""
+    cursor = ""
     pages = 0
     started = time.monotonic()
     while True:
-        page = await s.List(
-            pb.ListRequest(namespace=NS, thread_id="big", page_size=500, page_token=token),
-            metadata=md,
-        )
+        page, cursor = await store.list(key, 500, before_id=cursor)
         pages += 1
-        seen += [c.checkpoint_id for c in page.checkpoints]
-        token = page.next_page_token
-        if not token:
+        seen += [c.checkpoint_id for c in page]
+        if not cursor:
             break
     elapsed = time.monotonic() - started
     assert pages == 20
