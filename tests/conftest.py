@@ -71,7 +71,7 @@ class Backend:
 
 ServiceFactory = Callable[..., CheckpointServiceProcess]
 
-_SERVICES = pytest.StashKey[list[CheckpointServiceProcess]]()
+_SERVICES = pytest.StashKey[list[CheckpointServiceProcess]]()  # engines too (a subclass)
 _DATABASES = pytest.StashKey[list[tuple[PostgresServer, str]]]()
 
 
@@ -172,8 +172,11 @@ def service_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 
 
 @pytest.fixture
-def engine_factory(tmp_path: Path) -> Iterator[Callable[..., EngineServiceProcess]]:
-    """Start engines against a checkpoint service; all are terminated at teardown."""
+def engine_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., EngineServiceProcess]]:
+    """Start engines against a checkpoint service; all are terminated at teardown (and
+    their logs are in a failed test's report)."""
     started: list[EngineServiceProcess] = []
 
     def factory(
@@ -185,6 +188,7 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., EngineServiceProces
             checkpoint.address, log_dir=tmp_path, extra_args=extra_args, env=env
         )
         started.append(proc)
+        request.node.stash.setdefault(_SERVICES, []).append(proc)
         proc.start()
         return proc
 
