@@ -153,8 +153,17 @@ _RETRY_ADVICE = (
 class _AmbiguousCommit(Exception):
     """COMMIT was sent but its answer was lost: the batch may or may not be durable."""
 
-    def __init__(self, batch_id: str, cause: BaseException, session: Any) -> None:
+    def __init__(
+        self,
+        batch: Batch,
+        results: list[tuple[bool, Any]],
+        batch_id: str,
+        cause: BaseException,
+        session: Any,
+    ) -> None:
         super().__init__(str(cause))
+        self.batch = batch
+        self.results = results  # what the operations answered, if the batch landed
         self.batch_id = batch_id
         self.cause = cause
         self.session = session  # the database session that had the COMMIT (Batch.abandon)
@@ -462,34 +471,37 @@ class GroupCommitter:
             try:
                 return await self._once(items)
             except _AmbiguousCommit as lost:
-                try:
-                    landed = await self._landed(lost.batch_id, lost.session)
-                except TierUnavailable:
-                    metrics.LOST_COMMIT_ANSWERS.labels("unknown").inc()
-                    raise
-                metrics.LOST_COMMIT_ANSWERS.labels("landed" if landed else "not_landed").inc()
-                if landed:
-                    batch, results = lost.batch_and_results  # type: ignore[attr-defined]
-                    try:  # the answer that numbered its events in the feed was the one lost
-                        await with_sql_retries(lambda: self.sql.number_events(batch.flushed_events))
-                    except (TimeoutError, *SQL_ERRORS, OSError) as exc:  # never a re-run now
-                        log.warning(
-                            "feed seqs of a landed batch unread; watchers read them from SQL",
-                            extra={"error": describe(exc)},
-                        )
-                    return batch, results
-                raise lost.cause from None
+                if not await self._landed(lost):
+                    raise lost.cause from None
+                await self._number_events(lost.batch)
+                return lost.batch, lost.results
 
         return await with_sql_retries(once)
 
-    async def _landed(self, batch_id: str, session: Any) -> bool:
+    async def _landed(self, lost: _AmbiguousCommit) -> bool:
         """Whether an ambiguous commit is durable, by its marker row; UNAVAILABLE if unknowable."""
         try:
-            return await with_sql_retries(lambda: self.sql.batch_committed(batch_id, session))
+            landed = await with_sql_retries(
+                lambda: self.sql.batch_committed(lost.batch_id, lost.session)
+            )
         except (TimeoutError, *SQL_ERRORS, OSError, SessionOutlived) as exc:
+            metrics.LOST_COMMIT_ANSWERS.labels("unknown").inc()
             raise TierUnavailable(
                 f"commit outcome unknown ({describe(exc)} while finding it out): {_RETRY_ADVICE}"
             ) from exc
+        metrics.LOST_COMMIT_ANSWERS.labels("landed" if landed else "not_landed").inc()
+        return landed
+
+    async def _number_events(self, landed: Batch) -> None:
+        """The feed seqs of a landed batch's events, which the lost answer carried (in one
+        statement). Never raises: the batch is committed, and must not run again."""
+        try:
+            await with_sql_retries(lambda: self.sql.number_events(landed.flushed_events))
+        except (TimeoutError, *SQL_ERRORS, OSError) as exc:
+            log.warning(
+                "feed seqs of a landed batch unread; watchers read them from SQL",
+                extra={"error": describe(exc)},
+            )
 
     async def _once(self, items: list[_Item]) -> tuple[Batch, list[tuple[bool, Any]]]:
         """One attempt: in one statement if it can be (docs/checkpoint-service.md#the-hot-
@@ -544,9 +556,7 @@ class GroupCommitter:
             except (TimeoutError, *SQL_ERRORS, OSError) as exc:
                 if not is_connectivity_error(exc):
                     raise  # an answer: the transaction was rolled back
-                lost = _AmbiguousCommit(batch_id, exc, batch.abandon())
-                lost.batch_and_results = (batch, results)  # type: ignore[attr-defined]
-                raise lost from exc
+                raise _AmbiguousCommit(batch, results, batch_id, exc, batch.abandon()) from exc
         if self.sql.hot is not None:
             self.sql.hot.remember(batch)
         return batch, results

@@ -354,12 +354,19 @@ CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON requests
 """
 
 
-async def _sql(backend, statement: str) -> None:
+@contextlib.asynccontextmanager
+async def _connected(backend) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own to its database."""
     conn = await asyncpg.connect(libpq_url(backend.db_url))
     try:
-        await conn.execute(statement)
+        yield conn
     finally:
         await conn.close()
+
+
+async def _sql(backend, statement: str) -> None:
+    async with _connected(backend) as conn:
+        await conn.execute(statement)
 
 
 def _lost_answers(outcome: str) -> float:
@@ -399,8 +406,7 @@ async def _assert_saved_once(store: CheckpointStore, key: ThreadKey, *ids: str) 
 
 async def _until_server_waits(backend, wait_event: str) -> None:
     """Until a server process of the test's database waits on `wait_event`."""
-    conn = await asyncpg.connect(libpq_url(backend.db_url))
-    try:
+    async with _connected(backend) as conn:
         for _ in range(200):
             waiting = await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
@@ -411,8 +417,6 @@ async def _until_server_waits(backend, wait_event: str) -> None:
                 return
             await asyncio.sleep(0.05)
         raise AssertionError(f"no server process waits on {wait_event}")
-    finally:
-        await conn.close()
 
 
 @contextlib.asynccontextmanager
@@ -420,8 +424,7 @@ async def _commits_wait_for_a_standby(backend, postgres_server) -> AsyncIterator
     """Every COMMIT, durable locally, then waits for a synchronous standby there is not (the
     test session's own cluster, for the length of a test). Back as it was after, by a
     restart if the setting cannot be taken back."""
-    conn = await asyncpg.connect(libpq_url(backend.db_url))
-    try:
+    async with _connected(backend) as conn:
         await conn.execute("CREATE TABLE standby_probe (x int)")
         await conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
         await conn.execute("SELECT pg_reload_conf()")
@@ -446,8 +449,6 @@ async def _commits_wait_for_a_standby(backend, postgres_server) -> AsyncIterator
                 await postgres_server.astop()
                 await postgres_server.astart()
                 raise
-    finally:
-        await conn.close()
 
 
 LOST = ThreadKey("t1", "runs", "lost-answer")

@@ -52,7 +52,8 @@ THREAD_COLUMNS = ", ".join(c.name for c in threads.c if c.name not in KEY_COLUMN
 # Not a valid tenant id (tenants start with a letter or digit), so never a client's.
 BATCH_MARKER_TENANT = "~batch"
 _TERMINAL = sorted(int(s) for s in TERMINAL_STATUSES)
-_WRITE_SLOT = [writes.c[name] for name in (*KEY_COLUMNS, "checkpoint_id", "task_id", "idx")]
+CHECKPOINT_KEY = (*KEY_COLUMNS, "checkpoint_id")
+_WRITE_SLOT = [writes.c[name] for name in (*CHECKPOINT_KEY, "task_id", "idx")]
 _META = [
     checkpoints.c[name]
     for name in (
@@ -105,21 +106,15 @@ def _of_thread_id(table: Any, tenant: str, thread_id: str, prefix: str) -> sa.Co
     return sa.and_(table.c.tenant == tenant, table.c.thread_id == thread_id, _under(table, prefix))
 
 
-# A checkpoint that is the head of its thread (PruneThreads KEEP_LATEST keeps those)...
-_IS_HEAD = (
-    sa.exists()
-    .where(_same_thread(threads, checkpoints), threads.c.head_id == checkpoints.c.checkpoint_id)
-    .correlate(checkpoints)
+# A thread's row and its head checkpoint's.
+_HEAD_OF = sa.and_(
+    _same_thread(threads, checkpoints), threads.c.head_id == checkpoints.c.checkpoint_id
 )
+# A checkpoint that is the head of its thread (PruneThreads KEEP_LATEST keeps those)...
+_IS_HEAD = sa.exists().where(_HEAD_OF).correlate(checkpoints)
 # ...protected from retention while its thread is not terminal...
 _ACTIVE_HEAD = (
-    sa.exists()
-    .where(
-        _same_thread(threads, checkpoints),
-        threads.c.head_id == checkpoints.c.checkpoint_id,
-        threads.c.status.not_in(_TERMINAL),
-    )
-    .correlate(checkpoints)
+    sa.exists().where(_HEAD_OF, threads.c.status.not_in(_TERMINAL)).correlate(checkpoints)
 )
 # ...and everything of a thread kept forever (SaveRequest.keep_forever).
 _KEPT_FOREVER = (
@@ -206,10 +201,7 @@ _WRITES_OF_CHECKPOINT = sa.and_(
     _same_thread(writes, checkpoints), writes.c.checkpoint_id == checkpoints.c.checkpoint_id
 )
 _WRITE_LABELS = [writes.c[name].label(f"w_{name}") for name in _WRITE_FIELDS[1:]]
-_HEAD = threads.join(
-    checkpoints,
-    sa.and_(_same_thread(checkpoints, threads), checkpoints.c.checkpoint_id == threads.c.head_id),
-)
+_HEAD = threads.join(checkpoints, _HEAD_OF)
 FIND_HEAD = (
     sa.select(*_META, threads.c.last_seq.label("version"))
     .select_from(_HEAD)
@@ -256,7 +248,7 @@ SWEEP_EXPIRED = (
         ~_KEPT_FOREVER,
         ~_ACTIVE_HEAD,
     )
-    .returning(*(checkpoints.c[n] for n in (*KEY_COLUMNS, "checkpoint_id")))
+    .returning(*(checkpoints.c[n] for n in CHECKPOINT_KEY))
 )
 # A terminal thread whose head was pruned is gone: its row and feed go too.
 SWEEP_HEADLESS_THREADS = (
@@ -282,7 +274,7 @@ def _beyond_keep_last(keep_last: int) -> sa.Delete:
     all), newest kept; never an active head."""
     ranked_from = checkpoints.alias("c")
     ranked = sa.select(
-        *(ranked_from.c[n] for n in (*KEY_COLUMNS, "checkpoint_id")),
+        *(ranked_from.c[n] for n in CHECKPOINT_KEY),
         sa.func.row_number()
         .over(
             partition_by=[ranked_from.c[n] for n in KEY_COLUMNS],
@@ -295,16 +287,12 @@ def _beyond_keep_last(keep_last: int) -> sa.Delete:
     if keep_last > 0:
         beyond = sa.or_(beyond, sa.and_(t.c.keep_last == 0, ranked.c.rn > keep_last))
     victims = (
-        sa.select(*(ranked.c[n] for n in (*KEY_COLUMNS, "checkpoint_id")))
+        sa.select(*(ranked.c[n] for n in CHECKPOINT_KEY))
         .select_from(ranked.join(t, _same_thread(t, ranked)))
         .where(t.c.keep_forever == 0, beyond)
     )
-    key = (*KEY_COLUMNS, "checkpoint_id")
-    return (
-        checkpoints.delete()
-        .where(~_ACTIVE_HEAD, sa.tuple_(*(checkpoints.c[n] for n in key)).in_(victims))
-        .returning(*(checkpoints.c[n] for n in key))
-    )
+    key = [checkpoints.c[n] for n in CHECKPOINT_KEY]
+    return checkpoints.delete().where(~_ACTIVE_HEAD, sa.tuple_(*key).in_(victims)).returning(*key)
 
 
 def _sort_key(key: ThreadKey) -> tuple[str, str, str]:
@@ -565,20 +553,26 @@ class SqlTier:
         live_source = sa.and_(
             _of_thread_id(threads, tenant, source, prefix), threads.c.deleted == 0
         )
-        copied_columns = ("head_id", "status", "workflow_id", "workflow_version")
-        kept_columns = ("keep_last", "keep_forever")
+        copied = (
+            "head_id",
+            "status",
+            "workflow_id",
+            "workflow_version",
+            "keep_last",
+            "keep_forever",
+        )
         insert = self._insert(threads).from_select(
-            [*KEY_COLUMNS, *copied_columns, *kept_columns, "created_at", "updated_at"],
+            [*KEY_COLUMNS, *copied, "created_at", "updated_at"],
             sa.select(
                 threads.c.tenant,
                 threads.c.namespace,
                 sa.literal(target, sa.Text),
-                *(threads.c[n] for n in (*copied_columns, *kept_columns)),
+                *(threads.c[n] for n in copied),
                 sa.literal(now, sa.Double),
                 sa.literal(now, sa.Double),
             ).where(live_source),
         )
-        revived = {n: insert.excluded[n] for n in (*copied_columns, *kept_columns, "updated_at")}
+        revived = {n: insert.excluded[n] for n in (*copied, "updated_at")}
         copy_threads = insert.on_conflict_do_update(
             index_elements=[threads.c[n] for n in KEY_COLUMNS],
             set_={**revived, "deleted": 0},
@@ -590,12 +584,12 @@ class SqlTier:
             ).scalar_one()
             if not wanted:
                 return [], 0
-            copied = [r.namespace for r in (await conn.execute(copy_threads)).all()]
-            if len(copied) != wanted:
+            namespaces = [r.namespace for r in (await conn.execute(copy_threads)).all()]
+            if len(namespaces) != wanted:
                 raise AlreadyExists(f"thread {target} already exists under {prefix!r}")
             result = await conn.execute(_copy_rows(checkpoints, tenant, source, target, prefix))
             await conn.execute(_copy_rows(writes, tenant, source, target, prefix))
-        return copied, result.rowcount
+        return namespaces, result.rowcount
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""
