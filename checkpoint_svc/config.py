@@ -25,7 +25,6 @@ class Settings(ServiceSettings):
         env_prefix="CHECKPOINT_",
         cli_prog_name="python -m checkpoint_svc",
         cli_shortcuts={"db-url": "db", "redis-url": "redis"},
-        cli_parse_none_str="none",
     )
 
     listen: str = Field("127.0.0.1:50051", description="host:port to serve")

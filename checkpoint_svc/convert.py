@@ -97,6 +97,8 @@ def write_from_pb(msg: pb.PendingWrite) -> PendingWrite:
 
 
 def thread_to_pb(t: Thread) -> pb.Thread:
+    """A thread as any reader may see it: without its fencing token, the lease holder's secret
+    (AcquireLease and Save answer it to the one that took the lease; docs/security.md)."""
     return pb.Thread(
         namespace=t.key.namespace,
         thread_id=t.key.thread_id,
@@ -106,7 +108,6 @@ def thread_to_pb(t: Thread) -> pb.Thread:
         workflow_version=t.workflow_version,
         lease_owner=t.lease_owner,
         lease_expires_at=ts(t.lease_expires_at),
-        fencing_token=t.fencing_token,
         last_seq=t.last_seq,
         created_at=ts(t.created_at),
         updated_at=ts(t.updated_at),

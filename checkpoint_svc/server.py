@@ -15,11 +15,14 @@ from sqlalchemy.exc import ArgumentError
 from checkpoint_svc.commit import sql_retrying
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
-from checkpoint_svc.servicer import CheckpointServicer
+from checkpoint_svc.servicer import REQUIRED_ROLES, CheckpointServicer
 from checkpoint_svc.store import CheckpointStore
 from checkpoint_svc.tiers.sql import SqlTier
 from workflow_rpc import logs
 from workflow_rpc.arenas import trim_malloc
+from workflow_rpc.headers import SYSTEM_TENANT
+from workflow_rpc.identities import authenticator_of
+from workflow_rpc.interceptors import Authenticate
 from workflow_rpc.serving import run, serve_until_stopped
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 
@@ -58,6 +61,7 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
 
 
 async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -> None:
+    auth = authenticator_of(settings, system_tenant=SYSTEM_TENANT)
     store = CheckpointStore(settings)
     reporter: asyncio.Task[None] | None = None
 
@@ -92,6 +96,8 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
             "single_writer": settings.memory_answers_heads,
         },
         stopped=stopped,
+        authenticate=Authenticate(auth, REQUIRED_ROLES) if auth else None,
+        insecure=settings.insecure,
     )
 
 

@@ -38,11 +38,43 @@ from checkpoint_svc.session import serve_session
 from checkpoint_svc.store import CheckpointStore, TierHealth
 from checkpoint_svc.tiers.sql import ThreadFilter
 from workflow_rpc import statuses
+from workflow_rpc.callers import CALLER, Role
+from workflow_rpc.identities import PermissionDenied
+from workflow_rpc.namespaces import ENGINE_NAMESPACES
 from workflow_rpc.tenants import tenant_of
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
+# The role each RPC needs when credentials are checked (docs/security.md#identities-and-roles);
+# the engine's system identity has them all. A Session's calls are those of a writer.
+REQUIRED_ROLES: dict[str, Role] = {
+    f"/{_SERVICE}/{name}": role
+    for role, names in {
+        Role.READER: (
+            "Restore",
+            "List",
+            "Stream",
+            "GetThread",
+            "ListThreads",
+            "GetStats",
+            "GetServerInfo",
+        ),
+        Role.WRITER: (
+            "Save",
+            "PutWrites",
+            "Publish",
+            "AcquireLease",
+            "RenewLease",
+            "ReleaseLease",
+            "Session",
+        ),
+        Role.ADMIN: ("DeleteThread", "PruneThreads", "DeleteForRuns", "CopyThread"),
+    }.items()
+    for name in names
+}
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -57,9 +89,11 @@ _CODES: list[tuple[type[Exception], int]] = [
     (LeaseLost, code_pb2.FAILED_PRECONDITION),
     (PayloadTooLarge, code_pb2.RESOURCE_EXHAUSTED),
     (TierUnavailable, code_pb2.UNAVAILABLE),
+    (PermissionDenied, code_pb2.PERMISSION_DENIED),
 ]
-# What a handler may raise for its caller: ours, and the shared request errors (the tenant).
-_REFUSALS = (StoreError, statuses.InvalidArgument)
+# What a handler may raise for its caller: ours, and the shared request errors (the tenant,
+# a namespace the caller may not write).
+_REFUSALS = (StoreError, statuses.InvalidArgument, PermissionDenied)
 
 
 def status_for(exc: Exception) -> status_pb2.Status:
@@ -138,6 +172,26 @@ def thread_key(
     if violations is None:
         _raise_if(found)
     return ThreadKey(tenant, namespace, thread_id)
+
+
+def writable_key(
+    context: grpc.aio.ServicerContext,
+    namespace: str,
+    thread_id: str,
+    prefix: str = "",
+    violations: list[tuple[str, str]] | None = None,
+) -> ThreadKey:
+    """The key of a thread the call saves, writes, publishes to or leases: with credentials
+    checked, only the system role may do that in the engine's namespaces (a tenant's token
+    changes runs through the engine; docs/security.md#the-engines-namespaces)."""
+    key = thread_key(context, namespace, thread_id, prefix, violations)
+    caller = CALLER.get()
+    if caller is not None and namespace in ENGINE_NAMESPACES and not caller.may(Role.SYSTEM):
+        raise PermissionDenied(
+            f"namespace {namespace!r} is the engine's: {caller.subject} changes it through "
+            "engine_svc (only the system role writes there)"
+        )
+    return key
 
 
 _MIN_TS, _MAX_TS = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31, as protobuf allows
@@ -307,7 +361,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> pb.SaveResponse:
         msg = request.checkpoint
         violations: list[tuple[str, str]] = []
-        key = thread_key(context, msg.namespace, msg.thread_id, "checkpoint.", violations)
+        key = writable_key(context, msg.namespace, msg.thread_id, "checkpoint.", violations)
         _check_checkpoint_id(violations, "checkpoint.checkpoint_id", msg.checkpoint_id)
         _check_checkpoint_id(violations, "checkpoint.parent_id", msg.parent_id)
         _check_checkpoint_id(violations, "expected_parent_id", request.expected_parent_id)
@@ -490,7 +544,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def PutWrites(
         self, request: pb.PutWritesRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutWritesResponse:
-        key = thread_key(context, request.namespace, request.thread_id)
+        key = writable_key(context, request.namespace, request.thread_id)
         violations: list[tuple[str, str]] = []
         _work_at_most("writes", request.writes, MAX_WRITES_PER_REQUEST)
         if not request.writes:
@@ -521,7 +575,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def Publish(
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
     ) -> pb.PublishResponse:
-        key = thread_key(context, request.namespace, request.thread_id)
+        key = writable_key(context, request.namespace, request.thread_id)
         violations: list[tuple[str, str]] = []
         if not request.events:
             violations.append(("events", "at least one event"))
@@ -604,7 +658,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def AcquireLease(
         self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.AcquireLeaseResponse:
-        key = thread_key(context, request.namespace, request.thread_id)
+        key = writable_key(context, request.namespace, request.thread_id)
         violations: list[tuple[str, str]] = []
         _check_id(violations, "owner", request.owner, True)
         _raise_if(violations)
@@ -621,7 +675,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def RenewLease(
         self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.RenewLeaseResponse:
-        key = thread_key(context, request.namespace, request.thread_id)
+        key = writable_key(context, request.namespace, request.thread_id)
         thread = await self.store.renew_lease(
             key, request.owner, request.fencing_token, _ttl("ttl_seconds", request.ttl_seconds)
         )
@@ -631,7 +685,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def ReleaseLease(
         self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseLeaseResponse:
-        key = thread_key(context, request.namespace, request.thread_id)
+        key = writable_key(context, request.namespace, request.thread_id)
         await self.store.release_lease(key, request.owner, request.fencing_token)
         return pb.ReleaseLeaseResponse()
 

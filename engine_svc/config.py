@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -32,6 +33,11 @@ class Settings(ServiceSettings):
 
     listen: str = Field("127.0.0.1:50052", description="host:port to serve")
     checkpoint_addr: str = Field("127.0.0.1:50051", description="address of checkpoint_svc")
+    checkpoint_token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token the engine sends checkpoint_svc (a "
+        "credential with the system role), if it checks credentials",
+    )
     handlers: Annotated[list[str], NoDecode] = Field(
         [],
         description="MODULE[,MODULE]: the only modules `python` nodes may call",
@@ -76,6 +82,21 @@ class Settings(ServiceSettings):
         description="seconds between heartbeats on an idle WatchRun of a run this engine "
         "executes (other runs' watchers get the checkpoint service's)",
     )
+
+    def checkpoint_token(self) -> str | None:
+        """The token of --checkpoint-token-file, or the process stops with one line."""
+        path = self.checkpoint_token_file
+        if path is None:
+            return None
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            token, problem = "", str(exc)
+        else:
+            problem = f"{path} is empty"
+        if not token:
+            raise SystemExit(f"python -m engine_svc: error: --checkpoint-token-file: {problem}")
+        return token
 
     @field_validator("handlers", "tenants", mode="before")
     @classmethod

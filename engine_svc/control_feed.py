@@ -19,11 +19,11 @@ from engine_svc.execution import Execution
 from engine_svc.recording import RunRecorder
 from engine_svc.run_state import NotResumable, RunState, RunStatus, event
 from engine_svc.store import Store, StoreError
+from workflow_rpc.namespaces import CONTROL_NAMESPACE
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 
 __all__ = ["CONTROL_FOLLOW_AFTER", "CONTROL_NAMESPACE", "ControlFeed", "check_control"]
 
-CONTROL_NAMESPACE = "run-control"
 # How far into an execution the engine starts following the run's control feed: PauseRun,
 # CancelRun and CheckpointRun wait in the feed until then (docs/engine.md#steering-a-run).
 CONTROL_FOLLOW_AFTER = 0.25

@@ -42,7 +42,8 @@ from engine_svc.store import (
     StoreUnavailable,
 )
 from workflow_client.store_session import StoreSession
-from workflow_rpc.headers import tenant_metadata
+from workflow_rpc.headers import SYSTEM_TENANT, tenant_metadata
+from workflow_rpc.namespaces import TENANTS_NAMESPACE
 from workflow_rpc.statuses import InvalidArgument
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
@@ -51,13 +52,11 @@ from workflow_stubs.engine.v1 import engine_pb2 as pb
 log = logging.getLogger(__name__)
 
 _RESUMABLE = [cpb.THREAD_STATUS_PENDING, cpb.THREAD_STATUS_RUNNING]
+# The engines' own records live under a reserved tenant (SYSTEM_TENANT, TENANTS_NAMESPACE):
+# which tenants have runs, so that a fresh replica knows where to look for runs to take over.
 
-# The engines' own records live under a reserved tenant: which tenants have runs, so that a
-# fresh replica knows where to look for runs to take over.
-SYSTEM_TENANT = "engine.system"
 # Starts of a run of the active version, at most, while other engines keep changing it.
 _START_ATTEMPTS = 5
-TENANTS_NAMESPACE = "tenants"
 
 __all__ = ["ControlTimeout", "Engine", "NotResumable", "RunExists"]
 
@@ -110,6 +109,8 @@ class Engine:
             ],
         )
         self._stub = cpb_grpc.CheckpointServiceStub(self.channel)
+        # The engine's own credential for the store (docs/security.md#the-engine-and-the-store).
+        self._token = settings.checkpoint_token()
         self._stores: dict[tuple[str, bool], Store] = {}  # by tenant and session: store()
         self.registry = WorkflowRegistry(self.store)
         self.runner = NodeRunner(
@@ -129,13 +130,14 @@ class Engine:
         if tenant not in self._executors:
             s = self.settings
             session = (
-                StoreSession(stub=self._stub, metadata=tenant_metadata(tenant))
+                StoreSession(stub=self._stub, metadata=tenant_metadata(tenant, self._token))
                 if s.store_calls == "session"
                 else None
             )
             store = GrpcStore(
                 stub=self._stub,
                 tenant=tenant,
+                token=self._token,
                 session=session,
                 retry_seconds=s.store_retry,
             )
@@ -156,7 +158,11 @@ class Engine:
         executor = self._executors.get(tenant)
         key = (tenant, executor is not None)
         if (store := self._stores.get(key)) is None:
-            base = executor.store if executor else GrpcStore(stub=self._stub, tenant=tenant)
+            base = (
+                executor.store
+                if executor
+                else GrpcStore(stub=self._stub, tenant=tenant, token=self._token)
+            )
             store = self._stores[key] = base.with_retry(ANSWER_RETRY_SECONDS)
         return store
 

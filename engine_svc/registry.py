@@ -19,10 +19,10 @@ from google.protobuf import json_format
 
 from engine_svc.definition import fingerprint, parse
 from engine_svc.store import AlreadyExists, Conflict, NotFound, Store
+from workflow_rpc.namespaces import WORKFLOWS_NAMESPACE
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
 
-WORKFLOWS_NAMESPACE = "workflows"
 _ATTEMPTS = 10
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_svc.definition import Workflow
+from workflow_rpc.namespaces import RUNS_NAMESPACE
 from workflow_rpc.statuses import InvalidArgument
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -32,7 +33,6 @@ __all__ = [
     "status_event",
 ]
 
-RUNS_NAMESPACE = "runs"
 OUTPUT_CHANNEL = "output"
 SKIPPED_CHANNEL = "skipped"
 

@@ -10,8 +10,10 @@ from grpc_health.v1 import health, health_pb2
 
 from engine_svc.config import Settings, parse_settings
 from engine_svc.engine import Engine
-from engine_svc.servicer import EngineServicer
+from engine_svc.servicer import REQUIRED_ROLES, EngineServicer
 from workflow_rpc import logs
+from workflow_rpc.identities import authenticator_of
+from workflow_rpc.interceptors import Authenticate
 from workflow_rpc.serving import run, serve_until_stopped
 from workflow_stubs.engine.v1 import engine_pb2, engine_pb2_grpc
 
@@ -19,6 +21,7 @@ SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 
 
 async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -> None:
+    auth = authenticator_of(settings)
     engine = Engine(settings)
 
     async def start(health_servicer: health.aio.HealthServicer) -> None:
@@ -41,6 +44,8 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
         stop=stop,
         listening={"owner": settings.owner, "checkpoint": settings.checkpoint_addr},
         stopped=stopped,
+        authenticate=Authenticate(auth, REQUIRED_ROLES) if auth else None,
+        insecure=settings.insecure,
     )
 
 

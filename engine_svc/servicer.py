@@ -11,13 +11,14 @@ from grpc_status import rpc_status
 
 from engine_svc import values
 from engine_svc.definition import DefinitionInvalid
-from engine_svc.engine import SYSTEM_TENANT, ControlTimeout, Engine, NotResumable, RunExists
+from engine_svc.engine import ControlTimeout, Engine, NotResumable, RunExists
 from engine_svc.executor import RunNotFound, Started
 from engine_svc.registry import RegistrationContended, WorkflowNotFound
 from engine_svc.run_state import NotARun, RunState, RunStatus
 from engine_svc.store import LeaseLost, StoreError
 from workflow_rpc import statuses
-from workflow_rpc.headers import TENANT_HEADER
+from workflow_rpc.callers import Role
+from workflow_rpc.headers import SYSTEM_TENANT, TENANT_HEADER
 from workflow_rpc.statuses import InvalidArgument, bounded
 from workflow_rpc.tenants import tenant_of as call_tenant_of
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
@@ -25,6 +26,33 @@ from workflow_stubs.engine.v1 import engine_pb2 as pb
 from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
 
 R = TypeVar("R")
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["EngineService"].full_name
+# The role each RPC needs when credentials are checked (docs/security.md#identities-and-roles).
+REQUIRED_ROLES: dict[str, Role] = {
+    f"/{_SERVICE}/{name}": role
+    for role, names in {
+        Role.READER: (
+            "GetWorkflow",
+            "GetRun",
+            "ListRuns",
+            "WatchRun",
+            "ListWorkflowVersions",
+            "GetRunHistory",
+        ),
+        Role.WRITER: (
+            "RegisterWorkflow",
+            "StartRun",
+            "PauseRun",
+            "ResumeRun",
+            "CancelRun",
+            "CheckpointRun",
+            "RollbackWorkflow",
+            "ForkRun",
+        ),
+    }.items()
+    for name in names
+}
 
 
 _CODES: dict[type[Exception], grpc.StatusCode] = {

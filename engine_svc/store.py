@@ -25,6 +25,7 @@ from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 __all__ = [
     "AlreadyExists",
     "Conflict",
+    "EngineRefused",
     "GrpcStore",
     "LeaseLost",
     "NotFound",
@@ -89,7 +90,16 @@ class LeaseLost(StoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class EngineRefused(StoreError):
+    """The store refused the engine's own credential (--checkpoint-token-file): an operator's
+    mistake, not the caller's, so it reaches callers as INTERNAL."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 _BY_CODE: dict[grpc.StatusCode, type[StoreError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: EngineRefused,
+    grpc.StatusCode.PERMISSION_DENIED: EngineRefused,
     grpc.StatusCode.UNAVAILABLE: StoreUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: StoreUnavailable,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -110,6 +120,11 @@ def _refusal(exc: grpc.aio.AioRpcError) -> BaseException:
     kind = _BY_CODE.get(code, StoreError)
     if kind is Conflict and error_reason(exc) == REQUIRED_HEAD_MOVED:
         kind = RequiredHeadMoved
+    if kind is EngineRefused:
+        return EngineRefused(
+            f"the checkpoint service refused this engine's credential ({code.name}: "
+            f"{exc.details()}): check --checkpoint-token-file"
+        )
     return kind(exc.details() or code.name, code)
 
 
@@ -172,6 +187,8 @@ class GrpcStore:
     """The store's stub, on a channel without a retry policy."""
     tenant: str
     """The tenant every call is made for."""
+    token: str | None = None
+    """The engine's bearer token for the store (None: the store checks no credentials)."""
     session: StoreSession | None = None
     """The tenant's Session stream (None: every call unary)."""
     retry_seconds: float = 30.0
@@ -182,7 +199,7 @@ class GrpcStore:
     """The tenant's call metadata (made once: every call sends it)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "metadata", tenant_metadata(self.tenant))
+        object.__setattr__(self, "metadata", tenant_metadata(self.tenant, self.token))
 
     def with_retry(self, seconds: float) -> GrpcStore:
         return dataclasses.replace(self, retry_seconds=seconds)

@@ -307,7 +307,10 @@ class EngineClient {
   /**
    * @param {string} address host:port of an engine
    * @param {object} [options]
-   * @param {string} [options.tenant] sent as `x-tenant-id` (the engine's default is "default")
+   * @param {string} [options.tenant] sent as `x-tenant-id` (the engine's default is "default",
+   *   or the token's tenant)
+   * @param {string} [options.token] a bearer token, for an engine that checks credentials
+   *   (docs/security.md); sent as `authorization: Bearer TOKEN`
    * @param {number} [options.deadlineMs] deadline of unary calls (10 s)
    * @param {number} [options.controlDeadlineMs] of Pause/Cancel/Resume/CheckpointRun (40 s)
    * @param {number} [options.reconnectForMs] how long watchRun keeps reconnecting (30 s)
@@ -318,6 +321,7 @@ class EngineClient {
     const { EngineService } = loadEngineProto();
     this.address = address;
     this.tenant = options.tenant || '';
+    this.token = options.token || '';
     this.deadlineMs = options.deadlineMs ?? DEFAULT_DEADLINE_MS;
     this.controlDeadlineMs = options.controlDeadlineMs ?? DEFAULT_CONTROL_DEADLINE_MS;
     this.reconnectForMs = options.reconnectForMs ?? 30_000;
@@ -335,6 +339,7 @@ class EngineClient {
   metadata() {
     const md = new grpc.Metadata();
     if (this.tenant) md.set('x-tenant-id', this.tenant);
+    if (this.token) md.set('authorization', `Bearer ${this.token}`);
     return md;
   }
 

@@ -97,7 +97,7 @@ async function main() {
     console.error(`${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new EngineClient(args.engine, { tenant: args.tenant });
+  const client = new EngineClient(args.engine, { tenant: args.tenant, token: process.env.WF_TOKEN });
   let run;
   try {
     const registered = await client.registerWorkflow(WORKFLOW);

@@ -94,7 +94,7 @@ async function main() {
     console.error(`${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new EngineClient(args.engine, { tenant: args.tenant });
+  const client = new EngineClient(args.engine, { tenant: args.tenant, token: process.env.WF_TOKEN });
   try {
     print('registered', await client.registerWorkflow(workflow(args.workflow, V1)));
     const requestId = crypto.randomUUID();

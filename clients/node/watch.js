@@ -43,7 +43,7 @@ async function main() {
     console.error(`${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new EngineClient(args.engine, { tenant: args.tenant });
+  const client = new EngineClient(args.engine, { tenant: args.tenant, token: process.env.WF_TOKEN });
   try {
     const onEvent = (ev) => {
       console.log(

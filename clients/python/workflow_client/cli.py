@@ -36,12 +36,13 @@ EXIT_CODES = """exit codes:
   3  not found            4  already exists
   5  not allowed in the run's status (FAILED_PRECONDITION)
   6  a service is unreachable (UNAVAILABLE, deadline exceeded)
+  7  no or a bad credential (UNAUTHENTICATED)   8  not allowed (PERMISSION_DENIED)
   10 the run FAILED      11 the run was CANCELLED
   12 the run is WAITING for an answer (wf resume RUN --value JSON)
   13 the run is PAUSED
   141 the output's reader went away (wf show RUN | head)
 
-environment: WF_ENGINE, WF_TENANT (defaults of the flags)"""
+environment: WF_ENGINE, WF_TENANT, WF_TOKEN (defaults of the flags)"""
 
 RUN_EXIT = {
     pb.RUN_STATUS_COMPLETED: 0,
@@ -476,10 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tenant",
-        default=os.environ.get("WF_TENANT", "default"),
-        help="the tenant whose workflows and runs these are (default: $WF_TENANT, else default)",
+        default=os.environ.get("WF_TENANT"),
+        help="the tenant whose workflows and runs these are (default: $WF_TENANT, else the "
+        "--token's tenant, else default)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("WF_TOKEN"),
+        help="bearer token, for an engine that checks credentials (default: $WF_TOKEN)",
+    )
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--ca-file", help="PEM root certificates for TLS")
     parser.add_argument("--json", action="store_true", help=_JSON_HELP)
@@ -569,6 +576,7 @@ def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "tls": args.tls,
         "ca_file": args.ca_file,
+        "token": args.token,
     }
 
 

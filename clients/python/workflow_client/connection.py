@@ -1,5 +1,6 @@
 """Channels to the two services: retries of UNAVAILABLE come from gRPC's service config
-(not hand-written loops), the tenant travels as `x-tenant-id` metadata, TLS is optional.
+(not hand-written loops), the tenant travels as `x-tenant-id` metadata and a bearer token as
+`authorization`; TLS is optional.
 The one retry policy is declared here, for gRPC's unary calls and, through tenacity, for the
 calls of a Session stream, which the service config does not cover."""
 
@@ -64,14 +65,18 @@ class Connection:
     """Where a service is and how to talk to it."""
 
     address: str
-    tenant: str = DEFAULT_TENANT
+    tenant: str | None = DEFAULT_TENANT  # None: the token's tenant
     timeout: float = 30.0  # default deadline of unary calls, seconds
     tls: bool = False
     ca_file: str | None = None  # PEM roots for TLS; the system's if None
+    token: str | None = None  # a bearer token, for a service that checks credentials
+
+    def __repr__(self) -> str:  # never the token
+        return f"Connection({self.address!r}, tenant={self.tenant!r})"
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return tenant_metadata(self.tenant)
+        return tenant_metadata(self.tenant, self.token)
 
     def _credentials(self) -> grpc.ChannelCredentials:
         roots = Path(self.ca_file).read_bytes() if self.ca_file else None

@@ -58,7 +58,21 @@ class Unavailable(WorkflowError):
     exit_code = 6
 
 
+class Unauthenticated(WorkflowError):
+    """No credential, or one the service does not accept (unknown, expired): see --token."""
+
+    exit_code = 7
+
+
+class PermissionDenied(WorkflowError):
+    """The credential is valid but may not do this (a role, or a tenant, it lacks)."""
+
+    exit_code = 8
+
+
 _CLASSES: dict[grpc.StatusCode, type[WorkflowError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,

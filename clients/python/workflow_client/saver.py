@@ -85,11 +85,13 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         timeout: float = 30.0,
         serde: SerializerProtocol | None = None,
         session: bool = True,
+        token: str | None = None,
     ) -> None:
         """`session`: the async puts and gets on one Session stream (about half the CPU of
-        unary calls on both sides); False sends them as unary calls."""
+        unary calls on both sides); False sends them as unary calls. `token`: a bearer token,
+        for a store that checks credentials (a writer's; deleting threads needs admin)."""
         super().__init__(serde=serde)
-        self.connection = Connection(address, tenant=tenant, timeout=timeout)
+        self.connection = Connection(address, tenant=tenant, timeout=timeout, token=token)
         self.prefix = namespace_prefix
         self._aio: grpc.aio.Channel | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None

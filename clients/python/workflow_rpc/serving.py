@@ -4,6 +4,7 @@ reflection, Prometheus metrics, uvloop, and the stop on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -16,7 +17,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from workflow_rpc.interceptors import RejectMalformedRequests
+from workflow_rpc.interceptors import Authenticate, RejectMalformedRequests
 
 # gRPC turns SO_REUSEPORT on by default: a second server on a port in use would then share
 # it silently (taking some of its connections). Every server of ours refuses that.
@@ -38,6 +39,35 @@ def listen(server: grpc.aio.Server, address: str, what: str) -> int:
     if port == 0:
         raise SystemExit(f"{what}: cannot listen on {address} (is the port in use?)")
     return port
+
+
+def loopback(address: str) -> bool:
+    """Whether a listen address (host:port) is reachable from this machine only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or "" for every address
+        return False
+
+
+def check_exposure(address: str, authenticated: bool, insecure: bool, what: str) -> None:
+    """Without credentials checked, a service listens on loopback only, unless --insecure
+    says otherwise (docs/security.md#safe-by-default)."""
+    if authenticated or loopback(address):
+        return
+    if not insecure:
+        raise SystemExit(
+            f"{what}: refusing to listen on {address} with no credentials checked: configure "
+            "--auth-token-file or --auth-jwt-secret-file/--auth-jwks-file, listen on a "
+            "loopback address, or pass --insecure"
+        )
+    logging.getLogger(what).warning(
+        "listening beyond loopback with no credentials checked (--insecure): anyone who "
+        "reaches the port may do anything",
+        extra={"listen": address},
+    )
 
 
 def serve_metrics(port: int, listen_address: str, what: str) -> None:
@@ -88,17 +118,22 @@ async def serve_until_stopped(
     options: Sequence[tuple[str, Any]] = (),
     listening: Mapping[str, Any] | None = None,
     stopped: Awaitable[None] | None = None,
+    authenticate: Authenticate | None = None,
+    insecure: bool = False,
 ) -> None:
     """One of our services from start to stop: the server with its servicers, health,
     reflection and the malformed-request interceptor; the port taken before anything else
     (a second process on it stops there); metrics; `start` (given the health servicer);
     serving until SIGTERM or SIGINT (or `stopped`, for a service run inside another
     process, which has no signals of its own); then health NOT_SERVING and `stop` (given the
-    server)."""
+    server). With `authenticate`, every call but health and reflection needs credentials;
+    without, the address must be loopback unless `insecure`."""
     log = logging.getLogger(what)
-    server = grpc.aio.server(
-        interceptors=[RejectMalformedRequests()], options=[EXCLUSIVE_PORT, *options]
-    )
+    check_exposure(listen_address, authenticate is not None, insecure, what)
+    interceptors: list[grpc.aio.ServerInterceptor] = [RejectMalformedRequests()]
+    if authenticate is not None:
+        interceptors.insert(0, authenticate)
+    server = grpc.aio.server(interceptors=interceptors, options=[EXCLUSIVE_PORT, *options])
     add_servicers(server)
     health_servicer = add_health_and_reflection(server, service_name)
     listen(server, listen_address, what)
@@ -106,7 +141,14 @@ async def serve_until_stopped(
         serve_metrics(metrics_port, listen_address, what)
     await start(health_servicer)
     await server.start()
-    log.info("listening", extra={"listen": listen_address, **(listening or {})})
+    log.info(
+        "listening",
+        extra={
+            "listen": listen_address,
+            "credentials": "checked" if authenticate is not None else "none",
+            **(listening or {}),
+        },
+    )
     await (stopped if stopped is not None else until_stopped())
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
@@ -127,7 +169,9 @@ def run(service: Coroutine[Any, Any, None]) -> None:
 __all__ = [
     "EXCLUSIVE_PORT",
     "add_health_and_reflection",
+    "check_exposure",
     "listen",
+    "loopback",
     "run",
     "serve_metrics",
     "serve_until_stopped",

@@ -9,10 +9,17 @@ one line per bad setting, not a traceback.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Literal, NoReturn, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    CliImplicitFlag,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 __all__ = ["LogLevel", "ServiceSettings", "env_names", "flag_of", "parse_settings"]
 
@@ -32,11 +39,16 @@ LogLevel = Annotated[
 
 class ServiceSettings(BaseSettings):
     """What every service's settings share: how flags and variables are read (kebab-case
-    flags, plain values, an empty variable as unset), the log level and the metrics port.
-    A service adds its env_prefix, cli_prog_name and its own settings."""
+    flags, plain values, an empty variable as unset, `none` for no value), the log level, the
+    metrics port and who may call (docs/security.md). A service adds its env_prefix,
+    cli_prog_name and its own settings."""
 
     model_config = SettingsConfigDict(
-        cli_kebab_case=True, cli_avoid_json=True, env_ignore_empty=True, validate_default=False
+        cli_kebab_case=True,
+        cli_avoid_json=True,
+        cli_parse_none_str="none",
+        env_ignore_empty=True,
+        validate_default=False,
     )
 
     log_level: LogLevel = Field("INFO", description="the lowest level logged")
@@ -46,6 +58,30 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="serve Prometheus metrics on this port, on the --listen host (0 = off)",
     )
+    auth_token_file: Path | None = Field(
+        None,
+        description="YAML file of hashed bearer tokens, each with its subject, tenant and roles "
+        "(read again when it changes)",
+    )
+    auth_jwt_secret_file: Path | None = Field(
+        None, description="file holding the HS256 secret that signs accepted JWTs"
+    )
+    auth_jwks_file: Path | None = Field(
+        None, description="JWKS file of the public keys that sign accepted JWTs"
+    )
+    auth_jwt_audience: str = Field(
+        "durable-workflows", min_length=1, description="the aud claim accepted JWTs carry"
+    )
+    insecure: CliImplicitFlag[bool] = Field(
+        False,
+        description="serve a non-loopback address with no credentials checked (anyone who "
+        "reaches the port may do anything)",
+    )
+
+    @property
+    def auth_configured(self) -> bool:
+        """Whether calls must carry a credential."""
+        return bool(self.auth_token_file or self.auth_jwt_secret_file or self.auth_jwks_file)
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)

@@ -1,10 +1,12 @@
-"""The tenant of a call a server handles, from its `x-tenant-id` metadata."""
+"""The tenant of a call a server handles, from its `x-tenant-id` metadata, or from its
+credential's when it names none (docs/security.md#tenants)."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from workflow_rpc.callers import ANY_TENANT, CALLER
 from workflow_rpc.headers import DEFAULT_TENANT, TENANT_HEADER
 from workflow_rpc.statuses import InvalidArgument
 
@@ -14,13 +16,16 @@ TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def tenant_of(context: Any) -> str:
     """The call's one tenant: a second `x-tenant-id` is refused, never silently ignored
     (which of two headers wins must not depend on the path a call takes). A Session
-    stream's calls read it once (the context's `known_tenant`)."""
+    stream's calls read it once (the context's `known_tenant`). With credentials checked,
+    the header was checked against the caller's tenant (workflow_rpc/identities.py), and a
+    call without one acts for the caller's."""
     known = getattr(context, "known_tenant", None)
     if known is not None:
         return known
     values = [v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER]
     if not values:
-        return DEFAULT_TENANT
+        caller = CALLER.get()
+        return caller.tenant if caller and caller.tenant != ANY_TENANT else DEFAULT_TENANT
     if len(values) > 1:
         raise InvalidArgument(
             f"{len(values)} {TENANT_HEADER} headers; a call names exactly one tenant",

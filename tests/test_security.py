@@ -1,0 +1,548 @@
+"""Who may do what (docs/security.md): credentials checked by the real servers, over every RPC
+of both services; the tenant from the credential; the engine's namespaces written only by the
+engine; the fencing token never disclosed; and the checks themselves, in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.protobuf import descriptor_pool, message_factory
+
+from checkpoint_svc.servicer import REQUIRED_ROLES as STORE_ROLES
+from engine_svc.servicer import REQUIRED_ROLES as ENGINE_ROLES
+from tests.engine_client import definition, wait_status
+from tests.servers import free_port
+from workflow_rpc import identities
+from workflow_rpc.callers import Identity, Role
+from workflow_rpc.identities import (
+    Authenticator,
+    JwtKeys,
+    PermissionDenied,
+    TokenFile,
+    Unauthenticated,
+    token_hash,
+)
+from workflow_rpc.serving import check_exposure
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
+from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
+from workflow_stubs.engine.v1 import engine_pb2 as pb
+from workflow_stubs.engine.v1 import engine_pb2_grpc as pb_grpc
+
+SQLITE = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+BOTH = pytest.mark.parametrize("backend", ["sqlite", "postgres+redis"], indirect=True)
+
+AUDIENCE = "durable-workflows"
+SECRET = b"a-secret-of-the-test-only-32-bytes!"
+# Tenant "a", one role each (the system role is the engine's token's).
+ROLE_TOKENS = {role: f"{role}-token" for role in Role if role != Role.SYSTEM}
+
+
+def _entry(token: str, subject: str, tenant: str, roles: list[str]) -> dict[str, object]:
+    return {"sha256": token_hash(token), "subject": subject, "tenant": tenant, "roles": roles}
+
+
+def write_tokens(path: Path, *extra: dict[str, object]) -> None:
+    entries = [_entry(t, f"{r}-a", "a", [r]) for r, t in ROLE_TOKENS.items()]
+    entries += [
+        _entry("engine-token", "engine", "*", ["system"]),
+        _entry("operator-token", "operator", "*", ["admin"]),
+        _entry("writer-b-token", "writer-b", "b", ["writer"]),
+        *extra,
+    ]
+    path.write_text(json.dumps({"tokens": entries}))  # JSON is YAML
+
+
+def hs256(claims: dict[str, object], secret: bytes = SECRET) -> str:
+    return jwt.encode({"aud": AUDIENCE, "exp": time.time() + 600, **claims}, secret, "HS256")
+
+
+@pytest.fixture
+def credentials(tmp_path: Path) -> Path:
+    """The token file, the JWT secret and the engine's token, in tmp_path."""
+    write_tokens(tmp_path / "tokens.yaml")
+    (tmp_path / "jwt.secret").write_bytes(SECRET)
+    (tmp_path / "engine.token").write_text("engine-token\n")
+    return tmp_path
+
+
+def auth_args(where: Path) -> tuple[str, ...]:
+    return (
+        "--auth-token-file", str(where / "tokens.yaml"),
+        "--auth-jwt-secret-file", str(where / "jwt.secret"),
+    )  # fmt: skip
+
+
+def md(token: str | None, *tenants: str) -> tuple[tuple[str, str], ...]:
+    named = tuple(("x-tenant-id", t) for t in tenants)
+    return (*named, ("authorization", f"Bearer {token}")) if token else named
+
+
+# ---- the checks, in this process ---------------------------------------------------------
+
+
+@pytest.fixture
+def fast_reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(identities, "RELOAD_CHECK_SECONDS", 0.0)
+
+
+def test_a_token_file_is_read_again_when_it_changes(tmp_path, fast_reload) -> None:
+    path = tmp_path / "tokens.yaml"
+    write_tokens(path)
+    tokens = TokenFile(path)
+    assert tokens.identity("reader-token") == Identity(
+        subject="reader-a", tenant="a", roles=frozenset({Role.READER})
+    )
+    assert tokens.identity("new-token") is None
+    write_tokens(path, _entry("new-token", "newcomer", "c", ["writer"]))
+    assert tokens.identity("new-token") is not None
+    path.write_text("tokens: [{sha256: not-a-hash}]")  # broken: the last good file stays
+    assert tokens.identity("new-token") is not None
+    with pytest.raises(ValueError, match="not a token file"):
+        TokenFile(path)  # but a bad file at start is an error
+
+
+@pytest.mark.parametrize(
+    ("claims", "secret", "refusal"),
+    [
+        ({"exp": time.time() - 120}, SECRET, "has expired"),
+        ({"aud": "someone-else"}, SECRET, "not for this audience"),
+        ({}, b"another-secret-of-32-bytes-or-more!", "not valid"),
+        ({"tenant": None}, SECRET, "no tenant"),
+        ({"roles": ["root"]}, SECRET, "do not parse"),
+        ({"tenant": "not a tenant!"}, SECRET, "do not parse"),
+    ],
+)
+def test_a_jwt_that_does_not_hold_is_refused(claims, secret, refusal, tmp_path) -> None:
+    base = {"sub": "svc", "tenant": "a", "roles": "reader writer"}
+    token = hs256({**base, **claims}, secret)
+    auth = Authenticator(jwts=_keys_in(tmp_path, {"jwt.secret": SECRET}, secret="jwt.secret"))
+    with pytest.raises(Unauthenticated, match=refusal):
+        auth.identity(md(token))
+
+
+def _keys_in(where: Path, files: dict[str, bytes], *, secret: str = "", jwks: str = "") -> JwtKeys:
+    for name, content in files.items():
+        (where / name).write_bytes(content)
+    return JwtKeys(
+        audience=AUDIENCE,
+        secret_file=where / secret if secret else None,
+        jwks_file=where / jwks if jwks else None,
+    )
+
+
+def test_jwts_signed_with_a_secret_or_a_key_of_a_jwks_file_name_their_caller(tmp_path) -> None:
+    auth = Authenticator(jwts=_keys_in(tmp_path, {"jwt.secret": SECRET}, secret="jwt.secret"))
+    found = auth.identity(md(hs256({"sub": "svc", "tenant": "a", "roles": ["reader"]})))
+    assert found == Identity(subject="svc", tenant="a", roles=frozenset({Role.READER}))
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    jwks = json.dumps({"keys": [{**public, "kid": "k1", "alg": "RS256"}]}).encode()
+    auth = Authenticator(jwts=_keys_in(tmp_path, {"jwks.json": jwks}, jwks="jwks.json"))
+    claims = {"sub": "ops", "tenant": "*", "roles": ["admin"], "aud": AUDIENCE}
+    signed = jwt.encode(
+        {**claims, "exp": time.time() + 60}, private, "RS256", headers={"kid": "k1"}
+    )
+    assert auth.identity(md(signed)).tenant == "*"
+    other = jwt.encode({**claims, "exp": time.time() + 60}, private, "RS256", headers={"kid": "k2"})
+    with pytest.raises(Unauthenticated, match="no key of the JWKS file has kid 'k2'"):
+        auth.identity(md(other))
+    with pytest.raises(Unauthenticated, match="'HS256' are not accepted"):
+        auth.identity(md(hs256({"sub": "x", "tenant": "a", "roles": ["reader"]})))
+
+
+def test_roles_include_lesser_ones_and_a_tenant_bound_credential_names_only_its_own(
+    tmp_path,
+) -> None:
+    write_tokens(tmp_path / "tokens.yaml")
+    auth = Authenticator(tokens=TokenFile(tmp_path / "tokens.yaml"), system_tenant="engine.sys")
+    get = "/checkpoint.v1.CheckpointService/GetThread"
+    assert auth.admit(get, Role.READER, md("admin-token", "a")).subject == "admin-a"
+    with pytest.raises(PermissionDenied, match="GetThread needs the admin role; reader-a has"):
+        auth.admit(get, Role.ADMIN, md("reader-token"))
+    with pytest.raises(PermissionDenied, match="acts for tenant 'a' only, not 'b'"):
+        auth.admit(get, Role.READER, md("reader-token", "b"))
+    with pytest.raises(PermissionDenied, match="acts for tenant 'a' only"):
+        auth.admit(get, Role.READER, md("reader-token", "a", "b"))
+    assert auth.admit(get, Role.ADMIN, md("operator-token", "b")).subject == "operator"
+    with pytest.raises(PermissionDenied, match="the engine's own"):
+        auth.admit(get, Role.READER, md("operator-token", "engine.sys"))
+    assert auth.admit(get, Role.READER, md("engine-token", "engine.sys")).subject == "engine"
+    with pytest.raises(PermissionDenied, match="a role no credential has"):
+        auth.admit("/checkpoint.v1.CheckpointService/Unlisted", None, md("engine-token"))
+    for bad, why in [
+        (md(None), "no credentials"),
+        ((("authorization", "Basic abc"),), "must be 'Bearer TOKEN'"),
+        ((*md("reader-token"), *md("admin-token")), "2 authorization headers"),
+        (md("nobody-token"), "not known here"),
+    ]:
+        with pytest.raises(Unauthenticated, match=why):
+            auth.admit(get, Role.READER, bad)
+
+
+def test_without_credentials_a_service_listens_on_loopback_only(caplog) -> None:
+    for address in ("127.0.0.1:1", "localhost:1", "[::1]:1"):
+        check_exposure(address, authenticated=False, insecure=False, what="svc")
+    for address in ("0.0.0.0:1", "[::]:1", "10.1.2.3:1", "example.org:1", ":1"):
+        with pytest.raises(SystemExit, match="with no credentials checked"):
+            check_exposure(address, authenticated=False, insecure=False, what="svc")
+        check_exposure(address, authenticated=True, insecure=False, what="svc")
+    check_exposure("0.0.0.0:1", authenticated=False, insecure=True, what="svc")
+    assert "--insecure" in caplog.text
+
+
+def test_every_rpc_of_both_services_has_a_role() -> None:
+    for service, roles in [
+        (cpb.DESCRIPTOR.services_by_name["CheckpointService"], STORE_ROLES),
+        (pb.DESCRIPTOR.services_by_name["EngineService"], ENGINE_ROLES),
+    ]:
+        methods = {f"/{service.full_name}/{m.name}" for m in service.methods}
+        assert methods == set(roles)
+
+
+# ---- over the wire ------------------------------------------------------------------------
+
+
+# How long an admitted stream is given: a tenant-wide Stream follows until its heartbeat, and a
+# refusal comes at once.
+STREAM_WAIT = 0.5
+
+
+def _calls(
+    channel: grpc.aio.Channel, service: str
+) -> Iterator[tuple[str, Callable[..., object], bool]]:
+    """(full method name, a callable taking metadata, whether it streams responses), with an
+    empty request, for every RPC of `service`."""
+    found = descriptor_pool.Default().FindServiceByName(service)
+    for method in found.methods:
+        name = f"/{service}/{method.name}"
+        request = message_factory.GetMessageClass(method.input_type)()
+        response = message_factory.GetMessageClass(method.output_type)
+        kwargs = {
+            "request_serializer": type(request).SerializeToString,
+            "response_deserializer": response.FromString,
+        }
+        if method.client_streaming:
+            call = channel.stream_stream(name, **kwargs)
+            yield (
+                name,
+                (lambda c=call: lambda m: c(iter(()), metadata=m, timeout=STREAM_WAIT))(),
+                True,
+            )
+        elif method.server_streaming:
+            call = channel.unary_stream(name, **kwargs)
+            yield (
+                name,
+                (lambda c=call, r=request: lambda m: c(r, metadata=m, timeout=STREAM_WAIT))(),
+                True,
+            )
+        else:
+            call = channel.unary_unary(name, **kwargs)
+            yield name, (lambda c=call, r=request: lambda m: c(r, metadata=m, timeout=5))(), False
+
+
+async def _code(call: Callable[..., object], streams: bool, metadata) -> grpc.StatusCode:
+    try:
+        if streams:
+            async for _ in call(metadata):  # type: ignore[attr-defined]
+                break
+        else:
+            await call(metadata)  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def _matrix(address: str, service: str, roles: dict[str, Role]) -> list[str]:
+    """What went wrong over every RPC of the service and every kind of credential."""
+    expired = hs256({"sub": "late", "tenant": "a", "roles": ["admin"], "exp": time.time() - 99})
+    auth_codes = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+    wrong: list[str] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        for name, call, streams in _calls(channel, service):
+            cases = [
+                ("no token", md(None, "a"), grpc.StatusCode.UNAUTHENTICATED),
+                ("a bad token", md("forged", "a"), grpc.StatusCode.UNAUTHENTICATED),
+                ("an expired JWT", md(expired, "a"), grpc.StatusCode.UNAUTHENTICATED),
+                ("A's token for B", md("admin-token", "b"), grpc.StatusCode.PERMISSION_DENIED),
+            ]
+            for role, token in ROLE_TOKENS.items():
+                admitted = Identity(subject="", tenant="a", roles=frozenset({role})).may(
+                    roles[name]
+                )
+                cases.append((f"{role}", md(token, "a"), None if admitted else "denied"))
+            cases.append(("the engine", md("engine-token", "a"), None))
+            cases.append(
+                ("a JWT writer", md(hs256(_writer_claims()), "a"), _jwt_expect(roles[name]))
+            )
+            for what, metadata, expected in cases:
+                code = await _code(call, streams, metadata)
+                if expected is None and code in auth_codes:
+                    wrong.append(f"{name} with {what}: {code.name}, expected admitted")
+                elif expected == "denied" and code != grpc.StatusCode.PERMISSION_DENIED:
+                    wrong.append(f"{name} with {what}: {code.name}, expected PERMISSION_DENIED")
+                elif isinstance(expected, grpc.StatusCode) and code != expected:
+                    wrong.append(f"{name} with {what}: {code.name}, expected {expected.name}")
+    return wrong
+
+
+def _writer_claims() -> dict[str, object]:
+    return {"sub": "jwt-writer", "tenant": "a", "roles": ["writer"]}
+
+
+def _jwt_expect(needed: Role) -> str | None:
+    return None if needed in (Role.READER, Role.WRITER) else "denied"
+
+
+@BOTH
+async def test_every_rpc_of_the_store_checks_credentials_roles_and_tenant(
+    service_factory, backend, credentials
+) -> None:
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    assert await _matrix(store.address, "checkpoint.v1.CheckpointService", STORE_ROLES) == []
+
+
+@SQLITE
+async def test_every_rpc_of_the_engine_checks_credentials_roles_and_tenant(
+    service_factory, engine_factory, backend, credentials
+) -> None:
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    engine = engine_factory(
+        store, *auth_args(credentials), "--checkpoint-token-file", str(credentials / "engine.token")
+    )
+    assert await _matrix(engine.address, "engine.v1.EngineService", ENGINE_ROLES) == []
+
+
+def _ran(engine_address: str, token: str | None, *args: str, tenant: str | None = None):
+    """`wf` through its real entry point, with WF_TOKEN (and WF_TENANT) as given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WF_TOKEN", "WF_TENANT")}
+    env |= {"WF_TOKEN": token} if token else {}
+    env |= {"WF_TENANT": tenant} if tenant else {}
+    wf = str(Path(sys.executable).with_name("wf"))
+    return subprocess.run(
+        [wf, "--engine", engine_address, *args], env=env, capture_output=True, text=True
+    )
+
+
+@SQLITE
+async def test_a_tenant_sees_only_its_own_and_the_engines_namespaces_are_the_engines(
+    service_factory, engine_factory, backend, credentials, tmp_path
+) -> None:
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    engine = engine_factory(
+        store, *auth_args(credentials), "--checkpoint-token-file", str(credentials / "engine.token")
+    )
+    path = tmp_path / "wf.json"
+    nodes = [{"id": "nap", "type": "sleep", "config": {"seconds": 30}}]
+    path.write_text(json.dumps({"workflow_id": "wf", "nodes": nodes}))
+    # wf: the tenant comes from the token; exit codes say what was refused.
+    assert _ran(engine.address, None, "runs").returncode == 7
+    assert _ran(engine.address, "forged", "runs").returncode == 7
+    refused = _ran(engine.address, "reader-token", "register", str(path))
+    assert refused.returncode == 8, refused.stderr
+    assert "RegisterWorkflow needs the writer role; reader-a has reader" in refused.stderr
+    assert _ran(engine.address, "writer-token", "register", str(path)).returncode == 0
+    other = _ran(engine.address, "writer-token", "runs", tenant="b")
+    assert other.returncode == 8 and "acts for tenant 'a' only" in other.stderr
+    started = _ran(engine.address, "writer-token", "start", "wf")
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.split()[0]
+    listed = _ran(engine.address, "reader-token", "runs")
+    assert listed.returncode == 0 and run_id in listed.stdout
+
+    async with grpc.aio.insecure_channel(engine.address) as channel:
+        s = pb_grpc.EngineServiceStub(channel)
+        await wait_status(s, md("reader-token"), run_id, pb.RUN_STATUS_RUNNING)
+        # B's writer asks for A's run, and for a run that does not exist: the same answer.
+        fake = run_id[:-4] + ("0000" if not run_id.endswith("0000") else "1111")
+        answers = []
+        for asked in (run_id, fake):
+            with pytest.raises(grpc.aio.AioRpcError) as refused_rpc:
+                await s.GetRun(pb.GetRunRequest(run_id=asked), metadata=md("writer-b-token"))
+            err = refused_rpc.value
+            answers.append((err.code(), (err.details() or "").replace(asked, "ID")))
+        assert answers[0] == answers[1] == (grpc.StatusCode.NOT_FOUND, "run 'ID' not found")
+        with pytest.raises(grpc.aio.AioRpcError) as cancel:
+            await s.CancelRun(pb.CancelRunRequest(run_id=run_id), metadata=md("writer-b-token"))
+        assert cancel.value.code() == grpc.StatusCode.NOT_FOUND
+
+    async with grpc.aio.insecure_channel(store.address) as channel:
+        c = cpb_grpc.CheckpointServiceStub(channel)
+        writer = md("writer-token")
+        thread = (
+            await c.GetThread(
+                cpb.GetThreadRequest(namespace="runs", thread_id=run_id), metadata=writer
+            )
+        ).thread
+        assert thread.lease_owner and thread.fencing_token == 0  # leased, and its token unsaid
+        listed_threads = await c.ListThreads(
+            cpb.ListThreadsRequest(namespace="runs"), metadata=writer
+        )
+        assert [t.fencing_token for t in listed_threads.threads] == [0]
+        # A's own writer cannot write into the run behind the engine, whatever token it guesses.
+        for guess in range(0, 4):
+            for forged in (
+                c.Save(
+                    cpb.SaveRequest(
+                        checkpoint=cpb.Checkpoint(namespace="runs", thread_id=run_id),
+                        fencing_token=guess,
+                    ),
+                    metadata=writer,
+                ),
+                c.Publish(
+                    cpb.PublishRequest(
+                        namespace="runs",
+                        thread_id=run_id,
+                        fencing_token=guess,
+                        events=[cpb.NewEvent(type="node.completed")],
+                    ),
+                    metadata=writer,
+                ),
+                c.AcquireLease(
+                    cpb.AcquireLeaseRequest(
+                        namespace="runs", thread_id=run_id, owner="thief", ttl_seconds=30
+                    ),
+                    metadata=writer,
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await forged
+                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "namespace 'runs' is the engine's" in (denied.value.details() or "")
+        # Its own namespaces are its to write (a LangGraph saver's, say).
+        saved = await c.Save(
+            cpb.SaveRequest(checkpoint=cpb.Checkpoint(namespace="lg:", thread_id="t")),
+            metadata=writer,
+        )
+        assert saved.checkpoint.checkpoint_id
+        # The engine's own tenant is the system role's only.
+        with pytest.raises(grpc.aio.AioRpcError) as reserved:
+            await c.ListThreads(
+                cpb.ListThreadsRequest(), metadata=md("operator-token", "engine.system")
+            )
+        assert reserved.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    cancelled = _ran(engine.address, "writer-token", "cancel", run_id)  # A's own writer may
+    assert cancelled.returncode == 0, cancelled.stderr
+
+
+@SQLITE
+async def test_an_engine_without_the_system_identity_is_refused_by_the_store(
+    service_factory, engine_factory, backend, credentials
+) -> None:
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    (credentials / "writer.token").write_text("writer-token")
+    for engine_token in (None, "writer.token"):
+        token_args = (
+            ("--checkpoint-token-file", str(credentials / engine_token)) if engine_token else ()
+        )
+        engine = engine_factory(store, *auth_args(credentials), *token_args)
+        async with grpc.aio.insecure_channel(engine.address) as channel:
+            s = pb_grpc.EngineServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await s.RegisterWorkflow(
+                    pb.RegisterWorkflowRequest(
+                        definition=definition([{"id": "a", "type": "noop"}])
+                    ),
+                    metadata=md("writer-token"),
+                )
+        assert refused.value.code() == grpc.StatusCode.INTERNAL
+        assert "refused this engine's credential" in (refused.value.details() or "")
+        assert "--checkpoint-token-file" in (refused.value.details() or "")
+
+
+@SQLITE
+async def test_a_token_added_to_the_file_is_accepted_without_a_restart(
+    service_factory, backend, credentials
+) -> None:
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    async with grpc.aio.insecure_channel(store.address) as channel:
+        c = cpb_grpc.CheckpointServiceStub(channel)
+        request = cpb.ListThreadsRequest()
+        with pytest.raises(grpc.aio.AioRpcError) as before:
+            await c.ListThreads(request, metadata=md("late-token"))
+        assert before.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        write_tokens(credentials / "tokens.yaml", _entry("late-token", "late", "a", ["reader"]))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await c.ListThreads(request, metadata=md("late-token"))
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert time.monotonic() < deadline, "the new token was never accepted"
+                await asyncio.sleep(0.1)
+        write_tokens(credentials / "tokens.yaml")  # and taken away again
+        while True:
+            try:
+                await c.ListThreads(request, metadata=md("late-token"))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                break
+            assert time.monotonic() < deadline + 10, "the removed token stayed accepted"
+            await asyncio.sleep(0.1)
+
+
+def test_a_service_without_credentials_refuses_to_listen_beyond_loopback(tmp_path) -> None:
+    port = free_port()
+    for module in ("checkpoint_svc", "engine_svc"):
+        db = ["--db", f"sqlite+aiosqlite:///{tmp_path}/s.db"] if module == "checkpoint_svc" else []
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--listen", f"0.0.0.0:{port}", *db],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        assert f"refusing to listen on 0.0.0.0:{port} with no credentials checked" in done.stderr
+        assert "--insecure" in done.stderr and "Traceback" not in done.stderr
+    # With --insecure it listens there, and says what that means.
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "engine_svc", "--listen", f"0.0.0.0:{port}", "--insecure",
+         "--recovery-interval", "0"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert engine.stderr is not None
+        lines = [engine.stderr.readline() for _ in range(2)]
+    finally:
+        engine.terminate()
+        engine.wait(30)
+    assert "no credentials checked (--insecure)" in lines[0]
+    assert json.loads(lines[1])["msg"] == "listening"
+
+
+@SQLITE
+async def test_the_node_client_sends_its_token(
+    service_factory, engine_factory, backend, credentials
+) -> None:
+    from tests.test_node_client import EXAMPLE, node, node_env
+
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    engine = engine_factory(
+        store, *auth_args(credentials), "--checkpoint-token-file", str(credentials / "engine.token")
+    )
+    results = {}
+    for token in (None, "writer-token"):
+        env = {k: v for k, v in node_env().items() if k != "WF_TOKEN"}
+        env |= {"WF_TOKEN": token} if token else {}
+        proc = await asyncio.create_subprocess_exec(
+            node(), EXAMPLE, "--engine", engine.address, cwd=Path(__file__).parents[1], env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        results[token] = (proc.returncode, out.decode(), err.decode())
+    code, _, err = results[None]
+    assert code != 0 and "UNAUTHENTICATED" in err, results[None]
+    code, out, err = results["writer-token"]
+    assert code == 0, (out, err)
+    assert "run.status COMPLETED" in out  # in the token's tenant, "a"
