@@ -63,9 +63,9 @@ def check_fencing(thread: Thread, token: int, now: float) -> None:
     """A writer must carry the current token while a lease is held (or at all, if it has one)."""
     if token:
         if token != thread.fencing_token:
-            raise LeaseLost(
-                f"fencing token {token} is stale: the thread's current token is "
-                f"{thread.fencing_token} (held by {thread.lease_owner or 'nobody'})"
+            raise LeaseLost(  # never the current token: it is the holder's secret
+                f"fencing token {token} is stale: the thread's lease was taken since "
+                f"(held by {thread.lease_owner or 'nobody'})"
             )
     elif thread.lease_held(now):
         raise LeaseLost(
@@ -326,8 +326,8 @@ class RenewLeaseOp(_Defaults):
         thread = _existing(batch, self.key)
         if thread.lease_owner != self.owner or thread.fencing_token != self.fencing_token:
             raise LeaseLost(
-                f"lease lost: held by {thread.lease_owner or 'nobody'} with token "
-                f"{thread.fencing_token}, not {self.owner!r} with {self.fencing_token}"
+                f"lease lost: held by {thread.lease_owner or 'nobody'}, not {self.owner!r} "
+                f"with token {self.fencing_token}"
             )
         thread.lease_expires_at = batch.now + self.ttl
         batch.touch(thread)
@@ -346,8 +346,8 @@ class ReleaseLeaseOp(_Defaults):
         thread = _existing(batch, self.key)
         if thread.lease_owner != self.owner or thread.fencing_token != self.fencing_token:
             raise LeaseLost(
-                f"lease not held: holder is {thread.lease_owner or 'nobody'} with token "
-                f"{thread.fencing_token}"
+                f"lease not held by {self.owner!r} with token {self.fencing_token}: the holder "
+                f"is {thread.lease_owner or 'nobody'}"
             )
         thread.lease_owner = ""
         thread.lease_expires_at = 0.0

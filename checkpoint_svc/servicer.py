@@ -194,6 +194,21 @@ def writable_key(
     return key
 
 
+def check_prefix_writable(prefix: str) -> None:
+    """A delete, prune or copy of every namespace under `prefix`: with credentials checked,
+    only the system role may reach the engine's namespaces that way (an admin's copy of a
+    run would be a run the engine executes again)."""
+    caller = CALLER.get()
+    if caller is None or caller.may(Role.SYSTEM):
+        return
+    covered = sorted(ns for ns in ENGINE_NAMESPACES if ns.startswith(prefix))
+    if covered:
+        raise PermissionDenied(
+            f"namespace_prefix {prefix!r} covers the engine's namespaces ({', '.join(covered)}): "
+            f"{caller.subject} may name a prefix outside them (only the system role goes there)"
+        )
+
+
 _MIN_TS, _MAX_TS = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31, as protobuf allows
 
 
@@ -594,10 +609,11 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     async def DeleteThread(
         self, request: pb.DeleteThreadRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteThreadResponse:
-        key = thread_key(context, request.namespace, request.thread_id)
         if request.HasField("namespace_prefix"):
+            key = thread_key(context, request.namespace, request.thread_id)
             _check_namespace(violations := [], "namespace_prefix", request.namespace_prefix)
             _raise_if(violations)
+            check_prefix_writable(request.namespace_prefix)
             threads, deleted = await self.store.delete_threads(
                 key.tenant, key.thread_id, request.namespace_prefix
             )
@@ -606,6 +622,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                     f"thread {key.thread_id} not found under {request.namespace_prefix!r}"
                 )
             return pb.DeleteThreadResponse(checkpoints_deleted=deleted, threads_deleted=threads)
+        key = writable_key(context, request.namespace, request.thread_id)
         try:
             deleted = await self.store.delete_thread(key)
         except NotFound:
@@ -701,6 +718,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         if request.source_thread_id == request.target_thread_id:
             violations.append(("target_thread_id", "must differ from source_thread_id"))
         _raise_if(violations)
+        check_prefix_writable(request.namespace_prefix)
         threads, checkpoints = await self.store.copy_thread(
             tenant, request.source_thread_id, request.target_thread_id, request.namespace_prefix
         )
@@ -717,6 +735,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             _check_id(violations, f"run_ids[{i}]", run_id, required=True)
         _check_namespace(violations, "namespace_prefix", request.namespace_prefix)
         _raise_if(violations)
+        check_prefix_writable(request.namespace_prefix)
         deleted = await self.store.delete_for_runs(
             tenant, list(dict.fromkeys(request.run_ids)), request.namespace_prefix
         )
@@ -735,6 +754,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         if request.strategy not in (pb.PRUNE_STRATEGY_KEEP_LATEST, pb.PRUNE_STRATEGY_DELETE):
             violations.append(("strategy", "PRUNE_STRATEGY_KEEP_LATEST or PRUNE_STRATEGY_DELETE"))
         _raise_if(violations)
+        check_prefix_writable(request.namespace_prefix)
         deleted = await self.store.prune_threads(
             tenant,
             list(dict.fromkeys(request.thread_ids)),

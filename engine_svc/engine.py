@@ -112,11 +112,11 @@ class Engine:
         # The engine's own credential for the store (docs/security.md#the-engine-and-the-store).
         self._token = settings.checkpoint_token()
         self._stores: dict[tuple[str, bool], Store] = {}  # by tenant and session: store()
-        self.registry = WorkflowRegistry(self.store)
         self.runner = NodeRunner(
             set(settings.handlers),
             {"subworkflow": self._child_run, "rollback": self._rollback_node},
         )
+        self.registry = WorkflowRegistry(self.store, check=self.runner.handler_problems)
         self.tenants: set[str] = set(settings.tenants)
         self._noted: set[str] = set()  # tenants recorded under SYSTEM_TENANT by this process
         self._executors: dict[str, RunExecutor] = {}

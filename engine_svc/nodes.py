@@ -13,7 +13,7 @@ import inspect
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,13 +86,36 @@ class NodeRunner:
             await self._http.aclose()
 
     def resolve(self, spec: str) -> Callable[..., Any]:
+        """The function a `python` node names: one defined in an allowed module itself, not a
+        name it imported (`mod:os` or `mod:system` would reach past the allowlist) nor one
+        starting with "_" (docs/security.md#nodes)."""
         module_name, _, function = spec.partition(":")
         if module_name not in self.allowed_modules:
             raise NodeFailed(f"module {module_name!r} is not allowed (--handlers)")
+        if function.startswith("_"):
+            raise NodeFailed('a name starting with "_" is not a handler')
         try:
-            return getattr(importlib.import_module(module_name), function)
-        except (ImportError, AttributeError) as exc:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
             raise NodeFailed(f"handler {spec!r} not found: {exc}") from exc
+        found = getattr(module, function, None)
+        if found is None:
+            raise NodeFailed(f"no function {function!r} in {module_name}")
+        if not inspect.isfunction(found) or found.__module__ != module_name:
+            raise NodeFailed(f"{function!r} is not a function of {module_name}")
+        return found
+
+    def handler_problems(self, nodes: Sequence[NodeSpec]) -> list[tuple[str, str]]:
+        """What registration refuses in `python` nodes (nodes in definition order), as field
+        violations: what the run would fail with when it reached them."""
+        problems = []
+        for i, node in enumerate(nodes):
+            if node.type == "python":
+                try:
+                    self.resolve(node.config["handler"])
+                except NodeFailed as exc:
+                    problems.append((f"nodes[{i}].config.handler", str(exc)))
+        return problems
 
     async def run(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
         try:

@@ -11,13 +11,13 @@ checkpoints are the history of which version was active, who changed it and why.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import uuid6
 from google.protobuf import json_format
 
-from engine_svc.definition import fingerprint, parse
+from engine_svc.definition import DefinitionInvalid, NodeSpec, Violations, fingerprint, parse
 from engine_svc.store import AlreadyExists, Conflict, NotFound, Store
 from workflow_rpc.namespaces import WORKFLOWS_NAMESPACE
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
@@ -85,8 +85,16 @@ _PARSED_MAX = 1024
 
 
 class WorkflowRegistry:
-    def __init__(self, store_of: Callable[[str], Store]) -> None:
+    def __init__(
+        self,
+        store_of: Callable[[str], Store],
+        *,
+        check: Callable[[Sequence[NodeSpec]], Violations] | None = None,
+    ) -> None:
         self._store_of = store_of  # a tenant's store
+        # What this engine refuses in a definition beyond its shape (python handlers it
+        # could not call), as field violations.
+        self._check = check
         # Definitions parsed from JSON, by tenant and fingerprint (their content): parsing a
         # 100-node definition costs about a millisecond, on every StartRun otherwise.
         self._parsed: dict[tuple[str, str], pb.WorkflowDefinition] = {}
@@ -103,7 +111,9 @@ class WorkflowRegistry:
 
     async def register(self, tenant: str, definition: pb.WorkflowDefinition) -> Registered:
         """Validate (DefinitionInvalid) and store; an unchanged definition is not a new version."""
-        parse(definition)
+        workflow = parse(definition)
+        if self._check is not None and (problems := self._check(workflow.nodes)):
+            raise DefinitionInvalid(problems)
         store = self._store_of(tenant)
         digest = fingerprint(definition)
         for _ in range(_ATTEMPTS):

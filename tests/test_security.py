@@ -5,6 +5,7 @@ engine; the fencing token never disclosed; and the checks themselves, in this pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -16,8 +17,10 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import descriptor_pool, message_factory
+from google.rpc import code_pb2
 
 from checkpoint_svc.servicer import REQUIRED_ROLES as STORE_ROLES
 from engine_svc.servicer import REQUIRED_ROLES as ENGINE_ROLES
@@ -227,6 +230,8 @@ def _calls(
     for method in found.methods:
         name = f"/{service}/{method.name}"
         request = message_factory.GetMessageClass(method.input_type)()
+        if "namespace_prefix" in request.DESCRIPTOR.fields_by_name:  # outside the engine's
+            request.namespace_prefix = "lg:"
         response = message_factory.GetMessageClass(method.output_type)
         kwargs = {
             "request_serializer": type(request).SerializeToString,
@@ -267,6 +272,9 @@ async def _matrix(address: str, service: str, roles: dict[str, Role]) -> list[st
     """What went wrong over every RPC of the service and every kind of credential."""
     expired = hs256({"sub": "late", "tenant": "a", "roles": ["admin"], "exp": time.time() - 99})
     auth_codes = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+    # An admitted call with an empty request is answered, refused for its fields, not found,
+    # or (a stream) still open: never a failure of ours.
+    ours = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
     wrong: list[str] = []
     async with grpc.aio.insecure_channel(address) as channel:
         for name, call, streams in _calls(channel, service):
@@ -287,7 +295,7 @@ async def _matrix(address: str, service: str, roles: dict[str, Role]) -> list[st
             )
             for what, metadata, expected in cases:
                 code = await _code(call, streams, metadata)
-                if expected is None and code in auth_codes:
+                if expected is None and code in auth_codes | ours:
                     wrong.append(f"{name} with {what}: {code.name}, expected admitted")
                 elif expected == "denied" and code != grpc.StatusCode.PERMISSION_DENIED:
                     wrong.append(f"{name} with {what}: {code.name}, expected PERMISSION_DENIED")
@@ -389,42 +397,115 @@ async def test_a_tenant_sees_only_its_own_and_the_engines_namespaces_are_the_eng
             cpb.ListThreadsRequest(namespace="runs"), metadata=writer
         )
         assert [t.fencing_token for t in listed_threads.threads] == [0]
-        # A's own writer cannot write into the run behind the engine, whatever token it guesses.
-        for guess in range(0, 4):
-            for forged in (
-                c.Save(
-                    cpb.SaveRequest(
-                        checkpoint=cpb.Checkpoint(namespace="runs", thread_id=run_id),
-                        fencing_token=guess,
-                    ),
-                    metadata=writer,
+        # A's own writer (and admin) cannot write into the run behind the engine: a guessed
+        # fencing token would not help, as the namespace itself is closed to them.
+        forged_save = cpb.SaveRequest(
+            checkpoint=cpb.Checkpoint(namespace="runs", thread_id=run_id), fencing_token=1
+        )
+        forged = [
+            c.Save(forged_save, metadata=writer),
+            c.Publish(
+                cpb.PublishRequest(
+                    namespace="runs",
+                    thread_id=run_id,
+                    fencing_token=1,
+                    events=[cpb.NewEvent(type="node.completed")],
                 ),
-                c.Publish(
-                    cpb.PublishRequest(
-                        namespace="runs",
-                        thread_id=run_id,
-                        fencing_token=guess,
-                        events=[cpb.NewEvent(type="node.completed")],
-                    ),
-                    metadata=writer,
+                metadata=writer,
+            ),
+            c.AcquireLease(
+                cpb.AcquireLeaseRequest(
+                    namespace="runs", thread_id=run_id, owner="thief", ttl_seconds=30
                 ),
-                c.AcquireLease(
-                    cpb.AcquireLeaseRequest(
-                        namespace="runs", thread_id=run_id, owner="thief", ttl_seconds=30
-                    ),
-                    metadata=writer,
+                metadata=writer,
+            ),
+            c.DeleteThread(
+                cpb.DeleteThreadRequest(namespace="runs", thread_id=run_id),
+                metadata=md("admin-token"),
+            ),
+        ]
+        for call in forged:
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await call
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "namespace 'runs' is the engine's" in (denied.value.details() or "")
+        # An admin's copy, prune or delete under a prefix that covers the engine's namespaces
+        # (a copied run would be one the engine runs again).
+        admin = md("admin-token")
+        covering = [
+            c.CopyThread(
+                cpb.CopyThreadRequest(source_thread_id=run_id, target_thread_id="clone"),
+                metadata=admin,
+            ),
+            c.CopyThread(
+                cpb.CopyThreadRequest(
+                    source_thread_id=run_id, target_thread_id="clone", namespace_prefix="run"
                 ),
-            ):
-                with pytest.raises(grpc.aio.AioRpcError) as denied:
-                    await forged
-                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-                assert "namespace 'runs' is the engine's" in (denied.value.details() or "")
-        # Its own namespaces are its to write (a LangGraph saver's, say).
+                metadata=admin,
+            ),
+            c.PruneThreads(
+                cpb.PruneThreadsRequest(
+                    thread_ids=[run_id], strategy=cpb.PRUNE_STRATEGY_DELETE, namespace_prefix=""
+                ),
+                metadata=admin,
+            ),
+            c.DeleteForRuns(cpb.DeleteForRunsRequest(run_ids=[run_id]), metadata=admin),
+            c.DeleteThread(
+                cpb.DeleteThreadRequest(thread_id=run_id, namespace_prefix="r"), metadata=admin
+            ),
+        ]
+        for call in covering:
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await call
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "covers the engine's namespaces" in (denied.value.details() or "")
+        # On a Session stream too.
+        async with contextlib.aclosing(_session_answers(c, writer, forged_save)) as answers:
+            async for answer in answers:
+                assert answer.error.code == code_pb2.PERMISSION_DENIED, answer
+                break
+        # Its own namespaces are its to write (a LangGraph saver's, say), and a stale token
+        # there does not tell it the current one.
         saved = await c.Save(
-            cpb.SaveRequest(checkpoint=cpb.Checkpoint(namespace="lg:", thread_id="t")),
+            cpb.SaveRequest(
+                checkpoint=cpb.Checkpoint(namespace="lg:", thread_id="t"),
+                lease_owner="me",
+                lease_ttl_seconds=30,
+            ),
             metadata=writer,
         )
-        assert saved.checkpoint.checkpoint_id
+        assert saved.checkpoint.checkpoint_id and saved.fencing_token == 1
+        for call in (
+            c.Save(
+                cpb.SaveRequest(
+                    checkpoint=cpb.Checkpoint(namespace="lg:", thread_id="t"), fencing_token=9
+                ),
+                metadata=writer,
+            ),
+            c.RenewLease(
+                cpb.RenewLeaseRequest(
+                    namespace="lg:", thread_id="t", owner="other", fencing_token=9, ttl_seconds=9
+                ),
+                metadata=writer,
+            ),
+            c.ReleaseLease(
+                cpb.ReleaseLeaseRequest(
+                    namespace="lg:", thread_id="t", owner="other", fencing_token=9
+                ),
+                metadata=writer,
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as stale:
+                await call
+            assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "1" not in (stale.value.details() or ""), stale.value.details()
+        copied = await c.CopyThread(
+            cpb.CopyThreadRequest(
+                source_thread_id="t", target_thread_id="t2", namespace_prefix="lg:"
+            ),
+            metadata=admin,
+        )
+        assert copied.threads_copied == 1
         # The engine's own tenant is the system role's only.
         with pytest.raises(grpc.aio.AioRpcError) as reserved:
             await c.ListThreads(
@@ -546,3 +627,161 @@ async def test_the_node_client_sends_its_token(
     code, out, err = results["writer-token"]
     assert code == 0, (out, err)
     assert "run.status COMPLETED" in out  # in the token's tenant, "a"
+
+
+# ---- nodes that cannot escape ------------------------------------------------------------
+
+
+@SQLITE
+async def test_python_handlers_outside_the_allowed_modules_are_refused_at_registration(
+    service, engine_factory, tenant
+) -> None:
+    from workflow_client.errors import from_rpc_error
+
+    engine = engine_factory(service, "--handlers", "tests.engine_handlers")
+    refused = {
+        "os:system": "module 'os' is not allowed (--handlers)",
+        "tests.engine_handlers:_private": 'a name starting with "_" is not a handler',
+        "tests.engine_handlers:asyncio": "not a function of tests.engine_handlers",
+        "tests.engine_handlers:missing": "no function 'missing' in tests.engine_handlers",
+    }
+    async with grpc.aio.insecure_channel(engine.address) as channel:
+        s = pb_grpc.EngineServiceStub(channel)
+        for handler, why in refused.items():
+            nodes = [
+                {"id": "ok", "type": "python", "config": {"handler": "tests.engine_handlers:step"}},
+                {"id": "bad", "type": "python", "config": {"handler": handler}},
+            ]
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await s.RegisterWorkflow(
+                    pb.RegisterWorkflowRequest(definition=definition(nodes)),
+                    metadata=(("x-tenant-id", tenant),),
+                )
+            error = from_rpc_error(bad.value)
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT, handler
+            assert [f for f, _ in error.violations] == ["nodes[1].config.handler"], handler
+            assert why in error.violations[0][1], (handler, error.violations)
+        ok = [{"id": "ok", "type": "python", "config": {"handler": "tests.engine_handlers:step"}}]
+        await s.RegisterWorkflow(
+            pb.RegisterWorkflowRequest(definition=definition(ok)),
+            metadata=(("x-tenant-id", tenant),),
+        )
+
+
+async def _session_answers(stub, metadata, save: cpb.SaveRequest):
+    """The answers of a Session stream that sends one Save (and then waits)."""
+    done = asyncio.Event()
+
+    async def requests():
+        yield cpb.SessionRequest(call_id=1, save=save)
+        await done.wait()
+
+    call = stub.Session(requests(), metadata=metadata)
+    try:
+        async for answer in call:
+            yield answer
+    finally:
+        done.set()
+        call.cancel()
+
+
+@SQLITE
+async def test_a_revoked_token_ends_its_open_streams(
+    service_factory, backend, credentials, fast_reload
+) -> None:
+    """A Session and a Stream opened with a token end once it leaves the file."""
+    write_tokens(credentials / "tokens.yaml", _entry("late-token", "late", "a", ["writer"]))
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    async with grpc.aio.insecure_channel(store.address) as channel:
+        c = cpb_grpc.CheckpointServiceStub(channel)
+        late = md("late-token")
+        stream = c.Stream(cpb.StreamRequest(follow=True), metadata=late)
+        sent: asyncio.Queue[cpb.SessionRequest | None] = asyncio.Queue()
+
+        async def requests():
+            while (request := await sent.get()) is not None:
+                yield request
+
+        session = c.Session(requests(), metadata=late)
+        save = cpb.SaveRequest(checkpoint=cpb.Checkpoint(namespace="lg:", thread_id="s"))
+        await sent.put(cpb.SessionRequest(call_id=1, save=save))
+        first = await session.read()
+        assert first.HasField("save"), first
+        write_tokens(credentials / "tokens.yaml")  # revoked
+        await asyncio.sleep(1.2)  # past the recheck interval
+        for n in range(2, 40):  # each call after it fails, or the stream ends
+            await sent.put(cpb.SessionRequest(call_id=n, save=save))
+            try:
+                answer = await asyncio.wait_for(session.read(), 5)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                break
+            assert answer is not grpc.aio.EOF and not answer.HasField("save"), answer
+            await asyncio.sleep(0.1)
+        code = await session.code()
+        assert code == grpc.StatusCode.UNAUTHENTICATED, code
+        await sent.put(None)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async with asyncio.timeout(15):  # its next heartbeat is checked
+                async for _ in stream:
+                    pass
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_credential_of_the_engines_tenant_needs_the_system_role(tmp_path) -> None:
+    write_tokens(
+        tmp_path / "tokens.yaml", _entry("sneaky-token", "sneaky", "engine.sys", ["admin"])
+    )
+    auth = Authenticator(tokens=TokenFile(tmp_path / "tokens.yaml"), system_tenant="engine.sys")
+    with pytest.raises(PermissionDenied, match="the engine's own"):
+        auth.admit("/checkpoint.v1.CheckpointService/ListThreads", Role.READER, md("sneaky-token"))
+
+
+def test_algorithm_confusion_and_bad_key_files_are_refused(tmp_path) -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    files = {
+        "jwt.secret": SECRET,
+        "jwks.json": json.dumps({"keys": [{**public, "kid": "k1"}]}).encode(),
+    }
+    auth = Authenticator(jwts=_keys_in(tmp_path, files, secret="jwt.secret", jwks="jwks.json"))
+    claims = {"sub": "x", "tenant": "a", "roles": ["admin"], "aud": AUDIENCE}
+    unsigned = jwt.encode({**claims, "exp": time.time() + 60}, None, "none")
+    with pytest.raises(Unauthenticated, match="'none' are not accepted"):
+        auth.identity(md(unsigned))
+    # HS256 signed with the RSA public key (as PEM) is checked against the secret, not the key.
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    forged = _hmac_jwt({**claims, "exp": int(time.time()) + 60}, pem)
+    with pytest.raises(Unauthenticated, match="not valid"):
+        auth.identity(md(forged))
+    assert auth.identity(md(hs256({"sub": "x", "tenant": "a", "roles": ["reader"]}))).subject
+    for name, content, why in [
+        ("short.secret", b"too-short", "at least 32 bytes"),
+        ("list.json", b"[1, 2]", "not a JWKS file"),
+        ("secret-only.json", json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}).encode(),
+         "no RSA, EC or OKP public key"),
+    ]:  # fmt: skip
+        (tmp_path / name).write_bytes(content)
+        kind = {"secret_file" if name.endswith(".secret") else "jwks_file": tmp_path / name}
+        with pytest.raises(ValueError, match=why):
+            JwtKeys(audience=AUDIENCE, **kind)
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ValueError, match="it is empty"):
+        TokenFile(tmp_path / "empty.yaml")
+
+
+def _hmac_jwt(claims: dict[str, object], key: bytes) -> str:
+    """An HS256 JWT made by hand (PyJWT itself refuses a PEM key as an HMAC secret)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    mac = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(mac)}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from workflow_rpc.headers import DEFAULT_TENANT, tenant_metadata
+from workflow_rpc.headers import tenant_metadata
 
 RETRY_ATTEMPTS = 5  # in all, the first one included
 RETRY_INITIAL_BACKOFF = 0.1  # seconds before the second attempt, doubled each time after it
@@ -65,7 +65,7 @@ class Connection:
     """Where a service is and how to talk to it."""
 
     address: str
-    tenant: str | None = DEFAULT_TENANT  # None: the token's tenant
+    tenant: str | None = None  # None: none named, so the token's tenant, else "default"
     timeout: float = 30.0  # default deadline of unary calls, seconds
     tls: bool = False
     ca_file: str | None = None  # PEM roots for TLS; the system's if None

@@ -80,7 +80,7 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         self,
         address: str = "127.0.0.1:50051",
         *,
-        tenant: str = "default",
+        tenant: str | None = None,
         namespace_prefix: str = "lg:",
         timeout: float = 30.0,
         serde: SerializerProtocol | None = None,

@@ -128,7 +128,10 @@ class _Reloaded(Generic[T]):
 
 def _parse_token_file(raw: bytes) -> dict[str, Identity]:
     try:
-        model = _TokenFileModel.model_validate(yaml.safe_load(raw) or {"tokens": []})
+        loaded = yaml.safe_load(raw)
+        if loaded is None:  # an empty file (one half-written, say): `tokens: []` is none
+            raise ValueError("not a token file: it is empty")
+        model = _TokenFileModel.model_validate(loaded)
     except (yaml.YAMLError, ValidationError) as exc:
         raise ValueError(f"not a token file: {exc}".splitlines()[0]) from None
     return {
@@ -167,11 +170,34 @@ def _claims_identity(claims: dict[str, object]) -> Identity:
         raise Unauthenticated(f"the token's claims do not parse: {exc}") from None
 
 
+# The algorithms of JWKS keys: public keys only (an `oct` key there would be a shared secret).
+_ASYMMETRIC = ("RS", "PS", "ES", "EdDSA")
+# The least an HS256 secret may be: the hash's own size.
+SECRET_MIN_BYTES = 32
+
+
 def _parse_jwks(raw: bytes) -> jwt.PyJWKSet:
     try:
-        return jwt.PyJWKSet.from_json(raw.decode())
-    except (jwt.PyJWKError, jwt.PyJWKSetError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        keys = jwt.PyJWKSet.from_json(raw.decode())
+    except (
+        jwt.PyJWKError,
+        jwt.PyJWKSetError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        AttributeError,  # JSON, but not an object
+        TypeError,
+    ) as exc:
         raise ValueError(f"not a JWKS file: {exc}") from None
+    if not any(key.algorithm_name.startswith(_ASYMMETRIC) for key in keys.keys):
+        raise ValueError("the JWKS file holds no RSA, EC or OKP public key")
+    return keys
+
+
+def _parse_secret(raw: bytes) -> bytes:
+    secret = raw.strip()
+    if len(secret) < SECRET_MIN_BYTES:
+        raise ValueError(f"the JWT secret must be at least {SECRET_MIN_BYTES} bytes")
+    return secret
 
 
 class JwtKeys:
@@ -184,7 +210,7 @@ class JwtKeys:
         if secret_file is None and jwks_file is None:
             raise ValueError("JwtKeys needs a secret file or a JWKS file")
         self.audience = audience
-        self._secret = _Reloaded(secret_file, lambda raw: raw.strip()) if secret_file else None
+        self._secret = _Reloaded(secret_file, _parse_secret) if secret_file else None
         self._jwks = _Reloaded(jwks_file, _parse_jwks) if jwks_file else None
 
     def identity(self, token: str) -> Identity:
@@ -212,14 +238,17 @@ class JwtKeys:
 
     def _key_for(self, header: dict[str, object]) -> tuple[object, str]:
         alg = header.get("alg")
+        if not isinstance(alg, str) or not (alg == "HS256" or alg.startswith(_ASYMMETRIC)):
+            raise Unauthenticated(f"tokens signed with {alg!r} are not accepted here")
         if alg == "HS256" and self._secret is not None:
             return self._secret.current(), "HS256"
         if self._jwks is not None and alg != "HS256":
             kid = header.get("kid")
             for key in self._jwks.current().keys:
                 # A JWK without "alg" gets its key type's (RSA: RS256, EC: by curve).
-                if (kid is None or key.key_id == kid) and key.algorithm_name != "HS256":
-                    return key.key, key.algorithm_name
+                name = key.algorithm_name
+                if (kid is None or key.key_id == kid) and name.startswith(_ASYMMETRIC):
+                    return key.key, name
             raise Unauthenticated(f"no key of the JWKS file has kid {kid!r}")
         raise Unauthenticated(f"tokens signed with {alg!r} are not accepted here")
 
@@ -269,6 +298,8 @@ class Authenticator:
         role opens) for the tenants its metadata names."""
         identity = self.identity(metadata)
         name = method.rsplit("/", 1)[-1]
+        if identity.tenant == self.system_tenant and not identity.may(Role.SYSTEM):
+            raise PermissionDenied(f"tenant {identity.tenant!r} is the engine's own (system role)")
         if needed is None or not identity.may(needed):
             held = ", ".join(sorted(identity.roles))
             what = f"the {needed} role" if needed is not None else "a role no credential has"

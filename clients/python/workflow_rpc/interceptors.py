@@ -3,6 +3,7 @@ handler of the same kind that checks every call before the servicer sees it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -34,9 +35,12 @@ class _Wrapping(grpc.aio.ServerInterceptor):
 
     lenient = False  # the wrapped handler's requests parse to _Malformed instead of failing
     checks_request_streams = True  # the check runs before a stream of requests too
+    # While a stream is open, the check runs again this often at most (between messages
+    # either way): a credential revoked or expired meanwhile ends it. None: once, at its start.
+    recheck_seconds: float | None = None
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def _check_for(self, method: str) -> _Check | None:
         raise NotImplementedError
@@ -46,19 +50,22 @@ class _Wrapping(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method = details.method
-        if method in self._wrapped:
-            cached = self._wrapped[method]
-            return cached if cached is not None else await continuation(details)
+        cached = self._wrapped.get(details.method)
+        if cached is not None:
+            return cached
         handler = await continuation(details)
-        check = self._check_for(method) if handler is not None else None
+        if handler is None:  # no such method: nothing cached (any caller could name any)
+            return handler
+        check = self._check_for(details.method)
         wrapped = (
-            _wrap(handler, check, self.lenient, self.checks_request_streams)
-            if check is not None
-            else None
+            handler
+            if check is None
+            else _wrap(
+                handler, check, self.lenient, self.checks_request_streams, self.recheck_seconds
+            )
         )
-        self._wrapped[method] = wrapped
-        return wrapped if wrapped is not None else handler
+        self._wrapped[details.method] = wrapped
+        return wrapped
 
 
 class RejectMalformedRequests(_Wrapping):
@@ -88,7 +95,10 @@ class Authenticate(_Wrapping):
     """Every call carries a credential that admits it (docs/security.md): UNAUTHENTICATED
     without a valid one, PERMISSION_DENIED for a role or tenant it lacks. The caller's identity
     is CALLER for the servicer. A method missing from `roles` is refused: a new RPC is closed
-    until it is given a role."""
+    until it is given a role. An open stream is checked again as it goes, so a token removed
+    from the file, or a JWT past its exp, ends it within a second or so of its next message."""
+
+    recheck_seconds = 1.0
 
     def __init__(self, authenticator: Authenticator, roles: Mapping[str, Role]) -> None:
         super().__init__()
@@ -134,12 +144,30 @@ def _encoded_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], byt
     return encode
 
 
+class _Rechecks:
+    """The check again while a stream is open, at most every `seconds`."""
+
+    def __init__(self, check: _Check, context: grpc.aio.ServicerContext, seconds: float | None):
+        self.check, self.context, self.seconds = check, context, seconds
+        self.last = time.monotonic()
+
+    async def due(self) -> None:
+        if self.seconds is not None and time.monotonic() - self.last >= self.seconds:
+            await self.check(None, self.context)
+            self.last = time.monotonic()
+
+
 def _wrap(
-    handler: grpc.RpcMethodHandler, check: _Check, lenient: bool, streams: bool
-) -> grpc.RpcMethodHandler | None:
-    if handler.request_deserializer is None:
-        return None
-    parse = _lenient(handler.request_deserializer) if lenient else handler.request_deserializer
+    handler: grpc.RpcMethodHandler,
+    check: _Check,
+    lenient: bool,
+    streams: bool,
+    recheck_seconds: float | None,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that runs `check` before each call (and for
+    streams, again every `recheck_seconds`)."""
+    deserialize = handler.request_deserializer
+    parse = _lenient(deserialize) if lenient and deserialize is not None else deserialize
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
@@ -159,7 +187,9 @@ def _wrap(
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             await check(request, context)
+            again = _Rechecks(check, context, recheck_seconds)
             async for item in stream(request, context):
+                await again.due()
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(
@@ -178,7 +208,15 @@ def _wrap(
 
         async def both_call(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await check(None, context)
-            async for item in both(requests, context):
+            again = _Rechecks(check, context, recheck_seconds)
+
+            async def checked() -> AsyncIterator[Any]:
+                async for request in requests:
+                    await again.due()
+                    yield request
+
+            async for item in both(checked(), context):
+                await again.due()
                 yield item
 
         return grpc.stream_stream_rpc_method_handler(
@@ -186,4 +224,16 @@ def _wrap(
             request_deserializer=parse,
             response_serializer=_encoded_or(handler.response_serializer),
         )
-    return None
+    if handler.stream_unary is not None and streams:
+        unary_of_stream = handler.stream_unary
+
+        async def stream_unary_call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(None, context)
+            return await unary_of_stream(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary_call,
+            request_deserializer=parse,
+            response_serializer=handler.response_serializer,
+        )
+    return handler  # a stream of requests with a check of messages only: nothing to check
