@@ -98,7 +98,17 @@ class Settings(ServiceSettings):
             raise SystemExit(f"python -m engine_svc: error: --checkpoint-token-file: {problem}")
         return token
 
-    @field_validator("handlers", "tenants", mode="before")
+    http_allow: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="HOST|URL-PREFIX[,...]: the only places http nodes may reach (none: any "
+        "host but loopback, link-local, metadata and other special addresses); a host named "
+        "here may be any address",
+    )
+    http_max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="the largest response body an http node reads"
+    )
+
+    @field_validator("handlers", "tenants", "http_allow", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -19,6 +19,7 @@ from engine_svc.config import Settings
 from engine_svc.control_feed import CONTROL_NAMESPACE, check_control
 from engine_svc.definition import NodeSpec, Workflow, parse
 from engine_svc.executor import RunExecutor, RunNotFound, Started, WorkflowChanged
+from engine_svc.http_policy import HttpPolicy
 from engine_svc.leases import LeaseHeld
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner, render
 from engine_svc.registry import (
@@ -115,6 +116,7 @@ class Engine:
         self.runner = NodeRunner(
             set(settings.handlers),
             {"subworkflow": self._child_run, "rollback": self._rollback_node},
+            HttpPolicy(allow=tuple(settings.http_allow), max_bytes=settings.http_max_bytes),
         )
         self.registry = WorkflowRegistry(self.store, check=self.runner.handler_problems)
         self.tenants: set[str] = set(settings.tenants)

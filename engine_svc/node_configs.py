@@ -63,8 +63,6 @@ class PythonConfig(_NodeConfig):
     def _module_and_function(cls, value: str) -> str:
         if not _HANDLER.match(value):
             raise ValueError('must be "module:function"')
-        if value.partition(":")[2].startswith("_"):
-            raise ValueError('a name starting with "_" is not a handler')
         return value
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine_svc import expressions, values
 from engine_svc.definition import NodeSpec
+from engine_svc.http_policy import HttpPolicy, Refused
 
 if TYPE_CHECKING:
     import httpx
@@ -75,10 +76,14 @@ class NodeRunner:
     """Runs one attempt of one node and returns its JSON output."""
 
     def __init__(
-        self, allowed_modules: set[str], engine_nodes: dict[str, EngineNode] | None = None
+        self,
+        allowed_modules: set[str],
+        engine_nodes: dict[str, EngineNode] | None = None,
+        http_policy: HttpPolicy | None = None,
     ) -> None:
         self.allowed_modules = allowed_modules
         self.engine_nodes = engine_nodes or {}
+        self.http_policy = http_policy or HttpPolicy()
         self._http: httpx.AsyncClient | None = None
 
     async def close(self) -> None:
@@ -86,9 +91,10 @@ class NodeRunner:
             await self._http.aclose()
 
     def resolve(self, spec: str) -> Callable[..., Any]:
-        """The function a `python` node names: one defined in an allowed module itself, not a
-        name it imported (`mod:os` or `mod:system` would reach past the allowlist) nor one
-        starting with "_" (docs/security.md#nodes)."""
+        """The function a `python` node names: one defined in an allowed module itself (or in
+        a module under it), not a name it imported (`mod:os` or `mod:system` would reach past
+        the allowlist) nor one starting with "_" (docs/security.md#nodes-that-cannot-escape).
+        Registration checks it too; a definition stored before that is refused here."""
         module_name, _, function = spec.partition(":")
         if module_name not in self.allowed_modules:
             raise NodeFailed(f"module {module_name!r} is not allowed (--handlers)")
@@ -96,12 +102,18 @@ class NodeRunner:
             raise NodeFailed('a name starting with "_" is not a handler')
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise NodeFailed(f"handler {spec!r} not found: {exc}") from exc
+        except Exception as exc:  # not there, or its own code failed to import
+            raise NodeFailed(f"handler {spec!r} not found: {type(exc).__name__}: {exc}") from exc
         found = getattr(module, function, None)
         if found is None:
             raise NodeFailed(f"no function {function!r} in {module_name}")
-        if not inspect.isfunction(found) or found.__module__ != module_name:
+        home = getattr(found, "__module__", None) or ""
+        if (
+            inspect.isclass(found)
+            or inspect.ismodule(found)
+            or not callable(found)
+            or not (home == module_name or home.startswith(module_name + "."))
+        ):
             raise NodeFailed(f"{function!r} is not a function of {module_name}")
         return found
 
@@ -155,24 +167,44 @@ class NodeRunner:
         raise NodeFailed(f"node type {node.type!r} is not runnable here")
 
     async def _request(self, cfg: dict[str, Any], state: dict[str, Any]) -> Any:
-        # Imported at the first http node: a seventh of an engine's start-up, for the many
-        # engines that run none.
-        import httpx
+        import httpx  # at the first http node (engine_svc/http_client.py says why)
+
+        from engine_svc.http_client import guarded_client
 
         if self._http is None:
-            self._http = httpx.AsyncClient(follow_redirects=True)
+            self._http = guarded_client(self.http_policy)
         method = str(cfg.get("method", "GET")).upper()
         body = render(cfg["body"], state) if "body" in cfg else None
+        seconds = float(cfg.get("timeout_seconds", 30.0))
+        limit = self.http_policy.max_bytes
         try:
-            response = await self._http.request(
-                method,
-                str(render(cfg["url"], state)),
-                headers={k: str(v) for k, v in render(cfg.get("headers", {}), state).items()},
-                content=body if isinstance(body, str) else None,
-                json=body if body is not None and not isinstance(body, str) else None,
-                timeout=float(cfg.get("timeout_seconds", 30.0)),
-            )
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a rendered URL too
+            # The whole exchange within timeout_seconds (httpx's own timeout is per read: a
+            # server trickling bytes would hold the node for ever).
+            async with asyncio.timeout(seconds):
+                request = self._http.build_request(
+                    method,
+                    str(render(cfg["url"], state)),
+                    headers={k: str(v) for k, v in render(cfg.get("headers", {}), state).items()},
+                    content=body if isinstance(body, str) else None,
+                    json=body if body is not None and not isinstance(body, str) else None,
+                    timeout=seconds,
+                )
+                response = await self._http.send(request, stream=True)
+                try:
+                    content = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        content += chunk
+                        if len(content) > limit:
+                            raise NodeFailed(
+                                f"{method} {response.url}: the response is over "
+                                f"{limit} bytes (--http-max-bytes)"
+                            )
+                finally:
+                    await response.aclose()
+                response._content = bytes(content)  # read: .text and .json() use it
+        except TimeoutError as exc:
+            raise NodeFailed(f"{method} {cfg['url']}: no whole answer within {seconds}s") from exc
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, Refused) as exc:  # a URL too
             raise NodeFailed(f"{method} {cfg['url']}: {type(exc).__name__}: {exc}") from exc
         wanted = expected_statuses(cfg)
         if (wanted is None and not response.is_success) or (

@@ -263,7 +263,7 @@ def http_server() -> Iterator[tuple[str, list[dict]]]:
 @SQLITE
 async def test_http_and_subworkflow_nodes(service, engine_factory, tenant, http_server) -> None:
     url, received = http_server
-    engine = engine_factory(service)
+    engine = engine_factory(service, "--http-allow", "127.0.0.1")  # its local server
     channel, s, md = await engine_stub(engine, tenant)
     child = [
         {"id": "double", "type": "transform", "config": {"expression": "input['n'] * 2"}},

@@ -8,10 +8,13 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -23,6 +26,9 @@ from google.protobuf import descriptor_pool, message_factory
 from google.rpc import code_pb2
 
 from checkpoint_svc.servicer import REQUIRED_ROLES as STORE_ROLES
+from engine_svc.definition import NodeSpec
+from engine_svc.http_policy import HttpPolicy
+from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
 from engine_svc.servicer import REQUIRED_ROLES as ENGINE_ROLES
 from tests.engine_client import definition, wait_status
 from tests.servers import free_port
@@ -158,7 +164,7 @@ def test_jwts_signed_with_a_secret_or_a_key_of_a_jwks_file_name_their_caller(tmp
     )
     assert auth.identity(md(signed)).tenant == "*"
     other = jwt.encode({**claims, "exp": time.time() + 60}, private, "RS256", headers={"kid": "k2"})
-    with pytest.raises(Unauthenticated, match="no key of the JWKS file has kid 'k2'"):
+    with pytest.raises(Unauthenticated, match="no RS256 key of the JWKS file has kid 'k2'"):
         auth.identity(md(other))
     with pytest.raises(Unauthenticated, match="'HS256' are not accepted"):
         auth.identity(md(hs256({"sub": "x", "tenant": "a", "roles": ["reader"]})))
@@ -785,3 +791,107 @@ def _hmac_jwt(claims: dict[str, object], key: bytes) -> str:
     body = b64(json.dumps(claims).encode())
     mac = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{b64(mac)}"
+
+
+@pytest.fixture
+def web() -> Iterator[tuple[int, list[str]]]:
+    """A local HTTP server: /ok, /go?to=URL (a redirect), /big (200 kB), /trickle (a byte
+    every 0.1 s); its port, and the paths it was asked for."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            path, _, query = self.path.partition("?")
+            if path == "/go":
+                self.send_response(302)
+                self.send_header("Location", query.removeprefix("to="))
+                self.end_headers()
+                return
+            body = b'{"ok": true}' if path == "/ok" else b"x" * 200_000
+            self.send_response(200)
+            self.send_header("Content-Length", str(50 if path == "/trickle" else len(body)))
+            self.end_headers()
+            if path == "/trickle":
+                for _ in range(50):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                return
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)  # loopback, and this machine's address
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], asked
+    finally:
+        server.shutdown()
+
+
+def _own_address() -> str:
+    """This machine's address on its network (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))
+        address = probe.getsockname()[0]
+    assert not address.startswith("127."), "the test needs a network address besides loopback"
+    return address
+
+
+async def _http_node(policy: HttpPolicy, url: str, seconds: float = 10.0) -> object:
+    runner = NodeRunner(set(), http_policy=policy)
+    node = NodeSpec("h", "http", config={"url": url, "timeout_seconds": seconds})
+    try:
+        return await runner.run(NodeCall("t", "r"), node, {})
+    finally:
+        await runner.close()
+
+
+async def test_http_nodes_reach_only_what_the_operator_allows(web) -> None:
+    port, asked = web
+    for url, kind in [
+        (f"http://127.0.0.1:{port}/ok", "loopback"),
+        (f"http://localhost:{port}/ok", "loopback"),
+        (f"http://[::ffff:127.0.0.1]:{port}/ok", "loopback"),
+        (f"http://0.0.0.0:{port}/ok", "unspecified"),
+        ("http://169.254.169.254/latest/meta-data/", "cloud metadata"),
+        ("http://[fd00:ec2::254]/latest/meta-data/", "cloud metadata"),
+        ("http://169.254.10.10/", "link-local"),
+    ]:
+        with pytest.raises(NodeFailed, match=f"a {kind} address: http nodes may not reach it"):
+            await _http_node(HttpPolicy(), url)
+    assert asked == []  # refused before any connection
+    trusted = HttpPolicy(allow=("127.0.0.1",))
+    assert await _http_node(trusted, f"http://127.0.0.1:{port}/ok") == {
+        "status": 200,
+        "body": {"ok": True},
+    }
+    # A redirect to a place the allowlist does not cover, or to loopback under another name.
+    prefix = HttpPolicy(allow=(f"http://127.0.0.1:{port}/go",))
+    away = f"http://127.0.0.1:{port}/go?to=http://127.0.0.1:{port}/ok"
+    with pytest.raises(NodeFailed, match="is not in the engine's --http-allow"):
+        await _http_node(prefix, away)
+    # With no allowlist, this machine's own address is any host's: its redirect to loopback is
+    # refused when the connection would be made.
+    own = _own_address()
+    assert await _http_node(HttpPolicy(), f"http://{own}:{port}/ok") == {
+        "status": 200,
+        "body": {"ok": True},
+    }
+    to_loopback = f"http://{own}:{port}/go?to=http://localhost:{port}/ok"
+    with pytest.raises(NodeFailed, match=r"localhost is \S+, a loopback address"):
+        await _http_node(HttpPolicy(), to_loopback)
+    # The refused hops were never asked for (only the allowed /ok and the two redirects).
+    hops = [away.split(str(port), 1)[1], to_loopback.split(str(port), 1)[1]]
+    assert asked == ["/ok", hops[0], "/ok", hops[1]]
+    # Bounded in size and, however slowly the bytes come, in time.
+    small = HttpPolicy(allow=("127.0.0.1",), max_bytes=100_000)
+    with pytest.raises(NodeFailed, match="over 100000 bytes"):
+        await _http_node(small, f"http://127.0.0.1:{port}/big")
+    started = time.monotonic()
+    with pytest.raises(NodeFailed, match=r"no whole answer within 0\.5s"):
+        await _http_node(trusted, f"http://127.0.0.1:{port}/trickle", seconds=0.5)
+    assert time.monotonic() - started < 3

@@ -246,10 +246,9 @@ class JwtKeys:
             kid = header.get("kid")
             for key in self._jwks.current().keys:
                 # A JWK without "alg" gets its key type's (RSA: RS256, EC: by curve).
-                name = key.algorithm_name
-                if (kid is None or key.key_id == kid) and name.startswith(_ASYMMETRIC):
-                    return key.key, name
-            raise Unauthenticated(f"no key of the JWKS file has kid {kid!r}")
+                if (kid is None or key.key_id == kid) and key.algorithm_name == alg:
+                    return key.key, alg
+            raise Unauthenticated(f"no {alg} key of the JWKS file has kid {kid!r}")
         raise Unauthenticated(f"tokens signed with {alg!r} are not accepted here")
 
 

@@ -3,6 +3,7 @@ handler of the same kind that checks every call before the servicer sees it."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -145,16 +146,26 @@ def _encoded_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], byt
 
 
 class _Rechecks:
-    """The check again while a stream is open, at most every `seconds`."""
+    """The check again while a stream is open, at most every `seconds`. Its refusal is kept:
+    the stream's other direction meets the same one (a second abort would be refused)."""
 
-    def __init__(self, check: _Check, context: grpc.aio.ServicerContext, seconds: float | None):
+    def __init__(self, check: _Check, context: grpc.aio.ServicerContext, seconds: float) -> None:
         self.check, self.context, self.seconds = check, context, seconds
         self.last = time.monotonic()
+        self.failed: BaseException | None = None
 
     async def due(self) -> None:
-        if self.seconds is not None and time.monotonic() - self.last >= self.seconds:
+        if self.failed is not None:
+            raise self.failed
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return
+        self.last = now
+        try:
             await self.check(None, self.context)
-            self.last = time.monotonic()
+        except BaseException as exc:
+            self.failed = exc
+            raise
 
 
 def _wrap(
@@ -187,10 +198,15 @@ def _wrap(
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             await check(request, context)
+            if recheck_seconds is None:
+                async for item in stream(request, context):
+                    yield item
+                return
             again = _Rechecks(check, context, recheck_seconds)
-            async for item in stream(request, context):
-                await again.due()
-                yield item
+            async with contextlib.aclosing(stream(request, context)) as items:
+                async for item in items:
+                    await again.due()
+                    yield item
 
         return grpc.unary_stream_rpc_method_handler(
             stream_call,
@@ -208,6 +224,10 @@ def _wrap(
 
         async def both_call(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await check(None, context)
+            if recheck_seconds is None:
+                async for item in both(requests, context):
+                    yield item
+                return
             again = _Rechecks(check, context, recheck_seconds)
 
             async def checked() -> AsyncIterator[Any]:
@@ -215,9 +235,10 @@ def _wrap(
                     await again.due()
                     yield request
 
-            async for item in both(checked(), context):
-                await again.due()
-                yield item
+            async with contextlib.aclosing(both(checked(), context)) as items:
+                async for item in items:
+                    await again.due()
+                    yield item
 
         return grpc.stream_stream_rpc_method_handler(
             both_call,
