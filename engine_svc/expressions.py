@@ -1,16 +1,33 @@
 """Safe expressions over a run's state, for `when` conditions and `transform` nodes.
 
 Evaluated by simpleeval, never `eval`: no attribute access to dunder names, no imports, only
-the functions listed here, and bounded sizes (simpleeval's own limits on powers and strings).
+the functions listed here. Bounded, so that no expression can hold the engine's memory or time
+(docs/security.md#nodes-that-cannot-escape): every intermediate value (a string, a list, a
+number's bits) is checked as it is made, and the calls that could make a huge one (a power, a
+repeat, a join, a pad, a replace) are checked before they run; an evaluation past its time
+budget stops. Constant bombs (`9**4000000`) are refused at registration.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import re
+import time
 from typing import Any
 
 import simpleeval
+
+__all__ = [
+    "EVAL_SECONDS",
+    "FUNCTIONS",
+    "MAX_INT_BITS",
+    "MAX_LENGTH",
+    "PLACEHOLDER",
+    "ExpressionError",
+    "check",
+    "evaluate",
+]
 
 # The whole vocabulary: pure functions of their arguments.
 FUNCTIONS: dict[str, Any] = {
@@ -31,19 +48,170 @@ FUNCTIONS: dict[str, Any] = {
     "ceil": math.ceil,
 }
 
+# The longest string, list, tuple, set or dict an expression may make, at any step.
+MAX_LENGTH = 100_000
+# The largest integer, in bits (about 4,900 decimal digits), at any step.
+MAX_INT_BITS = 16_384
+# The time one evaluation may take (a transform node's runs off the event loop; a `when`
+# condition's or a placeholder's on it).
+EVAL_SECONDS = 1.0
+# How many steps pass between looks at the clock.
+_CLOCK_EVERY = 64
 
 # `${expression}` in a string of an http or subworkflow config (nodes.render fills them in).
 PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
 
 class ExpressionError(ValueError):
-    """An expression that does not parse, or fails on the state it was given."""
+    """An expression that does not parse, fails on the state it was given, or goes past its
+    bounds."""
 
 
-def _evaluator(state: dict[str, Any]) -> simpleeval.EvalWithCompoundTypes:
+class _TooBig(simpleeval.InvalidExpression):
+    pass
+
+
+def _int_bits(value: Any) -> int:
+    return value.bit_length() if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _length_problem(value: Any) -> str | None:
+    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
+        if len(value) > MAX_LENGTH:
+            kind = "string" if isinstance(value, str) else type(value).__name__
+            return f"a {kind} of {len(value)} is longer than the {MAX_LENGTH} allowed"
+    elif (bits := _int_bits(value)) > MAX_INT_BITS:
+        return f"a number of {bits} bits is past the {MAX_INT_BITS} allowed"
+    return None
+
+
+def _refuse_length(length: int, what: str) -> None:
+    if length > MAX_LENGTH:
+        raise _TooBig(
+            f"{what} would be {length} long, which is longer than the {MAX_LENGTH} allowed"
+        )
+
+
+def _power(a: Any, b: Any) -> Any:
+    if _int_bits(a) > 1 and isinstance(b, int) and b > 0:
+        bits = b * (abs(a).bit_length() - 1)
+        if bits > MAX_INT_BITS:
+            digits = int(bits * math.log10(2))
+            raise _TooBig(
+                f"{a} ** {b} has about {digits} digits: past the {MAX_INT_BITS} bits allowed"
+            )
+    return a**b
+
+
+def _mult(a: Any, b: Any) -> Any:
+    for seq, n in ((a, b), (b, a)):
+        if hasattr(seq, "__len__") and isinstance(n, int):
+            _refuse_length(len(seq) * n, "a repeat")
+    if _int_bits(a) + _int_bits(b) > MAX_INT_BITS:
+        raise _TooBig(
+            f"a product of {_int_bits(a) + _int_bits(b)} bits is past the {MAX_INT_BITS} allowed"
+        )
+    return a * b
+
+
+def _add(a: Any, b: Any) -> Any:
+    if hasattr(a, "__len__") and hasattr(b, "__len__"):
+        _refuse_length(len(a) + len(b), "a sum of sequences")
+    return a + b
+
+
+def _lshift(a: Any, b: Any) -> Any:
+    if isinstance(b, int) and _int_bits(a) + b > MAX_INT_BITS:
+        raise _TooBig(f"{a} << {b} has {_int_bits(a) + b} bits: past the {MAX_INT_BITS} allowed")
+    return a << b
+
+
+_OPERATORS = {
+    **simpleeval.DEFAULT_OPERATORS,
+    ast.Pow: _power,
+    ast.Mult: _mult,
+    ast.Add: _add,
+    ast.LShift: _lshift,
+}
+
+
+def _call_problem(func: Any, args: list[Any]) -> None:
+    """Refuse a str method that would make a string past MAX_LENGTH, before it runs."""
+    owner = getattr(func, "__self__", None)
+    if not isinstance(owner, str):
+        return
+    name = getattr(func, "__name__", "")
+    if name == "join" and args and hasattr(args[0], "__iter__"):
+        parts = list(args[0])
+        size = sum(len(p) for p in parts if isinstance(p, str)) + len(owner) * len(parts)
+        _refuse_length(size, "a join")
+    elif name in ("ljust", "rjust", "center", "zfill") and args and isinstance(args[0], int):
+        _refuse_length(args[0], f"a {name}")
+    elif name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        old, new = args[0], args[1]
+        count = owner.count(old) if old else len(owner) + 1
+        _refuse_length(len(owner) + (len(new) - len(old)) * count, "a replace")
+    elif name == "expandtabs":
+        width = args[0] if args and isinstance(args[0], int) else 8
+        _refuse_length(len(owner) + owner.count("\t") * width, "an expandtabs")
+
+
+class _Bounded(simpleeval.EvalWithCompoundTypes):
+    """simpleeval's evaluator, every step of it checked (see the module's docstring)."""
+
+    def __init__(self, names: dict[str, Any], seconds: float) -> None:
+        super().__init__(names=names, functions=FUNCTIONS, operators=_OPERATORS)
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.steps = 0
+
+    def _eval(self, node: ast.AST) -> Any:
+        self.steps += 1
+        if self.steps % _CLOCK_EVERY == 0 and time.monotonic() > self.deadline:
+            raise _TooBig(f"took longer than {self.seconds}s")
+        result = super()._eval(node)
+        if (problem := _length_problem(result)) is not None:
+            raise _TooBig(problem)
+        return result
+
+    def _eval_call(self, node: ast.Call) -> Any:
+        if isinstance(node.func, ast.Attribute):
+            func = self._eval(node.func)
+        else:
+            try:
+                func = self.functions[node.func.id]  # type: ignore[attr-defined]
+            except KeyError:
+                raise simpleeval.FunctionNotDefined(node.func.id, self.expr) from None  # type: ignore[attr-defined]
+            except AttributeError:
+                raise simpleeval.FeatureNotAvailable("Lambda Functions not implemented") from None
+        if func in simpleeval.DISALLOW_FUNCTIONS:
+            raise simpleeval.FeatureNotAvailable("This function is forbidden")
+        args = [self._eval(a) for a in node.args]
+        kwargs = dict(self._eval(k) for k in node.keywords)
+        _call_problem(func, args)
+        return func(*args, **kwargs)
+
+
+def _evaluator(state: dict[str, Any], seconds: float = EVAL_SECONDS) -> _Bounded:
     # Names: the whole state as `state`, and each top-level key directly (node ids, input).
     names = {**state, "state": state, "true": True, "false": False, "null": None}
-    return simpleeval.EvalWithCompoundTypes(names=names, functions=FUNCTIONS)
+    return _Bounded(names, seconds)
+
+
+def _constant_problem(tree: ast.AST) -> str | None:
+    """A power, shift or repeat of constants past the bounds: evaluated (bounded) at once."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Pow, ast.LShift, ast.Mult)):
+            if isinstance(node.left, ast.Constant | ast.List | ast.Tuple) and isinstance(
+                node.right, ast.Constant
+            ):
+                try:
+                    _evaluator({}).eval(ast.unparse(node))
+                except _TooBig as exc:
+                    return str(exc)
+                except Exception:  # any other failure is the run's to see
+                    continue
+    return None
 
 
 def check(expression: str) -> str | None:
@@ -51,15 +219,18 @@ def check(expression: str) -> str | None:
     if not expression.strip():
         return "empty expression"
     try:
-        _evaluator({}).parse(expression)
+        tree = _evaluator({}).parse(expression)
     except (SyntaxError, simpleeval.InvalidExpression) as exc:
         return f"does not parse: {exc}"
-    return None
+    return _constant_problem(tree)
 
 
-def evaluate(expression: str, state: dict[str, Any]) -> Any:
+def evaluate(expression: str, state: dict[str, Any], seconds: float = EVAL_SECONDS) -> Any:
+    """The expression's value on `state`, within `seconds` and the size bounds."""
     try:
-        return _evaluator(state).eval(expression)
+        return _evaluator(state, seconds).eval(expression)
+    except _TooBig as exc:
+        raise ExpressionError(f"{expression!r}: {exc}") from exc
     except (
         SyntaxError,
         simpleeval.InvalidExpression,

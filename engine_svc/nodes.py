@@ -152,7 +152,8 @@ class NodeRunner:
                 await asyncio.sleep(short + 0.001)
             return None
         if node.type == "transform":
-            return expressions.evaluate(cfg["expression"], state)
+            # Off the event loop: a long one (bounded by EVAL_SECONDS) holds no other run.
+            return await asyncio.to_thread(expressions.evaluate, cfg["expression"], state)
         if node.type == "python":
             handler = self.resolve(cfg["handler"])
             # A handler takes the run's state, and the node's id if it has a second parameter.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ from google.protobuf import descriptor_pool, message_factory
 from google.rpc import code_pb2
 
 from checkpoint_svc.servicer import REQUIRED_ROLES as STORE_ROLES
+from engine_svc import expressions
 from engine_svc.definition import NodeSpec
 from engine_svc.http_policy import HttpPolicy
 from engine_svc.nodes import NodeCall, NodeFailed, NodeRunner
@@ -895,3 +897,62 @@ async def test_http_nodes_reach_only_what_the_operator_allows(web) -> None:
     with pytest.raises(NodeFailed, match=r"no whole answer within 0\.5s"):
         await _http_node(trusted, f"http://127.0.0.1:{port}/trickle", seconds=0.5)
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    ("expression", "why"),
+    [
+        ("9**4000000 > 0", "digits"),
+        ("2 ** 100000", "digits"),
+        ("1 << 100000", "bits"),
+        ("'ab' * 60000", "is longer than"),
+        ("[0] * 200000", "is longer than"),
+    ],
+)
+def test_expression_bombs_are_refused_at_registration(expression, why) -> None:
+    assert why in (expressions.check(expression) or ""), expressions.check(expression)
+
+
+@pytest.mark.parametrize(
+    ("expression", "why"),
+    [
+        ("input['n'] ** input['n']", "digits"),
+        ("input['n'] ** 3000 * input['n'] ** 3000", "bits"),
+        ("','.join([input['s'] * 1000] * 1000)", "is longer than"),
+        ("input['s'].ljust(10 ** 8)", "is longer than"),
+        ("input['s'].replace('a', input['s'] * 999)", "is longer than"),
+        ("[x * y for x in input['xs'] for y in input['xs']] and 1", "too many elements"),
+        ("[sum(sorted(input['xs'] + input['xs'])) for _ in input['xs']]", "took longer than"),
+    ],
+)
+def test_expression_bombs_fail_within_bounded_time(expression, why) -> None:
+    state = {"input": {"n": 100_000, "s": "a" * 100, "xs": list(range(10_000))}}
+    started = time.monotonic()
+    with pytest.raises(expressions.ExpressionError, match=why):
+        expressions.evaluate(expression, state)
+    assert time.monotonic() - started < expressions.EVAL_SECONDS + 1.0
+
+
+async def test_a_long_transform_does_not_hold_the_event_loop() -> None:
+    """A transform runs off the event loop: timers there keep firing while it works."""
+    runner = NodeRunner(set())
+    node = NodeSpec(
+        "t",
+        "transform",
+        config={"expression": "len([sum(sorted(input['xs'])) for _ in input['xs'][:300]])"},
+    )
+    state = {"input": {"xs": list(range(10_000, 0, -1))}}
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        assert await runner.run(NodeCall("t", "r"), node, state) == 300
+    finally:
+        ticker.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert len(ticks) > 5 and max(gaps) < 0.2, (len(ticks), max(gaps, default=None))
