@@ -23,7 +23,7 @@ from workflow_rpc.arenas import trim_malloc
 from workflow_rpc.headers import SYSTEM_TENANT
 from workflow_rpc.identities import authenticator_of
 from workflow_rpc.interceptors import Authenticate
-from workflow_rpc.serving import run, serve_until_stopped
+from workflow_rpc.serving import run, serve_until_stopped, tls_of
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 
 SERVICE_NAME = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name
@@ -98,6 +98,7 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
         stopped=stopped,
         authenticate=Authenticate(auth, REQUIRED_ROLES) if auth else None,
         insecure=settings.insecure,
+        tls=tls_of(settings),
     )
 
 

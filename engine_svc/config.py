@@ -8,11 +8,13 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
+import grpc
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from workflow_rpc.settings import ServiceSettings
 from workflow_rpc.settings import parse_settings as parse_service_settings
+from workflow_rpc.tls import channel_credentials
 
 __all__ = ["Settings", "parse_settings"]
 
@@ -33,6 +35,15 @@ class Settings(ServiceSettings):
 
     listen: str = Field("127.0.0.1:50052", description="host:port to serve")
     checkpoint_addr: str = Field("127.0.0.1:50051", description="address of checkpoint_svc")
+    checkpoint_ca_file: Path | None = Field(
+        None, description="PEM CA of checkpoint_svc's certificate: the channel to it uses TLS"
+    )
+    checkpoint_cert_file: Path | None = Field(
+        None, description="PEM certificate the engine shows checkpoint_svc (mTLS)"
+    )
+    checkpoint_key_file: Path | None = Field(
+        None, description="PEM private key of --checkpoint-cert-file"
+    )
     checkpoint_token_file: Path | None = Field(
         None,
         description="file holding the bearer token the engine sends checkpoint_svc (a "
@@ -82,6 +93,18 @@ class Settings(ServiceSettings):
         description="seconds between heartbeats on an idle WatchRun of a run this engine "
         "executes (other runs' watchers get the checkpoint service's)",
     )
+
+    def checkpoint_tls(self) -> grpc.ChannelCredentials | None:
+        """The channel's TLS to checkpoint_svc (None: plaintext), or the process stops with
+        one line."""
+        if not (self.checkpoint_ca_file or self.checkpoint_cert_file or self.checkpoint_key_file):
+            return None
+        try:
+            return channel_credentials(
+                self.checkpoint_ca_file, self.checkpoint_cert_file, self.checkpoint_key_file
+            )
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"python -m engine_svc: error: checkpoint TLS: {exc}") from None
 
     def checkpoint_token(self) -> str | None:
         """The token of --checkpoint-token-file, or the process stops with one line."""

@@ -97,17 +97,20 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # No retry policy on the channel: the store adapter (engine_svc/store.py) retries.
-        self.channel = grpc.aio.insecure_channel(
-            settings.checkpoint_addr,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                # After a store restart, reconnect within a second or two, not gRPC's
-                # default backoff of up to two minutes.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-            ],
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # After a store restart, reconnect within a second or two, not gRPC's
+            # default backoff of up to two minutes.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        tls = settings.checkpoint_tls()
+        self.channel = (
+            grpc.aio.secure_channel(settings.checkpoint_addr, tls, options=options)
+            if tls is not None
+            else grpc.aio.insecure_channel(settings.checkpoint_addr, options=options)
         )
         self._stub = cpb_grpc.CheckpointServiceStub(self.channel)
         # The engine's own credential for the store (docs/security.md#the-engine-and-the-store).

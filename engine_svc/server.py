@@ -14,7 +14,7 @@ from engine_svc.servicer import REQUIRED_ROLES, EngineServicer
 from workflow_rpc import logs
 from workflow_rpc.identities import authenticator_of
 from workflow_rpc.interceptors import Authenticate
-from workflow_rpc.serving import run, serve_until_stopped
+from workflow_rpc.serving import run, serve_until_stopped, tls_of
 from workflow_stubs.engine.v1 import engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
@@ -46,6 +46,7 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
         stopped=stopped,
         authenticate=Authenticate(auth, REQUIRED_ROLES) if auth else None,
         insecure=settings.insecure,
+        tls=tls_of(settings),
     )
 
 

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mappin
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
 import pytest
 
 from tests.servers import (
@@ -142,12 +143,17 @@ def service_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         port: int | None = None,
         env: Mapping[str, str] | None = None,
         in_process: bool = False,
+        probe_credentials: grpc.ChannelCredentials | None = None,
     ) -> CheckpointServiceProcess:
         proc: CheckpointServiceProcess
         if in_process:
             assert env is None, "a service in this process has this process's environment"
             proc = InProcessCheckpointService(  # type: ignore[assignment]
-                backend.db_url, backend.redis_url, extra_args=extra_args, port=port
+                backend.db_url,
+                backend.redis_url,
+                extra_args=extra_args,
+                port=port,
+                probe_credentials=probe_credentials,
             )
         else:
             proc = CheckpointServiceProcess(
@@ -157,6 +163,7 @@ def service_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
                 extra_args=extra_args,
                 port=port,
                 env=env,
+                probe_credentials=probe_credentials,
             )
         started.append(proc)
         request.node.stash[_SERVICES].append(proc)
@@ -183,9 +190,14 @@ def engine_factory(
         checkpoint: CheckpointServiceProcess,
         *extra_args: str,
         env: Mapping[str, str] | None = None,
+        probe_credentials: grpc.ChannelCredentials | None = None,
     ) -> EngineServiceProcess:
         proc = EngineServiceProcess(
-            checkpoint.address, log_dir=tmp_path, extra_args=extra_args, env=env
+            checkpoint.address,
+            log_dir=tmp_path,
+            extra_args=extra_args,
+            env=env,
+            probe_credentials=probe_credentials,
         )
         started.append(proc)
         request.node.stash.setdefault(_SERVICES, []).append(proc)

@@ -716,7 +716,9 @@ class CheckpointServiceProcess(_AsyncTwins):
         port: int | None = None,
         env: Mapping[str, str] | None = None,
         module: str = "checkpoint_svc",
+        probe_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self.probe_credentials = probe_credentials  # a TLS server's health is asked over TLS
         self.db_url = db_url
         self.redis_url = redis_url
         self.extra_args = list(extra_args)
@@ -808,7 +810,7 @@ class CheckpointServiceProcess(_AsyncTwins):
                 self.log_tail(40)
             )
 
-        wait_serving(self.address, timeout, require_serving, gone, give_up)
+        wait_serving(self.address, timeout, require_serving, gone, give_up, self.probe_credentials)
 
     def kill(self) -> None:
         """SIGKILL the process (and anything in its process group) and wait: a crash."""
@@ -858,12 +860,18 @@ def wait_serving(
     require_serving: bool,
     gone: Callable[[], str | None],
     give_up: Callable[[], str],
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Poll grpc.health.v1 at `address` until SERVING (any answer, without
     `require_serving`). `gone()` says why the server is no longer there (None while it is);
     past `timeout`, `give_up()` stops it and says so. Either way: RuntimeError with that."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address, options=GRPC_TEST_OPTIONS) as channel:
+    channel = (
+        grpc.secure_channel(address, credentials, options=GRPC_TEST_OPTIONS)
+        if credentials is not None
+        else grpc.insecure_channel(address, options=GRPC_TEST_OPTIONS)
+    )
+    with channel:
         health = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service="")
         while True:
@@ -906,6 +914,7 @@ class EngineServiceProcess(CheckpointServiceProcess):
         extra_args: Sequence[str] = (),
         port: int | None = None,
         env: Mapping[str, str] | None = None,
+        probe_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         super().__init__(
             "",
@@ -915,6 +924,7 @@ class EngineServiceProcess(CheckpointServiceProcess):
             port=port,
             env=env,
             module="engine_svc",
+            probe_credentials=probe_credentials,
         )
         self.checkpoint_address = checkpoint_address
 
@@ -947,7 +957,9 @@ class InProcessCheckpointService(_AsyncTwins):
         *,
         extra_args: Sequence[str] = (),
         port: int | None = None,
+        probe_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self.probe_credentials = probe_credentials
         self.db_url = db_url
         self.redis_url = redis_url
         self.extra_args = list(extra_args)
@@ -1000,6 +1012,7 @@ class InProcessCheckpointService(_AsyncTwins):
             require_serving,
             lambda: None if self.running else f"{self.module} stopped early: {self._failure!r}",
             give_up,
+            self.probe_credentials,
         )
 
     def _run(self, settings: Any) -> None:

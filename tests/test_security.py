@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import itertools
 import json
 import os
@@ -21,8 +23,10 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from google.protobuf import descriptor_pool, message_factory
 from google.rpc import code_pb2
 
@@ -45,6 +49,7 @@ from workflow_rpc.identities import (
     token_hash,
 )
 from workflow_rpc.serving import check_exposure
+from workflow_rpc.tls import channel_credentials
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as cpb
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2_grpc as cpb_grpc
 from workflow_stubs.engine.v1 import engine_pb2 as pb
@@ -956,3 +961,186 @@ async def test_a_long_transform_does_not_hold_the_event_loop() -> None:
         ticker.cancel()
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert len(ticks) > 5 and max(gaps) < 0.2, (len(ticks), max(gaps, default=None))
+
+
+# ---- TLS and mTLS --------------------------------------------------------------------------
+
+
+class CertificateAuthority:
+    """A CA of the test's own, and the certificates it signs (PEM files in `where`)."""
+
+    def __init__(self, where: Path, name: str) -> None:
+        self.where, self.name = where, name
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+        self.cert = (
+            self._builder(subject, self.key.public_key(), subject)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.ca_file = where / f"{name}-ca.pem"
+        self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def _builder(self, subject, public_key, issuer) -> x509.CertificateBuilder:
+        now = datetime.datetime.now(datetime.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    def issue(self, label: str, names: list[x509.GeneralName]) -> tuple[Path, Path]:
+        """(certificate file, key file) for `names`."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)])
+        cert = (
+            self._builder(subject, key.public_key(), self.cert.subject)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        cert_file, key_file = self.where / f"{label}.pem", self.where / f"{label}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return cert_file, key_file
+
+
+LOCAL_NAMES = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+
+
+def _uri(name: str) -> list[x509.GeneralName]:
+    return [x509.UniformResourceIdentifier(name)]
+
+
+def _certificate_identities(where: Path) -> None:
+    """The token file, with client certificates' names mapped to identities."""
+    write_tokens(where / "tokens.yaml")
+    tokens = json.loads((where / "tokens.yaml").read_text())
+    tokens["certificates"] = [
+        {"san": "spiffe://test/engine", "subject": "engine", "tenant": "*", "roles": ["system"]},
+        {
+            "san": "spiffe://test/reader",
+            "subject": "mesh-reader",
+            "tenant": "a",
+            "roles": ["reader"],
+        },
+    ]
+    (where / "tokens.yaml").write_text(json.dumps(tokens))
+
+
+async def _code_of(call: object) -> grpc.StatusCode:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@SQLITE
+async def test_mtls_admits_only_certificates_of_its_ca_and_maps_their_names(
+    service_factory, engine_factory, backend, credentials
+) -> None:
+    ca, other = (
+        CertificateAuthority(credentials, "ours"),
+        CertificateAuthority(credentials, "theirs"),
+    )
+    server_cert, server_key = ca.issue("store", LOCAL_NAMES)
+    engine_server = ca.issue("engine-server", LOCAL_NAMES)
+    engine_client = ca.issue("engine-client", _uri("spiffe://test/engine"))
+    reader = ca.issue("reader", _uri("spiffe://test/reader"))
+    stranger = ca.issue("stranger", _uri("spiffe://test/stranger"))
+    foreign = other.issue("foreign", _uri("spiffe://test/reader"))
+    _certificate_identities(credentials)
+    tls = ("--tls-cert-file", str(server_cert), "--tls-key-file", str(server_key))
+    store = service_factory(
+        backend, *auth_args(credentials), *tls, "--tls-client-ca-file", str(ca.ca_file),
+        in_process=True, probe_credentials=channel_credentials(ca.ca_file, *reader),
+    )  # fmt: skip
+    get = cpb.GetThreadRequest(namespace="lg:", thread_id="nothing")
+    save = cpb.SaveRequest(checkpoint=cpb.Checkpoint(namespace="lg:", thread_id="t"))
+
+    def channel(cert: tuple[Path, Path] | None, roots: Path | None = ca.ca_file):
+        creds = channel_credentials(roots, *(cert or (None, None)))
+        return grpc.aio.secure_channel(store.address, creds)
+
+    async with grpc.aio.insecure_channel(store.address) as plain:
+        stub = cpb_grpc.CheckpointServiceStub(plain)
+        assert await _code_of(stub.GetThread(get, timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    for refused in (None, foreign):  # no client certificate, or one of another CA
+        async with channel(refused) as c:
+            code = await _code_of(cpb_grpc.CheckpointServiceStub(c).GetThread(get, timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE, refused
+    async with channel(reader) as c:
+        stub = cpb_grpc.CheckpointServiceStub(c)
+        assert await _code_of(stub.GetThread(get)) == grpc.StatusCode.NOT_FOUND  # admitted
+        assert await _code_of(stub.Save(save)) == grpc.StatusCode.PERMISSION_DENIED  # a reader
+    async with channel(stranger) as c:
+        stub = cpb_grpc.CheckpointServiceStub(c)
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await stub.GetThread(get)
+        assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "no name of the client certificate is in the token file" in unknown.value.details()
+        assert await _code_of(stub.Save(save, metadata=md("writer-token"))) == grpc.StatusCode.OK
+
+    # The engine reaches the store with its own certificate (its identity: the system role),
+    # and serves TLS itself; wf speaks TLS to it.
+    engine = engine_factory(
+        store, *auth_args(credentials),
+        "--tls-cert-file", str(engine_server[0]), "--tls-key-file", str(engine_server[1]),
+        "--checkpoint-ca-file", str(ca.ca_file),
+        "--checkpoint-cert-file", str(engine_client[0]),
+        "--checkpoint-key-file", str(engine_client[1]),
+        probe_credentials=channel_credentials(ca.ca_file),
+    )  # fmt: skip
+    path = credentials / "wf.json"
+    path.write_text(json.dumps({"workflow_id": "tls", "nodes": [{"id": "a", "type": "noop"}]}))
+    ca_flag = ("--ca", str(ca.ca_file))
+    assert _ran(engine.address, "writer-token", *ca_flag, "register", str(path)).returncode == 0
+    done = _ran(engine.address, "writer-token", *ca_flag, "start", "tls", "--watch")
+    assert done.returncode == 0 and "COMPLETED" in done.stdout, done
+    plain = _ran(engine.address, "writer-token", "runs")
+    assert plain.returncode == 6, plain  # a plaintext client cannot reach a TLS engine
+
+
+@SQLITE
+async def test_a_rotated_server_certificate_is_served_without_a_restart(
+    service_factory, backend, credentials
+) -> None:
+    old_ca, new_ca = (
+        CertificateAuthority(credentials, "old"),
+        CertificateAuthority(credentials, "new"),
+    )
+    cert, key = old_ca.issue("store", LOCAL_NAMES)
+    store = service_factory(
+        backend, *auth_args(credentials), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        in_process=True, probe_credentials=channel_credentials(old_ca.ca_file),
+    )  # fmt: skip
+    request = cpb.ListThreadsRequest()
+
+    async def code_trusting(ca: CertificateAuthority) -> grpc.StatusCode:
+        creds = channel_credentials(ca.ca_file)
+        async with grpc.aio.secure_channel(store.address, creds) as c:
+            call = cpb_grpc.CheckpointServiceStub(c).ListThreads(
+                request, metadata=md("reader-token"), timeout=5
+            )
+            return await _code_of(call)
+
+    assert await code_trusting(old_ca) == grpc.StatusCode.OK
+    assert await code_trusting(new_ca) == grpc.StatusCode.UNAVAILABLE
+    rotated_cert, rotated_key = new_ca.issue("store-rotated", LOCAL_NAMES)
+    cert.write_bytes(rotated_cert.read_bytes())
+    key.write_bytes(rotated_key.read_bytes())
+    deadline = time.monotonic() + 15
+    while await code_trusting(new_ca) != grpc.StatusCode.OK:
+        assert time.monotonic() < deadline, "the rotated certificate was never served"
+        await asyncio.sleep(0.2)
+    assert await code_trusting(old_ca) == grpc.StatusCode.UNAVAILABLE

@@ -303,6 +303,18 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 // watchRun stops at a run.status event with one of these (unless `follow`).
 const STOP_STATUSES = new Set(['RUN_STATUS_WAITING', 'RUN_STATUS_PAUSED']);
 
+/** The channel's credentials: `credentials` as given, TLS from `ca`/`cert`/`key` files, or
+ * plaintext. */
+function channelCredentials({ credentials, ca, cert, key } = {}) {
+  if (credentials) return credentials;
+  if (!ca && !cert && !key) return grpc.credentials.createInsecure();
+  if (Boolean(cert) !== Boolean(key)) {
+    throw new Error('a client certificate needs its key, and a key its certificate');
+  }
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(ca), read(key), read(cert));
+}
+
 class EngineClient {
   /**
    * @param {string} address host:port of an engine
@@ -314,7 +326,12 @@ class EngineClient {
    * @param {number} [options.deadlineMs] deadline of unary calls (10 s)
    * @param {number} [options.controlDeadlineMs] of Pause/Cancel/Resume/CheckpointRun (40 s)
    * @param {number} [options.reconnectForMs] how long watchRun keeps reconnecting (30 s)
-   * @param {grpc.ChannelCredentials} [options.credentials] insecure by default
+   * @param {string} [options.ca] PEM file of the engine's CA: TLS (the system's roots with
+   *   only `cert`/`key`)
+   * @param {string} [options.cert] PEM file of this client's certificate, for mTLS
+   * @param {string} [options.key] PEM file of its private key
+   * @param {grpc.ChannelCredentials} [options.credentials] instead of ca/cert/key; insecure
+   *   by default
    * @param {object} [options.channelOptions] grpc-js channel options
    */
   constructor(address, options = {}) {
@@ -325,11 +342,8 @@ class EngineClient {
     this.deadlineMs = options.deadlineMs ?? DEFAULT_DEADLINE_MS;
     this.controlDeadlineMs = options.controlDeadlineMs ?? DEFAULT_CONTROL_DEADLINE_MS;
     this.reconnectForMs = options.reconnectForMs ?? 30_000;
-    this.stub = new EngineService(
-      address,
-      options.credentials || grpc.credentials.createInsecure(),
-      options.channelOptions || {},
-    );
+    const credentials = channelCredentials(options);
+    this.stub = new EngineService(address, credentials, options.channelOptions || {});
   }
 
   close() {

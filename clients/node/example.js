@@ -97,7 +97,13 @@ async function main() {
     console.error(`${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new EngineClient(args.engine, { tenant: args.tenant, token: process.env.WF_TOKEN });
+  const client = new EngineClient(args.engine, {
+    tenant: args.tenant,
+    token: process.env.WF_TOKEN,
+    ca: process.env.WF_CA,
+    cert: process.env.WF_CERT,
+    key: process.env.WF_KEY,
+  });
   let run;
   try {
     const registered = await client.registerWorkflow(WORKFLOW);

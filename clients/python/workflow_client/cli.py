@@ -42,7 +42,7 @@ EXIT_CODES = """exit codes:
   13 the run is PAUSED
   141 the output's reader went away (wf show RUN | head)
 
-environment: WF_ENGINE, WF_TENANT, WF_TOKEN (defaults of the flags)"""
+environment: WF_ENGINE, WF_TENANT, WF_TOKEN, WF_CA, WF_CERT, WF_KEY (defaults of the flags)"""
 
 RUN_EXIT = {
     pb.RUN_STATUS_COMPLETED: 0,
@@ -488,7 +488,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token, for an engine that checks credentials (default: $WF_TOKEN)",
     )
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument("--ca-file", help="PEM root certificates for TLS")
+    parser.add_argument(
+        "--ca",
+        "--ca-file",
+        dest="ca_file",
+        default=os.environ.get("WF_CA"),
+        help="PEM root certificates for TLS (default: $WF_CA)",
+    )
+    parser.add_argument(
+        "--cert",
+        dest="cert_file",
+        default=os.environ.get("WF_CERT"),
+        help="PEM client certificate, for an engine that asks for one (mTLS; default: $WF_CERT)",
+    )
+    parser.add_argument(
+        "--key",
+        dest="key_file",
+        default=os.environ.get("WF_KEY"),
+        help="PEM private key of --cert (default: $WF_KEY)",
+    )
     parser.add_argument("--json", action="store_true", help=_JSON_HELP)
     parser.add_argument("--version", action="version", version=f"wf {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -576,6 +594,8 @@ def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "tls": args.tls,
         "ca_file": args.ca_file,
+        "cert_file": args.cert_file,
+        "key_file": args.key_file,
         "token": args.token,
     }
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from workflow_rpc.headers import tenant_metadata
+from workflow_rpc.tls import channel_credentials
 
 RETRY_ATTEMPTS = 5  # in all, the first one included
 RETRY_INITIAL_BACKOFF = 0.1  # seconds before the second attempt, doubled each time after it
@@ -70,6 +70,8 @@ class Connection:
     tls: bool = False
     ca_file: str | None = None  # PEM roots for TLS; the system's if None
     token: str | None = None  # a bearer token, for a service that checks credentials
+    cert_file: str | None = None  # PEM client certificate, for mTLS (with key_file)
+    key_file: str | None = None
 
     def __repr__(self) -> str:  # never the token
         return f"Connection({self.address!r}, tenant={self.tenant!r})"
@@ -78,16 +80,19 @@ class Connection:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return tenant_metadata(self.tenant, self.token)
 
+    @property
+    def secure(self) -> bool:
+        return bool(self.tls or self.ca_file or self.cert_file)
+
     def _credentials(self) -> grpc.ChannelCredentials:
-        roots = Path(self.ca_file).read_bytes() if self.ca_file else None
-        return grpc.ssl_channel_credentials(root_certificates=roots)
+        return channel_credentials(self.ca_file, self.cert_file, self.key_file)
 
     def aio_channel(self) -> grpc.aio.Channel:
-        if self.tls or self.ca_file:
+        if self.secure:
             return grpc.aio.secure_channel(self.address, self._credentials(), options=_OPTIONS)
         return grpc.aio.insecure_channel(self.address, options=_OPTIONS)
 
     def channel(self) -> grpc.Channel:
-        if self.tls or self.ca_file:
+        if self.secure:
             return grpc.secure_channel(self.address, self._credentials(), options=_OPTIONS)
         return grpc.insecure_channel(self.address, options=_OPTIONS)

@@ -86,12 +86,24 @@ class CheckpointServiceSaver(BaseCheckpointSaver[str]):
         serde: SerializerProtocol | None = None,
         session: bool = True,
         token: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         """`session`: the async puts and gets on one Session stream (about half the CPU of
         unary calls on both sides); False sends them as unary calls. `token`: a bearer token,
-        for a store that checks credentials (a writer's; deleting threads needs admin)."""
+        for a store that checks credentials (a writer's; deleting threads needs admin).
+        `ca_file`, `cert_file`, `key_file`: TLS, and the client certificate for mTLS."""
         super().__init__(serde=serde)
-        self.connection = Connection(address, tenant=tenant, timeout=timeout, token=token)
+        self.connection = Connection(
+            address,
+            tenant=tenant,
+            timeout=timeout,
+            token=token,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
         self.prefix = namespace_prefix
         self._aio: grpc.aio.Channel | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None

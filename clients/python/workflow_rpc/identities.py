@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -85,10 +86,29 @@ class _TokenEntry(BaseModel):
         return _tenant(value)
 
 
+class _CertificateEntry(BaseModel):
+    """A client certificate's name, as an identity (mTLS: docs/security.md#tls-and-mtls)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    san: str = Field(min_length=1, max_length=2000)
+    """A subject alternative name of the certificate (a DNS name, or a URI such as
+    spiffe://cluster/ns/jobs/sa/engine)."""
+    subject: str = Field(min_length=1, max_length=200)
+    tenant: str
+    roles: list[Role] = Field(min_length=1)
+
+    @field_validator("tenant")
+    @classmethod
+    def _a_tenant(cls, value: str) -> str:
+        return _tenant(value)
+
+
 class _TokenFileModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tokens: list[_TokenEntry]
+    tokens: list[_TokenEntry] = Field(default_factory=list)
+    certificates: list[_CertificateEntry] = Field(default_factory=list)
 
 
 T = TypeVar("T")
@@ -126,7 +146,15 @@ class _Reloaded(Generic[T]):
         return self.value
 
 
-def _parse_token_file(raw: bytes) -> dict[str, Identity]:
+@dataclass(frozen=True, slots=True)
+class _Credentials:
+    tokens: dict[str, Identity]
+    """By the token's hash."""
+    certificates: dict[str, Identity]
+    """By a certificate's subject alternative name."""
+
+
+def _parse_token_file(raw: bytes) -> _Credentials:
     try:
         loaded = yaml.safe_load(raw)
         if loaded is None:  # an empty file (one half-written, say): `tokens: []` is none
@@ -134,22 +162,30 @@ def _parse_token_file(raw: bytes) -> dict[str, Identity]:
         model = _TokenFileModel.model_validate(loaded)
     except (yaml.YAMLError, ValidationError) as exc:
         raise ValueError(f"not a token file: {exc}".splitlines()[0]) from None
-    return {
-        entry.sha256: Identity(
-            subject=entry.subject, tenant=entry.tenant, roles=frozenset(entry.roles)
-        )
-        for entry in model.tokens
-    }
+
+    def identity(entry: _TokenEntry | _CertificateEntry) -> Identity:
+        return Identity(subject=entry.subject, tenant=entry.tenant, roles=frozenset(entry.roles))
+
+    return _Credentials(
+        tokens={entry.sha256: identity(entry) for entry in model.tokens},
+        certificates={entry.san: identity(entry) for entry in model.certificates},
+    )
 
 
 class TokenFile:
-    """Bearer tokens by their hash (docs/security.md#token-files)."""
+    """Bearer tokens by their hash, and client certificates by name
+    (docs/security.md#token-files)."""
 
     def __init__(self, path: Path) -> None:
         self._file = _Reloaded(path, _parse_token_file)
 
     def identity(self, token: str) -> Identity | None:
-        return self._file.current().get(token_hash(token))
+        return self._file.current().tokens.get(token_hash(token))
+
+    def certificate_identity(self, names: Sequence[str]) -> Identity | None:
+        """The identity of the first of a client certificate's names the file maps."""
+        mapped = self._file.current().certificates
+        return next((mapped[n] for n in names if n in mapped), None)
 
 
 def _claims_identity(claims: dict[str, object]) -> Identity:
@@ -267,11 +303,21 @@ class Authenticator:
         self.system_tenant = system_tenant
         """A tenant only the system role may name (the engine's own records)."""
 
-    def identity(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+    def identity(
+        self, metadata: Sequence[tuple[str, str | bytes]], peer_names: Sequence[str] = ()
+    ) -> Identity:
+        """The call's identity: its bearer token's, or else its client certificate's (a name
+        the token file maps)."""
         given = [v for k, v in metadata if k == AUTHORIZATION_HEADER]
+        if not given and peer_names and self.tokens is not None:
+            found = self.tokens.certificate_identity(peer_names)
+            if found is not None:
+                return found
         if not given:
+            unmapped = " (no name of the client certificate is in the token file)"
             raise Unauthenticated(
                 f"no credentials: this service needs '{AUTHORIZATION_HEADER}: Bearer TOKEN'"
+                + (unmapped if peer_names else "")
             )
         if len(given) > 1:
             raise Unauthenticated(f"{len(given)} {AUTHORIZATION_HEADER} headers; send one")
@@ -292,10 +338,11 @@ class Authenticator:
         method: str,
         needed: Role | None,
         metadata: Sequence[tuple[str, str | bytes]],
+        peer_names: Sequence[str] = (),
     ) -> Identity:
         """The caller's identity if it may call `method` (needing `needed`: None, a method no
         role opens) for the tenants its metadata names."""
-        identity = self.identity(metadata)
+        identity = self.identity(metadata, peer_names)
         name = method.rsplit("/", 1)[-1]
         if identity.tenant == self.system_tenant and not identity.may(Role.SYSTEM):
             raise PermissionDenied(f"tenant {identity.tenant!r} is the engine's own (system role)")
@@ -322,6 +369,13 @@ def authenticator_of(
     the process stops with one line naming the file that does not parse."""
     if not settings.auth_configured:
         return None
+    prog = settings.model_config.get("cli_prog_name") or "settings"
+    if not (settings.auth_token_file or settings.auth_jwt_secret_file or settings.auth_jwks_file):
+        raise SystemExit(
+            f"{prog}: error: --tls-client-ca-file checks who connects, not what they may do: "
+            "add --auth-token-file (its certificates: map a certificate's name to an identity) "
+            "or a JWT key"
+        )
     try:
         tokens = TokenFile(settings.auth_token_file) if settings.auth_token_file else None
         jwts = (
@@ -334,6 +388,5 @@ def authenticator_of(
             else None
         )
     except (OSError, ValueError) as exc:
-        prog = settings.model_config.get("cli_prog_name") or "settings"
         raise SystemExit(f"{prog}: error: credentials: {exc}") from None
     return Authenticator(tokens=tokens, jwts=jwts, system_tenant=system_tenant)

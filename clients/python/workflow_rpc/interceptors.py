@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 
 from workflow_rpc.callers import CALLER, Role
 from workflow_rpc.identities import Authenticator, PermissionDenied, Unauthenticated
+from workflow_rpc.tls import peer_names
 
 __all__ = ["OPEN_SERVICES", "Authenticate", "RejectMalformedRequests"]
 
@@ -115,7 +116,8 @@ class Authenticate(_Wrapping):
 
         async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
             try:
-                CALLER.set(admit(method, needed, context.invocation_metadata() or ()))
+                names = peer_names(context.auth_context())
+                CALLER.set(admit(method, needed, context.invocation_metadata() or (), names))
             except Unauthenticated as exc:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             except PermissionDenied as exc:

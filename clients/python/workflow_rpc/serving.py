@@ -18,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from workflow_rpc.interceptors import Authenticate, RejectMalformedRequests
+from workflow_rpc.settings import ServiceSettings
+from workflow_rpc.tls import server_credentials
 
 # gRPC turns SO_REUSEPORT on by default: a second server on a port in use would then share
 # it silently (taking some of its connections). Every server of ours refuses that.
@@ -28,10 +30,19 @@ EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-def listen(server: grpc.aio.Server, address: str, what: str) -> int:
-    """Bind the server's port, or stop the process with a clear error if it is taken."""
+def listen(
+    server: grpc.aio.Server,
+    address: str,
+    what: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Bind the server's port (with TLS if `credentials`), or stop the process with a clear
+    error if it is taken."""
     try:
-        port = server.add_insecure_port(address)
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise SystemExit(
             f"{what}: cannot listen on {address}: {exc} (is the port in use?)"
@@ -68,6 +79,20 @@ def check_exposure(address: str, authenticated: bool, insecure: bool, what: str)
         "reaches the port may do anything",
         extra={"listen": address},
     )
+
+
+def tls_of(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """The settings' server TLS (None: plaintext), or the process stops with one line naming
+    the file it cannot read."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        return server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
+    except OSError as exc:
+        prog = settings.model_config.get("cli_prog_name") or "settings"
+        raise SystemExit(f"{prog}: error: TLS: {exc}") from None
 
 
 def serve_metrics(port: int, listen_address: str, what: str) -> None:
@@ -120,6 +145,7 @@ async def serve_until_stopped(
     stopped: Awaitable[None] | None = None,
     authenticate: Authenticate | None = None,
     insecure: bool = False,
+    tls: grpc.ServerCredentials | None = None,
 ) -> None:
     """One of our services from start to stop: the server with its servicers, health,
     reflection and the malformed-request interceptor; the port taken before anything else
@@ -136,7 +162,7 @@ async def serve_until_stopped(
     server = grpc.aio.server(interceptors=interceptors, options=[EXCLUSIVE_PORT, *options])
     add_servicers(server)
     health_servicer = add_health_and_reflection(server, service_name)
-    listen(server, listen_address, what)
+    listen(server, listen_address, what, tls)
     if metrics_port:
         serve_metrics(metrics_port, listen_address, what)
     await start(health_servicer)
@@ -146,6 +172,7 @@ async def serve_until_stopped(
         extra={
             "listen": listen_address,
             "credentials": "checked" if authenticate is not None else "none",
+            "tls": tls is not None,
             **(listening or {}),
         },
     )
@@ -175,5 +202,6 @@ __all__ = [
     "run",
     "serve_metrics",
     "serve_until_stopped",
+    "tls_of",
     "until_stopped",
 ]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn, TypeVar
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliApp,
@@ -78,10 +78,33 @@ class ServiceSettings(BaseSettings):
         "reaches the port may do anything)",
     )
 
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) to serve TLS with (read again when it changes)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of --tls-cert-file")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA that signs client certificates: every client must show one (mTLS); "
+        "the token file may map a certificate's name to an identity",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        return self
+
     @property
     def auth_configured(self) -> bool:
-        """Whether calls must carry a credential."""
-        return bool(self.auth_token_file or self.auth_jwt_secret_file or self.auth_jwks_file)
+        """Whether calls must carry a credential (a token, or a client certificate)."""
+        return bool(
+            self.auth_token_file
+            or self.auth_jwt_secret_file
+            or self.auth_jwks_file
+            or self.tls_client_ca_file
+        )
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
@@ -115,8 +138,10 @@ def parse_settings(cls: type[SettingsT], argv: list[str] | None = None) -> Setti
         _refuse(
             cls,
             [
-                f"{flag_of(field) + f' (env {env[field]})' if field in env else field}: "
-                f"{' or '.join(messages)}, got {given[field]!r}"
+                f"{flag_of(field)} (env {env[field]}): {' or '.join(messages)}, "
+                f"got {given[field]!r}"
+                if field in env
+                else " or ".join(m.removeprefix("Value error, ") for m in messages)
                 for field, messages in problems.items()
             ],
         )
