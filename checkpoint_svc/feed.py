@@ -149,9 +149,10 @@ class EventFeed:
             tenant.add(event)
 
     async def stream(
-        self, tenant: str, key: ThreadKey | None, after: int, follow: bool
+        self, tenant: str, key: ThreadKey | None, after: int, follow: bool, until_now: bool = False
     ) -> AsyncIterator[Event | Heartbeat]:
-        """Events after `after`, in order, each once; ends at a terminal event unless following."""
+        """Events after `after`, in order, each once; ends at a terminal event unless following,
+        and once the stored ones are replayed if `until_now`."""
         topic: Topic = (key.tenant, key.namespace, key.thread_id) if key else (tenant,)
         window = self._topics.get(topic)
         if window is None:
@@ -171,6 +172,8 @@ class EventFeed:
                         return
                 if len(page) < _PAGE:
                     break
+            if until_now:
+                return
             if stop_at_terminal and key is not None:
                 thread = await self._read(lambda: self.sql.get_thread(key))
                 if thread is not None and thread.status.terminal and thread.last_seq <= cursor:

@@ -38,6 +38,7 @@ from checkpoint_svc.session import serve_session
 from checkpoint_svc.store import CheckpointStore, TierHealth
 from checkpoint_svc.tiers.sql import ThreadFilter
 from workflow_rpc import statuses
+from workflow_rpc.audit import AUDIT_NAMESPACE, AUDIT_THREAD, EVENT_PREFIX, entry_payload
 from workflow_rpc.callers import CALLER, Role
 from workflow_rpc.identities import PermissionDenied
 from workflow_rpc.namespaces import ENGINE_NAMESPACES
@@ -542,7 +543,9 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 key = thread_key(context, request.namespace, request.thread_id)
             if request.after_seq < 0:
                 raise InvalidArgument("after_seq must not be negative", [("after_seq", "negative")])
-            async for item in self.store.stream(tenant, key, request.after_seq, request.follow):
+            async for item in self.store.stream(
+                tenant, key, request.after_seq, request.follow, request.until_now
+            ):
                 if isinstance(item, Heartbeat):
                     yield pb.StreamResponse(
                         heartbeat=pb.Heartbeat(time=convert.ts(item.time), last_seq=item.last_seq)
@@ -621,6 +624,12 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 raise NotFound(
                     f"thread {key.thread_id} not found under {request.namespace_prefix!r}"
                 )
+            await self._audit(
+                key.tenant,
+                "delete",
+                key.thread_id,
+                {"namespace_prefix": request.namespace_prefix, "checkpoints_deleted": deleted},
+            )
             return pb.DeleteThreadResponse(checkpoints_deleted=deleted, threads_deleted=threads)
         key = writable_key(context, request.namespace, request.thread_id)
         try:
@@ -629,7 +638,22 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             if not request.allow_missing:
                 raise
             return pb.DeleteThreadResponse()
+        await self._audit(
+            key.tenant,
+            "delete",
+            key.thread_id,
+            {"namespace": key.namespace, "checkpoints_deleted": deleted},
+        )
         return pb.DeleteThreadResponse(checkpoints_deleted=deleted, threads_deleted=1)
+
+    async def _audit(self, tenant: str, action: str, target: str, details: dict) -> None:
+        """An entry in the tenant's audit log (workflow_rpc/audit.py), after the action."""
+        key = ThreadKey(tenant, AUDIT_NAMESPACE, AUDIT_THREAD)
+        event = NewEvent(EVENT_PREFIX + action, entry_payload(action, target, details))
+        try:
+            await self.store.publish(key, [event], "", 0)
+        except StoreError:  # the action is done: say so, and that its entry is missing
+            log.exception("audit entry not recorded", extra={"action": action, "target": target})
 
     @translated
     async def GetThread(
@@ -722,6 +746,16 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         threads, checkpoints = await self.store.copy_thread(
             tenant, request.source_thread_id, request.target_thread_id, request.namespace_prefix
         )
+        await self._audit(
+            tenant,
+            "copy",
+            request.source_thread_id,
+            {
+                "target_thread_id": request.target_thread_id,
+                "namespace_prefix": request.namespace_prefix,
+                "threads_copied": threads,
+            },
+        )
         return pb.CopyThreadResponse(threads_copied=threads, checkpoints_copied=checkpoints)
 
     @translated
@@ -738,6 +772,12 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         check_prefix_writable(request.namespace_prefix)
         deleted = await self.store.delete_for_runs(
             tenant, list(dict.fromkeys(request.run_ids)), request.namespace_prefix
+        )
+        await self._audit(
+            tenant,
+            "delete_for_runs",
+            ",".join(request.run_ids),
+            {"namespace_prefix": request.namespace_prefix, "checkpoints_deleted": deleted},
         )
         return pb.DeleteForRunsResponse(checkpoints_deleted=deleted)
 
@@ -760,6 +800,16 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             list(dict.fromkeys(request.thread_ids)),
             request.namespace_prefix,
             keep_latest=request.strategy == pb.PRUNE_STRATEGY_KEEP_LATEST,
+        )
+        await self._audit(
+            tenant,
+            "prune",
+            ",".join(request.thread_ids),
+            {
+                "namespace_prefix": request.namespace_prefix,
+                "strategy": pb.PruneStrategy.Name(request.strategy),
+                "checkpoints_deleted": deleted,
+            },
         )
         return pb.PruneThreadsResponse(checkpoints_deleted=deleted)
 

@@ -430,9 +430,9 @@ class CheckpointStore:
         await self.committer.submit(ReleaseLeaseOp(key, owner, token))
 
     def stream(
-        self, tenant: str, key: ThreadKey | None, after: int, follow: bool
+        self, tenant: str, key: ThreadKey | None, after: int, follow: bool, until_now: bool = False
     ) -> AsyncIterator[Event | Heartbeat]:
-        return self.feed.stream(tenant, key, after, follow)
+        return self.feed.stream(tenant, key, after, follow, until_now)
 
     # ---- health and retention --------------------------------------------------
 

@@ -43,6 +43,7 @@ from engine_svc.store import (
     StoreUnavailable,
 )
 from workflow_client.store_session import StoreSession
+from workflow_rpc.audit import AUDIT_NAMESPACE, AUDIT_THREAD, EVENT_PREFIX, entry_payload
 from workflow_rpc.headers import SYSTEM_TENANT, tenant_metadata
 from workflow_rpc.namespaces import TENANTS_NAMESPACE
 from workflow_rpc.statuses import InvalidArgument
@@ -360,6 +361,43 @@ class Engine:
         new_run_id = new_run_id or str(uuid6.uuid7())
         first = executor.fork(workflow, source, checkpoint_id, patch, new_run_id)
         return await self._begin(tenant, workflow, new_run_id, first)
+
+    # ---- the audit log (workflow_rpc/audit.py) --------------------------------------
+
+    async def audit(self, tenant: str, action: str, target: str, details: dict[str, Any]) -> None:
+        """An entry in the tenant's audit log, once the action is done (a store that stays
+        away past the retries leaves it missing, and the log says so)."""
+        event = cpb.NewEvent(type=EVENT_PREFIX + action)
+        event.payload.update(entry_payload(action, target, details))
+        request = cpb.PublishRequest(
+            namespace=AUDIT_NAMESPACE,
+            thread_id=AUDIT_THREAD,
+            events=[event],
+            request_id=f"audit:{uuid6.uuid7()}",  # a retry after a lost answer: once
+        )
+        try:
+            await self.store(tenant).publish(request)
+        except StoreError:
+            log.exception("audit entry not recorded", extra={"action": action, "target": target})
+
+    async def audit_entries(
+        self, tenant: str, after_seq: int, page_size: int
+    ) -> tuple[list[cpb.Event], int]:
+        """The audit log's events after `after_seq`, at most `page_size`, and the after_seq of
+        the next page (0 at the end)."""
+        request = cpb.StreamRequest(
+            namespace=AUDIT_NAMESPACE, thread_id=AUDIT_THREAD, after_seq=after_seq, until_now=True
+        )
+        found: list[cpb.Event] = []
+        async with contextlib.aclosing(self.store(tenant).stream(request)) as items:
+            async for item in items:
+                if item.HasField("event"):
+                    found.append(item.event)
+                    if len(found) > page_size:  # one more than a page: there is a next one
+                        break
+        more = len(found) > page_size
+        found = found[:page_size]
+        return found, found[-1].seq if more else 0
 
     async def history(
         self, tenant: str, run_id: str, include_state: bool, page_size: int, page_token: str

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from grpc_status import rpc_status
 
 from engine_svc import values
@@ -40,6 +41,7 @@ REQUIRED_ROLES: dict[str, Role] = {
             "ListWorkflowVersions",
             "GetRunHistory",
         ),
+        Role.ADMIN: ("ListAuditEntries",),
         Role.WRITER: (
             "RegisterWorkflow",
             "StartRun",
@@ -90,6 +92,25 @@ def translated(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+DEFAULT_AUDIT_PAGE = 100
+MAX_AUDIT_PAGE = 1000
+
+
+def audit_entry(event: cpb.Event) -> pb.AuditEntry:
+    """An audit log event (workflow_rpc/audit.py) as ListAuditEntries gives it."""
+    fields = event.payload.fields
+    entry = pb.AuditEntry(
+        seq=event.seq,
+        time=event.time,
+        subject=fields["subject"].string_value if "subject" in fields else "",
+        action=fields["action"].string_value if "action" in fields else "",
+        target=fields["target"].string_value if "target" in fields else "",
+    )
+    if "details" in fields:
+        entry.details.CopyFrom(fields["details"].struct_value)
+    return entry
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
@@ -252,12 +273,20 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     ) -> pb.RollbackWorkflowResponse:
         if request.version < 1:
             raise InvalidArgument("version: must be at least 1", [("version", "at least 1")])
+        tenant = tenant_of(context)
         active, previous = await self.engine.rollback(
-            tenant_of(context),
+            tenant, request.workflow_id, request.version, request.reason, request.requested_by
+        )
+        await self.engine.audit(
+            tenant,
+            "rollback",
             request.workflow_id,
-            request.version,
-            request.reason,
-            request.requested_by,
+            {
+                "version": request.version,
+                "previous_version": previous,
+                "reason": request.reason,
+                "requested_by": request.requested_by,
+            },
         )
         return pb.RollbackWorkflowResponse(active_version=active, previous_version=previous)
 
@@ -290,7 +319,18 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             values.from_struct(request.state_patch, "state_patch"),
             request.new_run_id,
         )
-        return pb.ForkRunResponse(run=await self._started(tenant, started))
+        reply = await self._started(tenant, started)
+        await self.engine.audit(
+            tenant,
+            "fork",
+            request.run_id,
+            {
+                "checkpoint_id": request.checkpoint_id,
+                "new_run_id": reply.run_id,
+                "state_patch": json_format.MessageToDict(request.state_patch),
+            },
+        )
+        return pb.ForkRunResponse(run=reply)
 
     @translated
     async def GetRun(
@@ -333,6 +373,9 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         tenant = tenant_of(context)
         value = values.from_struct(request.value, "value") if request.HasField("value") else None
         run = await self.engine.resume_run(tenant, request.run_id, value)
+        await self.engine.audit(
+            tenant, "resume", request.run_id, {"value": value} if request.HasField("value") else {}
+        )
         return pb.ResumeRunResponse(run=await self._reply(tenant, run))
 
     @translated
@@ -341,6 +384,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     ) -> pb.PauseRunResponse:
         tenant = tenant_of(context)
         done = await self.engine.control(tenant, request.run_id, "pause", {})
+        await self.engine.audit(tenant, "pause", request.run_id, {})
         reply = await self._reply(tenant, done.run)
         if done.answer == "run.pausing" and reply.status == pb.RUN_STATUS_RUNNING:
             reply.status = pb.RUN_STATUS_PAUSING  # it pauses when its running step ends
@@ -354,6 +398,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         done = await self.engine.control(
             tenant, request.run_id, "cancel", {"reason": request.reason}
         )
+        await self.engine.audit(tenant, "cancel", request.run_id, {"reason": request.reason})
         return pb.CancelRunResponse(run=await self._reply(tenant, done.run))
 
     @translated
@@ -371,6 +416,23 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             )
         ).checkpoint_id
         return pb.CheckpointRunResponse(checkpoint_id=checkpoint_id)
+
+    @translated
+    async def ListAuditEntries(
+        self, request: pb.ListAuditEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAuditEntriesResponse:
+        if not 0 <= request.page_size <= MAX_AUDIT_PAGE:
+            raise InvalidArgument(
+                f"page_size: between 0 and {MAX_AUDIT_PAGE}", [("page_size", "out of range")]
+            )
+        if request.after_seq < 0:
+            raise InvalidArgument("after_seq: must not be negative", [("after_seq", "negative")])
+        events, next_after = await self.engine.audit_entries(
+            tenant_of(context), request.after_seq, request.page_size or DEFAULT_AUDIT_PAGE
+        )
+        return pb.ListAuditEntriesResponse(
+            entries=[audit_entry(e) for e in events], next_after_seq=next_after
+        )
 
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext

@@ -927,7 +927,7 @@ def test_expression_bombs_are_refused_at_registration(expression, why) -> None:
         ("input['s'].ljust(10 ** 8)", "is longer than"),
         ("input['s'].replace('a', input['s'] * 999)", "is longer than"),
         ("[x * y for x in input['xs'] for y in input['xs']] and 1", "too many elements"),
-        ("[sum(sorted(input['xs'] + input['xs'])) for _ in input['xs']]", "took longer than"),
+        ("[sum(sorted(input['xs'] + input['xs'])) for _ in input['xs']]", "s of CPU"),
     ],
 )
 def test_expression_bombs_fail_within_bounded_time(expression, why) -> None:
@@ -935,7 +935,7 @@ def test_expression_bombs_fail_within_bounded_time(expression, why) -> None:
     started = time.monotonic()
     with pytest.raises(expressions.ExpressionError, match=why):
         expressions.evaluate(expression, state)
-    assert time.monotonic() - started < expressions.EVAL_SECONDS + 1.0
+    assert time.monotonic() - started < 10  # a second of CPU, on however busy a machine
 
 
 async def test_a_long_transform_does_not_hold_the_event_loop() -> None:
@@ -944,7 +944,7 @@ async def test_a_long_transform_does_not_hold_the_event_loop() -> None:
     node = NodeSpec(
         "t",
         "transform",
-        config={"expression": "len([sum(sorted(input['xs'])) for _ in input['xs'][:300]])"},
+        config={"expression": "len([sum(sorted(input['xs'])) for _ in input['xs'][:50]])"},
     )
     state = {"input": {"xs": list(range(10_000, 0, -1))}}
     ticks: list[float] = []
@@ -956,7 +956,7 @@ async def test_a_long_transform_does_not_hold_the_event_loop() -> None:
 
     ticker = asyncio.create_task(tick())
     try:
-        assert await runner.run(NodeCall("t", "r"), node, state) == 300
+        assert await runner.run(NodeCall("t", "r"), node, state) == 50
     finally:
         ticker.cancel()
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
@@ -1144,3 +1144,99 @@ async def test_a_rotated_server_certificate_is_served_without_a_restart(
         assert time.monotonic() < deadline, "the rotated certificate was never served"
         await asyncio.sleep(0.2)
     assert await code_trusting(old_ca) == grpc.StatusCode.UNAVAILABLE
+
+
+# ---- the audit log -------------------------------------------------------------------------
+
+
+@SQLITE
+async def test_every_control_action_is_in_the_audit_log_with_who_made_it(
+    service_factory, engine_factory, backend, credentials, tmp_path
+) -> None:
+    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    engine = engine_factory(
+        store, *auth_args(credentials), "--checkpoint-token-file", str(credentials / "engine.token")
+    )
+    e = engine.address
+
+    def wf(token: str, *args: str) -> str:
+        done = _ran(e, token, *args)
+        assert done.returncode == 0, (args, done.stderr)
+        return done.stdout
+
+    def register(version: str) -> None:
+        nodes = [
+            {"id": "ask", "type": "approval", "config": {"prompt": f"go {version}?"}},
+            {"id": "nap", "type": "sleep", "depends_on": ["ask"], "config": {"seconds": 1.5}},
+            {"id": "end", "type": "noop", "depends_on": ["nap"]},  # a pause stops before it
+        ]
+        path = tmp_path / f"{version}.json"
+        path.write_text(json.dumps({"workflow_id": "audited", "nodes": nodes}))
+        wf("writer-token", "register", str(path))
+
+    register("v1")
+    run = wf("writer-token", "start", "audited").split()[0]
+    async with grpc.aio.insecure_channel(e) as channel:
+        s = pb_grpc.EngineServiceStub(channel)
+        await wait_status(s, md("reader-token"), run, pb.RUN_STATUS_WAITING)
+        wf("writer-token", "resume", run, "--value", '{"ok": true}')
+        await wait_status(s, md("reader-token"), run, pb.RUN_STATUS_RUNNING)
+        wf("writer-token", "pause", run)
+        await wait_status(s, md("reader-token"), run, pb.RUN_STATUS_PAUSED, timeout=60)
+        wf("admin-token", "cancel", run, "--reason", "enough")
+        first = json.loads(wf("reader-token", "--json", "checkpoints", run))[-1]["checkpoint_id"]
+        fork = wf("writer-token", "fork", run, first).split()[0]
+        wf("writer-token", "cancel", fork)
+    register("v2")
+    wf("writer-token", "rollback", "audited", "1", "--reason", "v2 asks too much", "--by", "ops")
+    async with grpc.aio.insecure_channel(store.address) as channel:
+        c = cpb_grpc.CheckpointServiceStub(channel)
+        save = cpb.SaveRequest(checkpoint=cpb.Checkpoint(namespace="lg:", thread_id="t"))
+        await c.Save(save, metadata=md("writer-token"))
+        await c.PruneThreads(
+            cpb.PruneThreadsRequest(
+                thread_ids=["t"], strategy=cpb.PRUNE_STRATEGY_KEEP_LATEST, namespace_prefix="lg:"
+            ),
+            metadata=md("admin-token"),
+        )
+        await c.DeleteThread(
+            cpb.DeleteThreadRequest(namespace="lg:", thread_id="t"), metadata=md("admin-token")
+        )
+        # Nobody writes the log but the services: not a tenant's writer, nor its admin.
+        forged = cpb.PublishRequest(
+            namespace="audit", thread_id="actions", events=[cpb.NewEvent(type="audit.pause")]
+        )
+        for token in ("writer-token", "admin-token"):
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await c.Publish(forged, metadata=md(token))
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    refused = _ran(e, "reader-token", "audit")
+    assert refused.returncode == 8 and "ListAuditEntries needs the admin role" in refused.stderr
+    entries = json.loads(wf("admin-token", "--json", "audit"))
+    seen = [(x["action"], x["subject"], x["target"]) for x in entries]
+    assert seen == [
+        ("resume", "writer-a", run),
+        ("pause", "writer-a", run),
+        ("cancel", "admin-a", run),
+        ("fork", "writer-a", run),
+        ("cancel", "writer-a", fork),
+        ("rollback", "writer-a", "audited"),
+        ("prune", "admin-a", "t"),
+        ("delete", "admin-a", "t"),
+    ], seen
+    by_action = {x["action"]: x for x in entries}
+    assert by_action["resume"]["details"] == {"value": {"ok": True}}
+    assert entries[2]["details"] == {"reason": "enough"}
+    assert by_action["fork"]["details"]["new_run_id"] == fork
+    assert by_action["fork"]["details"]["checkpoint_id"] == first
+    assert by_action["rollback"]["details"]["reason"] == "v2 asks too much"
+    assert by_action["prune"]["details"]["strategy"] == "PRUNE_STRATEGY_KEEP_LATEST"
+    assert [x["seq"] for x in entries] == list(range(1, len(entries) + 1))
+    # Paged by seq; another tenant's admin sees none of it.
+    assert [x["seq"] for x in json.loads(wf("admin-token", "--json", "audit", "--after", "6"))] == [
+        7,
+        8,
+    ]
+    assert len(json.loads(wf("admin-token", "--json", "audit", "--limit", "3"))) == 3
+    assert json.loads(wf("operator-token", "--tenant", "b", "--json", "audit")) == []

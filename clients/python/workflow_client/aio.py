@@ -119,6 +119,16 @@ class AsyncEngineClient(_AsyncClient):
     async def get_run(self, run_id: str) -> pb.Run:
         return await self._do(calls.get_run(run_id))
 
+    async def audit(self, after_seq: int = 0, page_size: int = 100) -> AsyncIterator[pb.AuditEntry]:
+        """The tenant's audit log after `after_seq`, oldest first (an admin's call)."""
+        while True:
+            page = await self._do(calls.audit_entries(after_seq, page_size))
+            for entry in page.entries:
+                yield entry
+            if not page.next_after_seq:
+                return
+            after_seq = page.next_after_seq
+
     async def list_runs(
         self, workflow_id: str = "", statuses: list[int] | None = None, page_size: int = 100
     ) -> AsyncIterator[pb.Run]:

@@ -121,6 +121,11 @@ def list_runs(
     return Call("ListRuns", request, lambda r: r)
 
 
+def audit_entries(after_seq: int, page_size: int) -> Call[pb.ListAuditEntriesResponse]:
+    request = pb.ListAuditEntriesRequest(after_seq=after_seq, page_size=page_size)
+    return Call("ListAuditEntries", request, lambda r: r)
+
+
 def pause_run(run_id: str) -> Call[pb.Run]:
     return Call("PauseRun", pb.PauseRunRequest(run_id=run_id), lambda r: r.run)
 

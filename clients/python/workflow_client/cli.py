@@ -305,6 +305,27 @@ def cmd_runs(args: argparse.Namespace, engine: EngineClient, out: Output) -> int
     return 0
 
 
+def cmd_audit(args: argparse.Namespace, engine: EngineClient, out: Output) -> int:
+    entries = list(itertools.islice(engine.audit(args.after, min(args.limit, 1000)), args.limit))
+    if out.as_json:
+        out.json([plain_message(e) for e in entries])
+        return 0
+    headers = ("seq", "when", "who", "action", "target", "details")
+    rows = [
+        [
+            str(e.seq),
+            e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            e.subject,
+            e.action,
+            e.target,
+            json.dumps(plain_message(e.details), separators=(",", ":")) if e.details.fields else "",
+        ]
+        for e in entries
+    ]
+    _print_table(out, headers, rows)
+    return 0
+
+
 def _print_table(out: Output, headers: tuple[str, ...], rows: list[list[str]]) -> None:
     """Rows as a table on a terminal, tab-separated lines otherwise. On a terminal the first
     column (the id a user copies into the next command) is never cut; the others fold onto
@@ -566,6 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("checkpoint", help="a checkpoint id from `wf checkpoints RUN`")
     sub.add_argument("--patch", help="JSON object merged into the state: input, node outputs")
     sub.add_argument("--run-id", default="", help="the new run's id (default: a new UUID)")
+    sub = command(
+        "audit",
+        cmd_audit,
+        "who paused, resumed, cancelled, forked, rolled back, "
+        "deleted or pruned what, oldest first (needs the admin role)",
+    )
+    sub.add_argument("--after", type=int, default=0, metavar="SEQ", help="entries after this seq")
+    sub.add_argument(
+        "--limit", type=_positive, default=100, help="at most this many entries (default 100)"
+    )
     sub = command("versions", cmd_versions, "a workflow's versions and who activated which")
     sub.add_argument("workflow")
     sub = command("rollback", cmd_rollback, "make a version of a workflow the active one")

@@ -121,6 +121,15 @@ class EngineClient(_Client):
             lambda token: calls.list_runs(workflow_id, statuses or [], page_size, token), "runs"
         )
 
+    def audit(self, after_seq: int = 0, page_size: int = 100) -> Iterator[pb.AuditEntry]:
+        """The tenant's audit log after `after_seq`, oldest first (an admin's call)."""
+        while True:
+            page = self._do(calls.audit_entries(after_seq, page_size))
+            yield from page.entries
+            if not page.next_after_seq:
+                return
+            after_seq = page.next_after_seq
+
     def pause_run(self, run_id: str) -> pb.Run:
         return self._do(calls.pause_run(run_id))
 

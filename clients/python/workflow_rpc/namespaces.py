@@ -4,6 +4,8 @@ a tenant's own token changes runs through the engine, never behind it (docs/secu
 
 from __future__ import annotations
 
+from workflow_rpc.audit import AUDIT_NAMESPACE
+
 __all__ = [
     "CONTROL_NAMESPACE",
     "ENGINE_NAMESPACES",
@@ -21,5 +23,6 @@ CONTROL_NAMESPACE = "run-control"
 TENANTS_NAMESPACE = "tenants"
 """Under the engine's own tenant: the tenants it has seen."""
 ENGINE_NAMESPACES = frozenset(
-    {RUNS_NAMESPACE, WORKFLOWS_NAMESPACE, CONTROL_NAMESPACE, TENANTS_NAMESPACE}
+    {RUNS_NAMESPACE, WORKFLOWS_NAMESPACE, CONTROL_NAMESPACE, TENANTS_NAMESPACE, AUDIT_NAMESPACE}
 )
+"""What only the system role writes; the audit log (workflow_rpc/audit.py) among them."""

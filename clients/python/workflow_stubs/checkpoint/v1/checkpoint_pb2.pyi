@@ -406,16 +406,18 @@ class ListResponse(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., writes: _Optional[_Iterable[_Union[CheckpointWrites, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("namespace", "thread_id", "after_seq", "follow")
+    __slots__ = ("namespace", "thread_id", "after_seq", "follow", "until_now")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_NOW_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     thread_id: str
     after_seq: int
     follow: bool
-    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    until_now: bool
+    def __init__(self, namespace: _Optional[str] = ..., thread_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., follow: _Optional[bool] = ..., until_now: _Optional[bool] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("event", "heartbeat")

@@ -105,6 +105,11 @@ class EngineServiceStub:
                 request_serializer=engine_dot_v1_dot_engine__pb2.ForkRunRequest.SerializeToString,
                 response_deserializer=engine_dot_v1_dot_engine__pb2.ForkRunResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/engine.v1.EngineService/ListAuditEntries',
+                request_serializer=engine_dot_v1_dot_engine__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_engine__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -227,6 +232,15 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """ListAuditEntries pages the tenant's audit log, oldest first: every pause,
+        resume, cancel, fork and rollback made through the engine, and every
+        delete, prune and copy made on the checkpoint service, with who made it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -299,6 +313,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.ForkRun,
                     request_deserializer=engine_dot_v1_dot_engine__pb2.ForkRunRequest.FromString,
                     response_serializer=engine_dot_v1_dot_engine__pb2.ForkRunResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=engine_dot_v1_dot_engine__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_engine__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -680,6 +699,33 @@ class EngineService:
             '/engine.v1.EngineService/ForkRun',
             engine_dot_v1_dot_engine__pb2.ForkRunRequest.SerializeToString,
             engine_dot_v1_dot_engine__pb2.ForkRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.EngineService/ListAuditEntries',
+            engine_dot_v1_dot_engine__pb2.ListAuditEntriesRequest.SerializeToString,
+            engine_dot_v1_dot_engine__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

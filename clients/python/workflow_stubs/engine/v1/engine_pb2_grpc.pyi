@@ -92,6 +92,11 @@ class EngineServiceStub:
     patch of its state; only what comes after that point runs. The original
     run and its history are untouched.
     """
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_engine_pb2.ListAuditEntriesRequest, _engine_pb2.ListAuditEntriesResponse]
+    """ListAuditEntries pages the tenant's audit log, oldest first: every pause,
+    resume, cancel, fork and rollback made through the engine, and every
+    delete, prune and copy made on the checkpoint service, with who made it.
+    """
 
 @_typing.type_check_only
 class EngineServiceAsyncStub(EngineServiceStub):
@@ -153,6 +158,11 @@ class EngineServiceAsyncStub(EngineServiceStub):
     """ForkRun starts a new run from one of a run's checkpoints, with an optional
     patch of its state; only what comes after that point runs. The original
     run and its history are untouched.
+    """
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_engine_pb2.ListAuditEntriesRequest, _engine_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """ListAuditEntries pages the tenant's audit log, oldest first: every pause,
+    resume, cancel, fork and rollback made through the engine, and every
+    delete, prune and copy made on the checkpoint service, with who made it.
     """
 
 class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -296,6 +306,17 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         """ForkRun starts a new run from one of a run's checkpoints, with an optional
         patch of its state; only what comes after that point runs. The original
         run and its history are untouched.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _engine_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_pb2.ListAuditEntriesResponse, _abc.Awaitable[_engine_pb2.ListAuditEntriesResponse]]:
+        """ListAuditEntries pages the tenant's audit log, oldest first: every pause,
+        resume, cancel, fork and rollback made through the engine, and every
+        delete, prune and copy made on the checkpoint service, with who made it.
         """
 
 def add_EngineServiceServicer_to_server(servicer: EngineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
