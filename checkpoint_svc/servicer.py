@@ -5,8 +5,10 @@ here beyond that; it is all in CheckpointStore.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import json
 import logging
@@ -21,7 +23,15 @@ from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
 from checkpoint_svc import convert
-from checkpoint_svc.domain import NewEvent, SaveCommand, ThreadKey, ThreadStatus, Tier, Trigger
+from checkpoint_svc.domain import (
+    Event,
+    NewEvent,
+    SaveCommand,
+    ThreadKey,
+    ThreadStatus,
+    Tier,
+    Trigger,
+)
 from checkpoint_svc.errors import (
     AlreadyExists,
     HeadMoved,
@@ -165,14 +175,22 @@ def thread_key(
     prefix: str = "",
     violations: list[tuple[str, str]] | None = None,
 ) -> ThreadKey:
-    """The thread key of a request; bad ids are added to `violations`, or raised at once."""
+    """The thread key of a request; bad ids are added to `violations`, or raised at once.
+    With credentials checked, the audit log's thread is an admin's to read."""
     tenant = tenant_of(context)
+    if namespace == AUDIT_NAMESPACE and not _may_read_audit():
+        raise PermissionDenied(f"namespace {namespace!r} is the audit log: the admin role reads it")
     found: list[tuple[str, str]] = [] if violations is None else violations
     _check_namespace(found, prefix + "namespace", namespace)
     _check_id(found, prefix + "thread_id", thread_id, required=True)
     if violations is None:
         _raise_if(found)
     return ThreadKey(tenant, namespace, thread_id)
+
+
+def _may_read_audit() -> bool:
+    caller = CALLER.get()
+    return caller is None or caller.may(Role.ADMIN)
 
 
 def writable_key(
@@ -370,6 +388,7 @@ def _ttl(field: str, value: float) -> float:
 class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
+        self._audits: set[asyncio.Task[None]] = set()  # audit entries being written
 
     @translated
     async def Save(
@@ -543,9 +562,15 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 key = thread_key(context, request.namespace, request.thread_id)
             if request.after_seq < 0:
                 raise InvalidArgument("after_seq must not be negative", [("after_seq", "negative")])
+            hide_audit = key is None and not _may_read_audit()  # a tenant-wide stream
             async for item in self.store.stream(
                 tenant, key, request.after_seq, request.follow, request.until_now
             ):
+                if hide_audit and isinstance(item, Event) and item.key.namespace == AUDIT_NAMESPACE:
+                    # In its place (the feed's seqs stay dense), without what it says.
+                    item = dataclasses.replace(
+                        item, type=EVENT_PREFIX + "hidden", payload={}, encoded=None
+                    )
                 if isinstance(item, Heartbeat):
                     yield pb.StreamResponse(
                         heartbeat=pb.Heartbeat(time=convert.ts(item.time), last_seq=item.last_seq)
@@ -647,13 +672,23 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         return pb.DeleteThreadResponse(checkpoints_deleted=deleted, threads_deleted=1)
 
     async def _audit(self, tenant: str, action: str, target: str, details: dict) -> None:
-        """An entry in the tenant's audit log (workflow_rpc/audit.py), after the action."""
+        """An entry in the tenant's audit log (workflow_rpc/audit.py), after the action, by a
+        task of its own: a caller going away does not take the entry with it."""
         key = ThreadKey(tenant, AUDIT_NAMESPACE, AUDIT_THREAD)
         event = NewEvent(EVENT_PREFIX + action, entry_payload(action, target, details))
-        try:
-            await self.store.publish(key, [event], "", 0)
-        except StoreError:  # the action is done: say so, and that its entry is missing
-            log.exception("audit entry not recorded", extra={"action": action, "target": target})
+
+        async def write() -> None:
+            try:
+                await self.store.publish(key, [event], "", 0)
+            except StoreError:  # the action is done: say so, and that its entry is missing
+                log.exception(
+                    "audit entry not recorded", extra={"action": action, "target": target}
+                )
+
+        task = asyncio.create_task(write())
+        self._audits.add(task)
+        task.add_done_callback(self._audits.discard)
+        await asyncio.shield(task)
 
     @translated
     async def GetThread(

@@ -131,6 +131,7 @@ class Engine:
         self._not_runs: set[tuple[str, str]] = set()  # runs/ threads holding no run
         self._recovery: asyncio.Task | None = None
         self._closing = False  # close() began: no run is launched again after its end
+        self._audits: set[asyncio.Task[None]] = set()  # audit entries being written
 
     def executor(self, tenant: str) -> RunExecutor:
         if tenant not in self._executors:
@@ -184,6 +185,8 @@ class Engine:
         self._closing = True
         if self._recovery is not None:
             self._recovery.cancel()
+        if self._audits:  # entries under way are written before the store channel closes
+            await asyncio.wait(set(self._audits), timeout=self.settings.shutdown_grace)
         for executor in self._executors.values():
             for ex in executor.live.values():
                 if ex.pause is None:
@@ -236,6 +239,17 @@ class Engine:
             )
         except WorkflowNotFound as exc:
             raise NodeFailed(str(exc)) from exc
+        by = f"run {call.run_id} (node {node.id})"
+        details = {"version": int(cfg["version"]), "previous_version": previous}
+        await asyncio.shield(
+            self.audit(
+                call.tenant,
+                "rollback",
+                cfg["workflow_id"],
+                {**details, "reason": str(cfg.get("reason", "")), "requested_by": by},
+                subject=by,
+            )
+        )
         return {
             "workflow_id": cfg["workflow_id"],
             "active_version": active,
@@ -364,11 +378,30 @@ class Engine:
 
     # ---- the audit log (workflow_rpc/audit.py) --------------------------------------
 
-    async def audit(self, tenant: str, action: str, target: str, details: dict[str, Any]) -> None:
-        """An entry in the tenant's audit log, once the action is done (a store that stays
-        away past the retries leaves it missing, and the log says so)."""
+    def audit(
+        self,
+        tenant: str,
+        action: str,
+        target: str,
+        details: dict[str, Any],
+        subject: str | None = None,
+    ) -> asyncio.Task[None]:
+        """An entry in the tenant's audit log, written by a task of its own: the caller going
+        away does not take the entry with it (a store that stays away past the retries leaves
+        it missing, and the log says so). `subject`: who, when not the call's caller."""
+        task = asyncio.create_task(self._audit(tenant, action, target, details, subject))
+        self._audits.add(task)
+        task.add_done_callback(self._audits.discard)
+        return task
+
+    async def _audit(
+        self, tenant: str, action: str, target: str, details: dict[str, Any], subject: str | None
+    ) -> None:
+        payload = entry_payload(action, target, details)
+        if subject is not None:
+            payload["subject"] = subject
         event = cpb.NewEvent(type=EVENT_PREFIX + action)
-        event.payload.update(entry_payload(action, target, details))
+        event.payload.update(payload)
         request = cpb.PublishRequest(
             namespace=AUDIT_NAMESPACE,
             thread_id=AUDIT_THREAD,

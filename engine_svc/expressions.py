@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast
 import math
 import re
+import threading
 import time
+import types
 from typing import Any
 
 import simpleeval
@@ -58,6 +60,29 @@ MAX_INT_BITS = 16_384
 EVAL_SECONDS = 1.0
 # How many steps pass between looks at the clock.
 _CLOCK_EVERY = 64
+# The most an output or a str() may hold in all, counting what its parts hold (a list of one
+# long string many times over is short, and huge once written out).
+MAX_WEIGHT = 1_000_000
+# The deepest an expression's syntax may nest.
+MAX_DEPTH = 100
+# The methods an expression may call, by type: simpleeval's list, less those that change a
+# value in place (the run's own state: an expression reads it, never writes it) and those that
+# build a large value in one C call no check sees before (to_bytes, translate, format); bytes
+# not at all.
+_MUTATORS = {
+    "append", "extend", "insert", "pop", "remove", "reverse", "sort", "clear", "popitem",
+    "setdefault", "update", "add", "discard", "difference_update", "intersection_update",
+    "symmetric_difference_update",
+}  # fmt: skip
+_ALLOWED_ATTRS: dict[Any, set[str]] = {
+    kind: names
+    - _MUTATORS
+    - {"to_bytes", "from_bytes", "translate", "maketrans", "format", "format_map"}
+    for kind, names in simpleeval.BASIC_ALLOWED_ATTRS.items()
+    if kind is not bytes
+}
+# Numbers in a %-format or a format spec (widths, precisions).
+_SPEC_NUMBER = re.compile(r"\d+")
 
 # `${expression}` in a string of an http or subworkflow config (nodes.render fills them in).
 PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
@@ -74,6 +99,36 @@ class _TooBig(simpleeval.InvalidExpression):
 
 def _int_bits(value: Any) -> int:
     return value.bit_length() if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _weight(value: Any, cap: int = MAX_WEIGHT) -> int:
+    """What a value holds in all, counting shared parts each time (as writing it out would),
+    stopping past `cap`."""
+    total, stack = 0, [value]
+    while stack and total <= cap:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += len(item)
+            stack.extend(item)
+        else:
+            total += 1
+    return total
+
+
+def _refuse_heavy(value: Any, what: str) -> None:
+    if _weight(value) > MAX_WEIGHT:
+        raise _TooBig(f"{what} holds more than the {MAX_WEIGHT} allowed")
+
+
+def _refuse_spec(spec: str, what: str) -> None:
+    for number in _SPEC_NUMBER.findall(spec):
+        _refuse_length(int(number), what)
 
 
 def _length_problem(value: Any) -> str | None:
@@ -121,6 +176,17 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _mod(a: Any, b: Any) -> Any:
+    if isinstance(a, str):  # %-formatting: a width or precision builds the string at once
+        _refuse_spec(a, "a %-format")
+        if "*" in a:
+            for n in b if isinstance(b, tuple) else (b,):
+                if isinstance(n, int):
+                    _refuse_length(abs(n), "a %-format")
+        _refuse_heavy(b, "a %-format's values")
+    return a % b
+
+
 def _lshift(a: Any, b: Any) -> Any:
     if isinstance(b, int) and _int_bits(a) + b > MAX_INT_BITS:
         raise _TooBig(f"{a} << {b} has {_int_bits(a) + b} bits: past the {MAX_INT_BITS} allowed")
@@ -133,15 +199,43 @@ _OPERATORS = {
     ast.Mult: _mult,
     ast.Add: _add,
     ast.LShift: _lshift,
+    ast.Mod: _mod,
 }
 
 
-def _call_problem(func: Any, args: list[Any]) -> None:
+def _round(number: Any, ndigits: Any = None) -> Any:
+    if isinstance(ndigits, int) and abs(ndigits) > 1000:  # CPython builds 10**ndigits
+        raise _TooBig(f"round(..., {ndigits}): ndigits beyond ±1000")
+    return round(number) if ndigits is None else round(number, ndigits)
+
+
+def _sum(values: Any, start: Any = 0) -> Any:
+    if not isinstance(start, (int, float)):  # sum(lists, []) concatenates in one call
+        raise _TooBig("sum() adds numbers only")
+    return sum(values, start)
+
+
+def _str(value: Any = "") -> str:
+    _refuse_heavy(value, "str() of a value")
+    return str(value)
+
+
+# The functions as the evaluator calls them: those that can build a huge value checked first.
+_CHECKED_FUNCTIONS = {**FUNCTIONS, "round": _round, "sum": _sum, "str": _str}
+# simpleeval builds an evaluator under warnings.catch_warnings, which threads must not share.
+_BUILDING = threading.Lock()
+
+
+def _call_problem(func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
     """Refuse a str method that would make a string past MAX_LENGTH, before it runs."""
     owner = getattr(func, "__self__", None)
     if not isinstance(owner, str):
         return
     name = getattr(func, "__name__", "")
+    if kwargs:  # the same checks, whatever way the arguments come
+        names = {"ljust": ["width"], "rjust": ["width"], "center": ["width"], "zfill": ["width"]}
+        names |= {"expandtabs": ["tabsize"], "replace": ["old", "new", "count"]}
+        args = [*args, *(kwargs[k] for k in names.get(name, []) if k in kwargs)]
     if name == "join" and args and hasattr(args[0], "__iter__"):
         parts = list(args[0])
         size = sum(len(p) for p in parts if isinstance(p, str)) + len(owner) * len(parts)
@@ -161,7 +255,13 @@ class _Bounded(simpleeval.EvalWithCompoundTypes):
     """simpleeval's evaluator, every step of it checked (see the module's docstring)."""
 
     def __init__(self, names: dict[str, Any], seconds: float) -> None:
-        super().__init__(names=names, functions=FUNCTIONS, operators=_OPERATORS)
+        with _BUILDING:
+            super().__init__(
+                names=names,
+                functions=dict(_CHECKED_FUNCTIONS),  # simpleeval adds list, dict, ... to it
+                operators=_OPERATORS,
+                allowed_attrs=_ALLOWED_ATTRS,
+            )
         self.seconds = seconds
         self.deadline = time.thread_time() + seconds
         self.steps = 0
@@ -174,6 +274,25 @@ class _Bounded(simpleeval.EvalWithCompoundTypes):
         if (problem := _length_problem(result)) is not None:
             raise _TooBig(problem)
         return result
+
+    def _check_disallowed_items(self, item: Any) -> None:
+        """Only the value itself: names are JSON state and the functions a fixed list, so no
+        container holds a forbidden function or module (simpleeval walks every container at
+        every step: a CPU bomb of its own)."""
+        if isinstance(item, types.ModuleType):
+            raise simpleeval.FeatureNotAvailable("Sorry, modules are not allowed")
+        if callable(item) and item in simpleeval.DISALLOW_FUNCTIONS:
+            raise simpleeval.FeatureNotAvailable("This function is forbidden")
+
+    def _eval_formattedvalue(self, node: ast.FormattedValue) -> Any:
+        if node.format_spec is not None:
+            spec = self._eval(node.format_spec)
+            _refuse_spec(str(spec), "a format spec")
+            value = self._eval(node.value)
+            return ("{:" + str(spec) + "}").format(value)
+        value = self._eval(node.value)
+        _refuse_heavy(value, "a formatted value")
+        return value
 
     def _eval_call(self, node: ast.Call) -> Any:
         if isinstance(node.func, ast.Attribute):
@@ -189,7 +308,7 @@ class _Bounded(simpleeval.EvalWithCompoundTypes):
             raise simpleeval.FeatureNotAvailable("This function is forbidden")
         args = [self._eval(a) for a in node.args]
         kwargs = dict(self._eval(k) for k in node.keywords)
-        _call_problem(func, args)
+        _call_problem(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -215,6 +334,17 @@ def _constant_problem(tree: ast.AST) -> str | None:
     return None
 
 
+def _depth(tree: ast.AST) -> int:
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def check(expression: str) -> str | None:
     """Why the expression is not valid, or None; run once at registration."""
     if not expression.strip():
@@ -223,15 +353,23 @@ def check(expression: str) -> str | None:
         tree = _evaluator({}).parse(expression)
     except (SyntaxError, simpleeval.InvalidExpression) as exc:
         return f"does not parse: {exc}"
+    except (RecursionError, MemoryError):
+        return f"nests deeper than {MAX_DEPTH}"
+    if _depth(tree) > MAX_DEPTH:
+        return f"nests deeper than {MAX_DEPTH}"
     return _constant_problem(tree)
 
 
 def evaluate(expression: str, state: dict[str, Any], seconds: float = EVAL_SECONDS) -> Any:
     """The expression's value on `state`, within `seconds` and the size bounds."""
     try:
-        return _evaluator(state, seconds).eval(expression)
+        value = _evaluator(state, seconds).eval(expression)
+        _refuse_heavy(value, "the value")  # it is written out as JSON next
+        return value
     except _TooBig as exc:
         raise ExpressionError(f"{expression!r}: {exc}") from exc
+    except RecursionError as exc:
+        raise ExpressionError(f"{expression!r}: nests too deep") from exc
     except (
         SyntaxError,
         simpleeval.InvalidExpression,

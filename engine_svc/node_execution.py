@@ -40,7 +40,12 @@ class NodeExecution:
     ) -> tuple[str, str]:
         """Run one node with its retry policy; record its output at once. (node id, error);
         a node held back by a pause is neither done nor failed."""
-        if node.when and not expressions.evaluate(node.when, state):
+        try:
+            skipped = bool(node.when) and not expressions.evaluate(node.when, state)
+        except expressions.ExpressionError as exc:  # the node's failure, not the engine's
+            ex.running -= 1
+            return node.id, await self.when_failed(ex, node, exc)
+        if skipped:
             ex.running -= 1
             await self.recorder.write(
                 ex, node.id, SKIPPED_CHANNEL, True, done_event(ex, node), step_saves=may_defer
@@ -85,20 +90,11 @@ class NodeExecution:
                             output = await once()
             except Exception as exc:  # the node's failure, not the engine's
                 ex.running -= 1
-                metrics.nodes(node.type, "failed").inc()
                 if isinstance(exc, TimeoutError):
                     error = f"timed out after {node.timeout:g}s"
                 else:
                     error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                failed = event(
-                    "node.failed",
-                    node_id=node.id,
-                    attempt=attempt,
-                    error=error,
-                    status=ex.run.status,
-                    **ex.progress(),
-                )
-                await self.recorder.publish(ex, [failed])
+                await self.failed(ex, node, attempt, error)
                 return node.id, error
         duration = time.monotonic() - started
         ex.finished(node.id, round(duration, 6))
@@ -113,3 +109,23 @@ class NodeExecution:
         if pb.CHECKPOINT_TRIGGER_NODE_COMPLETED in ex.workflow.triggers:
             await self.recorder.save(ex, cpb.TRIGGER_NODE_COMPLETED, name=node.id, status=False)
         return node.id, ""
+
+    async def failed(self, ex: Execution, node: NodeSpec, attempt: int, error: str) -> None:
+        """A node's failure, as its event says it."""
+        metrics.nodes(node.type, "failed").inc()
+        failed = event(
+            "node.failed",
+            node_id=node.id,
+            attempt=attempt,
+            error=error,
+            status=ex.run.status,
+            **ex.progress(),
+        )
+        await self.recorder.publish(ex, [failed])
+
+    async def when_failed(self, ex: Execution, node: NodeSpec, exc: Exception) -> str:
+        """A `when` that cannot be evaluated on the run's state fails its node (attempt 0:
+        the node never started); the error the run ends with."""
+        error = f"when: {exc}"
+        await self.failed(ex, node, 0, error)
+        return error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -277,16 +278,18 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         active, previous = await self.engine.rollback(
             tenant, request.workflow_id, request.version, request.reason, request.requested_by
         )
-        await self.engine.audit(
-            tenant,
-            "rollback",
-            request.workflow_id,
-            {
-                "version": request.version,
-                "previous_version": previous,
-                "reason": request.reason,
-                "requested_by": request.requested_by,
-            },
+        await asyncio.shield(
+            self.engine.audit(
+                tenant,
+                "rollback",
+                request.workflow_id,
+                {
+                    "version": request.version,
+                    "previous_version": previous,
+                    "reason": request.reason,
+                    "requested_by": request.requested_by,
+                },
+            )
         )
         return pb.RollbackWorkflowResponse(active_version=active, previous_version=previous)
 
@@ -320,15 +323,17 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             request.new_run_id,
         )
         reply = await self._started(tenant, started)
-        await self.engine.audit(
-            tenant,
-            "fork",
-            request.run_id,
-            {
-                "checkpoint_id": request.checkpoint_id,
-                "new_run_id": reply.run_id,
-                "state_patch": json_format.MessageToDict(request.state_patch),
-            },
+        await asyncio.shield(
+            self.engine.audit(
+                tenant,
+                "fork",
+                request.run_id,
+                {
+                    "checkpoint_id": request.checkpoint_id,
+                    "new_run_id": reply.run_id,
+                    "state_patch": json_format.MessageToDict(request.state_patch),
+                },
+            )
         )
         return pb.ForkRunResponse(run=reply)
 
@@ -373,8 +378,13 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         tenant = tenant_of(context)
         value = values.from_struct(request.value, "value") if request.HasField("value") else None
         run = await self.engine.resume_run(tenant, request.run_id, value)
-        await self.engine.audit(
-            tenant, "resume", request.run_id, {"value": value} if request.HasField("value") else {}
+        await asyncio.shield(
+            self.engine.audit(
+                tenant,
+                "resume",
+                request.run_id,
+                {"value": value} if request.HasField("value") else {},
+            )
         )
         return pb.ResumeRunResponse(run=await self._reply(tenant, run))
 
@@ -383,8 +393,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self, request: pb.PauseRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.PauseRunResponse:
         tenant = tenant_of(context)
-        done = await self.engine.control(tenant, request.run_id, "pause", {})
-        await self.engine.audit(tenant, "pause", request.run_id, {})
+        done = await self._controlled(tenant, request.run_id, "pause", {}, {})
         reply = await self._reply(tenant, done.run)
         if done.answer == "run.pausing" and reply.status == pb.RUN_STATUS_RUNNING:
             reply.status = pb.RUN_STATUS_PAUSING  # it pauses when its running step ends
@@ -395,10 +404,8 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelRunResponse:
         tenant = tenant_of(context)
-        done = await self.engine.control(
-            tenant, request.run_id, "cancel", {"reason": request.reason}
-        )
-        await self.engine.audit(tenant, "cancel", request.run_id, {"reason": request.reason})
+        reason = {"reason": request.reason}
+        done = await self._controlled(tenant, request.run_id, "cancel", reason, reason)
         return pb.CancelRunResponse(run=await self._reply(tenant, done.run))
 
     @translated
@@ -416,6 +423,21 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             )
         ).checkpoint_id
         return pb.CheckpointRunResponse(checkpoint_id=checkpoint_id)
+
+    async def _controlled(
+        self, tenant: str, run_id: str, action: str, args: dict[str, Any], details: dict[str, Any]
+    ) -> Any:
+        """A pause or cancel, then its audit entry. A call that ends while it waits for the
+        run's engine to act still leaves one: the request stands and may yet be acted on."""
+        try:
+            done = await self.engine.control(tenant, run_id, action, args)
+        except asyncio.CancelledError:
+            self.engine.audit(
+                tenant, action, run_id, {**details, "outcome": "asked; the call ended first"}
+            )
+            raise
+        await asyncio.shield(self.engine.audit(tenant, action, run_id, details))
+        return done
 
     @translated
     async def ListAuditEntries(

@@ -69,7 +69,12 @@ class StepLoop:
             runnable = [n for n in ready if n.type != "approval"]
             if not runnable:  # only approvals are left to start: wait for an answer
                 node = ready[0]
-                if node.when and not expressions.evaluate(node.when, run.state()):
+                try:
+                    skipped = bool(node.when) and not expressions.evaluate(node.when, run.state())
+                except expressions.ExpressionError as exc:
+                    error = await self.nodes.when_failed(ex, node, exc)
+                    return await self._failed(ex, {node.id: error})
+                if skipped:
                     await self.recorder.write(
                         ex, node.id, SKIPPED_CHANNEL, True, done_event(ex, node)
                     )
@@ -110,13 +115,7 @@ class StepLoop:
             failures = {nid: err for nid, err in results if err}
             run.step += 1
             if failures:
-                run.status = RunStatus.FAILED
-                run.error = "; ".join(f"{k}: {v}" for k, v in failures.items())
-                event = status_event(RunStatus.FAILED, error=run.error, **ex.progress())
-                await self.recorder.save(
-                    ex, cpb.TRIGGER_ERROR, name="error", events=[event], release=True
-                )
-                return run
+                return await self._failed(ex, failures)
             hit = [
                 f"after:{n.id}"
                 for n in runnable
@@ -137,6 +136,15 @@ class StepLoop:
         run.status = RunStatus.COMPLETED
         event = status_event(RunStatus.COMPLETED, **ex.progress())
         await self.recorder.save(ex, cpb.TRIGGER_STEP_COMPLETED, events=[event], release=True)
+        return run
+
+    async def _failed(self, ex: Execution, failures: dict[str, str]) -> RunState:
+        """The run FAILED with its nodes' errors, checkpointed, its lease let go."""
+        run = ex.run
+        run.status = RunStatus.FAILED
+        run.error = "; ".join(f"{k}: {v}" for k, v in failures.items())
+        event = status_event(RunStatus.FAILED, error=run.error, **ex.progress())
+        await self.recorder.save(ex, cpb.TRIGGER_ERROR, name="error", events=[event], release=True)
         return run
 
     async def _breakpoint(self, ex: Execution, keys: list[str]) -> RunState:

@@ -171,3 +171,44 @@ async def test_a_failed_lease_renewal_is_logged_once_per_outage(tenant, caplog) 
     said = [r for r in caplog.records if "lease renewal failed" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
     assert said[0].run_id == "r-1"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_when_that_fails_fails_its_node_and_the_run(stub, tenant) -> None:
+    """A condition that cannot be evaluated on the state (a missing key) is the node's
+    failure, with the expression named, not a crash that leaves the run RUNNING."""
+    s, _ = stub
+    wf = workflow(
+        [
+            {"id": "a", "type": "noop"},
+            {"id": "b", "type": "noop", "depends_on": ["a"], "when": "input['missing'] > 1"},
+            {
+                "id": "ask",
+                "type": "approval",
+                "depends_on": ["a"],
+                "when": "input['absent']",
+                "config": {"prompt": "go?"},
+            },
+        ]
+    )
+    ex = RunExecutor(GrpcStore(stub=s, tenant=tenant), tenant, "engine-1", RUNNER, lease_ttl=15.0)
+    await ex.start(wf, 1, "run-when", {})
+    run = await asyncio.wait_for(ex.execute(wf, "run-when"), 30)
+    assert run.status == "FAILED", run
+    assert "when" in run.error and "missing" in run.error, run.error
+    # An approval whose condition fails, when it is all that is left to start.
+    ask = workflow(
+        [
+            {"id": "a", "type": "noop"},
+            {
+                "id": "ask",
+                "type": "approval",
+                "depends_on": ["a"],
+                "when": "input['absent']",
+                "config": {"prompt": "go?"},
+            },
+        ]
+    )
+    await ex.start(ask, 1, "run-ask", {})
+    run = await asyncio.wait_for(ex.execute(ask, "run-ask"), 30)
+    assert run.status == "FAILED" and "ask: when:" in run.error and "absent" in run.error

@@ -90,7 +90,7 @@ def tls_of(settings: ServiceSettings) -> grpc.ServerCredentials | None:
         return server_credentials(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         prog = settings.model_config.get("cli_prog_name") or "settings"
         raise SystemExit(f"{prog}: error: TLS: {exc}") from None
 

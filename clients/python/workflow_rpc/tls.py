@@ -40,9 +40,25 @@ class _ServerFiles:
         return [((st := os.stat(p)).st_mtime_ns, st.st_size) for p in self.paths]
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(self.key.read_bytes(), self.cert.read_bytes())], _read(self.client_ca)
-        )
+        """The files as gRPC takes them, once they hold a certificate chain, its own key and
+        the CA's certificates (gRPC checks none of it here: a half-written file would be taken
+        and then fail every handshake); ValueError if they do not."""
+        # Servers only (the serving extra): a client's TLS needs no cryptography.
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        cert, key = self.cert.read_bytes(), self.key.read_bytes()
+        client_ca = _read(self.client_ca)
+        chain = x509.load_pem_x509_certificates(cert)
+        private = serialization.load_pem_private_key(key, password=None)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if chain[0].public_key().public_bytes(
+            serialization.Encoding.PEM, spki
+        ) != private.public_key().public_bytes(serialization.Encoding.PEM, spki):
+            raise ValueError(f"{self.key} is not the key of {self.cert}")
+        if client_ca is not None:
+            x509.load_pem_x509_certificates(client_ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], client_ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """A new configuration if a file changed since the last one (None: keep it)."""
