@@ -355,7 +355,7 @@ def _ran(engine_address: str, token: str | None, *args: str, tenant: str | None 
     )
 
 
-@SQLITE
+@BOTH
 async def test_a_tenant_sees_only_its_own_and_the_engines_namespaces_are_the_engines(
     service_factory, engine_factory, backend, credentials, tmp_path
 ) -> None:
@@ -698,13 +698,14 @@ async def _session_answers(stub, metadata, save: cpb.SaveRequest):
         call.cancel()
 
 
-@SQLITE
+@BOTH
 async def test_a_revoked_token_ends_its_open_streams(
     service_factory, backend, credentials, fast_reload
 ) -> None:
     """A Session and a Stream opened with a token end once it leaves the file."""
     write_tokens(credentials / "tokens.yaml", _entry("late-token", "late", "a", ["writer"]))
-    store = service_factory(backend, *auth_args(credentials), in_process=True)
+    # Heartbeats every second: an idle Stream is checked again at each one.
+    store = service_factory(backend, *auth_args(credentials), "--heartbeat", "1", in_process=True)
     async with grpc.aio.insecure_channel(store.address) as channel:
         c = cpb_grpc.CheckpointServiceStub(channel)
         late = md("late-token")
@@ -735,7 +736,7 @@ async def test_a_revoked_token_ends_its_open_streams(
         assert code == grpc.StatusCode.UNAUTHENTICATED, code
         await sent.put(None)
         with pytest.raises(grpc.aio.AioRpcError) as ended:
-            async with asyncio.timeout(15):  # its next heartbeat is checked
+            async with asyncio.timeout(10):  # its next heartbeat is checked
                 async for _ in stream:
                     pass
         assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -1045,7 +1046,7 @@ async def _code_of(call: object) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-@SQLITE
+@BOTH
 async def test_mtls_admits_only_certificates_of_its_ca_and_maps_their_names(
     service_factory, engine_factory, backend, credentials
 ) -> None:
@@ -1152,7 +1153,7 @@ async def test_a_rotated_server_certificate_is_served_without_a_restart(
 # ---- the audit log -------------------------------------------------------------------------
 
 
-@SQLITE
+@BOTH
 async def test_every_control_action_is_in_the_audit_log_with_who_made_it(
     service_factory, engine_factory, backend, credentials, tmp_path
 ) -> None:
@@ -1285,7 +1286,7 @@ def test_expressions_nested_too_deep_are_refused_at_registration() -> None:
     assert "nests deeper" in (expressions.check("[" * 150 + "]" * 150) or "")
 
 
-@SQLITE
+@BOTH
 async def test_the_audit_log_is_an_admins_to_read_on_the_store_too(
     service_factory, backend, credentials
 ) -> None:
