@@ -1092,6 +1092,17 @@ async def test_mtls_admits_only_certificates_of_its_ca_and_maps_their_names(
         assert "no name of the client certificate is in the token file" in unknown.value.details()
         assert await _code_of(stub.Save(save, metadata=md("writer-token"))) == grpc.StatusCode.OK
 
+    # The container probe, over mTLS as the service wants it.
+    probe = [sys.executable, "-m", "workflow_rpc.probe", store.address, "--ca", str(ca.ca_file)]
+    keys = ["--cert", str(reader[0]), "--key", str(reader[1])]
+    answered = await asyncio.to_thread(
+        subprocess.run, [*probe, *keys], capture_output=True, text=True, timeout=30
+    )
+    assert answered.returncode == 0, answered.stderr
+    refused = await asyncio.to_thread(
+        subprocess.run, probe, capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
     # The engine reaches the store with its own certificate (its identity: the system role),
     # and serves TLS itself; wf speaks TLS to it.
     engine = engine_factory(
