@@ -124,8 +124,8 @@ def test_a_token_file_is_read_again_when_it_changes(tmp_path, fast_reload) -> No
     assert tokens.identity("new-token") is not None
     path.write_text("tokens: [{sha256: not-a-hash}]")  # broken: the last good file stays
     assert tokens.identity("new-token") is not None
-    with pytest.raises(ValueError, match="not a token file"):
-        TokenFile(path)  # but a bad file at start is an error
+    with pytest.raises(ValueError, match=r"not a token file: tokens\.0\.sha256: String should"):
+        TokenFile(path)  # but a bad file at start is an error, saying where
 
 
 @pytest.mark.parametrize(
@@ -206,13 +206,15 @@ def test_roles_include_lesser_ones_and_a_tenant_bound_credential_names_only_its_
             auth.admit(get, Role.READER, bad)
 
 
-def test_without_credentials_a_service_listens_on_loopback_only(caplog) -> None:
+def test_without_credentials_a_service_listens_on_loopback_only(caplog, capsys) -> None:
     for address in ("127.0.0.1:1", "localhost:1", "[::1]:1"):
         check_exposure(address, authenticated=False, insecure=False, what="svc")
     for address in ("0.0.0.0:1", "[::]:1", "10.1.2.3:1", "example.org:1", ":1"):
-        with pytest.raises(SystemExit, match="with no credentials checked"):
+        with pytest.raises(SystemExit) as refused:
             check_exposure(address, authenticated=False, insecure=False, what="svc")
+        assert refused.value.code == 2
         check_exposure(address, authenticated=True, insecure=False, what="svc")
+    assert "with no credentials checked" in capsys.readouterr().err
     check_exposure("0.0.0.0:1", authenticated=False, insecure=True, what="svc")
     assert "--insecure" in caplog.text
 
@@ -534,6 +536,15 @@ async def test_an_engine_without_the_system_identity_is_refused_by_the_store(
     service_factory, engine_factory, backend, credentials
 ) -> None:
     store = service_factory(backend, *auth_args(credentials), in_process=True)
+    good = engine_factory(
+        store, *auth_args(credentials), "--checkpoint-token-file", str(credentials / "engine.token")
+    )
+    registered = definition([{"id": "a", "type": "noop"}])
+    async with grpc.aio.insecure_channel(good.address) as channel:
+        request = pb.RegisterWorkflowRequest(definition=registered)
+        await pb_grpc.EngineServiceStub(channel).RegisterWorkflow(
+            request, metadata=md("writer-token")
+        )
     (credentials / "writer.token").write_text("writer-token")
     for engine_token in (None, "writer.token"):
         token_args = (
@@ -542,16 +553,20 @@ async def test_an_engine_without_the_system_identity_is_refused_by_the_store(
         engine = engine_factory(store, *auth_args(credentials), *token_args)
         async with grpc.aio.insecure_channel(engine.address) as channel:
             s = pb_grpc.EngineServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await s.RegisterWorkflow(
-                    pb.RegisterWorkflowRequest(
-                        definition=definition([{"id": "a", "type": "noop"}])
-                    ),
-                    metadata=md("writer-token"),
-                )
-        assert refused.value.code() == grpc.StatusCode.INTERNAL
-        assert "refused this engine's credential" in (refused.value.details() or "")
-        assert "--checkpoint-token-file" in (refused.value.details() or "")
+            other = definition([{"id": "b", "type": "noop"}], "other")
+            for call in (  # a unary store call, and a run's calls on its Session stream
+                s.RegisterWorkflow(
+                    pb.RegisterWorkflowRequest(definition=other), metadata=md("writer-token")
+                ),
+                s.StartRun(pb.StartRunRequest(workflow_id="wf"), metadata=md("writer-token")),
+            ):
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.INTERNAL, refused.value
+                assert "refused this engine's credential" in (refused.value.details() or "")
+                assert "--checkpoint-token-file" in (refused.value.details() or "")
+                assert time.monotonic() - started < 5  # at once: no retry makes it pass
 
 
 @SQLITE
@@ -596,7 +611,7 @@ def test_a_service_without_credentials_refuses_to_listen_beyond_loopback(tmp_pat
             text=True,
             timeout=60,
         )
-        assert done.returncode == 1
+        assert done.returncode == 2
         assert f"refusing to listen on 0.0.0.0:{port} with no credentials checked" in done.stderr
         assert "--insecure" in done.stderr and "Traceback" not in done.stderr
     # With --insecure it listens there, and says what that means.

@@ -318,7 +318,9 @@ def cmd_audit(args: argparse.Namespace, engine: EngineClient, out: Output) -> in
             e.subject,
             e.action,
             e.target,
-            json.dumps(plain_message(e.details), separators=(",", ":")) if e.details.fields else "",
+            json.dumps(json_format.MessageToDict(e.details), separators=(",", ":"))
+            if e.details.fields
+            else "",
         ]
         for e in entries
     ]

@@ -44,10 +44,20 @@ def error_of(error: cpb.CallError) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=error.message)
 
 
-def _unavailable(why: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why
-    )
+def _unavailable(
+    why: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why)
+
+
+# What a stream refused for its credentials fails its calls with: no retry makes them pass.
+_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name} {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class _Stream:
@@ -162,13 +172,13 @@ class StoreSession:
                     calls[0].batch.extend(calls[1:])
                     await stream.call.write(calls[0])
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            self._break(stream, f"store session broken: {exc}")
+            self._break(stream, f"store session broken: {_why(exc)}")
         except Exception as exc:  # our bug: no call may wait for a writer that is gone
             log.exception("store session writer failed")
             self._break(stream, f"store session writer failed: {exc}")
 
     async def _read(self, stream: _Stream) -> None:
-        why = "store session ended"
+        why, code = "store session ended", grpc.StatusCode.UNAVAILABLE
         try:
             stream.headers = frozenset(tuple(h) for h in await stream.call.initial_metadata() or ())
             stream.batches = (BATCHES_HEADER, "1") in stream.headers
@@ -177,12 +187,14 @@ class StoreSession:
                 for answer in response.batch:
                     self._answer(stream, answer)
         except grpc.aio.AioRpcError as exc:
-            why = f"store session broken: {exc.code().name} {exc.details()}"
+            why = f"store session broken: {_why(exc)}"
+            if exc.code() in _REFUSED:
+                code = exc.code()
         except asyncio.CancelledError:
             why = "store session closed"
             raise
         finally:
-            self._break(stream, why)
+            self._break(stream, why, code)
 
     @staticmethod
     def _answer(stream: _Stream, response: cpb.SessionResponse) -> None:
@@ -197,15 +209,18 @@ class StoreSession:
         else:
             future.set_result(getattr(response, kind))
 
-    def _break(self, stream: _Stream, why: str) -> None:
-        """The stream is gone: every call on it fails with UNAVAILABLE, to be retried."""
+    def _break(
+        self, stream: _Stream, why: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    ) -> None:
+        """The stream is gone: every call on it fails with UNAVAILABLE, to be retried (or, if
+        the store refused its credentials, with that refusal)."""
         stream.broken = True
         stream.unsent.clear()
         if stream.sender is not None and stream.sender is not asyncio.current_task():
             stream.sender.cancel()
         for future in stream.waiting.values():
             if not future.done():
-                future.set_exception(_unavailable(why))
+                future.set_exception(_unavailable(why, code))
         stream.waiting.clear()
         if stream is self._stream:
             self._stream = None

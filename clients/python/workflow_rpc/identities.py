@@ -160,7 +160,12 @@ def _parse_token_file(raw: bytes) -> _Credentials:
         if loaded is None:  # an empty file (one half-written, say): `tokens: []` is none
             raise ValueError("not a token file: it is empty")
         model = _TokenFileModel.model_validate(loaded)
-    except (yaml.YAMLError, ValidationError) as exc:
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ValueError(f"not a token file: {where}: {first['msg']}{more}") from None
+    except yaml.YAMLError as exc:
         raise ValueError(f"not a token file: {exc}".splitlines()[0]) from None
 
     def identity(entry: _TokenEntry | _CertificateEntry) -> Identity:

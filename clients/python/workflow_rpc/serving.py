@@ -69,11 +69,13 @@ def check_exposure(address: str, authenticated: bool, insecure: bool, what: str)
     if authenticated or loopback(address):
         return
     if not insecure:
-        raise SystemExit(
+        print(
             f"{what}: refusing to listen on {address} with no credentials checked: configure "
             "--auth-token-file or --auth-jwt-secret-file/--auth-jwks-file, listen on a "
-            "loopback address, or pass --insecure"
+            "loopback address, or pass --insecure",
+            file=sys.stderr,
         )
+        raise SystemExit(2)  # a bad setting, as the settings' own errors
     logging.getLogger(what).warning(
         "listening beyond loopback with no credentials checked (--insecure): anyone who "
         "reaches the port may do anything",
