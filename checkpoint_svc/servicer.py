@@ -49,7 +49,7 @@ from checkpoint_svc.store import CheckpointStore, TierHealth
 from checkpoint_svc.tiers.sql import ThreadFilter
 from workflow_rpc import statuses
 from workflow_rpc.audit import AUDIT_NAMESPACE, AUDIT_THREAD, EVENT_PREFIX, entry_payload
-from workflow_rpc.callers import CALLER, Role
+from workflow_rpc.callers import CALLER, Role, roles_by_method
 from workflow_rpc.identities import PermissionDenied
 from workflow_rpc.namespaces import ENGINE_NAMESPACES
 from workflow_rpc.tenants import tenant_of
@@ -61,9 +61,9 @@ log = logging.getLogger(__name__)
 _SERVICE = pb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 # The role each RPC needs when credentials are checked (docs/security.md#identities-and-roles);
 # the engine's system identity has them all. A Session's calls are those of a writer.
-REQUIRED_ROLES: dict[str, Role] = {
-    f"/{_SERVICE}/{name}": role
-    for role, names in {
+REQUIRED_ROLES: dict[str, Role] = roles_by_method(
+    _SERVICE,
+    {
         Role.READER: (
             "Restore",
             "List",
@@ -83,9 +83,8 @@ REQUIRED_ROLES: dict[str, Role] = {
             "Session",
         ),
         Role.ADMIN: ("DeleteThread", "PruneThreads", "DeleteForRuns", "CopyThread"),
-    }.items()
-    for name in names
-}
+    },
+)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -19,7 +19,7 @@ from engine_svc.registry import RegistrationContended, WorkflowNotFound
 from engine_svc.run_state import NotARun, RunState, RunStatus
 from engine_svc.store import LeaseLost, StoreError
 from workflow_rpc import statuses
-from workflow_rpc.callers import Role
+from workflow_rpc.callers import Role, roles_by_method
 from workflow_rpc.headers import SYSTEM_TENANT, TENANT_HEADER
 from workflow_rpc.statuses import InvalidArgument, bounded
 from workflow_rpc.tenants import tenant_of as call_tenant_of
@@ -31,9 +31,9 @@ R = TypeVar("R")
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["EngineService"].full_name
 # The role each RPC needs when credentials are checked (docs/security.md#identities-and-roles).
-REQUIRED_ROLES: dict[str, Role] = {
-    f"/{_SERVICE}/{name}": role
-    for role, names in {
+REQUIRED_ROLES: dict[str, Role] = roles_by_method(
+    _SERVICE,
+    {
         Role.READER: (
             "GetWorkflow",
             "GetRun",
@@ -53,9 +53,8 @@ REQUIRED_ROLES: dict[str, Role] = {
             "RollbackWorkflow",
             "ForkRun",
         ),
-    }.items()
-    for name in names
-}
+    },
+)
 
 
 _CODES: dict[type[Exception], grpc.StatusCode] = {

@@ -8,7 +8,7 @@ import contextvars
 import enum
 from dataclasses import dataclass
 
-__all__ = ["ANY_TENANT", "CALLER", "Identity", "Role"]
+__all__ = ["ANY_TENANT", "CALLER", "Identity", "Role", "roles_by_method"]
 
 # The tenant of an operator's credential: it may act on any tenant it names.
 ANY_TENANT = "*"
@@ -60,3 +60,9 @@ class Identity:
 
 CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller", default=None)
 """The identity of the call this task handles; None while the server checks no credentials."""
+
+
+def roles_by_method(service: str, names: dict[Role, tuple[str, ...]]) -> dict[str, Role]:
+    """The role each RPC of `service` (its full name) needs, by full method name, from the
+    RPC names each role opens."""
+    return {f"/{service}/{name}": role for role, listed in names.items() for name in listed}

@@ -66,13 +66,11 @@ def _tenant(value: str) -> str:
     return value
 
 
-class _TokenEntry(BaseModel):
-    """One token of a token file."""
+class _IdentityEntry(BaseModel):
+    """Who an entry of a token file is."""
 
     model_config = ConfigDict(extra="forbid")
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    """The token's SHA-256 in lowercase hex: the file never holds a token itself."""
     subject: str = Field(min_length=1, max_length=200)
     """Who holds it."""
     tenant: str
@@ -85,23 +83,23 @@ class _TokenEntry(BaseModel):
     def _a_tenant(cls, value: str) -> str:
         return _tenant(value)
 
+    def identity(self) -> Identity:
+        return Identity(subject=self.subject, tenant=self.tenant, roles=frozenset(self.roles))
 
-class _CertificateEntry(BaseModel):
+
+class _TokenEntry(_IdentityEntry):
+    """One token of a token file."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """The token's SHA-256 in lowercase hex: the file never holds a token itself."""
+
+
+class _CertificateEntry(_IdentityEntry):
     """A client certificate's name, as an identity (mTLS: docs/security.md#tls-and-mtls)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     san: str = Field(min_length=1, max_length=2000)
     """A subject alternative name of the certificate (a DNS name, or a URI such as
     spiffe://cluster/ns/jobs/sa/engine)."""
-    subject: str = Field(min_length=1, max_length=200)
-    tenant: str
-    roles: list[Role] = Field(min_length=1)
-
-    @field_validator("tenant")
-    @classmethod
-    def _a_tenant(cls, value: str) -> str:
-        return _tenant(value)
 
 
 class _TokenFileModel(BaseModel):
@@ -168,12 +166,9 @@ def _parse_token_file(raw: bytes) -> _Credentials:
     except yaml.YAMLError as exc:
         raise ValueError(f"not a token file: {exc}".splitlines()[0]) from None
 
-    def identity(entry: _TokenEntry | _CertificateEntry) -> Identity:
-        return Identity(subject=entry.subject, tenant=entry.tenant, roles=frozenset(entry.roles))
-
     return _Credentials(
-        tokens={entry.sha256: identity(entry) for entry in model.tokens},
-        certificates={entry.san: identity(entry) for entry in model.certificates},
+        tokens={entry.sha256: entry.identity() for entry in model.tokens},
+        certificates={entry.san: entry.identity() for entry in model.certificates},
     )
 
 
