@@ -76,6 +76,7 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
         store.feed.close()  # open Streams end now (UNAVAILABLE) instead of holding up the stop
+        store.stopping.set()  # and Sessions once their calls are answered
         await server.stop(grace=settings.shutdown_grace)
         await store.close()
 

@@ -888,7 +888,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     ) -> AsyncIterator[pb.SessionResponse]:
         """Each call through its unary handler (checkpoint_svc/session.py)."""
         async for response in serve_session(
-            lambda name: getattr(self, name), request_iterator, context
+            lambda name: getattr(self, name), request_iterator, context, self.store.stopping
         ):
             yield response
 

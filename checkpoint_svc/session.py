@@ -81,9 +81,13 @@ async def serve_session(
     handler_of: Callable[[str], Callable[[Any, Any], Awaitable[Any]]],
     requests: AsyncIterator[pb.SessionRequest],
     stream: grpc.aio.ServicerContext,
+    stopping: asyncio.Event | None = None,
 ) -> AsyncIterator[pb.SessionResponse]:
     """Run each call as it comes and yield its answer when it has one; end once the client
-    has closed its side and every call is answered."""
+    has closed its side and every call is answered. Once `stopping` is set (the service is
+    shutting down) it reads no more calls, answers those it has, and ends UNAVAILABLE, so
+    that the client takes its next calls elsewhere instead of holding the shutdown for the
+    whole grace period."""
     answers: asyncio.Queue[pb.SessionResponse | None] = asyncio.Queue()
     unanswered = 0
     calls: set[asyncio.Task] = set()
@@ -151,6 +155,16 @@ async def serve_session(
     await stream.send_initial_metadata(((BATCHES_HEADER, "1"), (REQUIRED_HEAD_HEADER, "1")))
     reader = asyncio.create_task(read())
     closed = False
+    stopped = False
+
+    async def stop_reading() -> None:
+        nonlocal stopped
+        assert stopping is not None
+        await stopping.wait()
+        stopped = True
+        reader.cancel()  # its `finally` says the client's side is done
+
+    stopper = asyncio.create_task(stop_reading()) if stopping is not None else None
 
     def check_reading() -> None:
         """Once the client's side ended: re-raise what broke the reading, if anything did."""
@@ -182,8 +196,14 @@ async def serve_session(
             yield item
             if closed:
                 check_reading()
+        if stopped:
+            await stream.abort(
+                grpc.StatusCode.UNAVAILABLE, "the service is shutting down; reconnect"
+            )
     finally:
         reader.cancel()
+        if stopper is not None:
+            stopper.cancel()
         for task in list(calls):
             task.cancel()
 

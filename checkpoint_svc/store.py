@@ -111,6 +111,9 @@ class CheckpointStore:
             settings.queue_max,
             in_commit_order=settings.memory_answers_heads,
         )
+        # Set when the service begins to shut down: open Session streams end once their
+        # calls are answered (checkpoint_svc/session.py).
+        self.stopping = asyncio.Event()
         self.feed = EventFeed(
             self.sql,
             settings.heartbeat,

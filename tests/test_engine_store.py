@@ -112,8 +112,11 @@ async def test_a_store_that_comes_back_within_the_budget_answers(
             saved = await asyncio.wait_for(call, 20)
             got = await store.restore(cpb.RestoreRequest(namespace=NS, thread_id="a"))
             assert got.checkpoint.checkpoint_id == saved.checkpoint.checkpoint_id
-            # A feed's stream retries until it opens, too.
+            # A feed's stream retries until it opens, too. (The store stops at once: an open
+            # Session ends once its calls are answered, not at the end of the shutdown grace.)
+            stopping = time.monotonic()
             await service.aterminate()
+            assert time.monotonic() - stopping < 5.0
             items = []
 
             async def read() -> None:
