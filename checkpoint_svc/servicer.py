@@ -48,7 +48,13 @@ from checkpoint_svc.session import serve_session
 from checkpoint_svc.store import CheckpointStore, TierHealth
 from checkpoint_svc.tiers.sql import ThreadFilter
 from workflow_rpc import statuses
-from workflow_rpc.audit import AUDIT_NAMESPACE, AUDIT_THREAD, EVENT_PREFIX, entry_payload
+from workflow_rpc.audit import (
+    AUDIT_NAMESPACE,
+    AUDIT_THREAD,
+    EVENT_PREFIX,
+    EntryWrites,
+    entry_payload,
+)
 from workflow_rpc.callers import CALLER, Role, roles_by_method
 from workflow_rpc.identities import PermissionDenied
 from workflow_rpc.namespaces import ENGINE_NAMESPACES
@@ -387,7 +393,7 @@ def _ttl(field: str, value: float) -> float:
 class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
-        self._audits: set[asyncio.Task[None]] = set()  # audit entries being written
+        self._audits = EntryWrites()
 
     @translated
     async def Save(
@@ -675,19 +681,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         task of its own: a caller going away does not take the entry with it."""
         key = ThreadKey(tenant, AUDIT_NAMESPACE, AUDIT_THREAD)
         event = NewEvent(EVENT_PREFIX + action, entry_payload(action, target, details))
-
-        async def write() -> None:
-            try:
-                await self.store.publish(key, [event], "", 0)
-            except StoreError:  # the action is done: say so, and that its entry is missing
-                log.exception(
-                    "audit entry not recorded", extra={"action": action, "target": target}
-                )
-
-        task = asyncio.create_task(write())
-        self._audits.add(task)
-        task.add_done_callback(self._audits.discard)
-        await asyncio.shield(task)
+        write = self.store.publish(key, [event], "", 0)
+        await asyncio.shield(self._audits.start(write, action, target))
 
     @translated
     async def GetThread(

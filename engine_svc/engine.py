@@ -43,7 +43,13 @@ from engine_svc.store import (
     StoreUnavailable,
 )
 from workflow_client.store_session import StoreSession
-from workflow_rpc.audit import AUDIT_NAMESPACE, AUDIT_THREAD, EVENT_PREFIX, entry_payload
+from workflow_rpc.audit import (
+    AUDIT_NAMESPACE,
+    AUDIT_THREAD,
+    EVENT_PREFIX,
+    EntryWrites,
+    entry_payload,
+)
 from workflow_rpc.headers import SYSTEM_TENANT, tenant_metadata
 from workflow_rpc.namespaces import TENANTS_NAMESPACE
 from workflow_rpc.statuses import InvalidArgument
@@ -131,7 +137,7 @@ class Engine:
         self._not_runs: set[tuple[str, str]] = set()  # runs/ threads holding no run
         self._recovery: asyncio.Task | None = None
         self._closing = False  # close() began: no run is launched again after its end
-        self._audits: set[asyncio.Task[None]] = set()  # audit entries being written
+        self._audits = EntryWrites()
 
     def executor(self, tenant: str) -> RunExecutor:
         if tenant not in self._executors:
@@ -185,8 +191,8 @@ class Engine:
         self._closing = True
         if self._recovery is not None:
             self._recovery.cancel()
-        if self._audits:  # entries under way are written before the store channel closes
-            await asyncio.wait(set(self._audits), timeout=self.settings.shutdown_grace)
+        # Entries under way are written before the store channel closes.
+        await self._audits.drain(self.settings.shutdown_grace)
         for executor in self._executors.values():
             for ex in executor.live.values():
                 if ex.pause is None:
@@ -216,40 +222,47 @@ class Engine:
         return await self.registry.versions(tenant, workflow_id)
 
     async def rollback(
-        self, tenant: str, workflow_id: str, version: int, reason: str, requested_by: str
+        self,
+        tenant: str,
+        workflow_id: str,
+        version: int,
+        reason: str,
+        requested_by: str,
+        subject: str | None = None,
     ) -> tuple[int, int]:
-        """Make `version` active: (active, previous). Runs under way keep their version."""
-        done = await self.registry.rollback(tenant, workflow_id, version, reason, requested_by)
+        """Make `version` active: (active, previous), and its audit entry (`subject`: who,
+        when not the call's caller). Runs under way keep their version."""
+        active, previous = await self.registry.rollback(
+            tenant, workflow_id, version, reason, requested_by
+        )
         log.info(
             "workflow rolled back",
             extra={"workflow_id": workflow_id, "version": version, "reason": reason},
         )
-        return done
+        details = {
+            "version": version,
+            "previous_version": previous,
+            "reason": reason,
+            "requested_by": requested_by,
+        }
+        await asyncio.shield(self.audit(tenant, "rollback", workflow_id, details, subject))
+        return active, previous
 
     async def _rollback_node(self, call: NodeCall, node: NodeSpec, state: dict[str, Any]) -> Any:
         """A `rollback` node: e.g. after a failed canary check, from inside a workflow."""
         cfg = node.config
+        by = f"run {call.run_id} (node {node.id})"
         try:
             active, previous = await self.rollback(
                 call.tenant,
                 cfg["workflow_id"],
                 int(cfg["version"]),
                 str(cfg.get("reason", "")),
-                f"run {call.run_id} (node {node.id})",
+                by,
+                subject=by,
             )
         except WorkflowNotFound as exc:
             raise NodeFailed(str(exc)) from exc
-        by = f"run {call.run_id} (node {node.id})"
-        details = {"version": int(cfg["version"]), "previous_version": previous}
-        await asyncio.shield(
-            self.audit(
-                call.tenant,
-                "rollback",
-                cfg["workflow_id"],
-                {**details, "reason": str(cfg.get("reason", "")), "requested_by": by},
-                subject=by,
-            )
-        )
         return {
             "workflow_id": cfg["workflow_id"],
             "active_version": active,
@@ -389,14 +402,6 @@ class Engine:
         """An entry in the tenant's audit log, written by a task of its own: the caller going
         away does not take the entry with it (a store that stays away past the retries leaves
         it missing, and the log says so). `subject`: who, when not the call's caller."""
-        task = asyncio.create_task(self._audit(tenant, action, target, details, subject))
-        self._audits.add(task)
-        task.add_done_callback(self._audits.discard)
-        return task
-
-    async def _audit(
-        self, tenant: str, action: str, target: str, details: dict[str, Any], subject: str | None
-    ) -> None:
         payload = entry_payload(action, target, details)
         if subject is not None:
             payload["subject"] = subject
@@ -408,10 +413,7 @@ class Engine:
             events=[event],
             request_id=f"audit:{uuid6.uuid7()}",  # a retry after a lost answer: once
         )
-        try:
-            await self.store(tenant).publish(request)
-        except StoreError:
-            log.exception("audit entry not recorded", extra={"action": action, "target": target})
+        return self._audits.start(self.store(tenant).publish(request), action, target)
 
     async def audit_entries(
         self, tenant: str, after_seq: int, page_size: int

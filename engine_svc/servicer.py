@@ -277,19 +277,6 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         active, previous = await self.engine.rollback(
             tenant, request.workflow_id, request.version, request.reason, request.requested_by
         )
-        await asyncio.shield(
-            self.engine.audit(
-                tenant,
-                "rollback",
-                request.workflow_id,
-                {
-                    "version": request.version,
-                    "previous_version": previous,
-                    "reason": request.reason,
-                    "requested_by": request.requested_by,
-                },
-            )
-        )
         return pb.RollbackWorkflowResponse(active_version=active, previous_version=previous)
 
     @translated

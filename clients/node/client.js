@@ -303,6 +303,12 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 // watchRun stops at a run.status event with one of these (unless `follow`).
 const STOP_STATUSES = new Set(['RUN_STATUS_WAITING', 'RUN_STATUS_PAUSED']);
 
+/** The credential options the `wf` command takes from its environment (WF_TOKEN, WF_CA,
+ * WF_CERT, WF_KEY), for `new EngineClient(address, { tenant, ...credentialsFromEnv() })`. */
+function credentialsFromEnv(env = process.env) {
+  return { token: env.WF_TOKEN, ca: env.WF_CA, cert: env.WF_CERT, key: env.WF_KEY };
+}
+
 /** The channel's credentials: `credentials` as given, TLS from `ca`/`cert`/`key` files, or
  * plaintext. */
 function channelCredentials({ credentials, ca, cert, key } = {}) {
@@ -582,6 +588,7 @@ class EngineClient {
 
 module.exports = {
   EngineClient,
+  credentialsFromEnv,
   loadEngineProto,
   toStruct,
   fromStruct,

@@ -11,7 +11,7 @@
 
 const crypto = require('node:crypto');
 const grpc = require('@grpc/grpc-js');
-const { EngineClient, formatError, statusName } = require('./client');
+const { EngineClient, credentialsFromEnv, formatError, statusName } = require('./client');
 
 const USAGE = 'usage: node clients/node/example.js --engine HOST:PORT [--tenant TENANT]';
 
@@ -97,13 +97,7 @@ async function main() {
     console.error(`${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new EngineClient(args.engine, {
-    tenant: args.tenant,
-    token: process.env.WF_TOKEN,
-    ca: process.env.WF_CA,
-    cert: process.env.WF_CERT,
-    key: process.env.WF_KEY,
-  });
+  const client = new EngineClient(args.engine, { tenant: args.tenant, ...credentialsFromEnv() });
   let run;
   try {
     const registered = await client.registerWorkflow(WORKFLOW);

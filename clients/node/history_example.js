@@ -15,7 +15,7 @@
 
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
-const { EngineClient, formatError, statusName } = require('./client');
+const { EngineClient, credentialsFromEnv, formatError, statusName } = require('./client');
 
 const USAGE =
   'usage: node clients/node/history_example.js --engine HOST:PORT [--tenant T] [--workflow ID]';
@@ -94,13 +94,7 @@ async function main() {
     console.error(`${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new EngineClient(args.engine, {
-    tenant: args.tenant,
-    token: process.env.WF_TOKEN,
-    ca: process.env.WF_CA,
-    cert: process.env.WF_CERT,
-    key: process.env.WF_KEY,
-  });
+  const client = new EngineClient(args.engine, { tenant: args.tenant, ...credentialsFromEnv() });
   try {
     print('registered', await client.registerWorkflow(workflow(args.workflow, V1)));
     const requestId = crypto.randomUUID();

@@ -12,7 +12,7 @@
  * 2 on bad usage, 3 on an error, 4 if it stopped at WAITING or PAUSED.
  */
 
-const { EngineClient, formatError, statusName } = require('./client');
+const { EngineClient, credentialsFromEnv, formatError, statusName } = require('./client');
 
 const USAGE =
   'usage: node clients/node/watch.js --engine HOST:PORT [--tenant T] [--after SEQ] [--follow] RUN_ID';
@@ -43,13 +43,7 @@ async function main() {
     console.error(`${err.message}\n${USAGE}`);
     return 2;
   }
-  const client = new EngineClient(args.engine, {
-    tenant: args.tenant,
-    token: process.env.WF_TOKEN,
-    ca: process.env.WF_CA,
-    cert: process.env.WF_CERT,
-    key: process.env.WF_KEY,
-  });
+  const client = new EngineClient(args.engine, { tenant: args.tenant, ...credentialsFromEnv() });
   try {
     const onEvent = (ev) => {
       console.log(

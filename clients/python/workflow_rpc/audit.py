@@ -5,11 +5,23 @@ deletes, prunes and copies made on it; the engine's ListAuditEntries reads them 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from workflow_rpc.callers import CALLER
 
-__all__ = ["ANONYMOUS", "AUDIT_NAMESPACE", "AUDIT_THREAD", "EVENT_PREFIX", "entry_payload"]
+__all__ = [
+    "ANONYMOUS",
+    "AUDIT_NAMESPACE",
+    "AUDIT_THREAD",
+    "EVENT_PREFIX",
+    "EntryWrites",
+    "entry_payload",
+]
+
+log = logging.getLogger("workflow_rpc.audit")
 
 AUDIT_NAMESPACE = "audit"
 AUDIT_THREAD = "actions"
@@ -28,3 +40,33 @@ def entry_payload(action: str, target: str, details: dict[str, Any]) -> dict[str
         "target": target,
         "details": details,
     }
+
+
+class EntryWrites:
+    """Entries being written, each by a task of its own: a caller that goes away after its
+    action does not take the entry with it. A write that fails leaves the entry missing, and
+    the log says so (the action stands)."""
+
+    def __init__(self) -> None:
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def start(
+        self, write: Coroutine[Any, Any, Any], action: str, target: str
+    ) -> asyncio.Task[None]:
+        async def written() -> None:
+            try:
+                await write
+            except Exception:
+                log.exception(
+                    "audit entry not recorded", extra={"action": action, "target": target}
+                )
+
+        task = asyncio.create_task(written())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    async def drain(self, seconds: float) -> None:
+        """Wait for the entries under way, `seconds` at most (a stop)."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=seconds)

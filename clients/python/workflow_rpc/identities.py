@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import jwt
 import yaml
@@ -21,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from workflow_rpc.callers import ANY_TENANT, Identity, Role
 from workflow_rpc.headers import AUTHORIZATION_HEADER, TENANT_HEADER
+from workflow_rpc.reloading import ReloadedFiles
 from workflow_rpc.settings import ServiceSettings
 from workflow_rpc.tenants import TENANT_PATTERN
 
@@ -34,8 +31,6 @@ __all__ = [
     "authenticator_of",
     "token_hash",
 ]
-
-log = logging.getLogger("workflow_rpc.identities")
 
 # How often a credentials file is looked at for a change, at most (a stat per call is waste).
 RELOAD_CHECK_SECONDS = 1.0
@@ -109,41 +104,6 @@ class _TokenFileModel(BaseModel):
     certificates: list[_CertificateEntry] = Field(default_factory=list)
 
 
-T = TypeVar("T")
-
-
-class _Reloaded(Generic[T]):
-    """A file's parsed content, parsed again when its size or mtime changes."""
-
-    def __init__(self, path: Path, parse: Callable[[bytes], T]) -> None:
-        self.path = path
-        self._parse = parse
-        self._stamp = self._stat()
-        self.value = parse(path.read_bytes())  # a bad file at start is the caller's error
-        self._checked = time.monotonic()
-
-    def _stat(self) -> tuple[int, int]:
-        st = os.stat(self.path)
-        return (st.st_mtime_ns, st.st_size)
-
-    def current(self) -> T:
-        now = time.monotonic()
-        if now - self._checked < RELOAD_CHECK_SECONDS:
-            return self.value
-        self._checked = now
-        try:
-            stamp = self._stat()
-            if stamp != self._stamp:
-                self.value, self._stamp = self._parse(self.path.read_bytes()), stamp
-                log.info("credentials file reloaded", extra={"path": str(self.path)})
-        except (OSError, ValueError) as exc:
-            log.error(
-                "credentials file not reloaded: the last good one stays in force",
-                extra={"path": str(self.path), "error": str(exc)},
-            )
-        return self.value
-
-
 @dataclass(frozen=True, slots=True)
 class _Credentials:
     tokens: dict[str, Identity]
@@ -152,7 +112,8 @@ class _Credentials:
     """By a certificate's subject alternative name."""
 
 
-def _parse_token_file(raw: bytes) -> _Credentials:
+def _parse_token_file(files: list[bytes]) -> _Credentials:
+    (raw,) = files
     try:
         loaded = yaml.safe_load(raw)
         if loaded is None:  # an empty file (one half-written, say): `tokens: []` is none
@@ -177,7 +138,9 @@ class TokenFile:
     (docs/security.md#token-files)."""
 
     def __init__(self, path: Path) -> None:
-        self._file = _Reloaded(path, _parse_token_file)
+        self._file = ReloadedFiles(
+            [path], _parse_token_file, "credentials file", RELOAD_CHECK_SECONDS
+        )
 
     def identity(self, token: str) -> Identity | None:
         return self._file.current().tokens.get(token_hash(token))
@@ -212,7 +175,8 @@ _ASYMMETRIC = ("RS", "PS", "ES", "EdDSA")
 SECRET_MIN_BYTES = 32
 
 
-def _parse_jwks(raw: bytes) -> jwt.PyJWKSet:
+def _parse_jwks(files: list[bytes]) -> jwt.PyJWKSet:
+    (raw,) = files
     try:
         keys = jwt.PyJWKSet.from_json(raw.decode())
     except (
@@ -229,8 +193,8 @@ def _parse_jwks(raw: bytes) -> jwt.PyJWKSet:
     return keys
 
 
-def _parse_secret(raw: bytes) -> bytes:
-    secret = raw.strip()
+def _parse_secret(files: list[bytes]) -> bytes:
+    secret = files[0].strip()
     if len(secret) < SECRET_MIN_BYTES:
         raise ValueError(f"the JWT secret must be at least {SECRET_MIN_BYTES} bytes")
     return secret
@@ -246,8 +210,15 @@ class JwtKeys:
         if secret_file is None and jwks_file is None:
             raise ValueError("JwtKeys needs a secret file or a JWKS file")
         self.audience = audience
-        self._secret = _Reloaded(secret_file, _parse_secret) if secret_file else None
-        self._jwks = _Reloaded(jwks_file, _parse_jwks) if jwks_file else None
+        every = RELOAD_CHECK_SECONDS
+        self._secret = (
+            ReloadedFiles([secret_file], _parse_secret, "JWT secret", every)
+            if secret_file
+            else None
+        )
+        self._jwks = (
+            ReloadedFiles([jwks_file], _parse_jwks, "JWKS file", every) if jwks_file else None
+        )
 
     def identity(self, token: str) -> Identity:
         try:
@@ -304,20 +275,22 @@ class Authenticator:
         """A tenant only the system role may name (the engine's own records)."""
 
     def identity(
-        self, metadata: Sequence[tuple[str, str | bytes]], peer_names: Sequence[str] = ()
+        self,
+        metadata: Sequence[tuple[str, str | bytes]],
+        peer_names: Callable[[], Sequence[str]] = tuple,
     ) -> Identity:
         """The call's identity: its bearer token's, or else its client certificate's (a name
-        the token file maps)."""
+        the token file maps; `peer_names` are asked only then)."""
         given = [v for k, v in metadata if k == AUTHORIZATION_HEADER]
-        if not given and peer_names and self.tokens is not None:
-            found = self.tokens.certificate_identity(peer_names)
+        if not given:
+            names = peer_names()
+            found = self.tokens.certificate_identity(names) if names and self.tokens else None
             if found is not None:
                 return found
-        if not given:
             unmapped = " (no name of the client certificate is in the token file)"
             raise Unauthenticated(
                 f"no credentials: this service needs '{AUTHORIZATION_HEADER}: Bearer TOKEN'"
-                + (unmapped if peer_names else "")
+                + (unmapped if names else "")
             )
         if len(given) > 1:
             raise Unauthenticated(f"{len(given)} {AUTHORIZATION_HEADER} headers; send one")
@@ -338,7 +311,7 @@ class Authenticator:
         method: str,
         needed: Role | None,
         metadata: Sequence[tuple[str, str | bytes]],
-        peer_names: Sequence[str] = (),
+        peer_names: Callable[[], Sequence[str]] = tuple,
     ) -> Identity:
         """The caller's identity if it may call `method` (needing `needed`: None, a method no
         role opens) for the tenants its metadata names."""

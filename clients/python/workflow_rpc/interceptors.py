@@ -115,8 +115,10 @@ class Authenticate(_Wrapping):
         admit = self.authenticator.admit
 
         async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+            def names() -> list[str]:  # only for a call without a token: mTLS names
+                return peer_names(context.auth_context())
+
             try:
-                names = peer_names(context.auth_context())
                 CALLER.set(admit(method, needed, context.invocation_metadata() or (), names))
             except Unauthenticated as exc:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
