@@ -21,9 +21,7 @@ from checkpoint_svc.tiers.sql import SqlTier
 from workflow_rpc import logs
 from workflow_rpc.arenas import trim_malloc
 from workflow_rpc.headers import SYSTEM_TENANT
-from workflow_rpc.identities import authenticator_of
-from workflow_rpc.interceptors import Authenticate
-from workflow_rpc.serving import run, serve_until_stopped, tls_of
+from workflow_rpc.serving import run, serve_until_stopped
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 
 SERVICE_NAME = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name
@@ -61,7 +59,6 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
 
 
 async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -> None:
-    auth = authenticator_of(settings, system_tenant=SYSTEM_TENANT)
     store = CheckpointStore(settings)
     reporter: asyncio.Task[None] | None = None
 
@@ -84,7 +81,8 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
         what="checkpoint_svc",
         service_name=SERVICE_NAME,
         listen_address=settings.listen,
-        metrics_port=settings.metrics_port,
+        settings=settings,
+        roles=REQUIRED_ROLES,
         add_servicers=lambda server: checkpoint_pb2_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(store), server
         ),
@@ -97,9 +95,7 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
             "single_writer": settings.memory_answers_heads,
         },
         stopped=stopped,
-        authenticate=Authenticate(auth, REQUIRED_ROLES) if auth else None,
-        insecure=settings.insecure,
-        tls=tls_of(settings),
+        system_tenant=SYSTEM_TENANT,
     )
 
 

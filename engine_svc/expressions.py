@@ -226,6 +226,17 @@ _CHECKED_FUNCTIONS = {**FUNCTIONS, "round": _round, "sum": _sum, "str": _str}
 _BUILDING = threading.Lock()
 
 
+# The keyword arguments of the str methods _call_problem checks, in their positional order.
+_KEYWORDS = {
+    "ljust": ("width",),
+    "rjust": ("width",),
+    "center": ("width",),
+    "zfill": ("width",),
+    "expandtabs": ("tabsize",),
+    "replace": ("old", "new", "count"),
+}
+
+
 def _call_problem(func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
     """Refuse a str method that would make a string past MAX_LENGTH, before it runs."""
     owner = getattr(func, "__self__", None)
@@ -233,11 +244,9 @@ def _call_problem(func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
         return
     name = getattr(func, "__name__", "")
     if kwargs:  # the same checks, whatever way the arguments come
-        names = {"ljust": ["width"], "rjust": ["width"], "center": ["width"], "zfill": ["width"]}
-        names |= {"expandtabs": ["tabsize"], "replace": ["old", "new", "count"]}
-        args = [*args, *(kwargs[k] for k in names.get(name, []) if k in kwargs)]
+        args = [*args, *(kwargs[k] for k in _KEYWORDS.get(name, ()) if k in kwargs)]
     if name == "join" and args and hasattr(args[0], "__iter__"):
-        parts = list(args[0])
+        parts = args[0] = list(args[0])  # measured once, and joined as measured
         size = sum(len(p) for p in parts if isinstance(p, str)) + len(owner) * len(parts)
         _refuse_length(size, "a join")
     elif name in ("ljust", "rjust", "center", "zfill") and args and isinstance(args[0], int):

@@ -12,16 +12,13 @@ from engine_svc.config import Settings, parse_settings
 from engine_svc.engine import Engine
 from engine_svc.servicer import REQUIRED_ROLES, EngineServicer
 from workflow_rpc import logs
-from workflow_rpc.identities import authenticator_of
-from workflow_rpc.interceptors import Authenticate
-from workflow_rpc.serving import run, serve_until_stopped, tls_of
+from workflow_rpc.serving import run, serve_until_stopped
 from workflow_stubs.engine.v1 import engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
 
 
 async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -> None:
-    auth = authenticator_of(settings)
     engine = Engine(settings)
 
     async def start(health_servicer: health.aio.HealthServicer) -> None:
@@ -36,7 +33,8 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
         what="engine_svc",
         service_name=SERVICE_NAME,
         listen_address=settings.listen,
-        metrics_port=settings.metrics_port,
+        settings=settings,
+        roles=REQUIRED_ROLES,
         add_servicers=lambda server: engine_pb2_grpc.add_EngineServiceServicer_to_server(
             EngineServicer(engine), server
         ),
@@ -44,9 +42,6 @@ async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -
         stop=stop,
         listening={"owner": settings.owner, "checkpoint": settings.checkpoint_addr},
         stopped=stopped,
-        authenticate=Authenticate(auth, REQUIRED_ROLES) if auth else None,
-        insecure=settings.insecure,
-        tls=tls_of(settings),
     )
 
 

@@ -44,9 +44,10 @@ def error_of(error: cpb.CallError) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=error.message)
 
 
-def _unavailable(
+def _call_error(
     why: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
 ) -> grpc.aio.AioRpcError:
+    """What a call on the session fails with when its stream cannot answer it."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=why)
 
 
@@ -125,7 +126,7 @@ class StoreSession:
     async def call(self, kind: str, request: Any, seconds: float | None) -> Any:
         """One call: its response, or the AioRpcError the unary call would raise."""
         if self._closed:
-            raise _unavailable("the engine is shutting down")
+            raise _call_error("the engine is shutting down")
         stream = self._open()
         call_id = next(self._ids)
         message = cpb.SessionRequest(call_id=call_id, **{kind: request})
@@ -220,7 +221,7 @@ class StoreSession:
             stream.sender.cancel()
         for future in stream.waiting.values():
             if not future.done():
-                future.set_exception(_unavailable(why, code))
+                future.set_exception(_call_error(why, code))
         stream.waiting.clear()
         if stream is self._stream:
             self._stream = None

@@ -3,6 +3,7 @@ handler of the same kind that checks every call before the servicer sees it."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -44,8 +45,9 @@ class _Wrapping(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
+    @abc.abstractmethod
     def _check_for(self, method: str) -> _Check | None:
-        raise NotImplementedError
+        """The check each call of `method` gets (None: none)."""
 
     async def intercept_service(
         self,

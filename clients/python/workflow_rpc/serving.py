@@ -17,6 +17,8 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from workflow_rpc.callers import Role
+from workflow_rpc.identities import authenticator_of
 from workflow_rpc.interceptors import Authenticate, RejectMalformedRequests
 from workflow_rpc.settings import ServiceSettings
 from workflow_rpc.tls import server_credentials
@@ -138,26 +140,30 @@ async def serve_until_stopped(
     what: str,
     service_name: str,
     listen_address: str,
-    metrics_port: int,
+    settings: ServiceSettings,
+    roles: Mapping[str, Role],
     add_servicers: Callable[[grpc.aio.Server], None],
     start: Callable[[health.aio.HealthServicer], Awaitable[None]],
     stop: Callable[[grpc.aio.Server], Awaitable[None]],
     options: Sequence[tuple[str, Any]] = (),
     listening: Mapping[str, Any] | None = None,
     stopped: Awaitable[None] | None = None,
-    authenticate: Authenticate | None = None,
-    insecure: bool = False,
-    tls: grpc.ServerCredentials | None = None,
+    system_tenant: str | None = None,
 ) -> None:
     """One of our services from start to stop: the server with its servicers, health,
     reflection and the malformed-request interceptor; the port taken before anything else
     (a second process on it stops there); metrics; `start` (given the health servicer);
     serving until SIGTERM or SIGINT (or `stopped`, for a service run inside another
     process, which has no signals of its own); then health NOT_SERVING and `stop` (given the
-    server). With `authenticate`, every call but health and reflection needs credentials;
-    without, the address must be loopback unless `insecure`."""
+    server). The settings say who may call (every call but health and reflection needs a
+    credential with the role `roles` gives its method; without credentials configured, the
+    address must be loopback unless --insecure), with TLS or not, and the metrics port.
+    `system_tenant`: a tenant only the system role may name."""
     log = logging.getLogger(what)
-    check_exposure(listen_address, authenticate is not None, insecure, what)
+    auth = authenticator_of(settings, system_tenant=system_tenant)
+    authenticate = Authenticate(auth, roles) if auth is not None else None
+    check_exposure(listen_address, authenticate is not None, settings.insecure, what)
+    tls = tls_of(settings)
     interceptors: list[grpc.aio.ServerInterceptor] = [RejectMalformedRequests()]
     if authenticate is not None:
         interceptors.insert(0, authenticate)
@@ -165,8 +171,8 @@ async def serve_until_stopped(
     add_servicers(server)
     health_servicer = add_health_and_reflection(server, service_name)
     listen(server, listen_address, what, tls)
-    if metrics_port:
-        serve_metrics(metrics_port, listen_address, what)
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, listen_address, what)
     await start(health_servicer)
     await server.start()
     log.info(
