@@ -343,6 +343,12 @@ def _constant_problem(tree: ast.AST) -> str | None:
     return None
 
 
+# What parsing or walking a too deeply nested expression raises. CPython 3.11's parser can
+# raise SystemError ("AST constructor recursion depth mismatch") instead of RecursionError,
+# depending on how deep the stack already is.
+_TOO_DEEP = (RecursionError, MemoryError, SystemError)
+
+
 def _depth(tree: ast.AST) -> int:
     deepest, stack = 0, [(tree, 1)]
     while stack:
@@ -362,7 +368,7 @@ def check(expression: str) -> str | None:
         tree = _evaluator({}).parse(expression)
     except (SyntaxError, simpleeval.InvalidExpression) as exc:
         return f"does not parse: {exc}"
-    except (RecursionError, MemoryError):
+    except _TOO_DEEP:
         return f"nests deeper than {MAX_DEPTH}"
     if _depth(tree) > MAX_DEPTH:
         return f"nests deeper than {MAX_DEPTH}"
@@ -377,7 +383,7 @@ def evaluate(expression: str, state: dict[str, Any], seconds: float = EVAL_SECON
         return value
     except _TooBig as exc:
         raise ExpressionError(f"{expression!r}: {exc}") from exc
-    except RecursionError as exc:
+    except _TOO_DEEP as exc:
         raise ExpressionError(f"{expression!r}: nests too deep") from exc
     except (
         SyntaxError,
