@@ -1,5 +1,6 @@
 """`python -m checkpoint_svc [flags]` serves; `python -m checkpoint_svc migrate [flags]` only
-brings the database's schema to the newest revision and exits (docs/operations.md#upgrading)."""
+brings the database's schema to the newest revision and exits (docs/operations.md#upgrading);
+`python -m checkpoint_svc new-key [ID]` prints a key ring entry (docs/security.md)."""
 
 import sys
 
@@ -11,6 +12,10 @@ if sys.argv[1:2] == ["migrate"]:
     from checkpoint_svc.server import migrate_main
 
     migrate_main(sys.argv[2:])
+elif sys.argv[1:2] == ["new-key"]:
+    from checkpoint_svc.server import new_key_main
+
+    new_key_main(sys.argv[2:])
 else:
     from checkpoint_svc.server import main
 

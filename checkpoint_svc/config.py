@@ -72,6 +72,13 @@ class Settings(ServiceSettings):
         description="PostgreSQL: seconds one statement may take before it counts as failed "
         "(a commit's outcome is then found out before anything is tried again)",
     )
+    encryption_keys: Path | None = Field(
+        None,
+        description="a key ring file (YAML: keys, oldest first, each an id and a base64 "
+        "256-bit key): states, pending writes and event payloads are sealed with AES-GCM "
+        "before SQL and Redis with the last key; every key listed still reads "
+        "(docs/security.md#encryption-at-rest)",
+    )
     shutdown_grace: float = Field(
         10.0,
         ge=0,

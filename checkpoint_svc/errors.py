@@ -43,3 +43,8 @@ class TierUnavailable(StoreError):
 
 class AlreadyExists(StoreError):
     """A client-supplied id that is already taken (ALREADY_EXISTS)."""
+
+
+class DataLoss(StoreError):
+    """A stored value that does not open: changed or moved since it was sealed, sealed with a
+    key the key ring lacks, or not sealed where it must be (DATA_LOSS)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable
 
 import grpc
@@ -15,6 +16,7 @@ from sqlalchemy.exc import ArgumentError
 from checkpoint_svc.commit import sql_retrying
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
+from checkpoint_svc.sealing import new_key
 from checkpoint_svc.servicer import REQUIRED_ROLES, CheckpointServicer
 from checkpoint_svc.store import CheckpointStore
 from checkpoint_svc.tiers.sql import SqlTier
@@ -59,7 +61,10 @@ async def _report_health(store: CheckpointStore, servicer: health.aio.HealthServ
 
 
 async def serve(settings: Settings, *, stopped: Awaitable[None] | None = None) -> None:
-    store = CheckpointStore(settings)
+    try:
+        store = CheckpointStore(settings)
+    except (OSError, ValueError) as exc:  # the key ring file: one line, as a bad flag
+        raise SystemExit(f"python -m checkpoint_svc: error: --encryption-keys: {exc}") from None
     reporter: asyncio.Task[None] | None = None
 
     async def start(health_servicer: health.aio.HealthServicer) -> None:
@@ -136,3 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     logs.configure("checkpoint_svc", settings.log_level)
     run(serve(settings))
+
+
+def new_key_main(argv: list[str]) -> None:
+    """Print a key ring entry with a fresh key, to append to a --encryption-keys file."""
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        raise SystemExit("usage: python -m checkpoint_svc new-key [KEY_ID]")
+    key_id = argv[0] if argv else time.strftime("k%Y%m%d-%H%M%S", time.gmtime())
+    print(f"  - {{id: {key_id}, key: {new_key()}}}")

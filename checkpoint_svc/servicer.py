@@ -34,6 +34,7 @@ from checkpoint_svc.domain import (
 )
 from checkpoint_svc.errors import (
     AlreadyExists,
+    DataLoss,
     HeadMoved,
     InvalidArgument,
     LeaseLost,
@@ -106,6 +107,7 @@ _CODES: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, code_pb2.RESOURCE_EXHAUSTED),
     (TierUnavailable, code_pb2.UNAVAILABLE),
     (PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (DataLoss, code_pb2.DATA_LOSS),
 ]
 # What a handler may raise for its caller: ours, and the shared request errors (the tenant,
 # a namespace the caller may not write).

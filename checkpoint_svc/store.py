@@ -51,6 +51,7 @@ from checkpoint_svc.ops import (
     SaveOp,
     SaveResult,
 )
+from checkpoint_svc.sealing import KeyRing, Sealing
 from checkpoint_svc.tiers import StateCache
 from checkpoint_svc.tiers.memory import MemoryTier
 from checkpoint_svc.tiers.sql import Batch, SqlTier, ThreadFilter
@@ -88,7 +89,9 @@ def new_checkpoint_id() -> str:
 class CheckpointStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.sql = SqlTier(settings.db_url, timeout=settings.sql_timeout)
+        ring = KeyRing(settings.encryption_keys) if settings.encryption_keys else None
+        self.sealing = Sealing(ring)
+        self.sql = SqlTier(settings.db_url, timeout=settings.sql_timeout, sealing=self.sealing)
         if self.sql.hot is not None:
             # Writes committed before their checkpoint matter only to a memory tier that
             # answers heads: otherwise a claimed id needs no look-up of its own.
@@ -101,7 +104,7 @@ class CheckpointStore:
             # Imported here: redis is a tenth of a start-up without Redis (the embedded default).
             from checkpoint_svc.tiers.redis import RedisTier
 
-            self.redis = RedisTier(settings.redis_url, settings.redis_ttl)
+            self.redis = RedisTier(settings.redis_url, settings.redis_ttl, sealing=self.sealing)
         # The tiers that may supply a state SQL named, fastest first.
         self._caches: list[StateCache] = [self.memory] + ([self.redis] if self.redis else [])
         self.committer = GroupCommitter(

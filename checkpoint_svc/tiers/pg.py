@@ -25,6 +25,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from checkpoint_svc.domain import Checkpoint, Event, PendingWrite, Thread, ThreadKey
+from checkpoint_svc.sealing import Sealing
 from checkpoint_svc.tiers.sql import (
     THREAD_COLUMNS,
     Batch,
@@ -277,8 +278,9 @@ class PgHotPath:
     """asyncpg pools of their own: one for batches, one for Restore (a burst of reads never
     starves the group committer)."""
 
-    def __init__(self, url: str, *, timeout: float = 15.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 15.0, sealing: Sealing) -> None:
         self.dsn = libpq_url(url)
+        self.sealing = sealing
         self.timeout = timeout  # seconds a statement may take (Settings.sql_timeout)
         self._writer: asyncpg.Pool | None = None
         self._reader: asyncpg.Pool | None = None
@@ -438,10 +440,13 @@ class PgHotPath:
                 row = await conn.fetchrow(RESTORE_HEAD, *args)
         if row is None:
             return None
-        cp = _checkpoint_from_row(key, row, with_state=False)
+        cp = _checkpoint_from_row(key, row)
+        sealing, cid = self.sealing, cp.checkpoint_id
         writes = [
-            PendingWrite(cp.checkpoint_id, *w)
-            for w in zip(
+            PendingWrite(
+                cid, task, idx, channel, sealing.open_value(key, cid, task, idx, value), *more
+            )
+            for task, idx, channel, value, *more in zip(
                 row["write_tasks"] or (),
                 row["write_idxs"] or (),
                 row["write_channels"] or (),
@@ -451,12 +456,15 @@ class PgHotPath:
                 strict=True,
             )
         ]
-        return cp, row["version"], writes, row["state"]
+        state = row["state"]
+        if state is not None:
+            state = sealing.open_state(key, cid, state)
+        return cp, row["version"], writes, state
 
     async def state_of(self, named: Checkpoint) -> bytes | None:
         key = named.key
         async with self._reading() as conn:
-            return await conn.fetchval(
+            state = await conn.fetchval(
                 SELECT_STATE,
                 key.tenant,
                 key.namespace,
@@ -464,6 +472,7 @@ class PgHotPath:
                 named.checkpoint_id,
                 named.created_at,
             )
+        return None if state is None else self.sealing.open_state(key, named.checkpoint_id, state)
 
 
 class ChangedSinceSeen(Exception):
@@ -633,9 +642,10 @@ class PgBatch(Batch):
             threads = [t for k, t in self.threads.items() if k not in self._new]
         else:
             threads = [self.threads[k] for k in sorted(self.dirty, key=_sort_key)]
-        writes = _write_rows(self.writes)
+        sealing = self.sql.sealing
+        writes = _write_rows(self.writes, sealing)
         args = [
-            [_checkpoint_row(cp) for cp in self.checkpoints],
+            [_checkpoint_row(cp, sealing) for cp in self.checkpoints],
             [w for w, replaces in writes if not replaces],
             [w for w, replaces in writes if replaces],
             [(t, len(by_tenant[t])) for t in tenants],
@@ -648,7 +658,7 @@ class PgBatch(Batch):
                     back,  # in the feed_seq column: see _FLUSH
                     e.type,
                     e.time,
-                    json.dumps(e.payload),
+                    sealing.payload(e.key, e.seq, e.payload),
                     int(e.terminal),
                 )
                 for e, back in zip(events, backs, strict=True)
@@ -671,7 +681,7 @@ class PgBatch(Batch):
             e.feed_seq = last[e.key.tenant] - back
 
 
-def _checkpoint_row(cp: Checkpoint) -> tuple[Any, ...]:
+def _checkpoint_row(cp: Checkpoint, sealing: Sealing) -> tuple[Any, ...]:
     return (
         cp.key.tenant,
         cp.key.namespace,
@@ -679,7 +689,7 @@ def _checkpoint_row(cp: Checkpoint) -> tuple[Any, ...]:
         cp.checkpoint_id,
         cp.parent_id,
         cp.step,
-        cp.state,
+        sealing.state(cp.key, cp.checkpoint_id, cp.state),
         cp.content_type,
         int(cp.trigger),
         cp.name,
@@ -693,7 +703,9 @@ def _checkpoint_row(cp: Checkpoint) -> tuple[Any, ...]:
     )
 
 
-def _write_rows(writes: list[tuple[ThreadKey, PendingWrite]]) -> list[tuple[tuple, bool]]:
+def _write_rows(
+    writes: list[tuple[ThreadKey, PendingWrite]], sealing: Sealing
+) -> list[tuple[tuple, bool]]:
     """One row per slot (and whether it replaces what is there), as applying the writes one
     by one would leave it: a kept write stays, a replacing one overwrites (one statement may
     not touch a row twice)."""
@@ -714,7 +726,7 @@ def _write_rows(writes: list[tuple[ThreadKey, PendingWrite]]) -> list[tuple[tupl
                 w.task_id,
                 w.idx,
                 w.channel,
-                w.value,
+                sealing.value(key, w.checkpoint_id, w.task_id, w.idx, w.value),
                 w.content_type,
                 w.task_path,
             ),

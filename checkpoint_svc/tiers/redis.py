@@ -21,6 +21,8 @@ from redis.exceptions import RedisError
 
 from checkpoint_svc.convert import event_from_pb, event_to_pb
 from checkpoint_svc.domain import Checkpoint, Event, ThreadKey, Tier
+from checkpoint_svc.errors import DataLoss
+from checkpoint_svc.sealing import Sealing
 from workflow_stubs.checkpoint.v1 import checkpoint_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,17 @@ def state_key(key: ThreadKey, checkpoint_id: str, created_at: float) -> str:
 class RedisTier:
     tier = Tier.REDIS
 
-    def __init__(self, url: str, ttl_seconds: float, op_timeout: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl_seconds: float,
+        op_timeout: float = 0.5,
+        *,
+        sealing: Sealing | None = None,
+    ) -> None:
         self.url = url
+        # States and feed messages are sealed as SQL's rows are (checkpoint_svc/sealing.py).
+        self.sealing = sealing or Sealing()
         self.ttl = max(1, int(ttl_seconds))
         self._client = aioredis.Redis.from_url(
             url,
@@ -97,11 +108,18 @@ class RedisTier:
         if not self.up:
             return None
         try:
-            return await self._client.get(
+            state = await self._client.get(
                 state_key(named.key, named.checkpoint_id, named.created_at)
             )
         except _FAILURES as exc:
             self._down(exc)
+            return None
+        if state is None:
+            return None
+        try:
+            return self.sealing.open_state(named.key, named.checkpoint_id, state)
+        except DataLoss as exc:  # a cache: SQL answers instead, and says so if it cannot
+            log.error("redis state unreadable, reading SQL's", extra={"error": str(exc)})
             return None
 
     async def put_states(self, checkpoints: list[Checkpoint]) -> None:
@@ -115,11 +133,13 @@ class RedisTier:
             async with self._client.pipeline(transaction=False) as pipe:
                 for cp in checkpoints:
                     key = state_key(cp.key, cp.checkpoint_id, cp.created_at)
-                    pipe.set(key, cp.state, ex=self.ttl)
+                    state = self.sealing.state(cp.key, cp.checkpoint_id, cp.state)
+                    pipe.set(key, state, ex=self.ttl)
                 for e in events:
-                    channel = FEED_CHANNEL_PREFIX + e.key.tenant
-                    framed = FRAMED + self.origin + event_to_pb(e).SerializeToString()
-                    pipe.publish(channel, framed)
+                    tenant = e.key.tenant
+                    message = self.sealing.message(tenant, event_to_pb(e).SerializeToString())
+                    framed = FRAMED + self.origin + message
+                    pipe.publish(FEED_CHANNEL_PREFIX + tenant, framed)
                 await pipe.execute()
         except _FAILURES as exc:
             self._down(exc)
@@ -152,8 +172,14 @@ class RedisTier:
                         if data[1:9] == self.origin:
                             continue  # ours: delivered at commit
                         data = data[9:]
-                    if watched(tenant):
-                        deliver(event_from_pb(pb.Event.FromString(data), tenant))
+                    if not watched(tenant):
+                        continue
+                    try:
+                        data = self.sealing.open_message(tenant, data)
+                    except DataLoss as exc:  # the feed reads it from SQL instead
+                        log.error("feed message dropped", extra={"error": str(exc)})
+                        continue
+                    deliver(event_from_pb(pb.Event.FromString(data), tenant))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -41,6 +41,7 @@ from checkpoint_svc.domain import (
     Trigger,
 )
 from checkpoint_svc.errors import AlreadyExists
+from checkpoint_svc.sealing import Sealing
 from checkpoint_svc.tiers.schema import checkpoints, events, feeds, requests, threads, writes
 
 log = logging.getLogger(__name__)
@@ -338,9 +339,11 @@ def _trigger(value: int) -> Trigger:
     return Trigger(value) if value in Trigger._value2member_map_ else Trigger(0)
 
 
-def _checkpoint_from_row(key: ThreadKey, row: Mapping[str, Any], with_state: bool) -> Checkpoint:
-    """A checkpoints row (_META, and `state` if `with_state`), read by name."""
-    return Checkpoint(
+def _checkpoint_from_row(
+    key: ThreadKey, row: Mapping[str, Any], state_from: Sealing | None = None
+) -> Checkpoint:
+    """A checkpoints row (_META, and `state` opened by `state_from` if given), read by name."""
+    cp = Checkpoint(
         key=key,
         checkpoint_id=row["checkpoint_id"],
         parent_id=row["parent_id"],
@@ -354,31 +357,37 @@ def _checkpoint_from_row(key: ThreadKey, row: Mapping[str, Any], with_state: boo
         metadata=json.loads(row["metadata"]),
         created_at=row["created_at"],
         expires_at=row["expires_at"],
-        state=bytes(row["state"]) if with_state else b"",
     )
+    if state_from is not None:
+        cp.state = state_from.open_state(key, cp.checkpoint_id, bytes(row["state"]))
+    return cp
 
 
-def _write_from_row(row: Mapping[str, Any], prefix: str = "") -> PendingWrite:
+def _write_from_row(
+    key: ThreadKey, row: Mapping[str, Any], sealing: Sealing, prefix: str = ""
+) -> PendingWrite:
     """A writes row, read by name (`prefix`: its columns' labels in a join, _WRITE_LABELS)."""
+    checkpoint_id, task_id, idx = row["checkpoint_id"], row[f"{prefix}task_id"], row[f"{prefix}idx"]
     return PendingWrite(
-        row["checkpoint_id"],
-        row[f"{prefix}task_id"],
-        row[f"{prefix}idx"],
+        checkpoint_id,
+        task_id,
+        idx,
         row[f"{prefix}channel"],
-        bytes(row[f"{prefix}value"]),
+        sealing.open_value(key, checkpoint_id, task_id, idx, bytes(row[f"{prefix}value"])),
         row[f"{prefix}content_type"],
         row[f"{prefix}task_path"],
     )
 
 
-def _event_from_row(tenant: str, row: Mapping[str, Any]) -> Event:
+def _event_from_row(tenant: str, row: Mapping[str, Any], sealing: Sealing) -> Event:
+    key = ThreadKey(tenant, row["namespace"], row["thread_id"])
     return Event(
-        key=ThreadKey(tenant, row["namespace"], row["thread_id"]),
+        key=key,
         seq=row["seq"],
         feed_seq=row["feed_seq"],
         type=row["type"],
         time=row["time"],
-        payload=json.loads(row["payload"]),
+        payload=sealing.open_payload(key, row["seq"], row["payload"]),
         terminal=bool(row["terminal"]),
     )
 
@@ -395,8 +404,10 @@ class ThreadFilter:
 
 
 class SqlTier:
-    def __init__(self, url: str, *, timeout: float = 15.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 15.0, sealing: Sealing | None = None) -> None:
         self.url = url
+        # How states, writes and event payloads are stored (sealed with a key ring, or not).
+        self.sealing = sealing or Sealing()
         self.is_sqlite = url.startswith("sqlite")
         self.up = True
         self.detail = ""
@@ -429,7 +440,7 @@ class SqlTier:
         if not self.is_sqlite:
             from checkpoint_svc.tiers.pg import INLINE_STATE_BYTES, PgHotPath  # builds on this
 
-            self.hot = PgHotPath(url, timeout=timeout)
+            self.hot = PgHotPath(url, timeout=timeout, sealing=self.sealing)
             self.inline_state = INLINE_STATE_BYTES
 
     async def close(self) -> None:
@@ -587,9 +598,52 @@ class SqlTier:
             namespaces = [r.namespace for r in (await conn.execute(copy_threads)).all()]
             if len(namespaces) != wanted:
                 raise AlreadyExists(f"thread {target} already exists under {prefix!r}")
+            if self.sealing.ring is not None:  # sealed to their thread: opened and sealed again
+                copied = await self._copy_resealed(
+                    conn, checkpoints, tenant, source, target, prefix
+                )
+                await self._copy_resealed(conn, writes, tenant, source, target, prefix)
+                return namespaces, copied
             result = await conn.execute(_copy_rows(checkpoints, tenant, source, target, prefix))
             await conn.execute(_copy_rows(writes, tenant, source, target, prefix))
         return namespaces, result.rowcount
+
+    async def _copy_resealed(
+        self,
+        conn: AsyncConnection,
+        table: sa.Table,
+        tenant: str,
+        source: str,
+        target: str,
+        prefix: str,
+    ) -> int:
+        """`_copy_rows` through this process, a page at a time: each state (or write value)
+        opened as the source's and sealed as the target's."""
+        sealing, copied = self.sealing, 0
+        statement = (
+            sa.select(table)
+            .where(_of_thread_id(table, tenant, source, prefix))
+            .order_by(*table.primary_key.columns)
+            .limit(COPY_PAGE)
+        )
+        while True:
+            rows = [dict(r._mapping) for r in (await conn.execute(statement.offset(copied))).all()]
+            if not rows:
+                return copied
+            for row in rows:
+                was = ThreadKey(tenant, row["namespace"], source)
+                now = ThreadKey(tenant, row["namespace"], target)
+                cid = row["checkpoint_id"]
+                if table is checkpoints:
+                    plain = sealing.open_state(was, cid, row["state"])
+                    row["state"] = sealing.state(now, cid, plain)
+                else:
+                    task, idx = row["task_id"], row["idx"]
+                    plain = sealing.open_value(was, cid, task, idx, row["value"])
+                    row["value"] = sealing.value(now, cid, task, idx, plain)
+                row["thread_id"] = target
+            await conn.execute(table.insert(), rows)
+            copied += len(rows)
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""
@@ -625,9 +679,11 @@ class SqlTier:
             rows = [r._mapping for r in (await conn.execute(statement, params)).all()]
         if not rows:
             return None
-        cp = _checkpoint_from_row(key, rows[0], with_state=False)
+        cp = _checkpoint_from_row(key, rows[0])
         found = [
-            _write_from_row(r, "w_") for r in rows if include_writes and r["w_task_id"] is not None
+            _write_from_row(key, r, self.sealing, "w_")
+            for r in rows
+            if include_writes and r["w_task_id"] is not None
         ]
         return cp, rows[0]["version"], found, None
 
@@ -638,7 +694,9 @@ class SqlTier:
         params = _bound(named.key, checkpoint_id=named.checkpoint_id, created_at=named.created_at)
         async with self.reader.connect() as conn:
             state = (await conn.execute(SELECT_STATE, params)).scalar()
-        return bytes(state) if state is not None else None
+        if state is None:
+            return None
+        return self.sealing.open_state(named.key, named.checkpoint_id, bytes(state))
 
     async def list_checkpoints(
         self,
@@ -683,7 +741,9 @@ class SqlTier:
             rows = (await conn.execute(statement)).all()
         return [
             _checkpoint_from_row(
-                ThreadKey(key.tenant, r.namespace, key.thread_id), r._mapping, include_state
+                ThreadKey(key.tenant, r.namespace, key.thread_id),
+                r._mapping,
+                self.sealing if include_state else None,
             )
             for r in rows
         ]
@@ -707,7 +767,9 @@ class SqlTier:
         async with self.reader.connect() as conn:
             for r in (await conn.execute(statement)).all():
                 found.setdefault((r.namespace, r.checkpoint_id), []).append(
-                    _write_from_row(r._mapping)
+                    _write_from_row(
+                        ThreadKey(key.tenant, r.namespace, key.thread_id), r._mapping, self.sealing
+                    )
                 )
         return [found.get((c.key.namespace, c.checkpoint_id), []) for c in checkpoints_of]
 
@@ -773,7 +835,7 @@ class SqlTier:
             statement = statement.order_by(events.c.seq)
         async with self.reader.connect() as conn:
             rows = (await conn.execute(statement.limit(limit))).all()
-        return [_event_from_row(tenant, r._mapping) for r in rows]
+        return [_event_from_row(tenant, r._mapping, self.sealing) for r in rows]
 
     async def stats(self, key: ThreadKey) -> Stats:
         c = checkpoints.c
@@ -872,6 +934,10 @@ def _move_head_to_newest(key: ThreadKey, now: float) -> sa.Update:
         .where(_is(threads, key))
         .values(head_id=sa.func.coalesce(newest.scalar_subquery(), ""), updated_at=now)
     )
+
+
+# Rows a sealed copy holds in memory at once (CopyThread with a key ring).
+COPY_PAGE = 200
 
 
 def _copy_rows(table: sa.Table, tenant: str, source: str, target: str, prefix: str) -> sa.Insert:
@@ -1123,19 +1189,21 @@ class Batch:
         self.dirty = set()
 
     async def _write_queued(self) -> None:
-        c = self.conn
+        c, sealing = self.conn, self.sql.sealing
         if self.checkpoints:
-            await c.execute(INSERT_CHECKPOINT, [_checkpoint_params(cp) for cp in self.checkpoints])
+            await c.execute(
+                INSERT_CHECKPOINT, [_checkpoint_params(cp, sealing) for cp in self.checkpoints]
+            )
         if self.writes:
-            regular = [_write_params(k, w) for k, w in self.writes if not w.upsert]
-            special = [_write_params(k, w) for k, w in self.writes if w.upsert]
+            regular = [_write_params(k, w, sealing) for k, w in self.writes if not w.upsert]
+            special = [_write_params(k, w, sealing) for k, w in self.writes if w.upsert]
             if regular:
                 await c.execute(INSERT_REGULAR_WRITE, regular)
             for params in special:  # one at a time: a batch may upsert one slot twice
                 await c.execute(UPSERT_SPECIAL_WRITE, params)
         if self.events:
             await self._assign_feed_seqs()
-            await c.execute(INSERT_EVENT, [_event_params(e) for e in self.events])
+            await c.execute(INSERT_EVENT, [_event_params(e, sealing) for e in self.events])
         if self.new_requests:
             await c.execute(
                 INSERT_REQUEST,
@@ -1149,13 +1217,13 @@ class Batch:
             await c.execute(UPDATE_THREAD, [_thread_params(t) for t in rows if t is not None])
 
 
-def _checkpoint_params(cp: Checkpoint) -> dict[str, Any]:
+def _checkpoint_params(cp: Checkpoint, sealing: Sealing) -> dict[str, Any]:
     return {
         **_key_params(cp.key),
         "checkpoint_id": cp.checkpoint_id,
         "parent_id": cp.parent_id,
         "step": cp.step,
-        "state": cp.state,
+        "state": sealing.state(cp.key, cp.checkpoint_id, cp.state),
         "content_type": cp.content_type,
         "trigger": int(cp.trigger),
         "name": cp.name,
@@ -1169,27 +1237,27 @@ def _checkpoint_params(cp: Checkpoint) -> dict[str, Any]:
     }
 
 
-def _write_params(key: ThreadKey, w: PendingWrite) -> dict[str, Any]:
+def _write_params(key: ThreadKey, w: PendingWrite, sealing: Sealing) -> dict[str, Any]:
     return {
         **_key_params(key),
         "checkpoint_id": w.checkpoint_id,
         "task_id": w.task_id,
         "idx": w.idx,
         "channel": w.channel,
-        "value": w.value,
+        "value": sealing.value(key, w.checkpoint_id, w.task_id, w.idx, w.value),
         "content_type": w.content_type,
         "task_path": w.task_path,
     }
 
 
-def _event_params(e: Event) -> dict[str, Any]:
+def _event_params(e: Event, sealing: Sealing) -> dict[str, Any]:
     return {
         **_key_params(e.key),
         "seq": e.seq,
         "feed_seq": e.feed_seq,
         "type": e.type,
         "time": e.time,
-        "payload": json.dumps(e.payload),
+        "payload": sealing.payload(e.key, e.seq, e.payload),
         "terminal": int(e.terminal),
     }
 
