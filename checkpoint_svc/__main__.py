@@ -1,6 +1,7 @@
 """`python -m checkpoint_svc [flags]` serves; `python -m checkpoint_svc migrate [flags]` only
 brings the database's schema to the newest revision and exits (docs/operations.md#upgrading);
-`python -m checkpoint_svc new-key [ID]` prints a key ring entry (docs/security.md)."""
+`python -m checkpoint_svc new-key [ID]` prints a key ring entry and `python -m checkpoint_svc
+reseal [flags]` seals every stored value again with the newest key (docs/security.md)."""
 
 import sys
 
@@ -16,6 +17,10 @@ elif sys.argv[1:2] == ["new-key"]:
     from checkpoint_svc.server import new_key_main
 
     new_key_main(sys.argv[2:])
+elif sys.argv[1:2] == ["reseal"]:
+    from checkpoint_svc.server import reseal_main
+
+    reseal_main(sys.argv[2:])
 else:
     from checkpoint_svc.server import main
 

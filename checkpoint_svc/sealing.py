@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import itertools
 import json
 import os
@@ -78,6 +79,9 @@ class _KeyRingModel(BaseModel):
 
     keys: list[_KeyEntry] = Field(min_length=1)
     """Oldest first: new values are sealed with the last one; every one listed still opens."""
+    seal_with: str = ""
+    """The id of the key new values are sealed with, if not the last one: a key added to
+    every replica's file opens before any replica seals with it."""
     read_unencrypted: bool = False
     """Also read values stored before encryption was on (else they are DataLoss)."""
 
@@ -108,7 +112,10 @@ def _parse_key_ring(files: list[bytes]) -> _Keys:
         if entry.id in by_id:
             raise ValueError(f"not a key ring: keys.{i}.id: {entry.id!r} is listed twice")
         by_id[entry.id] = entry.key
-    return _Keys(by_id, model.keys[-1].id, model.read_unencrypted)
+    newest = model.seal_with or model.keys[-1].id
+    if newest not in by_id:
+        raise ValueError(f"not a key ring: seal_with: {newest!r} is not one of its keys")
+    return _Keys(by_id, newest, model.read_unencrypted)
 
 
 class KeyRing:
@@ -125,6 +132,10 @@ class KeyRing:
     @property
     def read_unencrypted(self) -> bool:
         return self._file.current().read_unencrypted
+
+    def sealed_with_newest(self, sealed: bytes) -> bool:
+        """Whether a stored value is sealed with the key new values are sealed with."""
+        return sealed.startswith(_header(self._file.current().newest))
 
     def seal(self, plain: bytes, context: bytes) -> bytes:
         keys = self._file.current()
@@ -144,8 +155,9 @@ class KeyRing:
 
     def open(self, sealed: bytes, context: bytes, what: str) -> bytes:
         key_id, body = _split(sealed, what)
-        keys = self._file.current()
-        key = keys.by_id.get(key_id)
+        key = self._file.current().by_id.get(key_id)
+        if key is None and self._file.reload(now_if_changed=True):  # a replica rotated first
+            key = self._file.value.by_id.get(key_id)
         if key is None:
             raise DataLoss(
                 f"{what} is sealed with key {key_id!r}, which the key ring "
@@ -203,18 +215,18 @@ class Sealing:
     def __init__(self, ring: KeyRing | None = None) -> None:
         self.ring = ring
 
-    def _open(self, stored: bytes, context: bytes, what: str) -> bytes:
-        sealed = stored[: len(MAGIC)] == MAGIC
-        if self.ring is None:
-            if sealed:
-                raise DataLoss(f"{what} is encrypted, and this store has no --encryption-keys")
-            return stored
-        if not sealed:
-            if self.ring.read_unencrypted:
-                return stored
+    def _plaintext_allowed(self, what: str) -> None:
+        if self.ring is not None and not self.ring.read_unencrypted:
             raise DataLoss(
                 f"{what} is not encrypted (a key ring's read_unencrypted: true reads such rows)"
             )
+
+    def _open(self, stored: bytes, context: bytes, what: str) -> bytes:
+        if stored[: len(MAGIC)] != MAGIC:
+            self._plaintext_allowed(what)
+            return stored
+        if self.ring is None:
+            raise DataLoss(f"{what} is encrypted, and this store has no --encryption-keys")
         return self.ring.open(stored, context, what)
 
     def state(self, key: ThreadKey, checkpoint_id: str, plain: bytes) -> bytes:
@@ -252,23 +264,29 @@ class Sealing:
         return json.dumps(base64.b64encode(sealed).decode())
 
     def open_payload(self, key: ThreadKey, seq: int, stored: str) -> dict[str, Any]:
-        loaded = json.loads(stored)
         what = f"the payload of event {seq} of {key.namespace}/{key.thread_id}"
-        if isinstance(loaded, dict):
-            if self.ring is None or self.ring.read_unencrypted:
-                return loaded
-            raise DataLoss(
-                f"{what} is not encrypted (a key ring's read_unencrypted: true reads such rows)"
-            )
-        if not isinstance(loaded, str):
-            raise DataLoss(f"{what} is neither a JSON object nor sealed")
         try:
+            loaded = json.loads(stored)
+            if isinstance(loaded, dict):
+                self._plaintext_allowed(what)
+                return loaded
+            if not isinstance(loaded, str):
+                raise DataLoss(f"{what} is neither a JSON object nor sealed")
             sealed = base64.b64decode(loaded, validate=True)
-        except binascii.Error:
-            raise DataLoss(f"{what} is damaged: not base64") from None
+        except ValueError:  # not JSON, not base64 (binascii.Error is one)
+            raise DataLoss(f"{what} is damaged: neither a JSON object nor sealed") from None
         if sealed[: len(MAGIC)] != MAGIC:
             raise DataLoss(f"{what} is damaged: its sealed header does not parse")
         return json.loads(self._open(sealed, _context("event", key, seq), what))
+
+    @staticmethod
+    def sealed_payload(stored: str) -> bytes | None:
+        """The sealed value a payload column holds (None: a plaintext object, or damaged)."""
+        with contextlib.suppress(ValueError):
+            loaded = json.loads(stored)
+            if isinstance(loaded, str):
+                return base64.b64decode(loaded, validate=True)
+        return None
 
     def message(self, tenant: str, plain: bytes) -> bytes:
         """A feed message between replicas (through Redis)."""

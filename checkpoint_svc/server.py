@@ -16,10 +16,10 @@ from sqlalchemy.exc import ArgumentError
 from checkpoint_svc.commit import sql_retrying
 from checkpoint_svc.config import Settings, parse_settings
 from checkpoint_svc.domain import Tier
-from checkpoint_svc.sealing import new_key
+from checkpoint_svc.sealing import KeyRing, Sealing, new_key
 from checkpoint_svc.servicer import REQUIRED_ROLES, CheckpointServicer
 from checkpoint_svc.store import CheckpointStore
-from checkpoint_svc.tiers.sql import SqlTier
+from checkpoint_svc.tiers.sql import Resealed, SqlTier
 from workflow_rpc import logs
 from workflow_rpc.arenas import trim_malloc
 from workflow_rpc.headers import SYSTEM_TENANT
@@ -141,6 +141,56 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     logs.configure("checkpoint_svc", settings.log_level)
     run(serve(settings))
+
+
+def reseal_main(argv: list[str]) -> None:
+    """Seal again, with the key ring's newest key, every value that is not sealed with it,
+    saying how far it got; exit 1 if some value did not open (docs/security.md)."""
+    settings = parse_settings(argv)
+    logs.configure("checkpoint_svc", settings.log_level)
+    prog = "python -m checkpoint_svc reseal"
+    if settings.encryption_keys is None:
+        raise SystemExit(f"{prog}: error: --encryption-keys is required")
+    try:
+        ring = KeyRing(settings.encryption_keys)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{prog}: error: --encryption-keys: {exc}") from None
+
+    async def reseal() -> int:
+        sql = SqlTier(settings.db_url, timeout=settings.sql_timeout, sealing=Sealing(ring))
+        unreadable, shown = 0, time.monotonic()
+        try:
+            last = None
+            async for progress in sql.reseal():
+                if last is not None and last.table != progress.table:
+                    print(_reseal_line(last), flush=True)
+                    unreadable += last.unreadable
+                elif time.monotonic() - shown > 5:
+                    print(_reseal_line(progress) + " ...", flush=True)
+                    shown = time.monotonic()
+                last = progress
+            if last is not None:
+                print(_reseal_line(last), flush=True)
+                unreadable += last.unreadable
+        finally:
+            await sql.close()
+        return unreadable
+
+    try:
+        unreadable = asyncio.run(reseal())
+    except Exception as exc:  # an unreachable database: one line
+        raise SystemExit(
+            f"{prog}: {redacted(settings.db_url)}: {type(exc).__name__}: {exc}"
+        ) from None
+    if unreadable:
+        raise SystemExit(f"{prog}: {unreadable} values did not open (the log names each)")
+
+
+def _reseal_line(progress: Resealed) -> str:
+    return (
+        f"{progress.table}: {progress.looked_at} looked at, {progress.resealed} sealed again, "
+        f"{progress.unreadable} unreadable"
+    )
 
 
 def new_key_main(argv: list[str]) -> None:

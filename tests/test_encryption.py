@@ -27,6 +27,7 @@ from checkpoint_svc import sealing
 from checkpoint_svc.domain import Checkpoint, NewEvent, PendingWrite, SaveCommand, ThreadKey
 from checkpoint_svc.errors import DataLoss
 from checkpoint_svc.feed import Heartbeat
+from checkpoint_svc.tiers import sql
 from checkpoint_svc.tiers.redis import FEED_CHANNEL_PREFIX, SEP
 from checkpoint_svc.tiers.schema import checkpoints, events, writes
 from tests.engine_client import definition, engine_stub, wait_status
@@ -41,13 +42,17 @@ MARKER = b"known-plaintext-marker-5c1e"
 BIG = 100_000  # past pg.INLINE_STATE_BYTES: such a state is cached in Redis
 
 
-def key_ring(path: Path, *key_ids: str, read_unencrypted: bool = False) -> Path:
+def key_ring(
+    path: Path, *key_ids: str, read_unencrypted: bool = False, seal_with: str = ""
+) -> Path:
     """A key ring file of these keys (each derived from its id), oldest first."""
     keys = [{"id": i, "key": base64.b64encode(hashlib.sha256(i.encode()).digest()).decode()}
             for i in key_ids]  # fmt: skip
     ring: dict[str, object] = {"keys": keys}
     if read_unencrypted:
         ring["read_unencrypted"] = True
+    if seal_with:
+        ring["seal_with"] = seal_with
     path.write_text(yaml.safe_dump(ring))
     return path
 
@@ -66,8 +71,9 @@ async def sealed_store(backend, ring: Path | None) -> AsyncIterator:
 
 
 def state_of(n: int, size: int = 200) -> bytes:
-    body = {"n": n, "marker": MARKER.decode(), "pad": "x" * size}
-    return json.dumps(body).encode()
+    """A state holding the marker once, padded with bytes no compression shrinks much."""
+    pad = hashlib.shake_256(str(n).encode()).hexdigest(size // 2)
+    return json.dumps({"n": n, "marker": MARKER.decode(), "pad": pad}).encode()
 
 
 async def save(store, key: ThreadKey, state: bytes, **more) -> str:
@@ -160,8 +166,9 @@ async def test_sealed_values_hold_no_plaintext_in_sql_or_redis_and_read_back(
         assert not [v for v in stored + [p.encode() for p in payloads] if MARKER in v]
         if backend.redis_url:
             assert got.served_from.name == "REDIS"  # the big state, opened from there
-            dumped = [await listener.dump(k) for k in cached]
-            assert len(dumped) == 1 and not [d for d in dumped if MARKER in d]
+            (held,) = [await listener.get(k) for k in cached]
+            assert held.startswith(sealing.MAGIC + b"\x02k1") and MARKER not in held
+            assert MARKER in big  # (so a plaintext copy would show it)
             for _ in range(50):
                 message = await pubsub.get_message(timeout=0.1)
                 if message is not None:
@@ -217,11 +224,12 @@ async def test_a_changed_or_moved_value_is_data_loss_never_garbage(
 
         payload = (await column(store, events, "payload", tenant))[0]  # t1's first event
         changed = base64.b64encode(flipped(base64.b64decode(json.loads(payload)))).decode()
-        await overwrite(
-            store, events, "payload", json.dumps(changed), tenant=tenant, thread_id="t1", seq=1
-        )
-        with pytest.raises(DataLoss, match="payload of event 1"):
-            await feed_of(store, tenant, key)
+        # A flipped byte under the base64, a character that is not base64, a cut-off text.
+        for damaged in (json.dumps(changed), payload[:10] + "\u00e9" + payload[11:], payload[:-5]):
+            where = {"tenant": tenant, "thread_id": "t1", "seq": 1}
+            await overwrite(store, events, "payload", damaged, **where)
+            with pytest.raises(DataLoss, match="payload of event 1"):
+                await feed_of(store, tenant, key)
 
         if backend.redis_url:  # a changed cached state: SQL's is read instead
             client = aioredis.Redis.from_url(backend.redis_url)
@@ -255,6 +263,12 @@ async def test_keys_rotate_without_a_restart_and_old_rows_still_read(
         assert headers == {state_of(0)[:8], sealing.MAGIC + b"\x02k1", sealing.MAGIC + b"\x02k2"}
         assert (await store.restore(key, old)).checkpoint.state == state_of(1)
         assert (await store.restore(key, new)).checkpoint.state == state_of(2)
+        key_ring(ring, "k1", "k2", seal_with="k1")  # k2 listed, not sealing yet
+        assert (await store.restore(key, new)).checkpoint.state == state_of(2)
+        held = await save(store, key, state_of(3))
+        ids = await column(store, checkpoints, "checkpoint_id", tenant)
+        sealed = dict(zip(ids, await column(store, checkpoints, "state", tenant), strict=True))
+        assert bytes(sealed[held]).startswith(sealing.MAGIC + b"\x02k1")
         key_ring(ring, "k2")  # k1 retired too early: its rows say which key they need
         with pytest.raises(DataLoss, match="sealed with key 'k1'"):
             await store.restore(key, old)
@@ -262,7 +276,9 @@ async def test_keys_rotate_without_a_restart_and_old_rows_still_read(
 
 
 @BOTH
-async def test_a_copied_thread_is_sealed_as_its_own(backend, tenant, tmp_path) -> None:
+async def test_a_copied_thread_is_sealed_as_its_own(backend, tenant, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(sql, "PAGE_ROWS", 2)  # a page and a half of checkpoints
+    monkeypatch.setattr(sql, "_LISTED_KEYS", 2)
     ring = key_ring(tmp_path / "keys.yaml", "k1")
     source = ThreadKey(tenant, "ns", "source")
     async with sealed_store(backend, ring) as store:
@@ -398,3 +414,68 @@ def test_sealing_binds_each_value_to_where_it_belongs(tmp_path) -> None:
     assert keys.open_payload(key, 3, payload) == {"a": 1}
     with pytest.raises(DataLoss):
         keys.open_payload(key, 4, payload)
+
+
+@BOTH
+async def test_a_replica_that_has_not_reloaded_yet_reads_a_key_another_seals_with(
+    backend, tenant, tmp_path
+) -> None:
+    key = ThreadKey(tenant, "", "t1")
+    ring_b = key_ring(tmp_path / "b.yaml", "k1")
+    async with sealed_store(backend, ring_b) as b:
+        first = await save(b, key, state_of(1))
+        assert (await b.restore(key, first)).checkpoint.state == state_of(1)  # its file seen now
+        key_ring(ring_b, "k1", "k2")  # rotated on both replicas' files, A reading it first
+        async with sealed_store(backend, key_ring(tmp_path / "a.yaml", "k1", "k2")) as a:
+            second = await save(a, key, state_of(2))
+            # B looked at its file less than a second ago: the unknown key makes it look again.
+            assert (await b.restore(key, second)).checkpoint.state == state_of(2)
+
+
+@BOTH
+async def test_reseal_seals_every_value_with_the_newest_key(backend, tenant, tmp_path) -> None:
+    key = ThreadKey(tenant, "", "t1")
+    async with sealed_store(backend, None) as plain:  # before encryption was turned on
+        before = await save(plain, key, state_of(0), events=[NewEvent("old", {"n": 0})])
+        await plain.put_writes(key, [PendingWrite(before, "task", 0, "ch", b"plain")], 0)
+    ring = key_ring(tmp_path / "keys.yaml", "k1", read_unencrypted=True)
+    async with sealed_store(backend, ring) as store:
+        after = await save(store, key, state_of(1), events=[NewEvent("new", {"n": 1})])
+        await store.put_writes(key, [PendingWrite(after, "task", 0, "ch", b"sealed")], 0)
+    key_ring(ring, "k1", "k2", read_unencrypted=True)
+
+    def reseal() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "checkpoint_svc", "reseal", "--db", backend.db_url,
+             "--encryption-keys", str(ring), "--log-level", "ERROR"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    done = reseal()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("checkpoints: ") and "0 unreadable" in lines[0]
+    assert [line.split(":")[0] for line in lines] == ["checkpoints", "writes", "events"]
+    assert reseal().stdout.count(" 0 sealed again") == 3  # nothing left to do
+    key_ring(ring, "k2")  # k1 retired, plaintext no longer read: everything still opens
+    async with sealed_store(backend, ring) as store:
+        for cid, state in ((before, state_of(0)), (after, state_of(1))):
+            got = await store.restore(key, cid, include_writes=True)
+            assert got.checkpoint.state == state
+        assert [w.value for w in got.writes] == [b"sealed"]
+        old = await store.restore(key, before, include_writes=True)
+        assert [w.value for w in old.writes] == [b"plain"]
+        feed = await feed_of(store, tenant, key)
+        assert {"old", "new"} <= {e.type for e in feed}
+        stored = [bytes(v) for v in await column(store, checkpoints, "state", tenant)]
+        stored += [bytes(v) for v in await column(store, writes, "value", tenant)]
+        payloads = [json.loads(p) for p in await column(store, events, "payload", tenant)]
+        stored += [base64.b64decode(p) for p in payloads]
+        assert all(v.startswith(sealing.MAGIC + b"\x02k2") for v in stored)
+        # A value that does not open is left as it is, and the reseal says so.
+        await overwrite(store, checkpoints, "state", b"tampered", checkpoint_id=before)
+    key_ring(ring, "k3", "k2")  # (k3 listed first: k2 still seals)
+    done = reseal()
+    assert done.returncode == 1
+    assert "checkpoints: 2 looked at, 0 sealed again, 1 unreadable" in done.stdout
+    assert done.stderr.strip().endswith("1 values did not open (the log names each)")

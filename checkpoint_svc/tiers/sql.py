@@ -40,7 +40,7 @@ from checkpoint_svc.domain import (
     ThreadStatus,
     Trigger,
 )
-from checkpoint_svc.errors import AlreadyExists
+from checkpoint_svc.errors import AlreadyExists, DataLoss
 from checkpoint_svc.sealing import Sealing
 from checkpoint_svc.tiers.schema import checkpoints, events, feeds, requests, threads, writes
 
@@ -620,16 +620,9 @@ class SqlTier:
         """`_copy_rows` through this process, a page at a time: each state (or write value)
         opened as the source's and sealed as the target's."""
         sealing, copied = self.sealing, 0
-        statement = (
-            sa.select(table)
-            .where(_of_thread_id(table, tenant, source, prefix))
-            .order_by(*table.primary_key.columns)
-            .limit(COPY_PAGE)
-        )
-        while True:
-            rows = [dict(r._mapping) for r in (await conn.execute(statement.offset(copied))).all()]
-            if not rows:
-                return copied
+        blob = "state" if table is checkpoints else "value"
+        source_rows = _of_thread_id(table, tenant, source, prefix)
+        async for rows in _pages(conn, table, source_rows, blob):
             for row in rows:
                 was = ThreadKey(tenant, row["namespace"], source)
                 now = ThreadKey(tenant, row["namespace"], target)
@@ -644,6 +637,43 @@ class SqlTier:
                 row["thread_id"] = target
             await conn.execute(table.insert(), rows)
             copied += len(rows)
+        return copied
+
+    async def reseal(self) -> AsyncIterator[Resealed]:
+        """Seal again, with the key new values are sealed with, every stored value that is not
+        sealed with it yet (an older key, or plaintext where the ring reads it), a page per
+        transaction; after each page, how far it got. A value that does not open is left as
+        it is, and counted."""
+        sealing = self.sealing
+        if sealing.ring is None:
+            raise ValueError("resealing needs a key ring (--encryption-keys)")
+        for table, blob in ((checkpoints, "state"), (writes, "value"), (events, "payload")):
+            progress = Resealed(table.name)
+            pk = list(table.primary_key.columns)
+            update = (
+                table.update()
+                .where(*(c == sa.bindparam(f"b_{c.name}") for c in pk))
+                .where(table.c[blob] == sa.bindparam("b_old"))
+                .values({blob: sa.bindparam("b_new")})
+            )
+            async with self.reader.connect() as reading:
+                async for rows in _pages(reading, table, sa.true(), blob):
+                    changes = []
+                    for row in rows:
+                        try:
+                            new = _resealed(sealing, table, row)
+                        except DataLoss as exc:
+                            progress.unreadable += 1
+                            log.error("not resealed", extra={"error": str(exc)})
+                            continue
+                        if new is not None:
+                            keys = {f"b_{c.name}": row[c.name] for c in pk}
+                            changes.append({**keys, "b_old": row[blob], "b_new": new})
+                    if changes:
+                        async with self.writer.begin() as conn:
+                            progress.resealed += (await conn.execute(update, changes)).rowcount
+                    progress.looked_at += len(rows)
+                    yield progress
 
     async def namespaces_of(self, tenant: str, thread_id: str, prefix: str) -> list[str]:
         """The namespaces a thread id exists in, under a prefix."""
@@ -936,8 +966,69 @@ def _move_head_to_newest(key: ThreadKey, now: float) -> sa.Update:
     )
 
 
-# Rows a sealed copy holds in memory at once (CopyThread with a key ring).
-COPY_PAGE = 200
+# What a sealed copy (CopyThread with a key ring) or a reseal holds in memory at once: this
+# many rows at most, and no more once their values reach PAGE_BYTES.
+PAGE_ROWS = 200
+PAGE_BYTES = 32 * 1024 * 1024
+# Keys listed at once, to cut into pages.
+_LISTED_KEYS = 10_000
+
+
+@dataclass(slots=True)
+class Resealed:
+    """How far SqlTier.reseal got in one table."""
+
+    table: str
+    looked_at: int = 0
+    resealed: int = 0
+    unreadable: int = 0
+
+
+async def _pages(
+    conn: AsyncConnection, table: sa.Table, where: sa.ColumnElement[bool], blob: str
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The rows of `table` matching `where`, in key order, a page at a time (PAGE_ROWS and
+    PAGE_BYTES of `blob`): keys listed first, by key from the last one, so a row is met once."""
+    pk = list(table.primary_key.columns)
+    after: tuple[Any, ...] | None = None
+    while True:
+        listing = sa.select(*pk, sa.func.length(table.c[blob]).label("size")).where(where)
+        if after is not None:
+            listing = listing.where(sa.tuple_(*pk) > sa.tuple_(*after))
+        keys = (await conn.execute(listing.order_by(*pk).limit(_LISTED_KEYS))).all()
+        if not keys:
+            return
+        page: list[tuple[Any, ...]] = []
+        size = 0
+        for n, row in enumerate(keys, 1):
+            page.append(tuple(row)[: len(pk)])
+            size += row.size or 0
+            if len(page) >= PAGE_ROWS or size >= PAGE_BYTES or n == len(keys):
+                fetch = sa.select(table).where(sa.tuple_(*pk).in_(page)).order_by(*pk)
+                yield [dict(r._mapping) for r in (await conn.execute(fetch)).all()]
+                page, size = [], 0
+        after = tuple(keys[-1])[: len(pk)]
+
+
+def _resealed(sealing: Sealing, table: sa.Table, row: dict[str, Any]) -> Any:
+    """A row's value sealed again with the newest key, or None if it is sealed with it."""
+    ring = sealing.ring
+    assert ring is not None
+    key = ThreadKey(row["tenant"], row["namespace"], row["thread_id"])
+    if table is events:
+        sealed = Sealing.sealed_payload(row["payload"])
+        if sealed is not None and ring.sealed_with_newest(sealed):
+            return None
+        payload = sealing.open_payload(key, row["seq"], row["payload"])
+        return sealing.payload(key, row["seq"], payload)
+    blob = bytes(row["state"] if table is checkpoints else row["value"])
+    if ring.sealed_with_newest(blob):
+        return None
+    cid = row["checkpoint_id"]
+    if table is checkpoints:
+        return sealing.state(key, cid, sealing.open_state(key, cid, blob))
+    task, idx = row["task_id"], row["idx"]
+    return sealing.value(key, cid, task, idx, sealing.open_value(key, cid, task, idx, blob))
 
 
 def _copy_rows(table: sa.Table, tenant: str, source: str, target: str, prefix: str) -> sa.Insert:

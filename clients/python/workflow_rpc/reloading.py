@@ -41,13 +41,15 @@ class ReloadedFiles(Generic[T]):
     def _read(self) -> list[bytes]:
         return [p.read_bytes() for p in self.paths]
 
-    def reload(self) -> bool:
-        """Whether the content was parsed again just now, from changed files."""
-        if time.monotonic() - self._checked < self.every:
+    def reload(self, *, now_if_changed: bool = False) -> bool:
+        """Whether the content was parsed again just now, from changed files (looked at
+        whenever asked with `now_if_changed`: a caller that met something the content lacks)."""
+        every = 0.0 if now_if_changed else self.every
+        if time.monotonic() - self._checked < every:
             return False
         with self._lock:
             now = time.monotonic()
-            if now - self._checked < self.every:  # another thread looked meanwhile
+            if now - self._checked < every:  # another thread looked meanwhile
                 return False
             self._checked = now
             try:
