@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cachetools import LRUCache
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from checkpoint_svc.domain import ThreadKey
 from checkpoint_svc.errors import DataLoss
+from workflow_rpc.config_files import parse_yaml_file
 from workflow_rpc.reloading import ReloadedFiles
 
 __all__ = ["KEY_BYTES", "MAGIC", "KeyRing", "Sealing", "new_key"]
@@ -95,18 +95,7 @@ class _Keys:
 
 def _parse_key_ring(files: list[bytes]) -> _Keys:
     (raw,) = files
-    try:
-        loaded = yaml.safe_load(raw)
-        if loaded is None:
-            raise ValueError("not a key ring: it is empty")
-        model = _KeyRingModel.model_validate(loaded)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ValueError(f"not a key ring: {where}: {first['msg']}{more}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not a key ring: {exc}".splitlines()[0]) from None
+    model = parse_yaml_file(raw, _KeyRingModel, "key ring")
     by_id: dict[str, bytes] = {}
     for i, entry in enumerate(model.keys):
         if entry.id in by_id:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workflow_rpc.callers import ANY_TENANT, Identity, Role
+from workflow_rpc.config_files import parse_yaml_file
 from workflow_rpc.headers import AUTHORIZATION_HEADER, TENANT_HEADER
 from workflow_rpc.reloading import ReloadedFiles
 from workflow_rpc.settings import ServiceSettings
@@ -114,19 +114,7 @@ class _Credentials:
 
 def _parse_token_file(files: list[bytes]) -> _Credentials:
     (raw,) = files
-    try:
-        loaded = yaml.safe_load(raw)
-        if loaded is None:  # an empty file (one half-written, say): `tokens: []` is none
-            raise ValueError("not a token file: it is empty")
-        model = _TokenFileModel.model_validate(loaded)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ValueError(f"not a token file: {where}: {first['msg']}{more}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not a token file: {exc}".splitlines()[0]) from None
-
+    model = parse_yaml_file(raw, _TokenFileModel, "token file")  # `tokens: []` holds none
     return _Credentials(
         tokens={entry.sha256: entry.identity() for entry in model.tokens},
         certificates={entry.san: entry.identity() for entry in model.certificates},
