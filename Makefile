@@ -9,11 +9,12 @@ TEST_WORKERS ?= 3
 
 .PHONY: setup system-deps lint stubs test bench demo clean
 
-# Two distributions: the Python client (clients/python) and the services, which depend on it.
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+# Three distributions: the Python client (clients/python), the services and the web console
+# (clients/web), which depend on it.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml clients/web/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
-	$(PY) -m pip install -qq -e ./clients/python -e '.[dev]'
+	$(PY) -m pip install -qq -e ./clients/python -e ./clients/web -e '.[dev]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json clients/node/package.json
@@ -45,7 +46,7 @@ test: system-deps lint
 	$(PY) -m coverage report
 
 bench: setup system-deps
-	$(PY) -m pip install -qq -e ./clients/python -e '.[dev,bench]'
+	$(PY) -m pip install -qq -e ./clients/python -e ./clients/web -e '.[dev,bench]'
 	$(PY) -m bench
 	$(PY) -m bench engine
 

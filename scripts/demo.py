@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +101,26 @@ class Services:
         wait_serving(self.engine)
         return proc
 
+    def start_console(self) -> str:
+        """The web console, on 8080 if that is free; its URL once it answers."""
+        port = 8080
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                port = free_port()
+        address = f"127.0.0.1:{port}"
+        args = ["-m", "workflow_console", "--engine", self.engine, "--listen", address]
+        self._start(args, "console.log")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with opener.open(f"http://{address}/healthz", timeout=1):
+                    return f"http://{address}"
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"demo: the console is not answering on {address}") from None
+                time.sleep(0.1)
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -141,11 +162,14 @@ def main() -> int:
         svc.start_store()
         say(f"starting engine_svc 'engine-a' on {svc.engine}")
         engine_a = svc.start_engine("engine-a")
+        console = svc.start_console()
+        say(f"starting the web console on {console}")
         say("registering the release workflow (scripts/demo_workflow.yaml)")
         wf(svc, "register", "scripts/demo_workflow.yaml")
         client = EngineClient(svc.engine)
         run = client.start_run("release", {"dataset": "sales-2026q4"}, request_id="demo-run")
         say(f"started run {run.run_id}; watching it live")
+        say(f"the web console shows it live too, while the demo runs: {console}/runs/{run.run_id}")
 
         watcher = subprocess.Popen(
             [WF, "--engine", svc.engine, "watch", run.run_id], cwd=ROOT

@@ -12,6 +12,8 @@ Fixtures
 - ``service_factory``: ``(backend, *extra_args, start=True, timeout=30.0, port=None,
   env=None, in_process=False) -> CheckpointServiceProcess`` (an InProcessCheckpointService
   with ``in_process``); everything it started is terminated at teardown.
+- ``console_factory``: ``(engine, *extra_args) -> ConsoleProcess``: the web console as a
+  process of its own, terminated at teardown.
 - ``service``: one started service on ``backend``, the test's own, in this process (a thread
   of its own): for tests that neither kill nor signal it.
 - ``service_process``: the same as a process of its own, for crashes, SIGTERM and restarts.
@@ -35,6 +37,7 @@ import pytest
 
 from tests.servers import (
     CheckpointServiceProcess,
+    ConsoleProcess,
     EngineServiceProcess,
     InProcessCheckpointService,
     Metadata,
@@ -212,6 +215,27 @@ def engine_factory(
 
 
 @pytest.fixture
+def console_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., ConsoleProcess]]:
+    """Start web consoles against an engine; all are terminated at teardown."""
+    started: list[ConsoleProcess] = []
+
+    def factory(engine: EngineServiceProcess, *extra_args: str) -> ConsoleProcess:
+        proc = ConsoleProcess(engine.address, log_dir=tmp_path, extra_args=extra_args)
+        started.append(proc)
+        request.node.stash.setdefault(_SERVICES, []).append(proc)
+        proc.start()
+        return proc
+
+    try:
+        yield factory
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+
+
+@pytest.fixture
 def service(service_factory: ServiceFactory, backend: Backend) -> CheckpointServiceProcess:
     """One checkpoint service of the test's own, started on ``backend``, in this process."""
     return service_factory(backend, in_process=True)
@@ -328,3 +352,11 @@ async def store(backend: Backend) -> AsyncIterator[CheckpointStore]:
     """The real ``CheckpointStore``, in this process, on ``backend`` (no gRPC in between)."""
     async with running_store(backend.db_url, backend.redis_url, heartbeat=0.5) as store:
         yield store
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Where the console tests' screenshots are, if they took any."""
+    from tests.test_console import ARTIFACTS
+
+    if ARTIFACTS.is_dir() and any(ARTIFACTS.iterdir()):
+        terminalreporter.write_line(f"console screenshots: {ARTIFACTS}")

@@ -810,6 +810,15 @@ class CheckpointServiceProcess(_AsyncTwins):
                 self.log_tail(40)
             )
 
+        self._wait_ready(timeout, require_serving, gone, give_up)
+
+    def _wait_ready(
+        self,
+        timeout: float,
+        require_serving: bool,
+        gone: Callable[[], str | None],
+        give_up: Callable[[], str],
+    ) -> None:
         wait_serving(self.address, timeout, require_serving, gone, give_up, self.probe_credentials)
 
     def kill(self) -> None:
@@ -936,6 +945,61 @@ class EngineServiceProcess(CheckpointServiceProcess):
             "--checkpoint", self.checkpoint_address,
             *self.extra_args,
         ]  # fmt: skip
+
+
+# HTTP to local test servers, never through a proxy the environment names.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ConsoleProcess(CheckpointServiceProcess):
+    """``python -m workflow_console`` as a subprocess, pointed at an engine; ready once its
+    /healthz answers."""
+
+    def __init__(
+        self,
+        engine_address: str,
+        *,
+        log_dir: Path,
+        extra_args: Sequence[str] = (),
+        port: int | None = None,
+    ) -> None:
+        super().__init__(
+            "", None, log_dir=log_dir, extra_args=extra_args, port=port, module="workflow_console"
+        )
+        self.engine_address = engine_address
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "workflow_console",
+            "--listen", self.address,
+            "--engine", self.engine_address,
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def _wait_ready(
+        self,
+        timeout: float,
+        require_serving: bool,
+        gone: Callable[[], str | None],
+        give_up: Callable[[], str],
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if (why := gone()) is not None:
+                raise RuntimeError(why)
+            if time.monotonic() > deadline:
+                raise RuntimeError(give_up())
+            try:
+                with _DIRECT.open(f"{self.url}/healthz", timeout=1.0) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
 
 
 class InProcessCheckpointService(_AsyncTwins):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
@@ -29,6 +31,13 @@ class _AsyncClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    def as_caller(self, *, token: str | None, tenant: str | None) -> Self:
+        """The same channel, its calls made with another caller's credentials (a web
+        console's users share one channel). Close the original, not this."""
+        caller = copy.copy(self)
+        caller.connection = dataclasses.replace(self.connection, token=token, tenant=tenant)
+        return caller
 
     async def __aenter__(self) -> _AsyncClient:
         return self

@@ -1,0 +1,1 @@
+"""The web console: runs, workflows and live progress in a browser (docs/console.md)."""
