@@ -30,7 +30,7 @@ import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import pytest
@@ -202,16 +202,28 @@ def engine_factory(
             env=env,
             probe_credentials=probe_credentials,
         )
-        started.append(proc)
-        request.node.stash.setdefault(_SERVICES, []).append(proc)
-        proc.start()
-        return proc
+        return _started(request, started, proc)
 
     try:
         yield factory
     finally:
-        for proc in reversed(started):
-            proc.terminate()
+        _terminate(started)
+
+
+P = TypeVar("P", bound=CheckpointServiceProcess)
+
+
+def _started(request: pytest.FixtureRequest, started: list, proc: P) -> P:
+    """Start a fixture's process, kept for its teardown (and its log for the report)."""
+    started.append(proc)
+    request.node.stash.setdefault(_SERVICES, []).append(proc)
+    proc.start()
+    return proc
+
+
+def _terminate(started: list[CheckpointServiceProcess]) -> None:
+    for proc in reversed(started):
+        proc.terminate()
 
 
 @pytest.fixture
@@ -223,16 +235,12 @@ def console_factory(
 
     def factory(engine: EngineServiceProcess, *extra_args: str) -> ConsoleProcess:
         proc = ConsoleProcess(engine.address, log_dir=tmp_path, extra_args=extra_args)
-        started.append(proc)
-        request.node.stash.setdefault(_SERVICES, []).append(proc)
-        proc.start()
-        return proc
+        return _started(request, started, proc)
 
     try:
         yield factory
     finally:
-        for proc in reversed(started):
-            proc.terminate()
+        _terminate(started)
 
 
 @pytest.fixture
