@@ -109,10 +109,12 @@ async def test_a_run_page_colours_nodes_and_advances_the_bar_showing_outputs_as_
         for node, state in (await states(page)).items():
             if not seen.get(node) or seen[node][-1] != state:
                 seen.setdefault(node, []).append(state)
+        # The status first: a percent read after COMPLETED was seen is the final one.
+        status = await page.get_attribute("#run-status", "data-status")
         percents.append(int(await page.get_attribute("#progress", "data-percent")))
         if len(percents) == 3:
             await shot(page, "run-in-progress")
-        if await page.get_attribute("#run-status", "data-status") == "COMPLETED":
+        if status == "COMPLETED":
             break
         await asyncio.sleep(0.05)
     await shot(page, "run-completed")

@@ -626,14 +626,7 @@ class SqlTier:
             for row in rows:
                 was = ThreadKey(tenant, row["namespace"], source)
                 now = ThreadKey(tenant, row["namespace"], target)
-                cid = row["checkpoint_id"]
-                if table is checkpoints:
-                    plain = sealing.open_state(was, cid, row["state"])
-                    row["state"] = sealing.state(now, cid, plain)
-                else:
-                    task, idx = row["task_id"], row["idx"]
-                    plain = sealing.open_value(was, cid, task, idx, row["value"])
-                    row["value"] = sealing.value(now, cid, task, idx, plain)
+                row[blob] = _sealed_again(sealing, table, row, was, now)
                 row["thread_id"] = target
             await conn.execute(table.insert(), rows)
             copied += len(rows)
@@ -1021,14 +1014,21 @@ def _resealed(sealing: Sealing, table: sa.Table, row: dict[str, Any]) -> Any:
             return None
         payload = sealing.open_payload(key, row["seq"], row["payload"])
         return sealing.payload(key, row["seq"], payload)
-    blob = bytes(row["state"] if table is checkpoints else row["value"])
-    if ring.sealed_with_newest(blob):
+    if ring.sealed_with_newest(bytes(row["state" if table is checkpoints else "value"])):
         return None
+    return _sealed_again(sealing, table, row, key, key)
+
+
+def _sealed_again(
+    sealing: Sealing, table: sa.Table, row: dict[str, Any], was: ThreadKey, now: ThreadKey
+) -> bytes:
+    """A checkpoints row's state (a writes row's value) opened as `was`'s, sealed as `now`'s."""
     cid = row["checkpoint_id"]
     if table is checkpoints:
-        return sealing.state(key, cid, sealing.open_state(key, cid, blob))
+        return sealing.state(now, cid, sealing.open_state(was, cid, bytes(row["state"])))
     task, idx = row["task_id"], row["idx"]
-    return sealing.value(key, cid, task, idx, sealing.open_value(key, cid, task, idx, blob))
+    plain = sealing.open_value(was, cid, task, idx, bytes(row["value"]))
+    return sealing.value(now, cid, task, idx, plain)
 
 
 def _copy_rows(table: sa.Table, tenant: str, source: str, target: str, prefix: str) -> sa.Insert:

@@ -22,7 +22,7 @@ from aiohttp_sse import sse_response
 
 from workflow_client import calls
 from workflow_client.aio import AsyncEngineClient
-from workflow_client.errors import WorkflowError, from_rpc_error
+from workflow_client.errors import WorkflowError
 from workflow_console.config import Settings
 from workflow_console.signin import TOKEN_COOKIE, Caller, caller_of
 from workflow_console.views import (
@@ -51,7 +51,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,
 }
 _STATUSES = {name.removeprefix("RUN_STATUS_"): value for name, value in pb.RunStatus.items()}
-RECONNECT_FOR = 60.0  # seconds a live stream keeps reconnecting to the engine
 MAX_PAGE_SIZE = 200
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -288,30 +287,10 @@ class ConsoleApi:
     async def _events(
         self, request: web.Request, run_id: str, after_seq: int
     ) -> AsyncIterator[dict[str, Any]]:
-        """The run's events after `after_seq` until its terminal one, the engine's stream
-        reopened from the last seq sent whenever it breaks (an engine restart)."""
-        client = self._client(request)
-        last, failing_since = after_seq, None
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                watch = client.stub.WatchRun(
-                    pb.WatchRunRequest(run_id=run_id, after_seq=last, batched=True),
-                    metadata=client.connection.metadata,
-                )
-                async for item in watch:
-                    failing_since = None
-                    for event in calls.events_of(item):
-                        last = event.seq
-                        yield event_view(event)
-                return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(exc) from exc
-                failing_since = failing_since or loop.time()
-                if loop.time() - failing_since > RECONNECT_FOR:
-                    raise from_rpc_error(exc) from exc
-                await asyncio.sleep(0.5)
+        """The run's events after `after_seq` until its terminal one; the client's watch
+        reopens the engine's stream from the last seq whenever it breaks (an engine restart)."""
+        async for event in self._client(request).watch(run_id, after_seq):
+            yield event_view(event)
 
     def _after_seq(self, request: web.Request) -> int:
         resumed = request.headers.get("Last-Event-ID")
